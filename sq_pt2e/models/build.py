@@ -1,0 +1,58 @@
+"""Build wav2vec2 / HuBERT CTC models and wrap them for ``torch.export``."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from transformers import AutoModelForCTC, PreTrainedModel
+
+from sq_pt2e.models.configs import make_config
+
+__all__ = ["build_model", "CTCLogits", "to_ctc_logits"]
+
+
+def build_model(name: str, *, seed: int = 0, attn_implementation: str = "sdpa", **overrides: object) -> PreTrainedModel:
+    """Build a randomly initialised CTC model of a named architecture, in eval mode.
+
+    Args:
+        name: architecture name from ``sq_pt2e.models.ARCHITECTURES``.
+        seed: seed of the random initialisation (same seed, same weights).
+        attn_implementation: ``"sdpa"`` (fused attention) or ``"eager"`` (explicit matmuls).
+        **overrides: config fields to change.
+
+    Example:
+        >>> model = build_model("tiny-wav2vec2")
+    """
+    config = make_config(name, **overrides)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = AutoModelForCTC.from_config(config, attn_implementation=attn_implementation)
+    return model.eval()
+
+
+class CTCLogits(nn.Module):
+    """Waveform -> CTC logits, with the same module names as the ``*ForCTC`` model.
+
+    Holds the backbone under the model's own ``base_model_prefix`` (``wav2vec2`` or
+    ``hubert``) and its ``lm_head``, so layer names in the exported graph
+    (``wav2vec2.encoder.layers.3.attention.k_proj``) equal ``model.named_modules()``.
+    Input: ``(batch, samples)`` float32 at 16 kHz, normalised; output:
+    ``(batch, frames, vocab)`` logits.
+    """
+
+    def __init__(self, model: PreTrainedModel) -> None:
+        super().__init__()
+        self.backbone_name = model.base_model_prefix
+        self.add_module(self.backbone_name, getattr(model, self.backbone_name))
+        self.lm_head = model.lm_head
+
+    def forward(self, input_values: torch.Tensor) -> torch.Tensor:
+        hidden = getattr(self, self.backbone_name)(input_values)[0]
+        return self.lm_head(hidden)
+
+
+def to_ctc_logits(model: nn.Module) -> nn.Module:
+    """Return ``model`` wrapped in :class:`CTCLogits` if it is a Hugging Face CTC model."""
+    if isinstance(model, PreTrainedModel) and hasattr(model, "lm_head"):
+        return CTCLogits(model).eval()
+    return model

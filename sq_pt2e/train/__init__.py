@@ -1,0 +1,1 @@
+"""Synthetic speech corpus and training of the reference CTC models."""
