@@ -1,0 +1,166 @@
+"""Compile a converted int8 graph with inductor for x86 (oneDNN int8 kernels).
+
+Inductor only fuses ``dequantize -> conv/linear`` into oneDNN int8 kernels when
+weights are frozen constants (``torch._inductor.config.freezing``) and autograd is
+off; it also bakes the thread count into the generated code. This module sets
+both, compiles once per thread count, and then *checks* the result: it counts the
+int8 conv/linear kernels in the generated code against the int8 layers of the
+graph, and compares the compiled output with the eager int8 output. It raises
+rather than return a model that silently runs in float or computes wrong values.
+
+CPUs without VNNI (AVX2 only) multiply u8*s8 pairs into saturating int16
+(``vpmaddubsw``): W8A8 then differs from the eager int8 model. ``fit_plan_to_cpu``
+narrows such layers to 7-bit weights, which cannot saturate.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import re
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch.fx import GraphModule
+
+from sq_pt2e.errors import BackendError, Int8NotUsedError, NumericsMismatchError
+from sq_pt2e.hardware import CpuInfo, cpu_info
+from sq_pt2e.passes.conv1d_as_conv2d import QuantizedConv1dAsConv2dPass
+from sq_pt2e.passes.verify_quantization import summarize_quantized_graph
+from sq_pt2e.plan import LayerPlan, QuantPlan
+
+__all__ = ["CompiledInt8", "InductorReport", "compare_outputs", "compile_inductor", "fit_plan_to_cpu"]
+
+_INT8_KERNEL = re.compile(r"torch\.ops\.onednn\.(qconv\w*|qlinear\w*)\.")
+SATURATION_REASON = "7-bit weights: this CPU has no VNNI, so W8A8 u8*s8 pairs would saturate int16"
+
+
+def fit_plan_to_cpu(plan: QuantPlan, cpu: CpuInfo | None = None) -> tuple[QuantPlan, bool]:
+    """Narrow W8A8 layers to W7A8 on CPUs without VNNI; returns ``(plan, changed)``."""
+    cpu = cpu or cpu_info()
+    if cpu.has_vnni:
+        return plan, False
+
+    def fit(layer: LayerPlan) -> LayerPlan:
+        if layer.skip or layer.weight_bits < 8 or layer.act_bits < 8:
+            return layer
+        reason = f"{layer.reason}; {SATURATION_REASON}" if layer.reason else SATURATION_REASON
+        return dataclasses.replace(layer, weight_bits=7, reason=reason)
+
+    fitted = dataclasses.replace(
+        plan,
+        default=fit(plan.default),
+        op_defaults=tuple(fit(d) for d in plan.op_defaults),
+        layers=tuple(fit(layer) for layer in plan.layers),
+    )
+    return fitted, fitted != plan
+
+
+@dataclass(frozen=True)
+class InductorReport:
+    """Evidence that the compiled model runs int8 kernels and matches eager int8."""
+
+    threads: int
+    compile_seconds: float
+    int8_kernels: dict[str, int]
+    int8_layers_in_graph: int
+    cosine: float
+    max_abs_diff: float
+    cpu: str
+
+    @property
+    def int8_kernel_count(self) -> int:
+        return sum(self.int8_kernels.values())
+
+
+@dataclass
+class CompiledInt8:
+    """A compiled int8 model (call it like the eager one) and its verification report."""
+
+    fn: Callable[[torch.Tensor], torch.Tensor]
+    report: InductorReport
+
+    def __call__(self, wave: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            return self.fn(wave)
+
+
+def compare_outputs(reference: torch.Tensor, other: torch.Tensor) -> tuple[float, float]:
+    """Cosine similarity and max absolute difference of two outputs (flattened)."""
+    if reference.shape != other.shape:
+        msg = f"output shapes differ: {tuple(reference.shape)} vs {tuple(other.shape)}"
+        raise NumericsMismatchError(msg)
+    a, b = reference.detach().double().flatten(), other.detach().double().flatten()
+    cosine = float(torch.nn.functional.cosine_similarity(a, b, dim=0))
+    return cosine, float((a - b).abs().max())
+
+
+def compile_inductor(
+    converted: GraphModule,
+    example: torch.Tensor,
+    *,
+    threads: int | None = None,
+    min_cosine: float = 0.999,
+    dynamic: bool = False,
+) -> CompiledInt8:
+    """Compile a ``convert_pt2e`` graph with inductor and verify it.
+
+    Args:
+        converted: the int8 model from ``convert_pt2e`` (q/dq representation).
+        example: a waveform to compile for and to compare compiled vs eager on.
+        threads: intra-op threads (default: the current setting); set before compiling.
+        min_cosine: the least cosine similarity of compiled vs eager int8 output.
+        dynamic: compile with dynamic shapes (default: one fixed shape).
+
+    Raises:
+        Int8NotUsedError: fewer int8 kernels in the generated code than int8 layers.
+        NumericsMismatchError: compiled output disagrees with eager int8.
+        BackendError: inductor failed to compile.
+    """
+    import torch._inductor.config as inductor_config
+    from torch._inductor.utils import run_and_get_code
+
+    if threads is not None:
+        torch.set_num_threads(threads)
+    expected = len(summarize_quantized_graph(converted).int8_layers)
+    with torch.no_grad():
+        eager = converted(example)
+    graph = copy.deepcopy(converted)
+    QuantizedConv1dAsConv2dPass()(graph)
+    start = time.perf_counter()
+    try:
+        with inductor_config.patch(freezing=True), torch.no_grad():
+            compiled = torch.compile(graph, dynamic=dynamic)
+            output, sources = run_and_get_code(compiled, example)
+    except Exception as exc:  # inductor raises many types; keep the cause
+        raise BackendError(f"inductor failed to compile the int8 model: {exc}") from exc
+    seconds = time.perf_counter() - start
+    kernels: dict[str, int] = {}
+    for source in sources:
+        for name in _INT8_KERNEL.findall(source):
+            kernels[name] = kernels.get(name, 0) + 1
+    cosine, max_diff = compare_outputs(eager, output)
+    report = InductorReport(
+        threads=torch.get_num_threads(),
+        compile_seconds=seconds,
+        int8_kernels=dict(sorted(kernels.items())),
+        int8_layers_in_graph=expected,
+        cosine=cosine,
+        max_abs_diff=max_diff,
+        cpu=cpu_info().summary(),
+    )
+    if report.int8_kernel_count < expected:
+        msg = (
+            f"inductor generated {report.int8_kernel_count} int8 conv/linear kernels for {expected} int8 layers "
+            "(the rest would run as float q/dq reference math)"
+        )
+        raise Int8NotUsedError(msg)
+    if cosine < min_cosine:
+        msg = (
+            f"compiled int8 output disagrees with eager int8: cosine {cosine:.5f} < {min_cosine} "
+            f"(max abs diff {max_diff:.4g}) on {report.cpu}"
+        )
+        raise NumericsMismatchError(msg)
+    return CompiledInt8(compiled, report)

@@ -1,0 +1,35 @@
+"""Fold weight normalisation into plain weights before export.
+
+wav2vec2 / HuBERT's positional convolution carries ``weight_norm`` (a
+``torch.nn.utils.parametrize`` parametrization, or the legacy ``weight_g`` /
+``weight_v`` hook). Exported as is, the graph recomputes ``g * v / ||v||`` on every
+call and the quantizer would see a computed weight instead of a parameter.
+Folding it once makes the weight a constant the observers and int8 kernels can use.
+This runs on the ``nn.Module``, before ``torch.export``.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.nn.utils import parametrize
+
+__all__ = ["fold_weight_norm"]
+
+
+@torch.no_grad()
+def fold_weight_norm(model: nn.Module) -> list[str]:
+    """Replace every weight-normalised parameter of ``model`` by its value, in place.
+
+    Returns:
+        The names of the modules that were folded (empty if none carried weight norm).
+    """
+    folded = []
+    for name, module in model.named_modules():
+        if parametrize.is_parametrized(module, "weight"):
+            parametrize.remove_parametrizations(module, "weight", leave_parametrized=True)
+            folded.append(name)
+        elif hasattr(module, "weight_g") and hasattr(module, "weight_v"):
+            torch.nn.utils.remove_weight_norm(module)
+            folded.append(name)
+    return folded

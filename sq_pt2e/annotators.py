@@ -1,0 +1,104 @@
+"""Operator annotators: mark conv1d / linear nodes with the quantization specs of their layer.
+
+A registry in the shape of ExecuTorch's XNNPACK quantizer: each op kind maps to one
+free function ``(gm, specs_for) -> list[list[Node]]`` that annotates the matching
+nodes and returns the partitions it annotated. ``specs_for(node)`` returns the
+``LayerQSpecs`` of the node's layer, or ``None`` when the node is not ours to
+annotate (left to another quantizer). A skipped layer is marked annotated with no
+quantization specs, so it stays float and no later annotator touches it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from torch.fx import GraphModule, Node
+from torchao.quantization.pt2e.quantizer import QuantizationAnnotation, QuantizationSpec
+from torchao.quantization.pt2e.quantizer.quantizer import Q_ANNOTATION_KEY
+
+from sq_pt2e.graph import op_kind
+
+__all__ = [
+    "ANNOTATORS",
+    "Annotator",
+    "LayerQSpecs",
+    "SUPPORTED_PATTERNS",
+    "annotate_conv1d",
+    "annotate_linear",
+    "is_annotated",
+    "register_annotator",
+]
+
+
+@dataclass(frozen=True)
+class LayerQSpecs:
+    """Quantization specs of one layer's input activation and weight; ``None`` specs = float."""
+
+    input_act: QuantizationSpec | None
+    weight: QuantizationSpec | None
+
+    @property
+    def skip(self) -> bool:
+        return self.input_act is None and self.weight is None
+
+
+SpecsFor = Callable[[Node], LayerQSpecs | None]
+Annotator = Callable[[GraphModule, SpecsFor], list[list[Node]]]
+ANNOTATORS: dict[str, Annotator] = {}
+# Order matters: the first annotation of a node wins.
+SUPPORTED_PATTERNS: tuple[str, ...] = ("conv1d", "grouped_conv1d", "linear")
+
+
+def register_annotator(op: str) -> Callable[[Annotator], Annotator]:
+    """Register ``fn`` as the annotator of op kind ``op``; a second registration is an error."""
+
+    def decorator(fn: Annotator) -> Annotator:
+        if op in ANNOTATORS:
+            msg = f"annotator for {op!r} already registered by {ANNOTATORS[op].__qualname__}"
+            raise ValueError(msg)
+        ANNOTATORS[op] = fn
+        return fn
+
+    return decorator
+
+
+def is_annotated(node: Node) -> bool:
+    """Whether a quantizer has already claimed ``node``."""
+    annotation = node.meta.get(Q_ANNOTATION_KEY)
+    return annotation is not None and annotation._annotated
+
+
+def _annotate_weighted(gm: GraphModule, specs_for: SpecsFor, kinds: tuple[str, ...]) -> list[list[Node]]:
+    annotated: list[list[Node]] = []
+    for node in gm.graph.nodes:
+        if op_kind(node) not in kinds or is_annotated(node):
+            continue
+        specs = specs_for(node)
+        if specs is None:
+            continue
+        input_node, weight_node = node.args[0], node.args[1]
+        input_qspec_map = {}
+        if not specs.skip:
+            input_qspec_map = {input_node: specs.input_act, weight_node: specs.weight}
+        node.meta[Q_ANNOTATION_KEY] = QuantizationAnnotation(input_qspec_map=input_qspec_map, _annotated=True)
+        annotated.append([node])
+    return annotated
+
+
+@register_annotator("conv1d")
+def annotate_conv1d(gm: GraphModule, specs_for: SpecsFor) -> list[list[Node]]:
+    """Annotate dense ``aten.conv1d`` (the CNN feature encoder): input and weight; float output."""
+    return _annotate_weighted(gm, specs_for, ("conv1d",))
+
+
+@register_annotator("grouped_conv1d")
+def annotate_grouped_conv1d(gm: GraphModule, specs_for: SpecsFor) -> list[list[Node]]:
+    """Annotate grouped ``aten.conv1d`` (the positional convolution)."""
+    return _annotate_weighted(gm, specs_for, ("grouped_conv1d",))
+
+
+@register_annotator("linear")
+def annotate_linear(gm: GraphModule, specs_for: SpecsFor) -> list[list[Node]]:
+    """Annotate ``aten.linear``: input and weight; float output."""
+    return _annotate_weighted(gm, specs_for, ("linear",))

@@ -1,0 +1,59 @@
+"""Helpers to find quantizable layers in an exported graph and name them.
+
+Layer names are the ``named_modules()`` paths of the float model, read from the
+last entry of ``node.meta["nn_module_stack"]`` of each conv/linear node.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch.fx import GraphModule, Node
+
+from sq_pt2e.plan import OpKind
+
+__all__ = ["QuantizableLayer", "find_quantizable_layers", "layer_name", "op_kind"]
+
+_CONV1D = (torch.ops.aten.conv1d.default, torch.ops.aten.conv1d.padding)
+_LINEAR = (torch.ops.aten.linear.default,)
+
+
+def layer_name(node: Node) -> str:
+    """The module path of the layer that produced ``node`` ("" if unknown)."""
+    stack = node.meta.get("nn_module_stack")
+    if not stack:
+        return ""
+    path = list(stack.values())[-1][0]
+    return path.removeprefix("L['self'].")
+
+
+def op_kind(node: Node) -> OpKind | None:
+    """``"conv1d"``, ``"grouped_conv1d"``, ``"linear"`` or ``None`` for other nodes."""
+    if node.op != "call_function":
+        return None
+    if node.target in _LINEAR:
+        return "linear"
+    if node.target in _CONV1D:
+        groups = node.args[6] if len(node.args) > 6 else node.kwargs.get("groups", 1)
+        return "grouped_conv1d" if groups != 1 else "conv1d"
+    return None
+
+
+@dataclass(frozen=True)
+class QuantizableLayer:
+    """One conv/linear call in the graph: its module name, op kind and node."""
+
+    name: str
+    op: OpKind
+    node: Node
+
+
+def find_quantizable_layers(gm: GraphModule) -> list[QuantizableLayer]:
+    """All conv1d/linear calls of ``gm`` in graph order."""
+    layers = []
+    for node in gm.graph.nodes:
+        kind = op_kind(node)
+        if kind is not None:
+            layers.append(QuantizableLayer(layer_name(node) or node.name, kind, node))
+    return layers

@@ -1,0 +1,255 @@
+"""Histogram observers for symmetric quantization, and the range functions over them.
+
+``AbsHistogramObserver`` collects a histogram of |x| on a power-of-two grid
+``[0, 2**e]`` with a fixed number of bins. When data exceed the grid, ``e`` grows
+and neighbouring bins merge exactly (pairwise sums), so histograms of different
+calibration shards merge exactly too. From one histogram every candidate range is
+computed without running calibration again: max, percentile, MSE-optimal and
+entropy (KL). Collecting (``forward``) is kept apart from computing
+(``calculate_qparams`` and the pure ``range_*`` functions).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Literal
+
+import numpy as np
+import torch
+from torchao.quantization.pt2e.observer import UniformQuantizationObserverBase
+
+from sq_pt2e.errors import QuantizationError
+
+__all__ = [
+    "AbsHistogram",
+    "AbsHistogramObserver",
+    "DEFAULT_BINS",
+    "range_entropy",
+    "range_for",
+    "range_max",
+    "range_mse",
+    "range_percentile",
+]
+
+DEFAULT_BINS = 2048
+RangeMethod = Literal["max", "percentile", "mse", "entropy"]
+
+
+@dataclass(frozen=True)
+class AbsHistogram:
+    """A histogram of |x|: ``counts`` over equal bins of ``[0, upper]``, plus the exact max."""
+
+    counts: np.ndarray  # float64, shape (bins,)
+    upper: float
+    max_abs: float
+
+    @property
+    def bin_width(self) -> float:
+        return self.upper / len(self.counts)
+
+    @property
+    def total(self) -> float:
+        return float(self.counts.sum())
+
+
+def range_max(hist: AbsHistogram) -> float:
+    """The largest |x| seen."""
+    return hist.max_abs
+
+
+def range_percentile(hist: AbsHistogram, percentile: float) -> float:
+    """The value below which ``percentile`` % of |x| lies (linear inside a bin), capped at max."""
+    if not 0.0 < percentile <= 100.0:
+        raise ValueError(f"percentile={percentile} (expected 0 < p <= 100)")
+    if percentile >= 100.0 or hist.total == 0:
+        return hist.max_abs
+    cumulative = np.cumsum(hist.counts)
+    target = hist.total * percentile / 100.0
+    index = int(np.searchsorted(cumulative, target, side="left"))
+    below = cumulative[index - 1] if index > 0 else 0.0
+    inside = hist.counts[index]
+    fraction = (target - below) / inside if inside > 0 else 1.0
+    return float(min((index + fraction) * hist.bin_width, hist.max_abs))
+
+
+def range_mse(hist: AbsHistogram, qmax: int) -> float:
+    """The clip ``c`` minimising the expected squared quantization error.
+
+    Error model: values below ``c`` get rounding error ``(c/qmax)**2 / 12`` each; values
+    above are clipped to ``c`` (error ``(x - c)**2``). Values sit at bin centres.
+    Candidates are the bin edges (and the exact max).
+    """
+    counts = hist.counts
+    centres = (np.arange(len(counts)) + 0.5) * hist.bin_width
+    # Suffix sums over bins at or above candidate edge k: S0, S1, S2 of counts * x^p.
+    s0 = np.cumsum(counts[::-1])[::-1]
+    s1 = np.cumsum((counts * centres)[::-1])[::-1]
+    s2 = np.cumsum((counts * centres**2)[::-1])[::-1]
+    edges = np.arange(1, len(counts) + 1) * hist.bin_width  # candidate clip after bin k
+    above_s0 = np.append(s0[1:], 0.0)
+    above_s1 = np.append(s1[1:], 0.0)
+    above_s2 = np.append(s2[1:], 0.0)
+    clip_error = above_s2 - 2 * edges * above_s1 + edges**2 * above_s0
+    below = hist.total - above_s0
+    rounding_error = below * (edges / qmax) ** 2 / 12.0
+    total_error = clip_error + rounding_error
+    best = int(np.argmin(total_error))
+    return float(min(edges[best], hist.max_abs))
+
+
+def range_entropy(hist: AbsHistogram, qmax: int) -> float:
+    """The clip minimising KL(P || Q) between the |x| histogram and its quantized version.
+
+    TensorRT-style: P is the histogram up to the candidate clip with the clipped mass
+    folded into the last bin; Q merges the unclipped bins (without that mass) into
+    ``qmax`` levels and spreads each level back uniformly over P's non-empty bins.
+    """
+    counts = hist.counts
+    bins = len(counts)
+    levels = qmax
+    if hist.total == 0 or bins <= levels:
+        return hist.max_abs
+    best_kl, best_end = math.inf, bins
+    for end in range(levels, bins + 1):
+        sliced = counts[:end]
+        p = sliced.astype(np.float64).copy()
+        p[-1] += counts[end:].sum()
+        nonzero = p > 0
+        # Merge into `levels` groups of (nearly) equal width.
+        group = (np.arange(end) * levels) // end
+        group_sum = np.bincount(group, weights=sliced, minlength=levels)
+        group_nonzero = np.bincount(group, weights=nonzero.astype(np.float64), minlength=levels)
+        q = np.where(nonzero, group_sum[group] / np.maximum(group_nonzero[group], 1), 0.0)
+        p_sum, q_sum = p.sum(), q.sum()
+        if q_sum == 0:
+            continue
+        pn, qn = p[nonzero] / p_sum, np.maximum(q[nonzero] / q_sum, 1e-12)
+        kl = float(np.sum(pn * np.log(pn / qn)))
+        if kl < best_kl:
+            best_kl, best_end = kl, end
+    return float(min(best_end * hist.bin_width, hist.max_abs))
+
+
+def range_for(hist: AbsHistogram, method: RangeMethod, qmax: int, percentile: float | None = None) -> float:
+    """Dispatch to the range function named by ``method``."""
+    if method == "max":
+        return range_max(hist)
+    if method == "percentile":
+        if percentile is None:
+            raise ValueError("method='percentile' needs a percentile")
+        return range_percentile(hist, percentile)
+    if method == "mse":
+        return range_mse(hist, qmax)
+    if method == "entropy":
+        return range_entropy(hist, qmax)
+    raise ValueError(f"unknown range method {method!r} (expected max, percentile, mse or entropy)")
+
+
+class AbsHistogramObserver(UniformQuantizationObserverBase):
+    """Per-tensor symmetric observer: |x| histogram, range chosen by ``method``.
+
+    Symmetric on int8 storage means zero point 0 and range ``[-q, q]``; on uint8
+    storage (what x86 oneDNN kernels take) zero point ``q`` and range ``[0, 2q]``:
+    the same quantization grid either way.
+
+    Args:
+        method: ``"max"``, ``"percentile"``, ``"mse"`` or ``"entropy"``.
+        percentile: the percentile for ``method="percentile"``.
+        fixed_range: use this max |x| instead of the calibrated range (search results).
+        bins: histogram bins.
+        layer: name used in error messages (set by the quantizer after prepare).
+        **kwargs: dtype, qscheme, quant_min, quant_max, eps as set by ``prepare_pt2e``.
+    """
+
+    def __init__(
+        self,
+        method: RangeMethod = "max",
+        percentile: float | None = None,
+        fixed_range: float | None = None,
+        bins: int = DEFAULT_BINS,
+        layer: str = "",
+        dtype: torch.dtype = torch.int8,
+        qscheme: torch.qscheme = torch.per_tensor_symmetric,
+        quant_min: int | None = -127,
+        quant_max: int | None = 127,
+        **kwargs: object,
+    ) -> None:
+        super().__init__(dtype=dtype, qscheme=qscheme, quant_min=quant_min, quant_max=quant_max, **kwargs)
+        if qscheme != torch.per_tensor_symmetric:
+            raise QuantizationError(f"AbsHistogramObserver is per-tensor symmetric, got qscheme={qscheme}")
+        self.method = method
+        self.percentile = percentile
+        self.fixed_range = fixed_range
+        self.bins = bins
+        self.layer = layer
+        self.register_buffer("counts", torch.zeros(bins, dtype=torch.float64))
+        self.register_buffer("exponent", torch.tensor(-1000, dtype=torch.int64))
+        self.register_buffer("max_abs", torch.tensor(0.0, dtype=torch.float64))
+        self.register_buffer("nonfinite", torch.tensor(0, dtype=torch.int64))
+
+    @torch.no_grad()
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.numel() == 0:
+            return x
+        values = x.detach().abs().flatten().to(torch.float64)
+        finite = torch.isfinite(values)
+        if not bool(finite.all()):
+            self.nonfinite += int((~finite).sum())
+            values = values[finite]
+            if values.numel() == 0:
+                return x
+        batch_max = float(values.max())
+        self.max_abs.fill_(max(float(self.max_abs), batch_max))
+        if batch_max > 0.0:
+            needed = math.frexp(batch_max)[1]  # smallest e with batch_max < 2**e
+            self._grow_to(max(needed, int(self.exponent)))
+        upper = 2.0 ** int(self.exponent)
+        index = torch.clamp((values * (self.bins / upper)).floor().to(torch.int64), max=self.bins - 1)
+        self.counts += torch.bincount(index, minlength=self.bins).to(torch.float64)
+        return x
+
+    def _grow_to(self, exponent: int) -> None:
+        current = int(self.exponent)
+        if exponent <= current:
+            return
+        if current > -1000 and float(self.counts.sum()) > 0:
+            steps = exponent - current
+            counts = self.counts
+            for _ in range(min(steps, 64)):
+                counts = torch.cat([counts.view(-1, 2).sum(dim=1), torch.zeros(self.bins // 2, dtype=counts.dtype)])
+            self.counts.copy_(counts)
+        self.exponent.fill_(exponent)
+
+    def histogram(self) -> AbsHistogram:
+        """The collected histogram as plain numpy data."""
+        upper = 2.0 ** int(self.exponent) if int(self.exponent) > -1000 else 0.0
+        return AbsHistogram(self.counts.numpy().copy(), upper, float(self.max_abs))
+
+    def chosen_range(self) -> float:
+        """The max |x| the quantization grid will cover."""
+        if self.fixed_range is not None:
+            return float(self.fixed_range)
+        where = f" for layer {self.layer!r}" if self.layer else ""
+        if int(self.nonfinite) > 0:
+            msg = f"calibration saw {int(self.nonfinite)} NaN/Inf activation values{where}"
+            raise QuantizationError(msg)
+        hist = self.histogram()
+        if hist.total == 0:
+            msg = f"no calibration data reached the observer{where}: run calibration before convert_pt2e"
+            raise QuantizationError(msg)
+        value = range_for(hist, self.method, (self.quant_max - self.quant_min) // 2, self.percentile)
+        if not value > 0.0:
+            msg = f"calibrated activation range is {value}{where} (all inputs were zero)"
+            raise QuantizationError(msg)
+        return value
+
+    @torch.jit.export
+    def calculate_qparams(self) -> tuple[torch.Tensor, torch.Tensor]:
+        half_levels = (self.quant_max - self.quant_min) / 2.0
+        zero_point = (self.quant_max + self.quant_min) // 2  # 0 on int8 storage, q on uint8
+        scale = max(self.chosen_range() / half_levels, float(self.eps))
+        return torch.tensor([scale], dtype=torch.float32), torch.tensor([zero_point], dtype=torch.int32)
+
+    def extra_repr(self) -> str:
+        return f"method={self.method}, percentile={self.percentile}, fixed_range={self.fixed_range}, layer={self.layer!r}"

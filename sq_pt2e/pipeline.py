@@ -1,0 +1,105 @@
+"""The PT2E flow in one call: export, annotate from a plan, calibrate, convert.
+
+Example:
+    >>> model = build_model("tiny-wav2vec2")
+    >>> result = quantize_model(model, example_wave, calibration_waves, plan=QuantPlan())
+    >>> logits = result.converted(example_wave)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from torch.export import ExportedProgram
+from torch.fx import GraphModule
+from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
+
+from sq_pt2e.errors import QuantizationError
+from sq_pt2e.export import export_speech_model
+from sq_pt2e.passes.verify_quantization import QuantizedGraphSummary, require_int8_layers
+from sq_pt2e.plan import QuantPlan
+from sq_pt2e.quantizer import LayerStatus, StableQuantQuantizer, Target
+
+__all__ = ["QuantizedModel", "calibrate", "quantize_model", "quantize_exported"]
+
+
+@dataclass
+class QuantizedModel:
+    """A converted int8 graph, the plan that made it and what became int8 or stayed float."""
+
+    converted: GraphModule
+    plan: QuantPlan
+    target: Target
+    layer_status: tuple[LayerStatus, ...]
+    summary: QuantizedGraphSummary
+
+
+@torch.no_grad()
+def calibrate(prepared: GraphModule, waves: Iterable[torch.Tensor]) -> int:
+    """Run calibration waveforms through a prepared model; returns how many were run."""
+    count = 0
+    for wave in waves:
+        prepared(wave if wave.ndim == 2 else wave.unsqueeze(0))
+        count += 1
+    if count == 0:
+        raise QuantizationError("calibration got no waveforms: pass at least one (batch, samples) tensor")
+    return count
+
+
+def quantize_exported(
+    exported: ExportedProgram,
+    calibration: Iterable[torch.Tensor],
+    *,
+    plan: QuantPlan | None = None,
+    target: Target = "x86_inductor",
+    fit_to_cpu: bool = True,
+) -> QuantizedModel:
+    """prepare_pt2e -> calibrate -> convert_pt2e on an exported speech model.
+
+    Args:
+        exported: from :func:`~sq_pt2e.export.export_speech_model`.
+        calibration: ``(batch, samples)`` waveforms for the activation observers.
+        plan: per-layer decisions (default: W8A8, max calibration everywhere).
+        target: ``"x86_inductor"`` or ``"xnnpack"``.
+        fit_to_cpu: for x86, narrow W8A8 layers to W7A8 on CPUs without VNNI, where
+            8x8-bit products saturate (see ``sq_pt2e.backends.inductor``); the
+            returned ``plan`` records it.
+
+    Raises:
+        PlanError: the plan names layers the graph does not have.
+        Int8NotUsedError: a layer the plan quantizes is float after conversion.
+    """
+    plan = plan if plan is not None else QuantPlan()
+    if target == "x86_inductor" and fit_to_cpu:
+        from sq_pt2e.backends.inductor import fit_plan_to_cpu
+
+        plan, _ = fit_plan_to_cpu(plan)
+    quantizer = StableQuantQuantizer(plan, target=target)
+    prepared = prepare_pt2e(exported.module(), quantizer)
+    calibrate(prepared, calibration)
+    converted = convert_pt2e(prepared)
+    planned = [s.name for s in quantizer.layer_status if s.status == "int8"]
+    summary = require_int8_layers(converted, planned)
+    return QuantizedModel(converted, quantizer.plan, target, quantizer.layer_status, summary)
+
+
+def quantize_model(
+    model: nn.Module,
+    example: torch.Tensor,
+    calibration: Iterable[torch.Tensor],
+    *,
+    plan: QuantPlan | None = None,
+    target: Target = "x86_inductor",
+    fit_to_cpu: bool = True,
+    dynamic_time: bool = False,
+) -> QuantizedModel:
+    """Export ``model`` and quantize it with ``plan`` (see :func:`quantize_exported`).
+
+    ``dynamic_time=False`` (default) exports one fixed length, ``example``'s: the safe
+    route for inductor's int8 convolutions and for ExecuTorch.
+    """
+    exported = export_speech_model(model, example, dynamic_time=dynamic_time)
+    return quantize_exported(exported, calibration, plan=plan, target=target, fit_to_cpu=fit_to_cpu)

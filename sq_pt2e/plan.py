@@ -1,0 +1,289 @@
+"""Quantization plans: every per-layer decision as frozen, JSON-serialisable data.
+
+A ``QuantPlan`` is what the StableQuant search produces and what
+``StableQuantQuantizer`` consumes. It can be saved, read, edited by hand and
+re-applied without searching again. This module holds data only (no torch).
+
+Precedence is decided in one place, :meth:`QuantPlan.resolve`: an exact layer
+name wins over the per-op default, which wins over the global default.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, get_args
+
+from sq_pt2e.atomic import atomic_write_text
+from sq_pt2e.errors import PlanError
+
+__all__ = [
+    "SCHEMA_VERSION",
+    "OpKind",
+    "Calibration",
+    "LayerPlan",
+    "QuantPlan",
+    "w8a8_plan",
+]
+
+SCHEMA_VERSION = 1
+
+OpKind = Literal["conv1d", "grouped_conv1d", "linear"]
+Calibration = Literal["max", "percentile", "mse", "entropy"]
+WeightCalibration = Literal["max", "mse"]
+
+_OP_KINDS: tuple[str, ...] = get_args(OpKind)
+_CALIBRATIONS: tuple[str, ...] = get_args(Calibration)
+_WEIGHT_CALIBRATIONS: tuple[str, ...] = get_args(WeightCalibration)
+DEFAULT_NAME = "*"
+
+
+@dataclass(frozen=True)
+class LayerPlan:
+    """How one layer (a Conv1d or Linear, named by its ``named_modules()`` path) is quantized.
+
+    Attributes:
+        name: module path, e.g. ``"wav2vec2.encoder.layers.3.attention.k_proj"``;
+            ``"*"`` for a default.
+        op: ``"conv1d"``, ``"grouped_conv1d"`` (groups > 1, the positional convolution) or
+            ``"linear"``; ``None`` only in a default that applies to all ops.
+        weight_bits: signed symmetric per-output-channel weight bits (2..8, int8 storage).
+        act_bits: signed symmetric per-tensor input-activation bits (2..8, int8 storage).
+        calibration: how the input-activation range is computed from calibration data.
+        clip_percentile: percentile of |x| used as range; required iff ``calibration == "percentile"``.
+        weight_calibration: ``"max"`` (max |w| per channel) or ``"mse"`` (MSE-optimal clip).
+        act_range: a fixed input-activation range max |x| that overrides calibration
+            (set by the search so its result is re-applied exactly, without recalibrating).
+        skip: keep this layer in float.
+        reason: why this choice, or why skipped; goes into the report.
+        evidence: numbers behind the decision (sensitivity, WER per candidate, ...).
+    """
+
+    name: str
+    op: OpKind | None = None
+    weight_bits: int = 8
+    act_bits: int = 8
+    calibration: Calibration = "max"
+    clip_percentile: float | None = None
+    weight_calibration: WeightCalibration = "max"
+    act_range: float | None = None
+    skip: bool = False
+    reason: str = ""
+    evidence: tuple[tuple[str, float], ...] = ()
+
+    def __post_init__(self) -> None:
+        where = f"for {self.name!r}"
+        if not self.name:
+            raise PlanError("layer plan with an empty name (expected a module path or '*')")
+        if self.op is not None and self.op not in _OP_KINDS:
+            raise PlanError(f"op={self.op!r} {where} (expected one of {_OP_KINDS})")
+        for label, bits in (("weight_bits", self.weight_bits), ("act_bits", self.act_bits)):
+            if isinstance(bits, bool) or not isinstance(bits, int) or not 2 <= bits <= 8:
+                raise PlanError(f"{label}={bits!r} {where} (expected an integer 2 <= bits <= 8)")
+        if self.calibration not in _CALIBRATIONS:
+            raise PlanError(f"calibration={self.calibration!r} {where} (expected one of {_CALIBRATIONS})")
+        if self.weight_calibration not in _WEIGHT_CALIBRATIONS:
+            raise PlanError(
+                f"weight_calibration={self.weight_calibration!r} {where} (expected one of {_WEIGHT_CALIBRATIONS})"
+            )
+        if self.calibration == "percentile":
+            p = self.clip_percentile
+            if p is None or not 0.0 < float(p) <= 100.0:
+                raise PlanError(f"clip_percentile={p!r} {where} (expected 0 < p <= 100 with calibration='percentile')")
+        elif self.clip_percentile is not None:
+            raise PlanError(
+                f"clip_percentile={self.clip_percentile!r} {where} is only used with calibration='percentile' "
+                f"(got calibration={self.calibration!r})"
+            )
+        if self.act_range is not None and not (float(self.act_range) > 0.0 and float(self.act_range) < float("inf")):
+            raise PlanError(f"act_range={self.act_range!r} {where} (expected a finite value > 0)")
+        if self.skip and not self.reason:
+            raise PlanError(f"layer {self.name!r} is skipped without a reason (set reason='...')")
+
+    @property
+    def weight_qrange(self) -> tuple[int, int]:
+        """Signed symmetric integer range of the weights, e.g. (-127, 127) for 8 bits."""
+        return _symmetric_range(self.weight_bits)
+
+    @property
+    def act_qrange(self) -> tuple[int, int]:
+        """Signed symmetric integer range of the input activation."""
+        return _symmetric_range(self.act_bits)
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready dict; ``evidence`` becomes an object."""
+        data = dataclasses.asdict(self)
+        data["evidence"] = dict(self.evidence)
+        return data
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], *, where: str = "plan") -> LayerPlan:
+        """Inverse of :meth:`to_dict`; unknown keys raise ``PlanError`` naming them."""
+        if not isinstance(data, dict):
+            raise PlanError(f"{where}: a layer entry must be an object, got {type(data).__name__}")
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise PlanError(f"{where}: unknown field(s) {unknown} in layer {data.get('name')!r} (known: {sorted(known)})")
+        fields = dict(data)
+        fields["evidence"] = tuple(sorted((str(k), float(v)) for k, v in dict(fields.get("evidence", {})).items()))
+        return cls(**fields)
+
+
+def _symmetric_range(bits: int) -> tuple[int, int]:
+    top = 2 ** (bits - 1) - 1
+    return -top, top
+
+
+@dataclass(frozen=True)
+class QuantPlan:
+    """Per-layer quantization decisions for one model, in graph order.
+
+    Attributes:
+        default: settings for every quantizable layer not named in ``layers``.
+        layers: explicit per-layer decisions; names must exist in the model.
+        op_defaults: per-op-kind defaults (e.g. all ``linear`` at 4 bits).
+        model: free-form identity of the model the plan was made for (architecture).
+        schema_version: format version; plans of another version are rejected.
+    """
+
+    default: LayerPlan = field(default_factory=lambda: LayerPlan(DEFAULT_NAME))
+    layers: tuple[LayerPlan, ...] = ()
+    op_defaults: tuple[LayerPlan, ...] = ()
+    model: str = ""
+    schema_version: int = SCHEMA_VERSION
+
+    def __post_init__(self) -> None:
+        if self.schema_version != SCHEMA_VERSION:
+            raise PlanError(
+                f"plan schema_version={self.schema_version!r} is not supported (this sq-pt2e reads {SCHEMA_VERSION})"
+            )
+        if self.default.name != DEFAULT_NAME:
+            raise PlanError(f"the default layer plan must be named '*', got {self.default.name!r}")
+        names = [layer.name for layer in self.layers]
+        duplicates = sorted({n for n in names if names.count(n) > 1})
+        if duplicates:
+            raise PlanError(f"layer(s) listed more than once in the plan: {duplicates}")
+        for layer in self.layers:
+            if layer.name == DEFAULT_NAME:
+                raise PlanError("'*' is reserved for the default; give the layer's module path")
+        ops = [d.op for d in self.op_defaults]
+        for d in self.op_defaults:
+            if d.op is None or d.name != DEFAULT_NAME:
+                raise PlanError(f"op default must have name '*' and an op, got name={d.name!r} op={d.op!r}")
+            if ops.count(d.op) > 1:
+                raise PlanError(f"op default for {d.op!r} listed more than once")
+
+    # ----------------------------------------------------------------- lookup
+    def resolve(self, name: str, op: OpKind) -> LayerPlan:
+        """The effective plan of one layer: exact name > op default > global default."""
+        for layer in self.layers:
+            if layer.name == name:
+                if layer.op is not None and layer.op != op:
+                    raise PlanError(f"layer {name!r} is a {op} in the model but the plan says op={layer.op!r}")
+                return dataclasses.replace(layer, op=op)
+        for default in self.op_defaults:
+            if default.op == op:
+                return dataclasses.replace(default, name=name)
+        return dataclasses.replace(self.default, name=name, op=op)
+
+    def explicit_names(self) -> tuple[str, ...]:
+        """Names of the layers given explicitly, in plan order."""
+        return tuple(layer.name for layer in self.layers)
+
+    def check_names(self, model_layers: list[str] | tuple[str, ...], *, source: str = "plan") -> None:
+        """Raise ``PlanError`` if the plan names a layer the model does not have."""
+        known = set(model_layers)
+        for name in self.explicit_names():
+            if name not in known:
+                close = difflib.get_close_matches(name, model_layers, n=1)
+                hint = f"; did you mean {close[0]!r}?" if close else ""
+                msg = f"layer {name!r} in {source} not in exported graph ({len(known)} quantizable layers{hint})"
+                raise PlanError(msg)
+
+    # ----------------------------------------------------------------- edits
+    def with_layers(self, *layers: LayerPlan) -> QuantPlan:
+        """Copy with ``layers`` added, replacing existing entries of the same name."""
+        new = {layer.name: layer for layer in layers}
+        kept = tuple(layer for layer in self.layers if layer.name not in new)
+        return dataclasses.replace(self, layers=kept + tuple(layers))
+
+    def with_skipped(self, names: list[str] | tuple[str, ...], reason: str) -> QuantPlan:
+        """Copy with the named layers kept in float, for ``reason``."""
+        existing = {layer.name: layer for layer in self.layers}
+        skipped = [
+            dataclasses.replace(existing[n], skip=True, reason=reason)
+            if n in existing
+            else LayerPlan(n, skip=True, reason=reason)
+            for n in names
+        ]
+        return self.with_layers(*skipped)
+
+    # ----------------------------------------------------------------- JSON
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready dict."""
+        return {
+            "schema_version": self.schema_version,
+            "model": self.model,
+            "default": self.default.to_dict(),
+            "op_defaults": [d.to_dict() for d in self.op_defaults],
+            "layers": [layer.to_dict() for layer in self.layers],
+        }
+
+    def to_json(self) -> str:
+        """Deterministic JSON text (same plan, same bytes)."""
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n"
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], *, source: str = "plan") -> QuantPlan:
+        """Build a plan from :meth:`to_dict` output; errors name ``source``."""
+        if not isinstance(data, dict):
+            raise PlanError(f"{source}: expected a JSON object, got {type(data).__name__}")
+        version = data.get("schema_version")
+        if version != SCHEMA_VERSION:
+            raise PlanError(f"{source}: schema_version={version!r} is not supported (this sq-pt2e reads {SCHEMA_VERSION})")
+        unknown = sorted(set(data) - {"schema_version", "model", "default", "op_defaults", "layers"})
+        if unknown:
+            raise PlanError(f"{source}: unknown top-level field(s) {unknown}")
+        return cls(
+            default=LayerPlan.from_dict(data.get("default", {"name": DEFAULT_NAME}), where=source),
+            op_defaults=tuple(LayerPlan.from_dict(d, where=source) for d in data.get("op_defaults", [])),
+            layers=tuple(LayerPlan.from_dict(d, where=source) for d in data.get("layers", [])),
+            model=str(data.get("model", "")),
+            schema_version=version,
+        )
+
+    def save(self, path: str | os.PathLike[str]) -> Path:
+        """Write the plan as JSON, atomically."""
+        return atomic_write_text(path, self.to_json())
+
+    @classmethod
+    def load(cls, path: str | os.PathLike[str]) -> QuantPlan:
+        """Read a plan written by :meth:`save` (or by hand)."""
+        source = str(path)
+        try:
+            text = Path(path).read_text(encoding="utf-8")
+        except OSError as exc:
+            raise PlanError(f"cannot read plan {source}: {exc.strerror or exc}") from exc
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise PlanError(f"{source} is not valid JSON: {exc}") from exc
+        return cls.from_dict(data, source=source)
+
+
+def w8a8_plan(model: str = "", *, skip: dict[str, str] | None = None) -> QuantPlan:
+    """The plain W8A8 plan (max calibration everywhere), optionally keeping layers in float.
+
+    Args:
+        model: identity of the model the plan is for.
+        skip: ``{layer name: reason}`` of layers to keep in float.
+    """
+    plan = QuantPlan(model=model)
+    for name, reason in (skip or {}).items():
+        plan = plan.with_skipped([name], reason)
+    return plan

@@ -1,0 +1,193 @@
+"""``StableQuantQuantizer``: a torchao PT2E ``Quantizer`` driven by a ``QuantPlan``.
+
+This is the only place where a plan becomes ``QuantizationSpec``s. Scheme: signed
+symmetric integers on int8 storage; weights per output channel, input activations
+per tensor; ``weight_bits`` / ``act_bits`` narrow ``quant_min``/``quant_max`` so the
+same int8 kernels run lower bit widths.
+
+Example:
+    >>> from torchao.quantization.pt2e.quantize_pt2e import prepare_pt2e, convert_pt2e
+    >>> quantizer = StableQuantQuantizer(plan)
+    >>> prepared = prepare_pt2e(torch.export.export(model, (wave,)).module(), quantizer)
+    >>> prepared(wave)  # calibrate
+    >>> int8_model = convert_pt2e(prepared)
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+from torch.fx import GraphModule, Node
+from torchao.quantization.pt2e.observer import PerChannelMinMaxObserver
+from torchao.quantization.pt2e.quantizer import QuantizationSpec, Quantizer
+from torchao.quantization.pt2e.quantizer.quantizer import Q_ANNOTATION_KEY, EdgeOrNode
+
+from sq_pt2e.annotators import ANNOTATORS, SUPPORTED_PATTERNS, LayerQSpecs, is_annotated
+from sq_pt2e.errors import QuantizationError
+from sq_pt2e.graph import QuantizableLayer, find_quantizable_layers, layer_name
+from sq_pt2e.observers import AbsHistogramObserver
+from sq_pt2e.plan import LayerPlan, QuantPlan
+
+__all__ = ["LayerStatus", "StableQuantQuantizer", "act_qspec", "weight_qspec"]
+
+
+Target = Literal["x86_inductor", "xnnpack"]
+# Storage of the symmetric activation grid {-q..q}: oneDNN's x86 int8 kernels take
+# uint8 inputs, stored as {0..2q} with zero point q; XNNPACK takes int8 {-q..q} with
+# zero point 0. The same grid either way, so one plan serves both backends.
+_ACT_DTYPE: dict[str, torch.dtype] = {"x86_inductor": torch.uint8, "xnnpack": torch.int8}
+
+
+@functools.lru_cache(maxsize=None)
+def act_qspec(
+    bits: int, method: str, percentile: float | None, fixed_range: float | None, target: Target = "x86_inductor"
+) -> QuantizationSpec:
+    """Per-tensor symmetric activation spec; equal arguments give the same object."""
+    top = 2 ** (bits - 1) - 1
+    dtype = _ACT_DTYPE[target]
+    zero_point = top if dtype == torch.uint8 else 0
+    return QuantizationSpec(
+        dtype=dtype,
+        quant_min=zero_point - top,
+        quant_max=zero_point + top,
+        qscheme=torch.per_tensor_symmetric,
+        observer_or_fake_quant_ctr=AbsHistogramObserver.with_args(
+            method=method, percentile=percentile, fixed_range=fixed_range
+        ),
+    )
+
+
+@functools.lru_cache(maxsize=None)
+def weight_qspec(bits: int) -> QuantizationSpec:
+    """Per-output-channel symmetric signed weight spec (axis 0 for conv1d and linear)."""
+    top = 2 ** (bits - 1) - 1
+    return QuantizationSpec(
+        dtype=torch.int8,
+        quant_min=-top,
+        quant_max=top,
+        qscheme=torch.per_channel_symmetric,
+        ch_axis=0,
+        observer_or_fake_quant_ctr=PerChannelMinMaxObserver.with_args(eps=2**-12),
+    )
+
+
+def _specs_from_plan(layer: LayerPlan, target: Target) -> LayerQSpecs:
+    if layer.skip:
+        return LayerQSpecs(None, None)
+    return LayerQSpecs(
+        act_qspec(layer.act_bits, layer.calibration, layer.clip_percentile, layer.act_range, target),
+        weight_qspec(layer.weight_bits),
+    )
+
+
+@dataclass(frozen=True)
+class LayerStatus:
+    """What the quantizer did with one layer (for reports): quantized, float, or foreign."""
+
+    name: str
+    op: str
+    status: str  # "int8" | "float" | "not-ours"
+    weight_bits: int | None
+    act_bits: int | None
+    reason: str
+
+
+class StableQuantQuantizer(Quantizer):
+    """Annotates conv1d / linear layers of an exported speech model from a ``QuantPlan``.
+
+    Args:
+        plan: per-layer decisions; ``QuantPlan()`` (the default) is W8A8 with max
+            calibration for every conv1d / linear layer.
+        module_filter: optional ``name -> bool``; layers for which it returns False are
+            left unannotated, for another quantizer (e.g. in ``ComposableQuantizer``).
+        target: ``"x86_inductor"`` (uint8 activation storage for oneDNN) or ``"xnnpack"``
+            (int8 storage for ExecuTorch); the quantization grid is the same.
+
+    Raises:
+        PlanError: (in ``annotate``) the plan names a layer the graph does not have.
+        QuantizationError: (in ``validate``) a planned layer was not annotated.
+    """
+
+    def __init__(
+        self,
+        plan: QuantPlan | None = None,
+        *,
+        module_filter: Callable[[str], bool] | None = None,
+        target: Target = "x86_inductor",
+    ) -> None:
+        super().__init__()
+        if target not in _ACT_DTYPE:
+            msg = f"target={target!r} (expected one of {sorted(_ACT_DTYPE)})"
+            raise QuantizationError(msg)
+        self.target = target
+        self.plan = plan if plan is not None else QuantPlan()
+        self.module_filter = module_filter
+        self.layer_status: tuple[LayerStatus, ...] = ()
+
+    def _plan_for(self, layer: QuantizableLayer) -> LayerPlan | None:
+        if self.module_filter is not None and not self.module_filter(layer.name):
+            return None
+        return self.plan.resolve(layer.name, layer.op)
+
+    def annotate(self, model: GraphModule) -> GraphModule:
+        """Annotate every planned layer; skipped layers are claimed and kept float."""
+        layers = find_quantizable_layers(model)
+        self.plan.check_names([layer.name for layer in layers])
+        by_node = {layer.node: layer for layer in layers}
+
+        def specs_for(node: Node) -> LayerQSpecs | None:
+            layer_plan = self._plan_for(by_node[node])
+            return None if layer_plan is None else _specs_from_plan(layer_plan, self.target)
+
+        for pattern in SUPPORTED_PATTERNS:
+            ANNOTATORS[pattern](model, specs_for)
+        self.layer_status = tuple(self._status(layer) for layer in layers)
+        return model
+
+    def _status(self, layer: QuantizableLayer) -> LayerStatus:
+        layer_plan = self._plan_for(layer)
+        if layer_plan is None:
+            return LayerStatus(layer.name, layer.op, "not-ours", None, None, "excluded by module_filter")
+        if layer_plan.skip:
+            return LayerStatus(layer.name, layer.op, "float", None, None, layer_plan.reason)
+        return LayerStatus(
+            layer.name, layer.op, "int8", layer_plan.weight_bits, layer_plan.act_bits, layer_plan.reason
+        )
+
+    def validate(self, model: GraphModule) -> None:
+        """Fail if a planned layer is unannotated or a quantized layer lacks its specs."""
+        for layer in find_quantizable_layers(model):
+            layer_plan = self._plan_for(layer)
+            if layer_plan is None:
+                continue
+            if not is_annotated(layer.node):
+                msg = f"layer {layer.name!r} ({layer.op}) is in the plan but was not annotated"
+                raise QuantizationError(msg)
+            annotation = layer.node.meta[Q_ANNOTATION_KEY]
+            if not layer_plan.skip and len(annotation.input_qspec_map) != 2:
+                msg = (
+                    f"layer {layer.name!r} ({layer.op}) should be quantized but its annotation has "
+                    f"{len(annotation.input_qspec_map)} input specs (expected input and weight): "
+                    "another quantizer may have claimed it first"
+                )
+                raise QuantizationError(msg)
+
+    def prepare_obs_or_fq_callback(
+        self, model: GraphModule, edge_or_node_to_obs_or_fq: dict[EdgeOrNode, torch.nn.Module]
+    ) -> None:
+        """Tell each activation observer which layer(s) it feeds, for error messages."""
+        names: dict[int, list[str]] = {}
+        for key, observer in edge_or_node_to_obs_or_fq.items():
+            if isinstance(observer, AbsHistogramObserver) and isinstance(key, tuple):
+                names.setdefault(id(observer), []).append(layer_name(key[1]))
+        for observer in edge_or_node_to_obs_or_fq.values():
+            if isinstance(observer, AbsHistogramObserver):
+                observer.layer = ", ".join(sorted(set(names.get(id(observer), []))))
+
+    def float_layers(self) -> tuple[LayerStatus, ...]:
+        """Layers left in float (skipped by the plan), with the reason, after ``annotate``."""
+        return tuple(s for s in self.layer_status if s.status == "float")
