@@ -33,10 +33,16 @@ __all__ = [
 
 @dataclass(frozen=True)
 class LayerQSpecs:
-    """Quantization specs of one layer's input activation and weight; ``None`` specs = float."""
+    """Quantization specs of one layer's input activation, weight and (optionally) output.
+
+    ``None`` input and weight specs mean the layer stays float. ``output`` is set for
+    backends whose int8 kernels also produce int8 (XNNPACK); x86 oneDNN kernels take
+    int8 in and give float out, so there it is ``None``.
+    """
 
     input_act: QuantizationSpec | None
     weight: QuantizationSpec | None
+    output: QuantizationSpec | None = None
 
     @property
     def skip(self) -> bool:
@@ -78,10 +84,13 @@ def _annotate_weighted(gm: GraphModule, specs_for: SpecsFor, kinds: tuple[str, .
         if specs is None:
             continue
         input_node, weight_node = node.args[0], node.args[1]
-        input_qspec_map = {}
+        input_qspec_map, output_qspec = {}, None
         if not specs.skip:
             input_qspec_map = {input_node: specs.input_act, weight_node: specs.weight}
-        node.meta[Q_ANNOTATION_KEY] = QuantizationAnnotation(input_qspec_map=input_qspec_map, _annotated=True)
+            output_qspec = specs.output
+        node.meta[Q_ANNOTATION_KEY] = QuantizationAnnotation(
+            input_qspec_map=input_qspec_map, output_qspec=output_qspec, _annotated=True
+        )
         annotated.append([node])
     return annotated
 

@@ -22,7 +22,7 @@ from typing import Literal
 
 import torch
 from torch.fx import GraphModule, Node
-from torchao.quantization.pt2e.observer import PerChannelMinMaxObserver
+from torchao.quantization.pt2e.observer import HistogramObserver, PerChannelMinMaxObserver
 from torchao.quantization.pt2e.quantizer import QuantizationSpec, Quantizer
 from torchao.quantization.pt2e.quantizer.quantizer import Q_ANNOTATION_KEY, EdgeOrNode
 
@@ -32,7 +32,7 @@ from sq_pt2e.graph import QuantizableLayer, find_quantizable_layers, layer_name
 from sq_pt2e.observers import AbsHistogramObserver
 from sq_pt2e.plan import LayerPlan, QuantPlan
 
-__all__ = ["LayerStatus", "StableQuantQuantizer", "act_qspec", "weight_qspec"]
+__all__ = ["LayerStatus", "StableQuantQuantizer", "Target", "act_qspec", "output_qspec", "weight_qspec"]
 
 
 Target = Literal["x86_inductor", "xnnpack"]
@@ -75,12 +75,25 @@ def weight_qspec(bits: int) -> QuantizationSpec:
     )
 
 
+@functools.lru_cache(maxsize=None)
+def output_qspec() -> QuantizationSpec:
+    """Per-tensor affine int8 output spec (XNNPACK's int8 kernels also emit int8)."""
+    return QuantizationSpec(
+        dtype=torch.int8,
+        quant_min=-128,
+        quant_max=127,
+        qscheme=torch.per_tensor_affine,
+        observer_or_fake_quant_ctr=HistogramObserver.with_args(eps=2**-12),
+    )
+
+
 def _specs_from_plan(layer: LayerPlan, target: Target) -> LayerQSpecs:
     if layer.skip:
         return LayerQSpecs(None, None)
     return LayerQSpecs(
         act_qspec(layer.act_bits, layer.calibration, layer.clip_percentile, layer.act_range, target),
         weight_qspec(layer.weight_bits),
+        output_qspec() if target == "xnnpack" else None,
     )
 
 
@@ -105,7 +118,8 @@ class StableQuantQuantizer(Quantizer):
         module_filter: optional ``name -> bool``; layers for which it returns False are
             left unannotated, for another quantizer (e.g. in ``ComposableQuantizer``).
         target: ``"x86_inductor"`` (uint8 activation storage for oneDNN) or ``"xnnpack"``
-            (int8 storage for ExecuTorch); the quantization grid is the same.
+            (int8 storage for ExecuTorch); the input grid is the same. XNNPACK's int8
+            kernels also emit int8, so for it layer outputs get an int8 observer too.
 
     Raises:
         PlanError: (in ``annotate``) the plan names a layer the graph does not have.

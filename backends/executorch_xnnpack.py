@@ -1,0 +1,147 @@
+"""Lower a converted int8 graph to an ExecuTorch ``.pte`` with the XNNPACK delegate.
+
+The program is exported at one fixed waveform length (the example's): a ``.pte``
+exported from a 5 s example only accepts 5 s, so :class:`PteRunner` checks the
+input length and raises instead of failing obscurely on device. The lowering
+report says how much of the graph XNNPACK took (delegate calls, nodes left to
+ExecuTorch's portable kernels, by op) and compares the ``.pte`` output with eager.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch.fx import GraphModule
+
+from sq_pt2e.atomic import atomic_write_bytes
+from sq_pt2e.errors import BackendError, NumericsMismatchError
+
+__all__ = ["LoweringReport", "PteRunner", "check_pte", "lower_to_xnnpack", "save_pte"]
+
+_DELEGATE_CALL = "executorch_call_delegate"
+
+
+@dataclass(frozen=True)
+class LoweringReport:
+    """How the graph was split between XNNPACK and ExecuTorch's portable kernels."""
+
+    delegate_calls: int
+    portable_ops: dict[str, int]
+    input_samples: int
+    pte_bytes: int
+    lower_seconds: float
+    cosine: float | None = None
+    max_abs_diff: float | None = None
+    notes: tuple[str, ...] = field(default_factory=tuple)
+
+    @property
+    def portable_op_count(self) -> int:
+        return sum(self.portable_ops.values())
+
+
+def _split_report(graph_module: GraphModule) -> tuple[int, dict[str, int]]:
+    delegates, portable = 0, Counter()
+    for node in graph_module.graph.nodes:
+        if node.op != "call_function":
+            continue
+        name = getattr(node.target, "__name__", str(node.target))
+        if _DELEGATE_CALL in name:
+            delegates += 1
+        elif name != "getitem":
+            portable[name] += 1
+    return delegates, dict(sorted(portable.items()))
+
+
+def lower_to_xnnpack(model: torch.nn.Module, example: torch.Tensor) -> tuple[bytes, LoweringReport]:
+    """Export ``model`` at ``example``'s shape and lower it with the XNNPACK partitioner.
+
+    Args:
+        model: an int8 ``convert_pt2e`` graph (quantized with ``target="xnnpack"``) or a
+            float model.
+        example: the ``(batch, samples)`` waveform that fixes the program's input shape.
+
+    Returns:
+        The ``.pte`` bytes and the lowering report (without numerics; see :class:`PteRunner`).
+    """
+    from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
+    from executorch.exir import to_edge_transform_and_lower
+    from executorch.kernels import quantized  # noqa: F401  (out variants of q/dq ops left outside XNNPACK)
+
+    start = time.perf_counter()
+    try:
+        with torch.no_grad():
+            exported = torch.export.export(model, (example,))
+            edge = to_edge_transform_and_lower(exported, partitioner=[XnnpackPartitioner()])
+            delegates, portable = _split_report(edge.exported_program().graph_module)
+            program = edge.to_executorch()
+    except Exception as exc:  # executorch raises many types; keep the cause
+        raise BackendError(f"lowering to ExecuTorch/XNNPACK failed: {exc}") from exc
+    data = bytes(program.buffer)
+    report = LoweringReport(
+        delegate_calls=delegates,
+        portable_ops=portable,
+        input_samples=int(example.shape[-1]),
+        pte_bytes=len(data),
+        lower_seconds=time.perf_counter() - start,
+    )
+    return data, report
+
+
+def save_pte(data: bytes, path: str | os.PathLike[str]) -> Path:
+    """Write a ``.pte`` atomically."""
+    return atomic_write_bytes(path, data)
+
+
+class PteRunner:
+    """Run a ``.pte`` with the ExecuTorch Python runtime (XNNPACK threads set before load).
+
+    Args:
+        program: ``.pte`` bytes or a path to a ``.pte`` file.
+        input_samples: the waveform length the program was exported for.
+        threads: XNNPACK thread pool size.
+    """
+
+    def __init__(self, program: bytes | str | os.PathLike[str], input_samples: int, threads: int | None = None) -> None:
+        from executorch.runtime import Runtime
+
+        if threads is not None:
+            _set_xnnpack_threads(threads)
+        data = program if isinstance(program, bytes) else Path(program).read_bytes()
+        self.input_samples = input_samples
+        self._method = Runtime.get().load_program(data).load_method("forward")
+
+    def __call__(self, wave: torch.Tensor) -> torch.Tensor:
+        if wave.ndim != 2 or wave.shape[-1] != self.input_samples:
+            msg = (
+                f"this .pte was exported for waveforms of shape (1, {self.input_samples}); got "
+                f"{tuple(wave.shape)}: pad/chunk the audio or export at the length you need"
+            )
+            raise BackendError(msg)
+        (output,) = self._method.execute([wave.contiguous()])
+        return output
+
+
+def _set_xnnpack_threads(threads: int) -> None:
+    try:
+        from executorch.extension.pybindings.portable_lib import _unsafe_reset_threadpool
+    except ImportError:
+        return
+    _unsafe_reset_threadpool(threads)
+
+
+def check_pte(runner: PteRunner, reference: torch.Tensor, wave: torch.Tensor, report: LoweringReport,
+              *, min_cosine: float = 0.99) -> LoweringReport:
+    """Compare the ``.pte`` output with ``reference`` (eager int8); raise if they disagree."""
+    from sq_pt2e.backends.inductor import compare_outputs
+
+    cosine, max_diff = compare_outputs(reference, runner(wave))
+    checked = LoweringReport(**{**report.__dict__, "cosine": cosine, "max_abs_diff": max_diff})
+    if cosine < min_cosine:
+        msg = f".pte output disagrees with eager int8: cosine {cosine:.5f} < {min_cosine} (max abs diff {max_diff:.4g})"
+        raise NumericsMismatchError(msg)
+    return checked
