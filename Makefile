@@ -1,0 +1,32 @@
+# sq-pt2e: `make demo` and `make test` set up everything they need.
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+PIP    := $(PY) -m pip --disable-pip-version-check
+STAMP  := $(VENV)/.installed
+# A local CPU build of torch 2.13.0 is used when the machine carries one (about 200 MB
+# instead of the ~3 GB CUDA build); otherwise pip takes torch from the package index.
+LOCAL_TORCH := $(firstword $(wildcard /opt/wheels/torch-2.13.0+cpu-*.whl))
+
+.PHONY: setup demo test test-all bench clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml requirements.lock
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	$(PIP) install -q $(if $(LOCAL_TORCH),$(LOCAL_TORCH),torch==2.13.0)
+	$(PIP) install -q -c requirements.lock -e '.[dev]'
+	touch $(STAMP)
+
+demo: setup
+	$(PY) examples/quantize_and_compare.py
+
+test: setup
+	$(PY) -m pytest -q
+
+test-all: setup
+	$(PY) -m pytest -q -m ""
+
+clean:
+	rm -rf $(VENV) build *.egg-info .pytest_cache
