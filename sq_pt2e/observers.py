@@ -24,6 +24,9 @@ from sq_pt2e.errors import QuantizationError
 __all__ = [
     "AbsHistogram",
     "AbsHistogramObserver",
+    "PerChannelMseWeightObserver",
+    "max_weight_scales",
+    "mse_weight_scales",
     "DEFAULT_BINS",
     "range_entropy",
     "range_for",
@@ -253,3 +256,61 @@ class AbsHistogramObserver(UniformQuantizationObserverBase):
 
     def extra_repr(self) -> str:
         return f"method={self.method}, percentile={self.percentile}, fixed_range={self.fixed_range}, layer={self.layer!r}"
+
+
+def max_weight_scales(weight: torch.Tensor, qmax: int, eps: float = 2**-12) -> torch.Tensor:
+    """Per-output-channel symmetric scales ``max|w| / qmax`` (axis 0), at least ``eps``."""
+    flat = weight.detach().reshape(weight.shape[0], -1).abs().amax(dim=1)
+    return torch.clamp(flat / qmax, min=eps)
+
+
+def mse_weight_scales(weight: torch.Tensor, qmax: int, *, grid: int = 100, max_shrink: float = 0.8,
+                      eps: float = 2**-12) -> torch.Tensor:
+    """Per-output-channel scales minimising the squared weight quantization error.
+
+    Grid search over clip factors ``1, 1 - 1/grid, ...`` down to ``1 - max_shrink`` of
+    ``max|w|`` per channel, as GPTQ's ``find_params(mse=True)`` does.
+    """
+    flat = weight.detach().reshape(weight.shape[0], -1).to(torch.float32)
+    best_scale = max_weight_scales(weight, qmax, eps)
+    best_error = torch.full_like(best_scale, float("inf"))
+    base = best_scale.clone()
+    for step in range(int(max_shrink * grid) + 1):
+        scale = torch.clamp(base * (1.0 - step / grid), min=eps)
+        quantized = torch.clamp(torch.round(flat / scale[:, None]), -qmax, qmax) * scale[:, None]
+        error = ((quantized - flat) ** 2).sum(dim=1)
+        better = error < best_error
+        best_error = torch.where(better, error, best_error)
+        best_scale = torch.where(better, scale, best_scale)
+    return best_scale
+
+
+class PerChannelMseWeightObserver(UniformQuantizationObserverBase):
+    """Per-output-channel symmetric weight observer with MSE-optimal clipping (axis 0)."""
+
+    def __init__(
+        self,
+        ch_axis: int = 0,
+        dtype: torch.dtype = torch.int8,
+        qscheme: torch.qscheme = torch.per_channel_symmetric,
+        quant_min: int | None = -127,
+        quant_max: int | None = 127,
+        **kwargs: object,
+    ) -> None:
+        super().__init__(dtype=dtype, qscheme=qscheme, quant_min=quant_min, quant_max=quant_max, **kwargs)
+        if ch_axis != 0 or qscheme != torch.per_channel_symmetric:
+            raise QuantizationError("PerChannelMseWeightObserver supports per_channel_symmetric on axis 0 only")
+        self.ch_axis = ch_axis
+        self.weight: torch.Tensor | None = None
+
+    @torch.no_grad()
+    def forward(self, w: torch.Tensor) -> torch.Tensor:
+        self.weight = w.detach().clone()
+        return w
+
+    @torch.jit.export
+    def calculate_qparams(self) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.weight is None:
+            raise QuantizationError("weight observer saw no weight: run calibration before convert_pt2e")
+        scales = mse_weight_scales(self.weight, (self.quant_max - self.quant_min) // 2)
+        return scales, torch.zeros_like(scales, dtype=torch.int32)

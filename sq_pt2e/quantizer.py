@@ -29,7 +29,7 @@ from torchao.quantization.pt2e.quantizer.quantizer import Q_ANNOTATION_KEY, Edge
 from sq_pt2e.annotators import ANNOTATORS, SUPPORTED_PATTERNS, LayerQSpecs, is_annotated
 from sq_pt2e.errors import QuantizationError
 from sq_pt2e.graph import QuantizableLayer, find_quantizable_layers, layer_name
-from sq_pt2e.observers import AbsHistogramObserver
+from sq_pt2e.observers import AbsHistogramObserver, PerChannelMseWeightObserver
 from sq_pt2e.plan import LayerPlan, QuantPlan
 
 __all__ = ["LayerStatus", "StableQuantQuantizer", "Target", "act_qspec", "output_qspec", "weight_qspec"]
@@ -62,16 +62,17 @@ def act_qspec(
 
 
 @functools.lru_cache(maxsize=None)
-def weight_qspec(bits: int) -> QuantizationSpec:
+def weight_qspec(bits: int, calibration: str = "max") -> QuantizationSpec:
     """Per-output-channel symmetric signed weight spec (axis 0 for conv1d and linear)."""
     top = 2 ** (bits - 1) - 1
+    observer = PerChannelMseWeightObserver if calibration == "mse" else PerChannelMinMaxObserver
     return QuantizationSpec(
         dtype=torch.int8,
         quant_min=-top,
         quant_max=top,
         qscheme=torch.per_channel_symmetric,
         ch_axis=0,
-        observer_or_fake_quant_ctr=PerChannelMinMaxObserver.with_args(eps=2**-12),
+        observer_or_fake_quant_ctr=observer.with_args(eps=2**-12),
     )
 
 
@@ -92,7 +93,7 @@ def _specs_from_plan(layer: LayerPlan, target: Target) -> LayerQSpecs:
         return LayerQSpecs(None, None)
     return LayerQSpecs(
         act_qspec(layer.act_bits, layer.calibration, layer.clip_percentile, layer.act_range, target),
-        weight_qspec(layer.weight_bits),
+        weight_qspec(layer.weight_bits, layer.weight_calibration),
         output_qspec() if target == "xnnpack" else None,
     )
 

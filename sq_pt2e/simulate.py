@@ -1,0 +1,133 @@
+"""Collect activation statistics and simulate quantization on the float ``nn.Module``.
+
+The StableQuant search scores many candidate plans. Exporting and converting each
+one would dominate its cost, so candidates run as *fake quantization* on the float
+model: a forward pre-hook rounds each layer's input to its int grid and the weight
+is swapped for its fake-quantized copy. The arithmetic is the same as the eager
+``convert_pt2e`` graph (same scales, same round-half-even, same clamps); a test
+checks the two agree. Statistics come from the same ``AbsHistogramObserver`` the
+PT2E flow uses, so ranges are identical in both.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from sq_pt2e.errors import PlanError
+from sq_pt2e.models.build import to_ctc_logits
+from sq_pt2e.observers import AbsHistogram, AbsHistogramObserver, max_weight_scales, mse_weight_scales
+from sq_pt2e.passes.fold_weight_norm import fold_weight_norm
+from sq_pt2e.plan import LayerPlan, OpKind
+
+__all__ = ["LayerQuant", "QuantizableModule", "collect_statistics", "fake_quantized", "quantizable_modules"]
+
+
+@dataclass(frozen=True)
+class QuantizableModule:
+    """A Conv1d / Linear of the float model with its export-consistent name and op kind."""
+
+    name: str
+    op: OpKind
+    module: nn.Module
+
+
+def quantizable_modules(model: nn.Module) -> list[QuantizableModule]:
+    """Conv1d / Linear modules of ``model`` (wrapped as for export), in module order."""
+    wrapper = to_ctc_logits(model)
+    found = []
+    for name, module in wrapper.named_modules():
+        if isinstance(module, nn.Conv1d):
+            found.append(QuantizableModule(name, "grouped_conv1d" if module.groups != 1 else "conv1d", module))
+        elif isinstance(module, nn.Linear):
+            found.append(QuantizableModule(name, "linear", module))
+    return found
+
+
+@torch.no_grad()
+def collect_statistics(model: nn.Module, waves: Iterable[torch.Tensor]) -> dict[str, AbsHistogram]:
+    """One calibration pass: the |x| histogram of every quantizable layer's input.
+
+    Args:
+        model: float model (a ``*ForCTC`` model or waveform->logits module).
+        waves: ``(batch, samples)`` calibration waveforms.
+
+    Returns:
+        ``{layer name: AbsHistogram}`` for every Conv1d / Linear.
+    """
+    wrapper = to_ctc_logits(model).eval()
+    fold_weight_norm(wrapper)
+    observers = {m.name: AbsHistogramObserver(layer=m.name) for m in quantizable_modules(wrapper)}
+
+    def observe(observer: AbsHistogramObserver) -> object:
+        def hook(_module: nn.Module, args: tuple[torch.Tensor, ...]) -> None:
+            observer(args[0])
+
+        return hook
+
+    handles = [m.module.register_forward_pre_hook(observe(observers[m.name])) for m in quantizable_modules(wrapper)]
+    try:
+        for wave in waves:
+            wrapper(wave if wave.ndim == 2 else wave.unsqueeze(0))
+    finally:
+        for handle in handles:
+            handle.remove()
+    return {name: obs.histogram() for name, obs in observers.items()}
+
+
+@dataclass(frozen=True)
+class LayerQuant:
+    """A resolved layer decision for simulation: the activation range and bit widths."""
+
+    act_range: float
+    act_bits: int
+    weight_bits: int
+    weight_calibration: str = "max"
+
+    @classmethod
+    def from_plan(cls, layer: LayerPlan, act_range: float) -> LayerQuant:
+        return cls(act_range, layer.act_bits, layer.weight_bits, layer.weight_calibration)
+
+
+def _fake_quant_weight(weight: torch.Tensor, bits: int, calibration: str) -> torch.Tensor:
+    qmax = 2 ** (bits - 1) - 1
+    scales = (mse_weight_scales if calibration == "mse" else max_weight_scales)(weight, qmax)
+    zero = torch.zeros(scales.shape[0], dtype=torch.int32)
+    return torch.fake_quantize_per_channel_affine(weight.detach(), scales.float(), zero, 0, -qmax, qmax)
+
+
+@contextlib.contextmanager
+def fake_quantized(model: nn.Module, layers: dict[str, LayerQuant]) -> Iterator[nn.Module]:
+    """Temporarily fake-quantize the named layers of ``model``; yields the waveform->logits module.
+
+    Weights are restored and hooks removed on exit, also on error.
+    """
+    wrapper = to_ctc_logits(model).eval()
+    fold_weight_norm(wrapper)
+    modules = {m.name: m.module for m in quantizable_modules(wrapper)}
+    unknown = sorted(set(layers) - set(modules))
+    if unknown:
+        raise PlanError(f"layers not in the model: {unknown[:5]}")
+    saved, handles = {}, []
+    try:
+        for name, quant in layers.items():
+            module = modules[name]
+            saved[name] = module.weight.data
+            module.weight.data = _fake_quant_weight(module.weight.data, quant.weight_bits, quant.weight_calibration)
+            qmax = 2 ** (quant.act_bits - 1) - 1
+            scale = max(quant.act_range / qmax, torch.finfo(torch.float32).eps)
+
+            def hook(_mod: nn.Module, args: tuple[torch.Tensor, ...], scale: float = scale, qmax: int = qmax):
+                return (torch.fake_quantize_per_tensor_affine(args[0], scale, 0, -qmax, qmax), *args[1:])
+
+            handles.append(module.register_forward_pre_hook(hook))
+        yield wrapper
+    finally:
+        for handle in handles:
+            handle.remove()
+        for name, weight in saved.items():
+            modules[name].weight.data = weight
