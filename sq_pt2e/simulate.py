@@ -20,11 +20,18 @@ from torch import nn
 
 from sq_pt2e.errors import PlanError
 from sq_pt2e.models.build import to_ctc_logits
-from sq_pt2e.observers import AbsHistogram, AbsHistogramObserver, max_weight_scales, mse_weight_scales
+from sq_pt2e.observers import AbsHistogram, AbsHistogramObserver, max_weight_scales, mse_weight_scales, range_for
 from sq_pt2e.passes.fold_weight_norm import fold_weight_norm
-from sq_pt2e.plan import LayerPlan, OpKind
+from sq_pt2e.plan import LayerPlan, OpKind, QuantPlan
 
-__all__ = ["LayerQuant", "QuantizableModule", "collect_statistics", "fake_quantized", "quantizable_modules"]
+__all__ = [
+    "LayerQuant",
+    "QuantizableModule",
+    "collect_statistics",
+    "fake_quantized",
+    "plan_layer_quants",
+    "quantizable_modules",
+]
 
 
 @dataclass(frozen=True)
@@ -131,3 +138,28 @@ def fake_quantized(model: nn.Module, layers: dict[str, LayerQuant]) -> Iterator[
             handle.remove()
         for name, weight in saved.items():
             modules[name].weight.data = weight
+
+
+def plan_layer_quants(model: nn.Module, plan: QuantPlan, statistics: dict[str, AbsHistogram]) -> dict[str, LayerQuant]:
+    """Resolve ``plan`` on ``model`` to simulation settings (quantized layers only).
+
+    A layer's activation range is its plan's fixed ``act_range`` if set, otherwise
+    computed from its histogram with the plan's calibration method, exactly as the
+    PT2E observer would.
+    """
+    modules = quantizable_modules(model)
+    plan.check_names([m.name for m in modules])
+    quants = {}
+    for m in modules:
+        layer = plan.resolve(m.name, m.op)
+        if layer.skip:
+            continue
+        if layer.act_range is not None:
+            act_range = layer.act_range
+        else:
+            if m.name not in statistics:
+                raise PlanError(f"layer {m.name!r} has no calibration statistics")
+            qmax = 2 ** (layer.act_bits - 1) - 1
+            act_range = range_for(statistics[m.name], layer.calibration, qmax, layer.clip_percentile)
+        quants[m.name] = LayerQuant.from_plan(layer, act_range)
+    return quants
