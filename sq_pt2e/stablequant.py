@@ -61,7 +61,8 @@ class SearchConfig:
 
     Attributes:
         gamma: WER increase (percentage points) above which a group is sensitive.
-        kl_gamma: with ``criterion="kl"``: logit KL above which a group is sensitive.
+        kl_share: with ``criterion="kl"``: a group is sensitive when quantizing it alone
+            costs more than this share of the logit KL of quantizing every layer (max).
         percentiles: clip percentiles tried for sensitive groups, in this order.
         granularity: ``"block"`` (one group per Transformer block; each CNN layer, the
             feature projection and the CTC head alone) or ``"layer"`` (every layer alone).
@@ -73,7 +74,7 @@ class SearchConfig:
     """
 
     gamma: float = 0.25
-    kl_gamma: float = 1e-3
+    kl_share: float = 0.2
     percentiles: tuple[float, ...] = DEFAULT_PERCENTILES
     granularity: Literal["block", "layer"] = "block"
     reading: Literal["mse-rest", "mse-all"] = "mse-rest"
@@ -86,8 +87,8 @@ class SearchConfig:
     def __post_init__(self) -> None:
         if not self.percentiles or any(not 0 < p <= 100 for p in self.percentiles):
             raise ValueError(f"percentiles={self.percentiles} (expected a non-empty tuple of 0 < p <= 100)")
-        if self.gamma < 0 or self.kl_gamma < 0:
-            raise ValueError(f"gamma={self.gamma}, kl_gamma={self.kl_gamma} (expected >= 0)")
+        if self.gamma < 0 or not 0 <= self.kl_share <= 1:
+            raise ValueError(f"gamma={self.gamma} (expected >= 0), kl_share={self.kl_share} (expected 0..1)")
 
 
 @dataclass(frozen=True)
@@ -189,6 +190,7 @@ class SearchReport:
     """Evidence behind a plan: every score the search computed, and its cost."""
 
     float_score: Score
+    all_max_score: Score | None = None
     final_score: Score | None = None
     sensitivity: dict[str, dict[str, float]] = field(default_factory=dict)
     sensitive_groups: list[str] = field(default_factory=list)
@@ -243,10 +245,15 @@ def search_plan(
 
     # Step 1: sensitivity of each group, quantized alone with max ranges.
     float_score = evaluator.float_score
+    all_max = evaluator(quant(max_range))
+    report.all_max_score = all_max
     for group, names in groups.items():
         score = evaluator(quant({n: max_range[n] for n in names}))
         delta = (score.wer - float_score.wer) if score.wer is not None and float_score.wer is not None else None
-        sensitive = delta > config.gamma if (config.criterion == "wer" and delta is not None) else score.kl > config.kl_gamma
+        if config.criterion == "wer" and delta is not None:
+            sensitive = delta > config.gamma
+        else:
+            sensitive = score.kl > config.kl_share * all_max.kl
         report.sensitivity[group] = {"kl": score.kl, **({"wer": score.wer, "delta_wer": delta} if delta is not None else {})}
         if sensitive:
             report.sensitive_groups.append(group)

@@ -1,0 +1,130 @@
+"""The StableQuant search: planted outliers are found and clipped, plans are deterministic
+and re-apply through PT2E exactly as simulated."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from sq_pt2e.models import build_model
+from sq_pt2e.observers import AbsHistogram, range_percentile
+from sq_pt2e.pipeline import quantize_model
+from sq_pt2e.plan import QuantPlan
+from sq_pt2e.simulate import LayerQuant, fake_quantized
+from sq_pt2e.stablequant import (
+    Evaluator,
+    SearchConfig,
+    clip_histogram,
+    collect_statistics,
+    layer_groups,
+    search_plan,
+)
+from sq_pt2e.simulate import quantizable_modules
+
+PLANTED = "wav2vec2.feature_extractor.conv_layers.1.conv"
+
+
+def _waves(seed: int, count: int, samples: int = 16000) -> list[torch.Tensor]:
+    generator = torch.Generator().manual_seed(seed)
+    return [torch.randn(1, samples, generator=generator) for _ in range(count)]
+
+
+@pytest.fixture(scope="module")
+def planted_model() -> torch.nn.Module:
+    """tiny-wav2vec2 whose conv_layers.1 input has rare huge spikes in one channel that
+    the next conv ignores: max calibration wastes the grid on them, clipping is free."""
+    torch.set_num_threads(1)
+    model = build_model("tiny-wav2vec2", seed=0)
+    layers = model.wav2vec2.feature_extractor.conv_layers
+    with torch.no_grad():
+        layers[0].layer_norm.weight[5] = 50.0  # GroupNorm per channel: 50 * N(0,1) - 100 > 0 on ~2% of frames
+        layers[0].layer_norm.bias[5] = -100.0
+        layers[1].conv.weight[:, 5, :] = 0.0
+    return model
+
+
+@pytest.fixture(scope="module")
+def planted_search(planted_model: torch.nn.Module):
+    statistics = collect_statistics(planted_model, _waves(1, 4))
+    evaluator = Evaluator(planted_model, _waves(2, 3))
+    plan, report = search_plan(planted_model, statistics, evaluator, SearchConfig(criterion="kl"), model_name="t")
+    return statistics, plan, report
+
+
+def test_planted_outlier_layer_is_the_only_sensitive_group(planted_search) -> None:
+    _, _, report = planted_search
+    assert report.sensitive_groups == [PLANTED]
+
+
+def test_planted_outlier_is_clipped_below_max_and_improves_kl(planted_search) -> None:
+    statistics, plan, report = planted_search
+    chosen = report.chosen_percentiles[PLANTED]
+    assert chosen < 100.0
+    layer = plan.resolve(PLANTED, "conv1d")
+    assert layer.calibration == "percentile" and layer.clip_percentile == chosen
+    assert layer.act_range < statistics[PLANTED].max_abs / 5
+    p100 = report.percentile_trials[PLANTED][0]
+    assert p100["percentile"] == 100.0
+    assert report.final_score.kl < p100["kl"] / 5
+
+
+def test_non_sensitive_layers_get_mse_ranges(planted_search) -> None:
+    _, plan, _ = planted_search
+    others = [layer for layer in plan.layers if layer.name != PLANTED]
+    assert others and all(layer.calibration == "mse" and layer.act_range is not None for layer in others)
+
+
+def test_search_is_deterministic_byte_for_byte(planted_model: torch.nn.Module, planted_search) -> None:
+    _, plan, _ = planted_search
+    statistics = collect_statistics(planted_model, _waves(1, 4))
+    again, _ = search_plan(planted_model, statistics, Evaluator(planted_model, _waves(2, 3)),
+                           SearchConfig(criterion="kl"), model_name="t")
+    assert again.to_json() == plan.to_json()
+
+
+def test_plan_json_round_trip_keeps_search_evidence(planted_search, tmp_path) -> None:
+    _, plan, _ = planted_search
+    path = plan.save(tmp_path / "plan.json")
+    loaded = QuantPlan.load(path)
+    assert loaded == plan
+    assert dict(loaded.resolve(PLANTED, "conv1d").evidence)["sensitivity_kl"] > 0
+
+
+def test_searched_plan_through_pt2e_equals_simulation(planted_model: torch.nn.Module, planted_search) -> None:
+    _, plan, _ = planted_search
+    wave = _waves(3, 1)[0]
+    converted = quantize_model(planted_model, wave, _waves(1, 1), plan=plan, fit_to_cpu=False).converted
+    quants = {layer.name: LayerQuant(layer.act_range, layer.act_bits, layer.weight_bits) for layer in plan.layers}
+    with fake_quantized(planted_model, quants) as simulated, torch.no_grad():
+        expected = simulated(wave)
+    torch.testing.assert_close(converted(wave), expected, rtol=0, atol=1e-5)
+
+
+def test_block_granularity_groups_transformer_layers_and_keeps_cnn_layers_apart() -> None:
+    modules = [m for m in quantizable_modules(build_model("tiny-hubert")) if m.op != "grouped_conv1d"]
+    groups = layer_groups(modules, "block")
+    assert len(groups["hubert.encoder.layers.0"]) == 6
+    assert groups["hubert.feature_extractor.conv_layers.3.conv"] == ["hubert.feature_extractor.conv_layers.3.conv"]
+    assert len(layer_groups(modules, "layer")) == len(modules)
+
+
+def test_clip_histogram_moves_mass_into_the_clip_bin() -> None:
+    import numpy as np
+
+    hist = AbsHistogram(np.array([4.0, 3.0, 2.0, 1.0]), upper=4.0, max_abs=3.5)
+    clipped = clip_histogram(hist, 1.5)
+    assert clipped.counts.tolist() == [4.0, 6.0, 0.0, 0.0]
+    assert clipped.total == hist.total and clipped.max_abs == 1.5
+    assert range_percentile(clipped, 100.0) == 1.5
+
+
+def test_search_config_rejects_bad_percentiles() -> None:
+    with pytest.raises(ValueError, match="percentiles"):
+        SearchConfig(percentiles=(100.0, 101.0))
+    with pytest.raises(ValueError, match="percentiles"):
+        SearchConfig(percentiles=())
+
+
+def test_evaluator_rejects_mismatched_references() -> None:
+    with pytest.raises(ValueError, match="references"):
+        Evaluator(build_model("tiny-hubert"), _waves(0, 2), references=["A"])
