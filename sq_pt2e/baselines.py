@@ -21,7 +21,6 @@ from torch import nn
 from sq_pt2e.models.build import to_ctc_logits
 from sq_pt2e.observers import AbsHistogram
 from sq_pt2e.plan import LayerPlan, QuantPlan
-from sq_pt2e.recipes import POSITIONAL_CONV_REASON
 from sq_pt2e.simulate import fake_quantized, plan_layer_quants, quantizable_modules
 
 __all__ = ["BASELINES", "Baseline", "Bits", "build_method", "uniform_plan", "with_bits"]
@@ -76,14 +75,10 @@ BASELINES: dict[str, Baseline] = {
 
 def uniform_plan(calibration: str, bits: Bits, *, percentile: float | None = None,
                  keep_float: Sequence[str] = (), model: str = "") -> QuantPlan:
-    """Every conv1d / linear with one calibration method; positional conv (and ``keep_float``) float."""
+    """Every conv1d / linear with one calibration method; the layers in ``keep_float`` float."""
     default = LayerPlan("*", weight_bits=bits.weight, act_bits=bits.act, calibration=calibration,
                         clip_percentile=percentile)
-    plan = QuantPlan(
-        default=default,
-        op_defaults=(LayerPlan("*", op="grouped_conv1d", skip=True, reason=POSITIONAL_CONV_REASON),),
-        model=model,
-    )
+    plan = QuantPlan(default=default, model=model)
     return plan.with_skipped(list(keep_float), "kept float by the recipe") if keep_float else plan
 
 

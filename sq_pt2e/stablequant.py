@@ -36,7 +36,6 @@ from torch import nn
 
 from sq_pt2e.observers import AbsHistogram, range_max, range_mse, range_percentile
 from sq_pt2e.plan import LayerPlan, OpKind, QuantPlan
-from sq_pt2e.recipes import POSITIONAL_CONV_REASON
 from sq_pt2e.simulate import LayerQuant, QuantizableModule, collect_statistics, fake_quantized, quantizable_modules
 
 __all__ = [
@@ -70,7 +69,7 @@ class SearchConfig:
         criterion: ``"wer"`` (needs transcripts) or ``"kl"`` (logit KL vs float).
         weight_bits: bits of every weight; act_bits: bits of every input activation.
         weight_calibration: ``"max"`` or ``"mse"`` per-channel weight ranges.
-        skip_ops: op kinds kept in float (default: the grouped positional conv).
+        skip_ops: op kinds kept in float (e.g. ``("grouped_conv1d",)`` for the positional conv).
     """
 
     gamma: float = 0.25
@@ -82,7 +81,7 @@ class SearchConfig:
     weight_bits: int = 8
     act_bits: int = 8
     weight_calibration: Literal["max", "mse"] = "max"
-    skip_ops: tuple[OpKind, ...] = ("grouped_conv1d",)
+    skip_ops: tuple[OpKind, ...] = ()
 
     def __post_init__(self) -> None:
         if not self.percentiles or any(not 0 < p <= 100 for p in self.percentiles):
@@ -320,8 +319,7 @@ def _to_plan(
             weight_calibration=config.weight_calibration, act_range=float(chosen[m.name]),
             evidence=tuple(sorted((k, float(v)) for k, v in evidence.items())),
         ))
-    skips = tuple(LayerPlan("*", op=op, skip=True,
-                            reason=POSITIONAL_CONV_REASON if op == "grouped_conv1d" else "excluded by the search config")
+    skips = tuple(LayerPlan("*", op=op, skip=True, reason="kept float by the search config (skip_ops)")
                   for op in config.skip_ops)
     default = LayerPlan("*", weight_bits=config.weight_bits, act_bits=config.act_bits)
     return QuantPlan(default=default, layers=tuple(layers), op_defaults=skips, model=model_name)
