@@ -1,0 +1,35 @@
+"""The sq-pt2e command: help, exit codes, one subprocess run."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+from sq_pt2e.cli import EXIT_FAILED, EXIT_OK, EXIT_USAGE, main
+
+
+def test_help_exits_zero(capsys) -> None:
+    assert main(["--help"]) == EXIT_OK
+    assert "bench" in capsys.readouterr().out
+
+
+def test_unknown_verb_is_a_usage_error() -> None:
+    assert main(["frobnicate"]) == EXIT_USAGE
+
+
+def test_bad_model_name_fails_with_a_named_error(capsys) -> None:
+    assert main(["bench", "--models", "nope", "--threads", "1"]) == EXIT_FAILED
+    assert "unknown architecture 'nope'" in capsys.readouterr().err
+
+
+def test_bench_verb_writes_json_and_markdown(tmp_path) -> None:
+    code = main(["bench", "--models", "tiny-wav2vec2", "--seconds", "1", "--threads", "1", "--runs", "2",
+                 "--variants", "fp32-eager", "dynamic-int8", "--output-dir", str(tmp_path)])
+    assert code == EXIT_OK
+    assert (tmp_path / "bench.json").exists() and (tmp_path / "bench.md").exists()
+
+
+def test_console_script_runs_in_a_subprocess() -> None:
+    done = subprocess.run([sys.executable, "-m", "sq_pt2e.cli", "--help"], capture_output=True, text=True,
+                          timeout=120, check=False)
+    assert done.returncode == 0 and "sq-pt2e" in done.stdout
