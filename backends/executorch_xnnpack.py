@@ -111,9 +111,12 @@ class PteRunner:
 
         if threads is not None:
             _set_xnnpack_threads(threads)
-        data = program if isinstance(program, bytes) else Path(program).read_bytes()
+        # The runtime reads the program from this buffer without copying it: keep the
+        # bytes and the Program alive as long as the Method (freeing them crashes).
+        self._data = program if isinstance(program, bytes) else Path(program).read_bytes()
         self.input_samples = input_samples
-        self._method = Runtime.get().load_program(data).load_method("forward")
+        self._program = Runtime.get().load_program(self._data)
+        self._method = self._program.load_method("forward")
 
     def __call__(self, wave: torch.Tensor) -> torch.Tensor:
         if wave.ndim != 2 or wave.shape[-1] != self.input_samples:

@@ -253,6 +253,7 @@ def run_benchmark(
     calibration_count: int = 2,
     seed: int = 0,
     progress: Callable[[str], None] = print,
+    on_update: Callable[[BenchResult], None] | None = None,
 ) -> BenchResult:
     """Time every variant of ``model`` at each input length and thread count.
 
@@ -267,6 +268,9 @@ def run_benchmark(
         plan: the StableQuant plan (default: W8A8 max ranges; latency does not depend on ranges).
         calibration_count: calibration waveforms for the int8 variants.
         seed: seed of the random input waveforms.
+        progress: called with one line per variant.
+        on_update: called with the result so far after every variant (e.g. to save it), so
+            a crash in a native library loses nothing already measured.
     """
     unknown = sorted(set(variants) - set(VARIANTS))
     if unknown:
@@ -299,6 +303,8 @@ def run_benchmark(
                 except Exception as exc:  # one failing variant must not lose the others
                     result.skipped.append(f"{model_name} {name} {length:g}s {n_threads}t: {type(exc).__name__}: "
                                           f"{str(exc).splitlines()[0][:200]}")
+                    if on_update is not None:
+                        on_update(result)
                     continue
                 base.setdefault(name, latency)
                 eager = base.get("fp32-eager", latency)
@@ -314,4 +320,6 @@ def run_benchmark(
                 ))
                 del built
                 gc.collect()
+                if on_update is not None:
+                    on_update(result)
     return result

@@ -35,15 +35,22 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     from sq_pt2e.plots import plot_latency_vs_length
 
     merged = None
+
+    def combined(result: BenchResult) -> BenchResult:
+        if merged is None:
+            return result
+        return BenchResult(merged.cpu, merged.torch_version, merged.rows + result.rows, merged.skipped + result.skipped)
+
+    def save_partial(result: BenchResult) -> None:
+        if args.output_dir is not None:
+            combined(result).save(args.output_dir)
+
     for name in args.models:
         result = run_benchmark(build_model(name, seed=args.seed), name, seconds=args.seconds, threads=args.threads,
                                batch=args.batch, runs=args.runs, variants=args.variants, seed=args.seed,
-                               progress=lambda line: print(line, file=sys.stderr, flush=True))
-        if merged is None:
-            merged = result
-        else:
-            merged = BenchResult(merged.cpu, merged.torch_version, merged.rows + result.rows,
-                                 merged.skipped + result.skipped)
+                               progress=lambda line: print(line, file=sys.stderr, flush=True),
+                               on_update=save_partial)
+        merged = combined(result)
     assert merged is not None  # argparse requires one model at least
     print(merged.to_markdown())
     if args.output_dir is not None:
