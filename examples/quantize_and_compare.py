@@ -21,7 +21,7 @@ from sq_pt2e.assets import calibration_files, librispeech_manifest
 from sq_pt2e.atomic import atomic_write_text
 from sq_pt2e.audio import load_audio, normalize_waveform
 from sq_pt2e.compare import compare_backends
-from sq_pt2e.models import ARCHITECTURES, build_model
+from sq_pt2e.models import ARCHITECTURES, load_model
 from sq_pt2e.recipes import default_plan
 
 
@@ -31,14 +31,6 @@ def fixed_length(path: Path, samples: int) -> torch.Tensor:
     out = torch.zeros(1, samples)
     out[0, : len(wave)] = torch.from_numpy(wave)
     return out
-
-
-def load_model(spec: str, seed: int) -> torch.nn.Module:
-    if spec in ARCHITECTURES:
-        return build_model(spec, seed=seed)
-    from sq_pt2e.models.checkpoint import load_checkpoint
-
-    return load_checkpoint(spec)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -57,7 +49,7 @@ def main(argv: list[str] | None = None) -> int:
 
     torch.manual_seed(args.seed)
     samples = int(args.seconds * 16000)
-    model = load_model(args.model, args.seed)
+    model = load_model(args.model, seed=args.seed)
     calibration = [fixed_length(p, samples) for p in calibration_files()[: args.calibration]]
     evaluation = [fixed_length(u.path, samples) for u in librispeech_manifest("test-other")[: args.utterances]]
     plan = default_plan(model=args.model)

@@ -8,6 +8,7 @@ on a usage error.
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -65,6 +66,72 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _cmd_quantize(args: argparse.Namespace) -> int:
+    from sq_pt2e.atomic import atomic_write_text
+    from sq_pt2e.baselines import Bits
+    from sq_pt2e.inputs import load_source
+    from sq_pt2e.models import load_model
+    from sq_pt2e.plots import plot_sensitivity
+    from sq_pt2e.stablequant import Evaluator, SearchConfig, collect_statistics, search_plan
+
+    bits = Bits.parse(args.bits)
+    model = load_model(args.model, seed=args.seed)
+    calibration = load_source(args.calibration, limit=args.max_calibration)
+    if args.dev is not None:
+        dev = load_source(args.dev, limit=args.max_dev)
+    else:  # no dev set: hold part of the calibration audio out and search on logit KL
+        held_out = max(1, len(calibration) // 4)
+        calibration, dev = calibration[:-held_out], calibration[-held_out:]
+    references = [u.text for u in dev] if all(u.text for u in dev) else None
+    criterion = args.criterion or ("wer" if references is not None else "kl")
+    if criterion == "wer" and references is None:
+        raise ValueError(f"--criterion wer needs transcripts: {args.dev or 'the calibration audio'} has none")
+    config = SearchConfig(gamma=args.gamma, percentiles=tuple(args.percentiles), granularity=args.granularity,
+                          reading=args.reading, criterion=criterion, weight_bits=bits.weight, act_bits=bits.act)
+    print(f"calibrating on {len(calibration)} utterance(s), searching on {len(dev)} ({criterion}) ...",
+          file=sys.stderr, flush=True)
+    statistics = collect_statistics(model, [u.wave for u in calibration])
+    evaluator = Evaluator(model, [u.wave for u in dev], references if criterion == "wer" else None)
+    plan, report = search_plan(model, statistics, evaluator, config, model_name=args.model,
+                               progress=lambda line: print(line, file=sys.stderr, flush=True))
+    out = args.output_dir
+    plan.save(out / "plan.json")
+    atomic_write_text(out / "search_report.json", json.dumps(report.to_dict(), indent=2, default=float) + "\n")
+    metric = "delta_wer" if criterion == "wer" else "kl"
+    threshold = config.gamma if criterion == "wer" else config.kl_share * report.all_max_score.kl
+    plot_sensitivity({g: v.get(metric, 0.0) for g, v in report.sensitivity.items()}, threshold,
+                     "WER increase (points)" if criterion == "wer" else "logit KL vs float",
+                     f"{args.model}: sensitivity of each group quantized alone ({bits}, max ranges)",
+                     out / "sensitivity.png")
+    print(_search_summary(report, criterion))
+    print(f"\nwrote {out / 'plan.json'}, {out / 'search_report.json'}, {out / 'sensitivity.png'}")
+    return EXIT_OK
+
+
+def _search_summary(report: object, criterion: str) -> str:
+    def fmt(score: object) -> str:
+        wer = "" if score.wer is None else f"WER {score.wer:.2f}%, "
+        return f"{wer}KL {score.kl:.3g}"
+
+    lines = [
+        "| group | sensitivity | sensitive | clip percentile |",
+        "|---|---:|:---:|---:|",
+    ]
+    for group, values in report.sensitivity.items():
+        value = values.get("delta_wer") if criterion == "wer" else values["kl"]
+        sensitive = group in report.sensitive_groups
+        chosen = report.chosen_percentiles.get(group)
+        lines.append(f"| {group} | {value:.4g} | {'yes' if sensitive else ''} | "
+                     f"{'' if chosen is None else f'{chosen:g}'} |")
+    lines += [
+        "",
+        f"float: {fmt(report.float_score)}; all layers max: {fmt(report.all_max_score)}; "
+        f"StableQuant plan: {fmt(report.final_score)}",
+        f"search: {report.evaluations} model evaluations in {report.seconds:.1f} s",
+    ]
+    return "\n".join(lines)
+
+
 def _build_parser() -> argparse.ArgumentParser:
     from sq_pt2e.bench import VARIANTS
 
@@ -89,6 +156,30 @@ def _build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--seed", type=int, default=0)
     bench.add_argument("--output-dir", type=Path, default=None, help="write bench.json, bench.md and a plot here")
     bench.set_defaults(run=_cmd_bench)
+
+    quantize = verbs.add_parser(
+        "quantize", help="search a StableQuant plan for a model (writes plan.json and the search report)",
+        description="Calibrate once, find the layer groups sensitive to quantization, clip their activation "
+                    "outliers at the best percentile, give every other layer its MSE-optimal range. The plan "
+                    "is JSON: inspect it, edit it, apply it with StableQuantQuantizer(QuantPlan.load(...)).",
+    )
+    _add_model_argument(quantize)
+    quantize.add_argument("--calibration", default=None,
+                          help="folder or .tsv manifest of calibration audio (default: shipped LibriSpeech audio)")
+    quantize.add_argument("--dev", default=None,
+                          help="folder or manifest to score candidates on; with transcripts the search uses WER "
+                               "(default: a held-out part of the calibration audio, scored by logit KL)")
+    quantize.add_argument("--criterion", choices=["wer", "kl"], default=None,
+                          help="what candidates are scored by (default: wer when the dev set has transcripts)")
+    quantize.add_argument("--bits", default="W8A8", help="weight/activation bits, e.g. W8A8, W6A6, W4A8")
+    quantize.add_argument("--granularity", choices=["block", "layer"], default="block")
+    quantize.add_argument("--reading", choices=["mse-rest", "mse-all"], default="mse-rest")
+    quantize.add_argument("--gamma", type=float, default=0.25, help="sensitivity threshold in WER points")
+    quantize.add_argument("--percentiles", type=float, nargs="+", default=[100, 99.999, 99.99, 99.9, 99.8, 99.5, 99])
+    quantize.add_argument("--max-calibration", type=int, default=32, help="calibration utterances to use")
+    quantize.add_argument("--max-dev", type=int, default=100, help="dev utterances to use")
+    quantize.add_argument("--output-dir", type=Path, required=True)
+    quantize.set_defaults(run=_cmd_quantize)
     return parser
 
 

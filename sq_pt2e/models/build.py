@@ -8,7 +8,7 @@ from transformers import AutoModelForCTC, PreTrainedModel
 
 from sq_pt2e.models.configs import make_config
 
-__all__ = ["build_model", "CTCLogits", "to_ctc_logits"]
+__all__ = ["build_model", "CTCLogits", "load_model", "to_ctc_logits"]
 
 
 def build_model(name: str, *, seed: int = 0, attn_implementation: str = "sdpa", **overrides: object) -> PreTrainedModel:
@@ -56,3 +56,14 @@ def to_ctc_logits(model: nn.Module) -> nn.Module:
     if isinstance(model, PreTrainedModel) and hasattr(model, "lm_head"):
         return CTCLogits(model).eval()
     return model
+
+
+def load_model(spec: str, *, seed: int = 0) -> PreTrainedModel:
+    """An architecture name (random weights, ``seed``) or a checkpoint folder/file, in eval mode."""
+    from sq_pt2e.models.configs import ARCHITECTURES
+
+    if spec in ARCHITECTURES:
+        return build_model(spec, seed=seed)
+    from sq_pt2e.models.checkpoint import load_checkpoint
+
+    return load_checkpoint(spec).eval()
