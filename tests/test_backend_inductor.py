@@ -1,0 +1,112 @@
+"""Inductor backend: int8 kernels really used, compiled == eager int8, CPU-fitted plans."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+
+from sq_pt2e.backends.inductor import SATURATION_REASON, compare_outputs, compile_inductor, fit_plan_to_cpu
+from sq_pt2e.errors import NumericsMismatchError
+from sq_pt2e.hardware import CpuInfo
+from sq_pt2e.plan import LayerPlan, QuantPlan
+from sq_pt2e.recipes import default_plan
+from sq_pt2e.testing import TinyQuantized, tiny_quantized_model
+
+pytestmark = pytest.mark.usefixtures("single_thread")
+
+AVX2_ONLY = CpuInfo("Test CPU without VNNI", ("avx2",), 2)
+WITH_VNNI = CpuInfo("Test CPU with VNNI", ("avx2", "avx512f", "avx512_vnni"), 2)
+FC1 = "wav2vec2.encoder.layers.0.feed_forward.intermediate_dense"
+
+
+# ------------------------------------------------------------------ fit_plan_to_cpu
+def test_fit_plan_narrows_w8a8_to_w7a8_without_vnni() -> None:
+    plan = QuantPlan(
+        op_defaults=(LayerPlan("*", op="linear", reason="linear default"),),
+        layers=(
+            LayerPlan(FC1, weight_bits=4),
+            LayerPlan("lm_head", act_bits=6),
+            LayerPlan("wav2vec2.feature_projection.projection", skip=True, reason="float"),
+        ),
+    )
+    fitted, changed = fit_plan_to_cpu(plan, AVX2_ONLY)
+    assert changed
+    assert (fitted.default.weight_bits, fitted.default.act_bits, fitted.default.reason) == (7, 8, SATURATION_REASON)
+    (linear,) = fitted.op_defaults
+    assert (linear.weight_bits, linear.reason) == (7, f"linear default; {SATURATION_REASON}")
+    assert fitted.layers == plan.layers  # already narrower than W8A8, or float
+    assert fitted.resolve("wav2vec2.encoder.layers.0.attention.k_proj", "linear").weight_bits == 7
+
+
+def test_fit_plan_leaves_plans_alone_with_vnni() -> None:
+    plan = default_plan("tiny-wav2vec2")
+    fitted, changed = fit_plan_to_cpu(plan, WITH_VNNI)
+    assert fitted is plan
+    assert not changed
+
+
+def test_fit_plan_reports_no_change_when_nothing_is_w8a8() -> None:
+    plan = default_plan(weight_bits=6)
+    assert fit_plan_to_cpu(plan, AVX2_ONLY) == (plan, False)
+
+
+@pytest.mark.parametrize(("flags", "vnni"), [(("avx2",), False), (("avx_vnni",), True), (("amx_int8",), True)])
+def test_cpu_info_vnni_flag(flags: tuple[str, ...], vnni: bool) -> None:
+    assert CpuInfo("x", flags, 1).has_vnni is vnni
+
+
+# ------------------------------------------------------------------ compare_outputs
+def test_compare_outputs_gives_cosine_and_max_abs_difference() -> None:
+    a = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+    cosine, max_diff = compare_outputs(a, a * 2)
+    assert cosine == pytest.approx(1.0)
+    assert max_diff == pytest.approx(1.0)
+    assert compare_outputs(a, -a)[0] == pytest.approx(-1.0)
+
+
+def test_compare_outputs_rejects_different_shapes() -> None:
+    with pytest.raises(NumericsMismatchError, match=r"output shapes differ: \(2, 2\) vs \(4,\)"):
+        compare_outputs(torch.zeros(2, 2), torch.zeros(4))
+
+
+# ------------------------------------------------------------------ compile (about 20 s each)
+@pytest.fixture(scope="module")
+def tiny() -> TinyQuantized:
+    torch.set_num_threads(1)
+    # fit_to_cpu=True: on CPUs without VNNI the plan becomes W7A8, which inductor computes exactly.
+    return tiny_quantized_model("tiny-wav2vec2", default_plan("tiny-wav2vec2"), fit_to_cpu=True)
+
+
+def test_compiled_model_runs_one_int8_kernel_per_int8_layer_and_matches_eager(tiny: TinyQuantized) -> None:
+    compiled = compile_inductor(tiny.quantized.converted, tiny.example, threads=1)
+    report = compiled.report
+    int8_layers = len(tiny.quantized.summary.int8_layers)
+    assert int8_layers == 22  # every conv1d / linear, the grouped positional conv included
+    assert report.int8_layers_in_graph == int8_layers
+    assert report.int8_kernel_count == int8_layers
+    assert set(report.int8_kernels) == {"qconv_pointwise", "qlinear_pointwise"}
+    assert report.int8_kernels["qconv_pointwise"] == 8
+    assert report.cosine >= 0.999
+    assert report.threads == 1
+    output = compiled(tiny.example)
+    assert output.shape == (1, 12, 32)
+    cosine, _ = compare_outputs(tiny.int8_logits(), output)
+    assert cosine >= 0.999
+    # The caller's graph is not rewritten (the conv2d pass runs on a copy).
+    assert not any(n.target == torch.ops.aten.conv2d.default for n in tiny.quantized.converted.graph.nodes)
+
+
+def test_compiled_output_that_differs_from_eager_raises_numerics_mismatch(tiny: TinyQuantized) -> None:
+    message = r"compiled int8 output disagrees with eager int8: cosine \S+ < 1.1"
+    with pytest.raises(NumericsMismatchError, match=message):
+        compile_inductor(tiny.quantized.converted, tiny.example, threads=1, min_cosine=1.1)
+
+
+def test_inductor_report_kernel_count_sums_the_kernels() -> None:
+    from sq_pt2e.backends.inductor import InductorReport
+
+    report = InductorReport(1, 0.0, {"qconv_pointwise": 3, "qlinear_pointwise": 4}, 7, 1.0, 0.0, "cpu")
+    assert report.int8_kernel_count == 7
+    assert dataclasses.replace(report, int8_kernels={}).int8_kernel_count == 0
