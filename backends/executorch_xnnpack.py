@@ -9,6 +9,7 @@ ExecuTorch's portable kernels, by op) and compares the ``.pte`` output with eage
 
 from __future__ import annotations
 
+import copy
 import os
 import time
 from collections import Counter
@@ -21,7 +22,7 @@ from torch.fx import GraphModule
 from sq_pt2e.atomic import atomic_write_bytes
 from sq_pt2e.errors import BackendError, NumericsMismatchError
 
-__all__ = ["LoweringReport", "PteRunner", "check_pte", "lower_to_xnnpack", "save_pte"]
+__all__ = ["LoweringReport", "PteRunner", "check_pte", "lower_to_xnnpack", "save_pte", "xnnpack_friendly"]
 
 _DELEGATE_CALL = "executorch_call_delegate"
 
@@ -57,13 +58,38 @@ def _split_report(graph_module: GraphModule) -> tuple[int, dict[str, int]]:
     return delegates, dict(sorted(portable.items()))
 
 
-def lower_to_xnnpack(model: torch.nn.Module, example: torch.Tensor) -> tuple[bytes, LoweringReport]:
+def xnnpack_friendly(model: torch.nn.Module, example: torch.Tensor) -> GraphModule:
+    """A copy of ``model`` as a GraphModule with norms and attention in XNNPACK-delegated ops.
+
+    Applies :class:`~sq_pt2e.passes.decompose_norms.DecomposeNormsPass` and
+    :class:`~sq_pt2e.passes.decompose_attention.DecomposeAttentionPass`; numerics are
+    unchanged up to float rounding.
+    """
+    from sq_pt2e.passes.decompose_attention import DecomposeAttentionPass
+    from sq_pt2e.passes.decompose_norms import DecomposeNormsPass
+    from sq_pt2e.passes.remove_trivial_attention_mask import RemoveTrivialAttentionMaskPass
+
+    if isinstance(model, GraphModule):
+        graph = copy.deepcopy(model)
+    else:
+        with torch.no_grad():
+            graph = torch.export.export(model, (example,)).module()
+    for graph_pass in (RemoveTrivialAttentionMaskPass(), DecomposeNormsPass(), DecomposeAttentionPass()):
+        graph_pass(graph)
+    return graph
+
+
+def lower_to_xnnpack(
+    model: torch.nn.Module, example: torch.Tensor, *, friendly: bool = True
+) -> tuple[bytes, LoweringReport]:
     """Export ``model`` at ``example``'s shape and lower it with the XNNPACK partitioner.
 
     Args:
         model: an int8 ``convert_pt2e`` graph (quantized with ``target="xnnpack"``) or a
             float model.
         example: the ``(batch, samples)`` waveform that fixes the program's input shape.
+        friendly: first rewrite norms and attention into ops XNNPACK runs
+            (:func:`xnnpack_friendly`), so fewer ops fall back to portable kernels.
 
     Returns:
         The ``.pte`` bytes and the lowering report (without numerics; see :class:`PteRunner`).
@@ -74,8 +100,9 @@ def lower_to_xnnpack(model: torch.nn.Module, example: torch.Tensor) -> tuple[byt
 
     start = time.perf_counter()
     try:
+        program = xnnpack_friendly(model, example) if friendly else model
         with torch.no_grad():
-            exported = torch.export.export(model, (example,))
+            exported = torch.export.export(program, (example,))
             edge = to_edge_transform_and_lower(exported, partitioner=[XnnpackPartitioner()])
             delegates, portable = _split_report(edge.exported_program().graph_module)
             program = edge.to_executorch()

@@ -17,9 +17,11 @@ from torch.nn.utils import parametrize
 __all__ = ["fold_weight_norm"]
 
 
-@torch.no_grad()
 def fold_weight_norm(model: nn.Module) -> list[str]:
     """Replace every weight-normalised parameter of ``model`` by its value, in place.
+
+    The folded weight stays an ``nn.Parameter`` (not run under ``no_grad``: with grad
+    off, torch re-registers a folded parametrization as a buffer).
 
     Returns:
         The names of the modules that were folded (empty if none carried weight norm).

@@ -101,6 +101,14 @@ class LayerPlan:
             )
         if self.act_range is not None and not (float(self.act_range) > 0.0 and float(self.act_range) < float("inf")):
             raise PlanError(f"act_range={self.act_range!r} {where} (expected a finite value > 0)")
+        if not isinstance(self.skip, bool):
+            raise PlanError(f"skip={self.skip!r} {where} (expected true or false)")
+        if not isinstance(self.evidence, tuple) or any(
+            not (isinstance(item, tuple) and len(item) == 2) for item in self.evidence
+        ):
+            raise PlanError(f"evidence={self.evidence!r} {where} (expected (name, value) pairs)")
+        # One canonical order, so equal decisions compare equal however they were built.
+        object.__setattr__(self, "evidence", tuple(sorted((str(k), float(v)) for k, v in self.evidence)))
         if self.skip and not self.reason:
             raise PlanError(f"layer {self.name!r} is skipped without a reason (set reason='...')")
 
@@ -130,7 +138,13 @@ class LayerPlan:
         if unknown:
             raise PlanError(f"{where}: unknown field(s) {unknown} in layer {data.get('name')!r} (known: {sorted(known)})")
         fields = dict(data)
-        fields["evidence"] = tuple(sorted((str(k), float(v)) for k, v in dict(fields.get("evidence", {})).items()))
+        evidence = fields.get("evidence", {})
+        if not isinstance(evidence, dict):
+            raise PlanError(f"{where}: evidence of layer {data.get('name')!r} must be an object, got {evidence!r}")
+        try:
+            fields["evidence"] = tuple((str(k), float(v)) for k, v in evidence.items())
+        except (TypeError, ValueError) as exc:
+            raise PlanError(f"{where}: evidence of layer {data.get('name')!r} must map names to numbers") from exc
         return cls(**fields)
 
 
@@ -249,6 +263,9 @@ class QuantPlan:
         unknown = sorted(set(data) - {"schema_version", "model", "default", "op_defaults", "layers"})
         if unknown:
             raise PlanError(f"{source}: unknown top-level field(s) {unknown}")
+        for key in ("op_defaults", "layers"):
+            if not isinstance(data.get(key, []), list):
+                raise PlanError(f"{source}: {key!r} must be a list, got {data.get(key)!r}")
         return cls(
             default=LayerPlan.from_dict(data.get("default", {"name": DEFAULT_NAME}), where=source),
             op_defaults=tuple(LayerPlan.from_dict(d, where=source) for d in data.get("op_defaults", [])),

@@ -61,15 +61,6 @@ def test_tiny_wav2vec2_positional_conv_is_folded_with_identical_logits() -> None
     assert model.wav2vec2.encoder.pos_conv_embed.conv.weight.shape == (32, 8, 16)
 
 
-_BUFFER_BUG = (
-    "passes/fold_weight_norm.py:20 decorates fold_weight_norm with @torch.no_grad(); torch's "
-    "parametrize.remove_parametrizations(leave_parametrized=True) then sees requires_grad=False and "
-    "re-registers the folded weight as a buffer, not a Parameter (legacy weight_norm gives a Parameter): "
-    "the weight drops out of parameters() (bench.py _param_bytes undercounts fp32 size) and is frozen"
-)
-
-
-@pytest.mark.xfail(strict=True, reason=_BUFFER_BUG)
 def test_folded_parametrized_weight_stays_a_trainable_parameter() -> None:
     model = _Normed()
     fold_weight_norm(model)
@@ -78,7 +69,6 @@ def test_folded_parametrized_weight_stays_a_trainable_parameter() -> None:
     assert parameters["param.weight"].requires_grad
 
 
-@pytest.mark.xfail(strict=True, reason=_BUFFER_BUG)
 def test_folding_tiny_wav2vec2_keeps_the_positional_conv_weight_in_parameters() -> None:
     model = build_model("tiny-wav2vec2", seed=0)
     fold_weight_norm(model)

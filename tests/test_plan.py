@@ -76,11 +76,6 @@ def test_to_json_ignores_evidence_order() -> None:
     assert QuantPlan(layers=(a,)).to_json() == QuantPlan(layers=(b,)).to_json()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="plan.py LayerPlan.__post_init__ does not normalise evidence order, while from_dict (line 133) "
-    "sorts it: a plan with evidence not sorted by key is not equal to its own JSON round trip",
-)
 def test_round_trip_is_equal_for_evidence_in_any_order() -> None:
     plan = QuantPlan(layers=(LayerPlan(FC1, evidence=(("wer", 1.0), ("kl", 2.0))),))
     assert QuantPlan.from_dict(plan.to_dict()) == plan
@@ -295,12 +290,6 @@ def test_interrupted_save_leaves_the_previous_plan_intact(tmp_path: Path, monkey
     assert sorted(p.name for p in tmp_path.iterdir()) == ["plan.json"]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="plan.py LayerPlan.from_dict (line 133) calls dict(fields.get('evidence', {})) and QuantPlan.from_dict "
-    "(line 255) iterates data.get('layers', []) unchecked: a hand-edited plan with null there raises a bare "
-    "TypeError ('NoneType' object is not iterable) instead of a PlanError naming the file",
-)
 @pytest.mark.parametrize("where", ["evidence", "layers"])
 def test_null_evidence_or_layers_in_a_plan_file_raise_plan_error_naming_the_file(where: str) -> None:
     data = _rich_plan().to_dict()
@@ -312,11 +301,6 @@ def test_null_evidence_or_layers_in_a_plan_file_raise_plan_error_naming_the_file
         QuantPlan.from_dict(data, source="plan.json")
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="plan.py LayerPlan.__post_init__ (lines 78-105) type-checks the bit widths but not skip: "
-    "from_dict({'skip': 'false', ...}) is accepted and the truthy string keeps the layer in float",
-)
 def test_non_boolean_skip_in_a_plan_file_is_rejected() -> None:
     with pytest.raises(PlanError, match="skip='false'"):
         LayerPlan.from_dict({"name": FC1, "skip": "false", "reason": "hand edited"})

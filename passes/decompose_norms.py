@@ -1,0 +1,108 @@
+"""Express LayerNorm and per-channel GroupNorm with ops XNNPACK runs.
+
+ExecuTorch's XNNPACK delegate has no normalisation op, so ``layer_norm`` (26 in
+wav2vec2-base, 57 in HuBERT-large) and the CNN encoder's ``group_norm`` fall back to
+portable kernels and cut the graph into many partitions. XNNPACK does run
+``mean.dim`` over the two innermost dims of a 4-D tensor (global average pooling),
+``sub``, ``mul``, ``add`` and ``rsqrt``; this pass rewrites
+
+    y = (x - mean(x)) * rsqrt(var(x) + eps) * weight + bias
+
+with those, viewing the normalised axis as the innermost dims of a 4-D tensor.
+Runs on a ``GraphModule`` with constants as attributes (a ``convert_pt2e`` output or
+``ExportedProgram.module()``), before exporting for ExecuTorch.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch.fx import GraphModule, Node
+from torch.fx.passes.infra.pass_base import PassBase, PassResult
+
+__all__ = ["DecomposeNormsPass"]
+
+aten = torch.ops.aten
+
+
+def _constant(gm: GraphModule, name: str, value: torch.Tensor) -> str:
+    index = 0
+    while hasattr(gm, f"{name}_{index}"):
+        index += 1
+    gm.register_buffer(f"{name}_{index}", value)
+    return f"{name}_{index}"
+
+
+def _normalise_4d(gm: GraphModule, x4: Node, eps: float) -> Node:
+    graph = gm.graph
+    mean = graph.call_function(aten.mean.dim, (x4, [2, 3], True))
+    centred = graph.call_function(aten.sub.Tensor, (x4, mean))
+    variance = graph.call_function(aten.mean.dim, (graph.call_function(aten.mul.Tensor, (centred, centred)), [2, 3], True))
+    eps_node = graph.get_attr(_constant(gm, "_norm_eps", torch.tensor([eps], dtype=torch.float32)))
+    inverse = graph.call_function(aten.rsqrt.default, (graph.call_function(aten.add.Tensor, (variance, eps_node)),))
+    return graph.call_function(aten.mul.Tensor, (centred, inverse))
+
+
+class DecomposeNormsPass(PassBase):
+    """Rewrite ``aten.layer_norm`` (last dim) and ``aten.group_norm`` (one group per channel)."""
+
+    def call(self, graph_module: GraphModule) -> PassResult:
+        graph = graph_module.graph
+        modified = False
+        for node in list(graph.nodes):
+            if node.op != "call_function":
+                continue
+            if node.target == aten.layer_norm.default:
+                replacement = self._layer_norm(graph_module, node)
+            elif node.target == aten.group_norm.default:
+                replacement = self._group_norm(graph_module, node)
+            else:
+                continue
+            if replacement is None:
+                continue
+            replacement.meta.update({k: v for k, v in node.meta.items() if k in ("nn_module_stack", "stack_trace")})
+            node.replace_all_uses_with(replacement)
+            graph.erase_node(node)
+            modified = True
+        if modified:
+            graph.eliminate_dead_code()
+            graph_module.recompile()
+        return PassResult(graph_module, modified)
+
+    @staticmethod
+    def _layer_norm(gm: GraphModule, node: Node) -> Node | None:
+        x, shape = node.args[0], list(node.args[1])
+        weight = node.args[2] if len(node.args) > 2 else None
+        bias = node.args[3] if len(node.args) > 3 else None
+        eps = float(node.args[4]) if len(node.args) > 4 else 1e-5
+        value = x.meta.get("val") if isinstance(x, Node) else None
+        if value is None or len(shape) != 1 or value.dim() < 2:
+            return None
+        full = list(value.shape)
+        with gm.graph.inserting_before(node):
+            x4 = gm.graph.call_function(aten.reshape.default, (x, [-1, full[-2], full[-1], 1]))
+            out = gm.graph.call_function(aten.reshape.default, (_normalise_4d(gm, x4, eps), full))
+            if weight is not None:
+                out = gm.graph.call_function(aten.mul.Tensor, (out, weight))
+            if bias is not None:
+                out = gm.graph.call_function(aten.add.Tensor, (out, bias))
+        return out
+
+    @staticmethod
+    def _group_norm(gm: GraphModule, node: Node) -> Node | None:
+        x, groups = node.args[0], int(node.args[1])
+        weight = node.args[2] if len(node.args) > 2 else None
+        bias = node.args[3] if len(node.args) > 3 else None
+        eps = float(node.args[4]) if len(node.args) > 4 else 1e-5
+        value = x.meta.get("val") if isinstance(x, Node) else None
+        if value is None or value.dim() != 3 or groups != value.shape[1]:
+            return None  # only one group per channel, (batch, channels, time)
+        batch, channels, time = value.shape
+        with gm.graph.inserting_before(node):
+            x4 = gm.graph.call_function(aten.reshape.default, (x, [batch, channels, time, 1]))
+            out = gm.graph.call_function(aten.reshape.default, (_normalise_4d(gm, x4, eps), [batch, channels, time]))
+            for param, op in ((weight, aten.mul.Tensor), (bias, aten.add.Tensor)):
+                if param is None:
+                    continue
+                column = gm.graph.call_function(aten.reshape.default, (param, [channels, 1]))
+                out = gm.graph.call_function(op, (out, column))
+        return out
