@@ -1,0 +1,112 @@
+"""Audio loading: formats, rates, channels and every kind of bad input."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import soundfile as sf
+
+from sq_pt2e.audio import MIN_SAMPLES, load_audio, normalize_waveform, validate_waveform
+from sq_pt2e.errors import AudioError
+
+
+def _tone(seconds: float, rate: int, channels: int = 1) -> np.ndarray:
+    t = np.arange(int(seconds * rate)) / rate
+    wave = (0.3 * np.sin(2 * np.pi * 220 * t)).astype(np.float32)
+    return np.stack([wave] * channels, axis=1) if channels > 1 else wave
+
+
+@pytest.mark.parametrize(("subtype", "suffix"), [("PCM_16", ".wav"), ("PCM_24", ".flac"), ("FLOAT", ".wav"),
+                                                 ("PCM_32", ".wav")])
+def test_formats_load_as_16k_float32(tmp_path, subtype: str, suffix: str) -> None:
+    path = tmp_path / f"a{suffix}"
+    sf.write(path, _tone(0.5, 16000), 16000, subtype=subtype)
+    audio = load_audio(path)
+    assert audio.waveform.dtype == np.float32 and audio.sample_rate == 16000 and not audio.resampled
+    assert len(audio.waveform) == 8000
+    np.testing.assert_allclose(audio.waveform, _tone(0.5, 16000), atol=1e-3)
+
+
+def test_other_rates_are_resampled_and_say_so(tmp_path) -> None:
+    path = tmp_path / "a.wav"
+    sf.write(path, _tone(1.0, 44100), 44100)
+    audio = load_audio(path)
+    assert audio.resampled and audio.original_sample_rate == 44100
+    assert abs(len(audio.waveform) - 16000) <= 1
+
+
+def test_stereo_is_averaged_to_mono(tmp_path) -> None:
+    path = tmp_path / "a.wav"
+    stereo = _tone(0.5, 16000, channels=2)
+    stereo[:, 1] = 0.0
+    sf.write(path, stereo, 16000, subtype="FLOAT")
+    audio = load_audio(path)
+    assert audio.channels == 2
+    np.testing.assert_allclose(audio.waveform, stereo[:, 0] / 2, atol=1e-6)
+
+
+def test_clipping_is_reported_not_refused(tmp_path) -> None:
+    path = tmp_path / "a.wav"
+    wave = _tone(0.5, 16000)
+    wave[:800] = 1.0
+    sf.write(path, wave, 16000, subtype="FLOAT")
+    assert load_audio(path).clipped_fraction == pytest.approx(0.1, abs=0.01)
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [(b"", "cannot decode"), (b"not audio at all" * 100, "cannot decode"), (b"RIFF\x00\x00\x00\x00WAVEfmt ", "cannot decode")],
+)
+def test_corrupt_or_non_audio_files_name_the_file(tmp_path, content: bytes, message: str) -> None:
+    path = tmp_path / "broken.wav"
+    path.write_bytes(content)
+    with pytest.raises(AudioError, match=f"broken.wav: {message}"):
+        load_audio(path)
+
+
+def test_truncated_flac_is_an_error_naming_the_file(tmp_path) -> None:
+    path = tmp_path / "cut.flac"
+    sf.write(path, _tone(1.0, 16000), 16000)
+    path.write_bytes(path.read_bytes()[:200])
+    with pytest.raises(AudioError, match="cut.flac"):
+        load_audio(path)
+
+
+def test_missing_file(tmp_path) -> None:
+    with pytest.raises(AudioError, match="no such audio file"):
+        load_audio(tmp_path / "nope.wav")
+
+
+def test_too_short_and_too_long(tmp_path) -> None:
+    short = tmp_path / "short.wav"
+    sf.write(short, _tone(0.01, 16000), 16000)
+    with pytest.raises(AudioError, match="receptive field"):
+        load_audio(short)
+    long = tmp_path / "long.wav"
+    sf.write(long, _tone(2.0, 16000), 16000)
+    with pytest.raises(AudioError, match="longer than the limit of 1 s"):
+        load_audio(long, max_seconds=1.0)
+
+
+def test_non_finite_and_empty_waveforms_are_rejected() -> None:
+    wave = np.zeros(MIN_SAMPLES * 2, dtype=np.float32)
+    wave[3] = np.nan
+    with pytest.raises(AudioError, match="NaN or infinite"):
+        validate_waveform(wave, source="x")
+    with pytest.raises(AudioError, match="no samples"):
+        validate_waveform(np.zeros(0, dtype=np.float32), source="x")
+    with pytest.raises(AudioError, match="1-D"):
+        validate_waveform(np.zeros((2, 800), dtype=np.float32), source="x")
+
+
+def test_silence_loads_and_normalises_without_nan(tmp_path) -> None:
+    path = tmp_path / "silence.wav"
+    sf.write(path, np.zeros(16000, dtype=np.float32), 16000)
+    normalised = normalize_waveform(load_audio(path).waveform)
+    assert np.isfinite(normalised).all() and np.abs(normalised).max() == 0.0
+
+
+def test_normalize_gives_zero_mean_unit_variance() -> None:
+    wave = np.random.default_rng(0).normal(3.0, 2.0, 16000).astype(np.float32)
+    out = normalize_waveform(wave)
+    assert abs(out.mean()) < 1e-5 and abs(out.std() - 1.0) < 1e-3
