@@ -108,6 +108,38 @@ def _cmd_quantize(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _cmd_accuracy(args: argparse.Namespace) -> int:
+    from sq_pt2e.accuracy import build_accuracy_table
+    from sq_pt2e.atomic import atomic_write_text
+    from sq_pt2e.baselines import Bits
+    from sq_pt2e.inputs import load_source
+    from sq_pt2e.models import load_model
+    from sq_pt2e.stablequant import SearchConfig
+
+    model = load_model(args.model, seed=args.seed)
+    calibration = load_source(args.calibration, limit=args.max_calibration)
+    dev = load_source(args.dev, limit=args.max_dev)
+    eval_sets = {}
+    for spec in args.eval:
+        name, _, source = spec.partition("=")
+        if not source:
+            raise ValueError(f"--eval {spec!r}: expected NAME=FOLDER_OR_MANIFEST")
+        eval_sets[name] = load_source(source, limit=args.max_eval)
+        if not all(u.text for u in eval_sets[name]):
+            raise ValueError(f"--eval {name}: every utterance needs a transcript for WER")
+    table = build_accuracy_table(
+        model, args.model, calibration, dev, eval_sets, bit_widths=[Bits.parse(b) for b in args.bits],
+        methods=args.methods, search=SearchConfig(gamma=args.gamma),
+        progress=lambda line: print(line, file=sys.stderr, flush=True),
+    )
+    print(table.to_markdown())
+    if args.output_dir is not None:
+        atomic_write_text(args.output_dir / "accuracy.json", table.to_json())
+        atomic_write_text(args.output_dir / "accuracy.md", table.to_markdown() + "\n")
+        print(f"wrote {args.output_dir / 'accuracy.json'}, {args.output_dir / 'accuracy.md'}")
+    return EXIT_OK
+
+
 def _search_summary(report: object, criterion: str) -> str:
     def fmt(score: object) -> str:
         wer = "" if score.wer is None else f"WER {score.wer:.2f}%, "
@@ -180,6 +212,28 @@ def _build_parser() -> argparse.ArgumentParser:
     quantize.add_argument("--max-dev", type=int, default=100, help="dev utterances to use")
     quantize.add_argument("--output-dir", type=Path, required=True)
     quantize.set_defaults(run=_cmd_quantize)
+
+    accuracy = verbs.add_parser(
+        "accuracy", help="WER of every method at every bit width (the accuracy table)",
+        description="Rows: float32, uniform max / percentile / MSE / entropy, CNN0-2 float, stock quantizers, "
+                    "StableQuant (searched on --dev). Columns: bit widths. Cells: WER, difference to float with a "
+                    "paired bootstrap 95%% interval, agreement with the float transcripts.",
+    )
+    _add_model_argument(accuracy)
+    accuracy.add_argument("--calibration", default=None, help="calibration audio (default: shipped LibriSpeech)")
+    accuracy.add_argument("--dev", required=True, help="folder or manifest (with transcripts) for the search")
+    accuracy.add_argument("--eval", nargs="+", required=True, metavar="NAME=SOURCE",
+                          help="evaluation sets with transcripts, e.g. synthetic=corpus/test.tsv")
+    accuracy.add_argument("--bits", nargs="+", default=["W8A8", "W6A6", "W4A8", "W4A4"])
+    accuracy.add_argument("--methods", nargs="+",
+                          default=["max", "percentile-99.99", "mse", "entropy", "cnn0-2-float", "x86-inductor-default",
+                                   "xnnpack-default", "dynamic-int8", "stablequant"])
+    accuracy.add_argument("--gamma", type=float, default=0.25, help="sensitivity threshold in WER points")
+    accuracy.add_argument("--max-calibration", type=int, default=32)
+    accuracy.add_argument("--max-dev", type=int, default=100)
+    accuracy.add_argument("--max-eval", type=int, default=None)
+    accuracy.add_argument("--output-dir", type=Path, default=None)
+    accuracy.set_defaults(run=_cmd_accuracy)
     return parser
 
 

@@ -1,0 +1,150 @@
+"""The accuracy table: every method at every bit width, on every evaluation set.
+
+Rows are methods (float32, the baselines, StableQuant), columns bit widths; a cell is
+the corpus WER, its difference to float in points with a paired bootstrap 95%
+interval, and the agreement with the float model (WER of the quantized transcripts
+against the float transcripts, logit cosine). The best quantized cell per column is
+marked. StableQuant searches its plan per bit width on the dev set, never on an
+evaluation set.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+
+import torch
+from torch import nn
+
+from sq_pt2e.asr import ctc_greedy_decode, logit_agreement, paired_bootstrap_delta, wer
+from sq_pt2e.baselines import BASELINES, Bits, build_method
+from sq_pt2e.inputs import LoadedUtterance
+from sq_pt2e.stablequant import Evaluator, SearchConfig, collect_statistics, search_plan
+
+__all__ = ["AccuracyCell", "AccuracyTable", "build_accuracy_table", "transcribe"]
+
+Forward = Callable[[torch.Tensor], torch.Tensor]
+
+
+def transcribe(forward: Forward, utterances: Sequence[LoadedUtterance]) -> tuple[list[str], list[torch.Tensor]]:
+    """Greedy transcripts and logits of ``forward`` on each utterance (batch 1, its own length)."""
+    texts, logits = [], []
+    with torch.no_grad():
+        for utt in utterances:
+            out = forward(utt.wave)[0]
+            logits.append(out)
+            texts.append(ctc_greedy_decode(out)[0])
+    return texts, logits
+
+
+@dataclass(frozen=True)
+class AccuracyCell:
+    """One method at one bit width on one evaluation set."""
+
+    method: str
+    bits: str
+    eval_set: str
+    wer: float
+    delta: float
+    delta_low: float
+    delta_high: float
+    wer_vs_float_transcripts: float
+    logit_cosine: float
+    best: bool = False
+
+
+@dataclass
+class AccuracyTable:
+    """All cells, the float WERs, and how they were obtained."""
+
+    model: str
+    float_wer: dict[str, float]
+    utterances: dict[str, int]
+    cells: list[AccuracyCell] = field(default_factory=list)
+    search: dict[str, dict[str, object]] = field(default_factory=dict)
+    seconds: float = 0.0
+
+    def to_json(self) -> str:
+        return json.dumps({**asdict(self), "cells": [asdict(c) for c in self.cells]}, indent=2, default=float) + "\n"
+
+    def to_markdown(self) -> str:
+        bits = list(dict.fromkeys(c.bits for c in self.cells))
+        methods = list(dict.fromkeys(c.method for c in self.cells))
+        lines = [f"Model: {self.model}. Cells: WER % (difference to float in points [95% paired bootstrap "
+                 "interval]; WER against the float model's transcripts). **Bold**: best quantized method per column.",
+                 ""]
+        for name, float_wer in self.float_wer.items():
+            lines += [f"### {name} ({self.utterances[name]} utterances; float32 WER {float_wer:.2f}%)", "",
+                      "| method | " + " | ".join(bits) + " |", "|---|" + "---:|" * len(bits)]
+            for method in methods:
+                row = []
+                for width in bits:
+                    cell = next((c for c in self.cells if (c.method, c.bits, c.eval_set) == (method, width, name)), None)
+                    if cell is None:
+                        row.append("n/a")
+                        continue
+                    text = (f"{cell.wer:.2f} ({cell.delta:+.2f} [{cell.delta_low:+.2f}, {cell.delta_high:+.2f}]; "
+                            f"{cell.wer_vs_float_transcripts:.1f})")
+                    row.append(f"**{text}**" if cell.best else text)
+                lines.append(f"| {method} | " + " | ".join(row) + " |")
+            lines.append("")
+        return "\n".join(lines)
+
+
+def build_accuracy_table(
+    model: nn.Module,
+    model_name: str,
+    calibration: Sequence[LoadedUtterance],
+    dev: Sequence[LoadedUtterance],
+    eval_sets: dict[str, Sequence[LoadedUtterance]],
+    *,
+    bit_widths: Sequence[Bits] = (Bits(8, 8),),
+    methods: Sequence[str] = ("max", "percentile-99.99", "mse", "entropy", "cnn0-2-float", "stablequant"),
+    search: SearchConfig | None = None,
+    progress: Callable[[str], None] = print,
+) -> AccuracyTable:
+    """Evaluate ``methods`` x ``bit_widths`` on every evaluation set (all need transcripts)."""
+    start = time.perf_counter()
+    waves = [u.wave for u in calibration]
+    statistics = collect_statistics(model, waves)
+    float_forward = build_method("float32", model, waves, statistics)
+    reference = {name: transcribe(float_forward, utts) for name, utts in eval_sets.items()}
+    table = AccuracyTable(model_name, {n: wer([u.text for u in eval_sets[n]], reference[n][0]) for n in eval_sets},
+                          {n: len(u) for n, u in eval_sets.items()})
+    references = [u.text for u in dev]
+    evaluator = Evaluator(model, [u.wave for u in dev], references if all(references) else None)
+    for bits in bit_widths:
+        for method in methods:
+            if method != "stablequant" and not BASELINES[method].any_bits and bits != Bits(8, 8):
+                continue
+            progress(f"{bits} {method} ...")
+            plan = None
+            if method == "stablequant":
+                config = search or SearchConfig(criterion="wer" if evaluator.references else "kl")
+                config = SearchConfig(**{**asdict(config), "weight_bits": bits.weight, "act_bits": bits.act})
+                plan, report = search_plan(model, statistics, evaluator, config, model_name=model_name)
+                table.search[str(bits)] = {"evaluations": report.evaluations, "seconds": report.seconds,
+                                           "sensitive_groups": report.sensitive_groups,
+                                           "chosen_percentiles": report.chosen_percentiles}
+            forward = build_method(method, model, waves, statistics, bits, plan=plan)
+            for name, utts in eval_sets.items():
+                refs = [u.text for u in utts]
+                float_texts, float_logits = reference[name]
+                texts, logits = transcribe(forward, utts)
+                delta = paired_bootstrap_delta(refs, float_texts, texts)
+                cosine = min(logit_agreement(f, q).cosine for f, q in zip(float_logits, logits, strict=True))
+                agree = wer([t or "EMPTY" for t in float_texts], texts)  # placeholder: WER needs a word
+                table.cells.append(AccuracyCell(method, str(bits), name, wer(refs, texts), delta.delta, delta.low,
+                                                delta.high, agree, cosine))
+    _mark_best(table)
+    table.seconds = time.perf_counter() - start
+    return table
+
+
+def _mark_best(table: AccuracyTable) -> None:
+    for i, cell in enumerate(table.cells):
+        peers = [c for c in table.cells if (c.bits, c.eval_set) == (cell.bits, cell.eval_set) and c.method != "float32"]
+        if cell.method != "float32" and cell.wer == min(c.wer for c in peers):
+            table.cells[i] = AccuracyCell(**{**asdict(cell), "best": True})
