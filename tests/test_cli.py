@@ -33,3 +33,20 @@ def test_console_script_runs_in_a_subprocess() -> None:
     done = subprocess.run([sys.executable, "-m", "sq_pt2e.cli", "--help"], capture_output=True, text=True,
                           timeout=120, check=False)
     assert done.returncode == 0 and "sq-pt2e" in done.stdout
+
+
+def test_quantize_verb_writes_a_plan_that_loads(tmp_path) -> None:
+    from sq_pt2e.plan import QuantPlan
+
+    code = main(["quantize", "--model", "tiny-hubert", "--max-calibration", "4", "--output-dir", str(tmp_path)])
+    assert code == EXIT_OK
+    plan = QuantPlan.load(tmp_path / "plan.json")
+    assert plan.layers and all(layer.act_range is not None for layer in plan.layers)
+    assert (tmp_path / "search_report.json").exists() and (tmp_path / "sensitivity.png").stat().st_size > 1000
+
+
+def test_quantize_verb_reports_a_missing_audio_source(tmp_path, capsys) -> None:
+    code = main(["quantize", "--model", "tiny-hubert", "--calibration", str(tmp_path / "nope"),
+                 "--output-dir", str(tmp_path)])
+    assert code == EXIT_FAILED
+    assert "does not exist" in capsys.readouterr().err

@@ -1,0 +1,51 @@
+"""The accuracy table on a tiny model: every cell present, best marked, well-formed output."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from sq_pt2e.accuracy import build_accuracy_table
+from sq_pt2e.baselines import Bits
+from sq_pt2e.inputs import load_source
+from sq_pt2e.models import build_model
+
+
+@pytest.fixture(scope="module")
+def table():
+    clean = load_source(None, shipped="test-clean")
+    return build_accuracy_table(
+        build_model("tiny-wav2vec2", seed=0), "tiny-wav2vec2", load_source(None, limit=2), clean[:2],
+        {"test-clean": clean}, bit_widths=(Bits(8, 8), Bits(4, 4)), methods=("max", "dynamic-int8", "stablequant"),
+        progress=lambda _line: None,
+    )
+
+
+def test_every_supported_method_and_width_has_a_cell(table) -> None:
+    cells = {(c.method, c.bits) for c in table.cells}
+    assert cells == {("max", "W8A8"), ("dynamic-int8", "W8A8"), ("stablequant", "W8A8"), ("max", "W4A4"),
+                     ("stablequant", "W4A4")}
+    assert set(table.search) == {"W8A8", "W4A4"}
+
+
+def test_exactly_the_lowest_wer_per_column_is_marked_best(table) -> None:
+    for width in ("W8A8", "W4A4"):
+        column = [c for c in table.cells if c.bits == width]
+        lowest = min(c.wer for c in column)
+        assert [c.best for c in column] == [c.wer == lowest for c in column]
+
+
+def test_deltas_are_relative_to_float_and_inside_their_interval(table) -> None:
+    float_wer = table.float_wer["test-clean"]
+    for cell in table.cells:
+        assert cell.delta == pytest.approx(cell.wer - float_wer, abs=1e-6)
+        assert cell.delta_low <= cell.delta <= cell.delta_high
+
+
+def test_markdown_and_json(table) -> None:
+    data = json.loads(table.to_json())
+    assert data["utterances"] == {"test-clean": 4} and len(data["cells"]) == 5
+    rows = [line for line in table.to_markdown().splitlines() if line.startswith("| ")]
+    assert len(rows) == 1 + 3  # header + one row per method
+    assert "n/a" in table.to_markdown()  # dynamic int8 has no W4A4
