@@ -1,12 +1,16 @@
-"""Quantize a speech model to int8 and compare float vs int8 on every backend.
+"""The main job: StableQuant a speech model, measure WER, run int8 on inductor and ExecuTorch.
 
-Runs the whole PT2E path: export -> StableQuantQuantizer(plan) -> calibrate on
-shipped LibriSpeech calibration audio -> convert -> inductor (x86 int8 kernels) and
-ExecuTorch (.pte, XNNPACK), then prints agreement with float, size and latency.
+1. Load the shipped reference model (or any architecture / checkpoint with --model).
+2. Calibrate on shipped LibriSpeech audio; search the StableQuant plan on the shipped
+   synthetic dev set (WER; logit KL when the dev set has no transcripts).
+3. WER of float32 vs the StableQuant int8 model (eager int8, which compiled int8 is
+   checked against) on the shipped synthetic test set and real LibriSpeech test-other.
+4. Compile int8 with inductor and lower it to an ExecuTorch .pte (XNNPACK); compare
+   agreement, size and latency with float, all measured in this run.
 
 Usage:
-    python examples/quantize_and_compare.py                  # shipped defaults
-    python examples/quantize_and_compare.py --model small-hubert --seconds 4 --output-dir out/
+    python examples/quantize_and_compare.py
+    python examples/quantize_and_compare.py --model small-hubert --bits W8A8 --output-dir out/
 """
 
 from __future__ import annotations
@@ -17,50 +21,87 @@ from pathlib import Path
 
 import torch
 
-from sq_pt2e.assets import calibration_files, librispeech_manifest
+from sq_pt2e.accuracy import transcribe
+from sq_pt2e.asr import paired_bootstrap_delta, wer
+from sq_pt2e.assets import reference_model
 from sq_pt2e.atomic import atomic_write_text
-from sq_pt2e.audio import load_audio, normalize_waveform
+from sq_pt2e.backends.inductor import fit_plan_to_cpu
+from sq_pt2e.baselines import Bits, build_method
 from sq_pt2e.compare import compare_backends
-from sq_pt2e.models import ARCHITECTURES, load_model
-from sq_pt2e.recipes import default_plan
+from sq_pt2e.inputs import LoadedUtterance, load_source
+from sq_pt2e.models import load_model
+from sq_pt2e.stablequant import Evaluator, SearchConfig, collect_statistics, search_plan
 
 
-def fixed_length(path: Path, samples: int) -> torch.Tensor:
-    """Load, normalise and crop / zero-pad one file to ``samples`` (the exported length)."""
-    wave = normalize_waveform(load_audio(path).waveform)[:samples]
+def fixed_length(utterance: LoadedUtterance, samples: int) -> torch.Tensor:
+    """Crop / zero-pad a normalised waveform to the exported programs' fixed length."""
     out = torch.zeros(1, samples)
-    out[0, : len(wave)] = torch.from_numpy(wave)
+    wave = utterance.wave[0, :samples]
+    out[0, : wave.numel()] = wave
     return out
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default="small-wav2vec2",
-                        help=f"architecture ({', '.join(ARCHITECTURES)}) or a checkpoint folder")
-    parser.add_argument("--seconds", type=float, default=4.0, help="fixed input length of the exported programs")
-    parser.add_argument("--calibration", type=int, default=8, help="calibration utterances")
-    parser.add_argument("--utterances", type=int, default=4, help="evaluation utterances (LibriSpeech test-other)")
+    default_model = reference_model("ref-wav2vec2")
+    parser.add_argument("--model", default=str(default_model) if default_model else "small-wav2vec2",
+                        help="checkpoint folder or architecture name (default: the shipped ref-wav2vec2)")
+    parser.add_argument("--bits", default="W8A8", help="weight/activation bits of the plan, e.g. W8A8, W6A6")
+    parser.add_argument("--seconds", type=float, default=4.0, help="fixed input length of the compiled programs")
+    parser.add_argument("--calibration", type=int, default=16, help="calibration utterances")
+    parser.add_argument("--test", type=int, default=60, help="utterances per evaluation set")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--runs", type=int, default=10, help="timed runs per variant (median)")
     parser.add_argument("--no-executorch", action="store_true", help="skip the ExecuTorch .pte")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--output-dir", type=Path, default=None, help="write comparison.json/.md and plan.json here")
+    parser.add_argument("--output-dir", type=Path, default=None, help="write plan.json and results.json here")
     args = parser.parse_args(argv)
 
     torch.manual_seed(args.seed)
-    samples = int(args.seconds * 16000)
+    torch.set_num_threads(args.threads)
+    bits = Bits.parse(args.bits)
     model = load_model(args.model, seed=args.seed)
-    calibration = [fixed_length(p, samples) for p in calibration_files()[: args.calibration]]
-    evaluation = [fixed_length(u.path, samples) for u in librispeech_manifest("test-other")[: args.utterances]]
-    plan = default_plan(model=args.model)
-    result = compare_backends(model, calibration, evaluation, plan=plan, threads=args.threads, runs=args.runs,
-                              executorch=not args.no_executorch)
-    table = result.to_markdown()
-    print(f"\nmodel: {args.model}\n{table}")
+    calibration = load_source(None, limit=args.calibration)
+    dev = load_source(None, shipped="synthetic-dev")
+    eval_sets = {name: load_source(None, shipped=name, limit=args.test) for name in ("synthetic-test", "test-other")}
+
+    print(f"model: {args.model}\nsearching the StableQuant {bits} plan on {len(dev)} synthetic dev utterances ...")
+    statistics = collect_statistics(model, [u.wave for u in calibration])
+    plan, report = search_plan(model, statistics, Evaluator(model, [u.wave for u in dev], [u.text for u in dev]),
+                               SearchConfig(weight_bits=bits.weight, act_bits=bits.act), model_name=args.model)
+    print(f"  {report.evaluations} evaluations in {report.seconds:.0f} s; sensitive groups: "
+          f"{report.sensitive_groups or 'none'}; clip percentiles: {report.chosen_percentiles or '-'}")
+
+    variants = {f"StableQuant {bits}": plan}
+    fitted, changed = fit_plan_to_cpu(plan)
+    if changed:  # what inductor really runs on this CPU (no VNNI: 7-bit weights)
+        variants["StableQuant as compiled here (W7 weights, no VNNI)"] = fitted
+    float_forward = build_method("float32", model, [], statistics)
+    lines = ["| evaluation set | utterances | model | WER % | difference to float [95% CI] |",
+             "|---|---:|---|---:|---:|"]
+    accuracy: dict[str, dict[str, object]] = {}
+    for name, utts in eval_sets.items():
+        refs = [u.text for u in utts]
+        float_texts, _ = transcribe(float_forward, utts)
+        accuracy[name] = {"utterances": len(utts), "float32": wer(refs, float_texts)}
+        lines.append(f"| {name} | {len(utts)} | float32 | {accuracy[name]['float32']:.2f} | |")
+        for label, variant_plan in variants.items():
+            texts, _ = transcribe(build_method("stablequant", model, [], statistics, plan=variant_plan), utts)
+            delta = paired_bootstrap_delta(refs, float_texts, texts)
+            accuracy[name][label] = {"wer": wer(refs, texts), "delta": delta.delta, "low": delta.low, "high": delta.high}
+            lines.append(f"| {name} | {len(utts)} | {label} | {wer(refs, texts):.2f} | {delta} |")
+    print("\n" + "\n".join(lines))
+
+    samples = int(args.seconds * 16000)
+    evaluation = [fixed_length(u, samples) for u in eval_sets["test-other"][:4]]
+    result = compare_backends(model, [fixed_length(u, samples) for u in calibration[:8]], evaluation, plan=plan,
+                              threads=args.threads, runs=args.runs, executorch=not args.no_executorch)
+    print("\n" + result.to_markdown())
     if args.output_dir is not None:
-        atomic_write_text(args.output_dir / "comparison.json", json.dumps(result.to_dict(), indent=2) + "\n")
-        atomic_write_text(args.output_dir / "comparison.md", table + "\n")
         plan.save(args.output_dir / "plan.json")
+        atomic_write_text(args.output_dir / "results.json", json.dumps(
+            {"model": args.model, "bits": str(bits), "accuracy": accuracy, "backends": result.to_dict(),
+             "search": report.to_dict()}, indent=2, default=float) + "\n")
     return 0
 
 

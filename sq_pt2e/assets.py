@@ -1,4 +1,7 @@
-"""The audio shipped with the package (LibriSpeech, CC BY 4.0; see assets/LICENSES.md)."""
+"""What ships with the package: evaluation and calibration audio, reference models.
+
+LibriSpeech audio is CC BY 4.0; see assets/LICENSES.md.
+"""
 
 from __future__ import annotations
 
@@ -7,7 +10,7 @@ from typing import Literal
 
 from sq_pt2e.data import Utterance, manifest_from_folder, read_manifest
 
-__all__ = ["asset_path", "calibration_files", "librispeech_manifest"]
+__all__ = ["asset_path", "calibration_files", "librispeech_manifest", "reference_model", "synthetic_manifest"]
 
 _ROOT = Path(__file__).resolve().parent / "assets"
 
@@ -28,3 +31,14 @@ def librispeech_manifest(subset: Literal["test-other", "test-clean"] | None = No
 def calibration_files() -> list[Path]:
     """The shipped unlabeled calibration audio (LibriSpeech train-clean-100, one file per speaker)."""
     return [u.path for u in manifest_from_folder(asset_path("calibration"))]
+
+
+def synthetic_manifest(split: Literal["test", "dev"]) -> list[Utterance]:
+    """The shipped slice of the synthetic corpus (espeak-ng voices unseen in training)."""
+    return read_manifest(asset_path("synthetic", f"{split}.tsv"))
+
+
+def reference_model(name: str = "ref-wav2vec2") -> Path | None:
+    """Folder of a shipped reference model, or None if it is not shipped."""
+    folder = asset_path("models", name)
+    return folder if (folder / "config.json").exists() else None

@@ -209,10 +209,9 @@ def _stablequant_int8(model, wave, calib, plan, threads) -> Built:
     start = time.perf_counter()
     quantized = quantize_model(copy.deepcopy(model), wave, calib, plan=plan)
     compiled = compile_inductor(quantized.converted, wave, threads=threads)
-    bits = sorted({f"W{s.weight_bits}A{s.act_bits}" for s in quantized.layer_status if s.status == "int8"})
     return Built(compiled, graph_constant_bytes(quantized.converted), time.perf_counter() - start,
                  compiled.report.int8_kernel_count,
-                 f"{'/'.join(bits)}; compiled vs eager int8 cosine {compiled.report.cosine:.5f}")
+                 f"{quantized.bit_widths()}; compiled vs eager int8 cosine {compiled.report.cosine:.5f}")
 
 
 def _executorch(model, wave, calib, plan, threads, *, int8: bool) -> Built:

@@ -158,7 +158,7 @@ def compare_backends(
     rows.append(ComparisonRow(
         "int8 inductor", int8_ms, base_ms / int8_ms, x86_bytes, x86_bytes / float_bytes, cosine, agree,
         rep.int8_kernel_count,
-        f"compiled vs eager int8 cosine {rep.cosine:.6f}, compile {rep.compile_seconds:.0f} s",
+        f"{x86.bit_widths()}; compiled vs eager int8 cosine {rep.cosine:.6f}, compile {rep.compile_seconds:.0f} s",
     ))
     if executorch:
         progress("lowering int8 to ExecuTorch/XNNPACK ...")

@@ -45,8 +45,9 @@ def load_source(source: str | os.PathLike[str] | None, *, limit: int | None = No
     Args:
         source: a folder of audio files, a manifest file, or None.
         limit: load at most this many utterances (in manifest / sorted order).
-        shipped: which shipped set ``None`` means: ``"calibration"`` (unlabeled LibriSpeech) or
-            ``"test-other"`` / ``"test-clean"`` (LibriSpeech with transcripts).
+        shipped: which shipped set ``None`` means: ``"calibration"`` (unlabeled LibriSpeech),
+            ``"test-other"`` / ``"test-clean"`` (LibriSpeech with transcripts) or
+            ``"synthetic-test"`` / ``"synthetic-dev"`` (held-out synthetic speech).
 
     Raises:
         FileNotFoundError: ``source`` does not exist.
@@ -56,6 +57,8 @@ def load_source(source: str | os.PathLike[str] | None, *, limit: int | None = No
     if source is None:
         if shipped == "calibration":
             utterances = data.manifest_from_folder(assets.calibration_files()[0].parent)
+        elif shipped.startswith("synthetic-"):
+            utterances = assets.synthetic_manifest(shipped.removeprefix("synthetic-"))
         else:
             utterances = assets.librispeech_manifest(shipped)
     else:

@@ -36,6 +36,10 @@ class QuantizedModel:
     layer_status: tuple[LayerStatus, ...]
     summary: QuantizedGraphSummary
 
+    def bit_widths(self) -> str:
+        """The distinct widths of the int8 layers, e.g. ``"W7A8"`` or ``"W4A8/W8A8"``."""
+        return "/".join(sorted({f"W{s.weight_bits}A{s.act_bits}" for s in self.layer_status if s.status == "int8"}))
+
 
 @torch.no_grad()
 def calibrate(prepared: GraphModule, waves: Iterable[torch.Tensor]) -> int:
