@@ -19,6 +19,8 @@ import torch
 from torch.fx import GraphModule, Node
 from torch.fx.passes.infra.pass_base import PassBase, PassResult
 
+from sq_pt2e.passes.rewrite_utils import add_constant, replace_node
+
 __all__ = ["QuantizedConv1dAsConv2dPass"]
 
 _DQ_TENSOR = (
@@ -60,8 +62,7 @@ class QuantizedConv1dAsConv2dPass(PassBase):
             bias, groups = args[2], args[6]
             stride, padding, dilation = (_as_list(a) for a in args[3:6])
             weight4 = getattr(graph_module, w_int.target).unsqueeze(2).contiguous()
-            attr_name = f"{w_int.target}_as_conv2d"
-            graph_module.register_buffer(attr_name, weight4)
+            attr_name = add_constant(graph_module, f"{w_int.target}_as_conv2d", weight4)
             with graph.inserting_before(node):
                 x_int4 = graph.call_function(torch.ops.aten.unsqueeze.default, (x_dq.args[0], 2))
                 x_dq4 = graph.call_function(x_dq.target, (x_int4, *x_dq.args[1:]), dict(x_dq.kwargs))
@@ -72,10 +73,7 @@ class QuantizedConv1dAsConv2dPass(PassBase):
                     (x_dq4, w_dq4, bias, [1, stride[0]], [0, padding[0]], [1, dilation[0]], groups),
                 )
                 out = graph.call_function(torch.ops.aten.squeeze.dim, (conv2d, 2))
-            for new in (x_int4, x_dq4, w_int4, w_dq4, conv2d, out):
-                new.meta.update({k: v for k, v in node.meta.items() if k in ("nn_module_stack", "stack_trace")})
-            node.replace_all_uses_with(out)
-            graph.erase_node(node)
+            replace_node(graph_module, node, out, also_tag=(x_int4, x_dq4, w_int4, w_dq4, conv2d))
             modified = True
         if modified:
             graph.eliminate_dead_code()

@@ -13,8 +13,10 @@ from __future__ import annotations
 import math
 
 import torch
-from torch.fx import GraphModule, Node
+from torch.fx import GraphModule
 from torch.fx.passes.infra.pass_base import PassBase, PassResult
+
+from sq_pt2e.passes.rewrite_utils import add_constant, replace_node
 
 __all__ = ["DecomposeAttentionPass"]
 
@@ -43,12 +45,7 @@ class DecomposeAttentionPass(PassBase):
             batch, heads, length, dim = q_val.shape
             keys = k_val.shape[2]
             scale = node.kwargs.get("scale") or 1.0 / math.sqrt(dim)
-            name = "_attention_scale_0"
-            index = 0
-            while hasattr(graph_module, name):
-                index += 1
-                name = f"_attention_scale_{index}"
-            graph_module.register_buffer(name, torch.tensor([scale], dtype=torch.float32))
+            name = add_constant(graph_module, "_attention_scale", torch.tensor([scale], dtype=torch.float32))
             with graph.inserting_before(node):
                 q3 = graph.call_function(aten.reshape.default, (q, [batch * heads, length, dim]))
                 k3 = graph.call_function(aten.reshape.default, (k, [batch * heads, keys, dim]))
@@ -58,9 +55,7 @@ class DecomposeAttentionPass(PassBase):
                 probs = graph.call_function(aten._softmax.default, (scores, -1, False))
                 out3 = graph.call_function(aten.bmm.default, (probs, v3))
                 out = graph.call_function(aten.reshape.default, (out3, [batch, heads, length, v.meta["val"].shape[-1]]))
-            out.meta.update({k: v for k, v in node.meta.items() if k in ("nn_module_stack", "stack_trace")})
-            node.replace_all_uses_with(out)
-            graph.erase_node(node)
+            replace_node(graph_module, node, out)
             modified = True
         if modified:
             graph.eliminate_dead_code()

@@ -19,17 +19,11 @@ import torch
 from torch.fx import GraphModule, Node
 from torch.fx.passes.infra.pass_base import PassBase, PassResult
 
+from sq_pt2e.passes.rewrite_utils import add_constant, replace_node
+
 __all__ = ["DecomposeNormsPass"]
 
 aten = torch.ops.aten
-
-
-def _constant(gm: GraphModule, name: str, value: torch.Tensor) -> str:
-    index = 0
-    while hasattr(gm, f"{name}_{index}"):
-        index += 1
-    gm.register_buffer(f"{name}_{index}", value)
-    return f"{name}_{index}"
 
 
 def _normalise_4d(gm: GraphModule, x4: Node, eps: float) -> Node:
@@ -37,7 +31,7 @@ def _normalise_4d(gm: GraphModule, x4: Node, eps: float) -> Node:
     mean = graph.call_function(aten.mean.dim, (x4, [2, 3], True))
     centred = graph.call_function(aten.sub.Tensor, (x4, mean))
     variance = graph.call_function(aten.mean.dim, (graph.call_function(aten.mul.Tensor, (centred, centred)), [2, 3], True))
-    eps_node = graph.get_attr(_constant(gm, "_norm_eps", torch.tensor([eps], dtype=torch.float32)))
+    eps_node = graph.get_attr(add_constant(gm, "_norm_eps", torch.tensor([eps], dtype=torch.float32)))
     inverse = graph.call_function(aten.rsqrt.default, (graph.call_function(aten.add.Tensor, (variance, eps_node)),))
     return graph.call_function(aten.mul.Tensor, (centred, inverse))
 
@@ -59,9 +53,7 @@ class DecomposeNormsPass(PassBase):
                 continue
             if replacement is None:
                 continue
-            replacement.meta.update({k: v for k, v in node.meta.items() if k in ("nn_module_stack", "stack_trace")})
-            node.replace_all_uses_with(replacement)
-            graph.erase_node(node)
+            replace_node(graph_module, node, replacement)
             modified = True
         if modified:
             graph.eliminate_dead_code()
