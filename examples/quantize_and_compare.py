@@ -49,6 +49,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--bits", default="W8A8", help="weight/activation bits of the plan, e.g. W8A8, W6A6")
     parser.add_argument("--seconds", type=float, default=4.0, help="fixed input length of the compiled programs")
     parser.add_argument("--calibration", type=int, default=16, help="calibration utterances")
+    parser.add_argument("--dev", type=int, default=30, help="dev utterances the search scores candidates on")
     parser.add_argument("--test", type=int, default=60, help="utterances per evaluation set")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--runs", type=int, default=10, help="timed runs per variant (median)")
@@ -62,7 +63,7 @@ def main(argv: list[str] | None = None) -> int:
     bits = Bits.parse(args.bits)
     model = load_model(args.model, seed=args.seed)
     calibration = load_source(None, limit=args.calibration)
-    dev = load_source(None, shipped="synthetic-dev")
+    dev = load_source(None, shipped="synthetic-dev", limit=args.dev)
     eval_sets = {name: load_source(None, shipped=name, limit=args.test) for name in ("synthetic-test", "test-other")}
 
     print(f"model: {args.model}\nsearching the StableQuant {bits} plan on {len(dev)} synthetic dev utterances ...")

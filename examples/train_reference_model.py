@@ -12,10 +12,11 @@ from the shipped model folder. `export` copies the best checkpoint into the pack
 from __future__ import annotations
 
 import argparse
+import json
 import shutil
 from pathlib import Path
 
-from sq_pt2e.assets import asset_path
+from sq_pt2e.assets import asset_path, librispeech_manifest
 from sq_pt2e.data import read_manifest
 from sq_pt2e.train.corpus import CorpusSpec, build_corpus, read_split
 from sq_pt2e.train.trainer import REFERENCE_MODELS, TrainConfig, evaluate, train
@@ -65,7 +66,12 @@ def main(argv: list[str] | None = None) -> int:
     target = asset_path("models", args.model)
     shutil.rmtree(target, ignore_errors=True)
     shutil.copytree(best, target)
-    print({"test": evaluate_folder(target, read_split(args.corpus, "test"))})
+    results = {"synthetic test (unseen sentences and voices)": evaluate_folder(target, read_split(args.corpus, "test"))}
+    if (args.corpus / "real-test.tsv").exists():
+        results["LJSpeech held-out real clips"] = evaluate_folder(target, read_split(args.corpus, "real-test"))
+    results["LibriSpeech test-other (shipped 60)"] = evaluate_folder(target, librispeech_manifest("test-other"))
+    write_model_card(target, args.model, results)
+    print(json.dumps(results, indent=2))
     return 0
 
 
@@ -73,6 +79,47 @@ def evaluate_folder(folder: Path, utterances: list) -> dict[str, float]:
     from transformers import AutoModelForCTC
 
     return evaluate(AutoModelForCTC.from_pretrained(folder), utterances)
+
+
+def write_model_card(folder: Path, name: str, results: dict[str, dict[str, float]]) -> Path:
+    """README.md beside the weights: architecture, data, training so far, WER/CER."""
+    from transformers import AutoModelForCTC
+
+    state = json.loads((folder / "train_state.json").read_text())
+    params = sum(p.numel() for p in AutoModelForCTC.from_pretrained(folder).parameters())
+    history = state.get("history", [])
+    minutes = history[-1]["wall_minutes"] if history else 0.0
+    base, _ = REFERENCE_MODELS[name]
+    style = ("wav2vec2-style: group-norm CNN encoder, post-norm Transformer" if "wav2vec2" in base
+             else "HuBERT-large-style: layer-norm CNN encoder, pre-norm (stable layer norm) Transformer")
+    rows = "\n".join(f"| {k} | {int(v['utterances'])} | {v['wer']:.2f} | {v['cer']:.2f} |" for k, v in results.items())
+    card = f"""# {name}
+
+A small CTC speech recognizer trained on CPU as a reference model for sq-pt2e
+({style}; 7-layer CNN with strides 5,2,2,2,2,2,2; 4 x 256 Transformer; {params / 1e6:.1f} M
+parameters; the 32-symbol vocabulary of facebook/wav2vec2-base-960h).
+
+Data: synthetic English speech rendered with espeak-ng from LJ Speech sentences (public
+domain), 8 accents x 67 voice variants with random speed and pitch, 30% with added noise,
+plus 345 real LJ Speech clips (3x per epoch). Test sentences and test voices are unseen.
+
+Training so far: {state['step']} steps ({state['epoch']} full epochs), about {minutes:.0f} minutes
+of the current run on one CPU core (AdamW, warm-up then cosine decay, SpecAugment). Best
+dev CER {state.get('dev_cer', float('nan')):.2f}%.
+
+| evaluation set | utterances | WER % | CER % |
+|---|---:|---:|---:|
+{rows}
+
+Training is still in progress: these numbers are far from the target (WER <= 15%, CER <= 5%
+on the synthetic test). Reproduce / continue:
+
+    python examples/train_reference_model.py corpus --out corpus/
+    python examples/train_reference_model.py train --model {name} --minutes 60
+    python examples/train_reference_model.py export --model {name} --run runs/{name}
+"""
+    (folder / "README.md").write_text(card)
+    return folder / "README.md"
 
 
 if __name__ == "__main__":
