@@ -50,3 +50,30 @@ def test_quantize_verb_reports_a_missing_audio_source(tmp_path, capsys) -> None:
                  "--output-dir", str(tmp_path)])
     assert code == EXIT_FAILED
     assert "does not exist" in capsys.readouterr().err
+
+
+def test_transcribe_and_export_verbs(tmp_path, capsys) -> None:
+    import json as json_module
+
+    from sq_pt2e.assets import librispeech_manifest
+
+    assert main(["quantize", "--model", "tiny-hubert", "--max-calibration", "3", "--output-dir", str(tmp_path)]) == 0
+    audio = str(librispeech_manifest("test-clean")[1].path)
+    capsys.readouterr()
+    assert main(["transcribe", "--model", "tiny-hubert", audio, "--plan", str(tmp_path / "plan.json"), "--json"]) == 0
+    (row,) = json_module.loads(capsys.readouterr().out)
+    assert row["file"] == audio and isinstance(row["text"], str)
+    pte = tmp_path / "m.pte"
+    assert main(["export", "--model", "tiny-hubert", "--plan", str(tmp_path / "plan.json"), "--seconds", "1",
+                 "--max-calibration", "2", "--threads", "1", "--output", str(pte)]) == 0
+    assert pte.stat().st_size > 10_000 and "exactly 16000 samples" in capsys.readouterr().out
+
+
+def test_a_plan_from_another_model_is_refused_before_work(tmp_path, capsys) -> None:
+    assert main(["quantize", "--model", "tiny-hubert", "--max-calibration", "3", "--output-dir", str(tmp_path)]) == 0
+    from sq_pt2e.assets import librispeech_manifest
+
+    audio = str(librispeech_manifest("test-clean")[0].path)
+    code = main(["transcribe", "--model", "tiny-wav2vec2", audio, "--plan", str(tmp_path / "plan.json")])
+    assert code == EXIT_FAILED
+    assert "did you mean 'wav2vec2.feature_extractor" in capsys.readouterr().err
