@@ -119,14 +119,7 @@ def _cmd_accuracy(args: argparse.Namespace) -> int:
     model = load_model(args.model, seed=args.seed)
     calibration = load_source(args.calibration, limit=args.max_calibration)
     dev = load_source(args.dev, limit=args.max_dev)
-    eval_sets = {}
-    for spec in args.eval:
-        name, _, source = spec.partition("=")
-        if not source:
-            raise ValueError(f"--eval {spec!r}: expected NAME=FOLDER_OR_MANIFEST")
-        eval_sets[name] = load_source(source, limit=args.max_eval)
-        if not all(u.text for u in eval_sets[name]):
-            raise ValueError(f"--eval {name}: every utterance needs a transcript for WER")
+    eval_sets = _eval_sets(args.eval, args.max_eval)
     table = build_accuracy_table(
         model, args.model, calibration, dev, eval_sets, bit_widths=[Bits.parse(b) for b in args.bits],
         methods=args.methods, search=SearchConfig(gamma=args.gamma),
@@ -193,6 +186,64 @@ def _cmd_transcribe(args: argparse.Namespace) -> int:
     texts, _ = transcribe(forward, utterances)
     rows = [{"file": str(u.path), "text": t} for u, t in zip(utterances, texts, strict=True)]
     print(json.dumps(rows, indent=2) if args.json else "\n".join(f"{r['file']}\t{r['text']}" for r in rows))
+    return EXIT_OK
+
+
+def _eval_sets(specs: Sequence[str], limit: int | None) -> dict[str, list]:
+    from sq_pt2e.inputs import load_source
+
+    shipped = ("synthetic-test", "synthetic-dev", "test-other", "test-clean")
+    sets = {}
+    for spec in specs:
+        name, _, source = spec.partition("=")
+        if not source and name not in shipped:
+            raise ValueError(f"--eval {spec!r}: expected NAME=FOLDER_OR_MANIFEST or a shipped set {shipped}")
+        sets[name] = load_source(source or None, shipped=name, limit=limit)
+        if not all(u.text for u in sets[name]):
+            raise ValueError(f"--eval {name}: every utterance needs a transcript for WER")
+    return sets
+
+
+def _cmd_eval(args: argparse.Namespace) -> int:
+    from sq_pt2e.accuracy import transcribe
+    from sq_pt2e.asr import cer, paired_bootstrap_delta, wer
+    from sq_pt2e.atomic import atomic_write_text
+    from sq_pt2e.baselines import build_method
+    from sq_pt2e.inputs import load_source
+    from sq_pt2e.models import load_model
+    from sq_pt2e.plan import QuantPlan
+    from sq_pt2e.simulate import collect_statistics
+
+    model = load_model(args.model, seed=args.seed)
+    eval_sets = _eval_sets(args.eval, args.max_eval)
+    float_forward = build_method("float32", model, [], {})
+    int8_forward = None
+    if args.plan is not None:
+        plan = QuantPlan.load(args.plan)
+        needs_stats = not plan.layers or any(layer.act_range is None for layer in plan.layers)
+        statistics = collect_statistics(model, [u.wave for u in load_source(args.calibration, limit=32)]) \
+            if needs_stats else {}
+        int8_forward = build_method("stablequant", model, [], statistics, plan=plan)
+    lines = ["| set | utterances | float32 WER | float32 CER |" + (" int8 WER | int8 CER | difference [95% CI] |"
+                                                                   if int8_forward else ""),
+             "|---|---:|---:|---:|" + ("---:|---:|---:|" if int8_forward else "")]
+    results = {}
+    for name, utts in eval_sets.items():
+        refs = [u.text for u in utts]
+        float_texts, _ = transcribe(float_forward, utts)
+        row = {"utterances": len(utts), "float_wer": wer(refs, float_texts), "float_cer": cer(refs, float_texts)}
+        line = f"| {name} | {len(utts)} | {row['float_wer']:.2f} | {row['float_cer']:.2f} |"
+        if int8_forward is not None:
+            int8_texts, _ = transcribe(int8_forward, utts)
+            delta = paired_bootstrap_delta(refs, float_texts, int8_texts)
+            row |= {"int8_wer": wer(refs, int8_texts), "int8_cer": cer(refs, int8_texts), "delta": delta.delta,
+                    "low": delta.low, "high": delta.high}
+            line += f" {row['int8_wer']:.2f} | {row['int8_cer']:.2f} | {delta} |"
+        results[name] = row
+        lines.append(line)
+    print(f"model: {args.model}\n" + "\n".join(lines))
+    if args.output_dir is not None:
+        atomic_write_text(args.output_dir / "eval.json", json.dumps(results, indent=2) + "\n")
     return EXIT_OK
 
 
@@ -313,6 +364,18 @@ def _build_parser() -> argparse.ArgumentParser:
     transcribe.add_argument("--plan", default=None, help="plan.json: transcribe with the int8 model")
     transcribe.add_argument("--json", action="store_true", help="print JSON")
     transcribe.set_defaults(run=_cmd_transcribe)
+
+    evaluate = verbs.add_parser(
+        "eval", help="WER / CER of the float model (and of its int8 model with --plan) on evaluation sets",
+    )
+    _add_model_argument(evaluate)
+    evaluate.add_argument("--eval", nargs="+", default=["synthetic-test", "test-other", "test-clean"],
+                          metavar="NAME[=SOURCE]", help="shipped set names or NAME=FOLDER_OR_MANIFEST")
+    evaluate.add_argument("--plan", default=None, help="plan.json: also evaluate the int8 model")
+    evaluate.add_argument("--calibration", default=None, help="calibration audio for plans without fixed ranges")
+    evaluate.add_argument("--max-eval", type=int, default=None)
+    evaluate.add_argument("--output-dir", type=Path, default=None)
+    evaluate.set_defaults(run=_cmd_eval)
     return parser
 
 

@@ -77,3 +77,15 @@ def test_a_plan_from_another_model_is_refused_before_work(tmp_path, capsys) -> N
     code = main(["transcribe", "--model", "tiny-wav2vec2", audio, "--plan", str(tmp_path / "plan.json")])
     assert code == EXIT_FAILED
     assert "did you mean 'wav2vec2.feature_extractor" in capsys.readouterr().err
+
+
+def test_eval_verb_reports_float_wer_per_shipped_set(tmp_path, capsys) -> None:
+    import json as json_module
+
+    code = main(["eval", "--model", "tiny-wav2vec2", "--eval", "synthetic-test", "test-clean", "--max-eval", "2",
+                 "--output-dir", str(tmp_path)])
+    assert code == EXIT_OK
+    results = json_module.loads((tmp_path / "eval.json").read_text())
+    assert set(results) == {"synthetic-test", "test-clean"}
+    assert all(r["utterances"] == 2 and r["float_wer"] >= 0 for r in results.values())
+    assert main(["eval", "--model", "tiny-wav2vec2", "--eval", "nonsense"]) == EXIT_FAILED
