@@ -214,7 +214,7 @@ def _stablequant_int8(model, wave, calib, plan, threads) -> Built:
                  f"{quantized.bit_widths()}; compiled vs eager int8 cosine {compiled.report.cosine:.5f}")
 
 
-def _executorch(model, wave, calib, plan, threads, *, int8: bool) -> Built:
+def _executorch(model, wave, calib, plan, threads, *, int8: bool, friendly: bool = True) -> Built:
     from sq_pt2e.backends.executorch_xnnpack import PteRunner, lower_to_xnnpack
     from sq_pt2e.pipeline import quantize_model
 
@@ -223,10 +223,11 @@ def _executorch(model, wave, calib, plan, threads, *, int8: bool) -> Built:
         program = quantize_model(copy.deepcopy(model), wave, calib, plan=plan, target="xnnpack").converted
     else:
         program = copy.deepcopy(to_ctc_logits(model)).eval()
-    data, report = lower_to_xnnpack(program, wave)
+    data, report = lower_to_xnnpack(program, wave, friendly=friendly)
     runner = PteRunner(data, int(wave.shape[-1]), threads=threads)
+    lowering = "norms/attention rewritten for XNNPACK" if friendly else "stock lowering"
     return Built(runner, report.pte_bytes, time.perf_counter() - start, None,
-                 f"{report.delegate_calls} XNNPACK partitions, {report.portable_op_count} portable ops")
+                 f"{lowering}; {report.delegate_calls} XNNPACK partitions, {report.portable_op_count} portable ops")
 
 
 VARIANTS: dict[str, Callable[..., Built]] = {
@@ -238,6 +239,8 @@ VARIANTS: dict[str, Callable[..., Built]] = {
     "stablequant-int8-inductor": _stablequant_int8,
     "executorch-fp32": lambda *a: _executorch(*a, int8=False),
     "executorch-int8": lambda *a: _executorch(*a, int8=True),
+    "executorch-fp32-stock": lambda *a: _executorch(*a, int8=False, friendly=False),
+    "executorch-int8-stock": lambda *a: _executorch(*a, int8=True, friendly=False),
 }
 
 
