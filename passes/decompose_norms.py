@@ -26,6 +26,13 @@ __all__ = ["DecomposeNormsPass"]
 aten = torch.ops.aten
 
 
+def _affine_and_eps(node: Node) -> tuple[object, object, float]:
+    """``(weight, bias, eps)`` of ``layer_norm`` / ``group_norm``: both take them as args 2-4."""
+    args = node.args
+    return (args[2] if len(args) > 2 else None, args[3] if len(args) > 3 else None,
+            float(args[4]) if len(args) > 4 else 1e-5)
+
+
 def _normalise_4d(gm: GraphModule, x4: Node, eps: float) -> Node:
     graph = gm.graph
     mean = graph.call_function(aten.mean.dim, (x4, [2, 3], True))
@@ -63,9 +70,7 @@ class DecomposeNormsPass(PassBase):
     @staticmethod
     def _layer_norm(gm: GraphModule, node: Node) -> Node | None:
         x, shape = node.args[0], list(node.args[1])
-        weight = node.args[2] if len(node.args) > 2 else None
-        bias = node.args[3] if len(node.args) > 3 else None
-        eps = float(node.args[4]) if len(node.args) > 4 else 1e-5
+        weight, bias, eps = _affine_and_eps(node)
         value = x.meta.get("val") if isinstance(x, Node) else None
         if value is None or len(shape) != 1 or value.dim() < 2:
             return None
@@ -82,9 +87,7 @@ class DecomposeNormsPass(PassBase):
     @staticmethod
     def _group_norm(gm: GraphModule, node: Node) -> Node | None:
         x, groups = node.args[0], int(node.args[1])
-        weight = node.args[2] if len(node.args) > 2 else None
-        bias = node.args[3] if len(node.args) > 3 else None
-        eps = float(node.args[4]) if len(node.args) > 4 else 1e-5
+        weight, bias, eps = _affine_and_eps(node)
         value = x.meta.get("val") if isinstance(x, Node) else None
         if value is None or value.dim() != 3 or groups != value.shape[1]:
             return None  # only one group per channel, (batch, channels, time)

@@ -273,6 +273,7 @@ def _search_summary(report: object, criterion: str) -> str:
 
 def _build_parser() -> argparse.ArgumentParser:
     from sq_pt2e.bench import VARIANTS
+    from sq_pt2e.stablequant import DEFAULT_PERCENTILES
 
     parser = argparse.ArgumentParser(
         prog="sq-pt2e",
@@ -314,7 +315,8 @@ def _build_parser() -> argparse.ArgumentParser:
     quantize.add_argument("--granularity", choices=["block", "layer"], default="block")
     quantize.add_argument("--reading", choices=["mse-rest", "mse-all"], default="mse-rest")
     quantize.add_argument("--gamma", type=float, default=0.25, help="sensitivity threshold in WER points")
-    quantize.add_argument("--percentiles", type=float, nargs="+", default=[100, 99.999, 99.99, 99.9, 99.8, 99.5, 99])
+    quantize.add_argument("--percentiles", type=float, nargs="+", default=list(DEFAULT_PERCENTILES),
+                          help="clip percentiles tried for sensitive groups, in order")
     quantize.add_argument("--max-calibration", type=int, default=32, help="calibration utterances to use")
     quantize.add_argument("--max-dev", type=int, default=100, help="dev utterances to use")
     quantize.add_argument("--output-dir", type=Path, required=True)
