@@ -28,6 +28,7 @@ from torch.fx import GraphModule
 from sq_pt2e.errors import BackendError, Int8NotUsedError, NumericsMismatchError
 from sq_pt2e.hardware import CpuInfo, cpu_info
 from sq_pt2e.passes.conv1d_as_conv2d import QuantizedConv1dAsConv2dPass
+from sq_pt2e.passes.conv1d_as_gemm import QuantizedConv1dAsGemmPass
 from sq_pt2e.passes.verify_quantization import summarize_quantized_graph
 from sq_pt2e.plan import LayerPlan, QuantPlan
 
@@ -104,6 +105,7 @@ def compile_inductor(
     threads: int | None = None,
     min_cosine: float = 0.999,
     dynamic: bool = False,
+    conv_as_gemm: bool = True,
 ) -> CompiledInt8:
     """Compile a ``convert_pt2e`` graph with inductor and verify it.
 
@@ -113,6 +115,9 @@ def compile_inductor(
         threads: intra-op threads (default: the current setting); set before compiling.
         min_cosine: the least cosine similarity of compiled vs eager int8 output.
         dynamic: compile with dynamic shapes (default: one fixed shape).
+        conv_as_gemm: run the CNN encoder's int8 convolutions as int8 GEMMs on unfolded
+            frames (:class:`~sq_pt2e.passes.conv1d_as_gemm.QuantizedConv1dAsGemmPass`); the
+            others always go through the conv2d rewrite. Results are identical either way.
 
     Raises:
         Int8NotUsedError: fewer int8 kernels in the generated code than int8 layers.
@@ -128,6 +133,8 @@ def compile_inductor(
     with torch.no_grad():
         eager = converted(example)
     graph = copy.deepcopy(converted)
+    if conv_as_gemm:
+        QuantizedConv1dAsGemmPass()(graph)
     QuantizedConv1dAsConv2dPass()(graph)
     start = time.perf_counter()
     try:

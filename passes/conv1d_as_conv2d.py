@@ -16,30 +16,12 @@ Runs on the output of ``convert_pt2e`` (int8 weights as constants), before
 from __future__ import annotations
 
 import torch
-from torch.fx import GraphModule, Node
+from torch.fx import GraphModule
 from torch.fx.passes.infra.pass_base import PassBase, PassResult
 
-from sq_pt2e.passes.rewrite_utils import add_constant, replace_node
+from sq_pt2e.passes.rewrite_utils import add_constant, match_quantized_conv1d, replace_node
 
 __all__ = ["QuantizedConv1dAsConv2dPass"]
-
-_DQ_TENSOR = (
-    torch.ops.quantized_decomposed.dequantize_per_tensor.default,
-    torch.ops.quantized_decomposed.dequantize_per_tensor.tensor,
-)
-_DQ_CHANNEL = torch.ops.quantized_decomposed.dequantize_per_channel.default
-_CONV1D = torch.ops.aten.conv1d.default
-_CONV1D_DEFAULTS: tuple[object, ...] = (None, None, None, [1], [0], [1], 1)
-
-
-def _is_call(node: object, targets: object) -> bool:
-    if not isinstance(node, Node) or node.op != "call_function":
-        return False
-    return node.target in targets if isinstance(targets, tuple) else node.target == targets
-
-
-def _as_list(value: object) -> list[int]:
-    return list(value) if isinstance(value, (list, tuple)) else [int(value)]  # type: ignore[arg-type]
 
 
 class QuantizedConv1dAsConv2dPass(PassBase):
@@ -49,28 +31,20 @@ class QuantizedConv1dAsConv2dPass(PassBase):
         graph = graph_module.graph
         modified = False
         for node in list(graph.nodes):
-            if not _is_call(node, _CONV1D):
+            conv = match_quantized_conv1d(node)
+            if conv is None:
                 continue
-            x_dq, w_dq = node.args[0], node.args[1]
-            if not (_is_call(x_dq, _DQ_TENSOR) and _is_call(w_dq, _DQ_CHANNEL)):
-                continue
-            w_int = w_dq.args[0]
-            if not isinstance(w_int, Node) or w_int.op != "get_attr":
-                continue
-            # aten.conv1d(input, weight, bias=None, stride=1, padding=0, dilation=1, groups=1)
-            args = tuple(node.args) + _CONV1D_DEFAULTS[len(node.args) :]
-            bias, groups = args[2], args[6]
-            stride, padding, dilation = (_as_list(a) for a in args[3:6])
+            x_dq, w_dq, w_int = conv.x_dq, conv.w_dq, conv.w_int
             weight4 = getattr(graph_module, w_int.target).unsqueeze(2).contiguous()
             attr_name = add_constant(graph_module, f"{w_int.target}_as_conv2d", weight4)
             with graph.inserting_before(node):
                 x_int4 = graph.call_function(torch.ops.aten.unsqueeze.default, (x_dq.args[0], 2))
                 x_dq4 = graph.call_function(x_dq.target, (x_int4, *x_dq.args[1:]), dict(x_dq.kwargs))
                 w_int4 = graph.get_attr(attr_name)
-                w_dq4 = graph.call_function(_DQ_CHANNEL, (w_int4, *w_dq.args[1:]), dict(w_dq.kwargs))
+                w_dq4 = graph.call_function(w_dq.target, (w_int4, *w_dq.args[1:]), dict(w_dq.kwargs))
                 conv2d = graph.call_function(
                     torch.ops.aten.conv2d.default,
-                    (x_dq4, w_dq4, bias, [1, stride[0]], [0, padding[0]], [1, dilation[0]], groups),
+                    (x_dq4, w_dq4, conv.bias, [1, conv.stride], [0, conv.padding], [1, conv.dilation], conv.groups),
                 )
                 out = graph.call_function(torch.ops.aten.squeeze.dim, (conv2d, 2))
             replace_node(graph_module, node, out, also_tag=(x_int4, x_dq4, w_int4, w_dq4, conv2d))

@@ -2,12 +2,56 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch.fx import GraphModule, Node
 
-__all__ = ["add_constant", "replace_node"]
+__all__ = ["QuantizedConv1d", "add_constant", "match_quantized_conv1d", "replace_node"]
 
 _KEPT_META = ("nn_module_stack", "stack_trace")
+_DQ_TENSOR = (
+    torch.ops.quantized_decomposed.dequantize_per_tensor.default,
+    torch.ops.quantized_decomposed.dequantize_per_tensor.tensor,
+)
+_DQ_CHANNEL = torch.ops.quantized_decomposed.dequantize_per_channel.default
+# aten.conv1d(input, weight, bias=None, stride=1, padding=0, dilation=1, groups=1)
+_CONV1D_DEFAULTS: tuple[object, ...] = (None, None, None, [1], [0], [1], 1)
+
+
+@dataclass(frozen=True)
+class QuantizedConv1d:
+    """A ``dq(x) -> conv1d(dq(w_int8 constant))`` match in a converted graph."""
+
+    x_dq: Node
+    w_dq: Node
+    w_int: Node
+    bias: Node | None
+    stride: int
+    padding: int
+    dilation: int
+    groups: int
+
+
+def _single(value: object) -> int:
+    return int(value[0]) if isinstance(value, (list, tuple)) else int(value)  # type: ignore[index,arg-type]
+
+
+def match_quantized_conv1d(node: Node) -> QuantizedConv1d | None:
+    """The parts of an int8 conv1d at ``node`` (input and weight dequantized, weight constant)."""
+    if node.op != "call_function" or node.target != torch.ops.aten.conv1d.default:
+        return None
+    x_dq, w_dq = node.args[0], node.args[1]
+    if not (isinstance(x_dq, Node) and x_dq.op == "call_function" and x_dq.target in _DQ_TENSOR):
+        return None
+    if not (isinstance(w_dq, Node) and w_dq.op == "call_function" and w_dq.target == _DQ_CHANNEL):
+        return None
+    w_int = w_dq.args[0]
+    if not isinstance(w_int, Node) or w_int.op != "get_attr":
+        return None
+    args = tuple(node.args) + _CONV1D_DEFAULTS[len(node.args) :]
+    return QuantizedConv1d(x_dq, w_dq, w_int, args[2], _single(args[3]), _single(args[4]), _single(args[5]),
+                           int(args[6]))
 
 
 def add_constant(graph_module: GraphModule, prefix: str, value: torch.Tensor) -> str:
