@@ -26,6 +26,18 @@ __all__ = ["DecomposeNormsPass"]
 aten = torch.ops.aten
 
 
+def _shape_source(node: Node, x: object) -> torch.Tensor | None:
+    """A tensor with the norm's (static) shape: its output's meta, else its input's.
+
+    ``convert_pt2e`` inserts dequantize nodes without shape metadata, so the input of a
+    norm after an int8 layer may carry none; the norm's own output has the same shape.
+    """
+    value = node.meta.get("val")
+    if value is None and isinstance(x, Node):
+        value = x.meta.get("val")
+    return value if isinstance(value, torch.Tensor) else None
+
+
 def _affine_and_eps(node: Node) -> tuple[object, object, float]:
     """``(weight, bias, eps)`` of ``layer_norm`` / ``group_norm``: both take them as args 2-4."""
     args = node.args
@@ -71,7 +83,7 @@ class DecomposeNormsPass(PassBase):
     def _layer_norm(gm: GraphModule, node: Node) -> Node | None:
         x, shape = node.args[0], list(node.args[1])
         weight, bias, eps = _affine_and_eps(node)
-        value = x.meta.get("val") if isinstance(x, Node) else None
+        value = _shape_source(node, x)
         if value is None or len(shape) != 1 or value.dim() < 2:
             return None
         full = list(value.shape)
@@ -88,7 +100,7 @@ class DecomposeNormsPass(PassBase):
     def _group_norm(gm: GraphModule, node: Node) -> Node | None:
         x, groups = node.args[0], int(node.args[1])
         weight, bias, eps = _affine_and_eps(node)
-        value = x.meta.get("val") if isinstance(x, Node) else None
+        value = _shape_source(node, x)
         if value is None or value.dim() != 3 or groups != value.shape[1]:
             return None  # only one group per channel, (batch, channels, time)
         batch, channels, time = value.shape

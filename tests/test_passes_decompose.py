@@ -30,3 +30,19 @@ def test_masked_attention_is_left_alone() -> None:
     graph = export_speech_model(build_model("tiny-hubert", seed=0), wave, dynamic_time=True).module()
     DecomposeAttentionPass()(graph)
     assert any(n.target == aten.scaled_dot_product_attention.default for n in graph.graph.nodes)
+
+
+def test_norms_after_int8_layers_are_decomposed_too() -> None:
+    """convert_pt2e's dequantize nodes carry no shape metadata; the pass must not need it."""
+    from sq_pt2e.pipeline import quantize_model
+    from sq_pt2e.recipes import default_plan
+
+    torch.set_num_threads(1)
+    wave = torch.randn(1, 16000, generator=torch.Generator().manual_seed(1))
+    converted = quantize_model(build_model("tiny-wav2vec2", seed=0), wave, [wave], plan=default_plan(),
+                               target="xnnpack").converted
+    expected = converted(wave)
+    DecomposeNormsPass()(converted)
+    targets = {n.target for n in converted.graph.nodes if n.op == "call_function"}
+    assert not targets & {aten.layer_norm.default, aten.group_norm.default}
+    torch.testing.assert_close(converted(wave), expected, rtol=0, atol=1e-4)
