@@ -35,6 +35,31 @@ def test_other_rates_are_resampled_and_say_so(tmp_path) -> None:
     assert abs(len(audio.waveform) - 16000) <= 1
 
 
+def test_resampling_keeps_the_signal(tmp_path) -> None:
+    path = tmp_path / "a.flac"
+    sf.write(path, _tone(1.0, 48000, channels=2), 48000, subtype="PCM_24")
+    audio = load_audio(path)
+    assert (audio.original_sample_rate, audio.channels, audio.sample_rate) == (48000, 2, 16000)
+    expected = _tone(1.0, 16000)
+    middle = slice(800, 15200)  # away from the resampler's edges
+    assert np.corrcoef(audio.waveform[middle], expected[middle])[0, 1] > 0.999
+    np.testing.assert_allclose(audio.waveform[middle], expected[middle], atol=2e-3)
+
+
+def test_low_rate_audio_is_upsampled(tmp_path) -> None:
+    path = tmp_path / "phone.wav"
+    sf.write(path, _tone(0.5, 8000), 8000, subtype="PCM_16")
+    audio = load_audio(path)
+    assert audio.resampled and len(audio.waveform) == 8000 and audio.seconds == pytest.approx(0.5)
+
+
+def test_short_after_resampling_is_refused(tmp_path) -> None:
+    path = tmp_path / "blip.wav"
+    sf.write(path, _tone(1000 / 48000, 48000), 48000)  # 1000 samples at 48 kHz = 333 at 16 kHz
+    with pytest.raises(AudioError, match=r"blip.wav: 333 samples .* receptive field"):
+        load_audio(path)
+
+
 def test_stereo_is_averaged_to_mono(tmp_path) -> None:
     path = tmp_path / "a.wav"
     stereo = _tone(0.5, 16000, channels=2)
@@ -51,6 +76,16 @@ def test_clipping_is_reported_not_refused(tmp_path) -> None:
     wave[:800] = 1.0
     sf.write(path, wave, 16000, subtype="FLOAT")
     assert load_audio(path).clipped_fraction == pytest.approx(0.1, abs=0.01)
+
+
+def test_clipping_in_one_channel_is_reported(tmp_path) -> None:
+    path = tmp_path / "a.wav"
+    stereo = _tone(0.5, 16000, channels=2)
+    stereo[:4000, 0] = -1.0  # left channel clipped for a half: the average is not at full scale
+    sf.write(path, stereo, 16000, subtype="PCM_16")
+    audio = load_audio(path)
+    assert audio.clipped_fraction == pytest.approx(0.5, abs=0.01)
+    assert np.abs(audio.waveform).max() < 0.7
 
 
 @pytest.mark.parametrize(
@@ -84,8 +119,34 @@ def test_too_short_and_too_long(tmp_path) -> None:
         load_audio(short)
     long = tmp_path / "long.wav"
     sf.write(long, _tone(2.0, 16000), 16000)
-    with pytest.raises(AudioError, match="longer than the limit of 1 s"):
+    with pytest.raises(AudioError, match="long.wav: 2.0 s is longer than the limit of 1 s"):
         load_audio(long, max_seconds=1.0)
+    assert load_audio(long, max_seconds=2.0).seconds == pytest.approx(2.0)
+
+
+def test_invalid_arguments(tmp_path) -> None:
+    path = tmp_path / "a.wav"
+    sf.write(path, _tone(0.5, 16000), 16000)
+    with pytest.raises(AudioError, match="target_sr=0"):
+        load_audio(path, target_sr=0)
+    with pytest.raises(AudioError, match="max_seconds=-1"):
+        load_audio(path, max_seconds=-1)
+
+
+def test_zero_length_file(tmp_path) -> None:
+    path = tmp_path / "empty.wav"
+    sf.write(path, np.zeros(0, dtype=np.float32), 16000)
+    with pytest.raises(AudioError, match="empty.wav: the audio has no samples"):
+        load_audio(path)
+
+
+def test_non_finite_samples_in_a_float_file(tmp_path) -> None:
+    path = tmp_path / "nan.wav"
+    wave = _tone(0.5, 16000)
+    wave[10], wave[20] = np.nan, np.inf
+    sf.write(path, wave, 16000, subtype="FLOAT")
+    with pytest.raises(AudioError, match="nan.wav: 2 sample"):
+        load_audio(path)
 
 
 def test_non_finite_and_empty_waveforms_are_rejected() -> None:
@@ -110,3 +171,14 @@ def test_normalize_gives_zero_mean_unit_variance() -> None:
     wave = np.random.default_rng(0).normal(3.0, 2.0, 16000).astype(np.float32)
     out = normalize_waveform(wave)
     assert abs(out.mean()) < 1e-5 and abs(out.std() - 1.0) < 1e-3
+    with pytest.raises(AudioError, match="empty"):
+        normalize_waveform(np.zeros(0, dtype=np.float32))
+
+
+def test_normalize_matches_the_transformers_feature_extractor() -> None:
+    from transformers import Wav2Vec2FeatureExtractor
+
+    wave = (0.01 * np.random.default_rng(1).standard_normal(4000)).astype(np.float32)
+    extractor = Wav2Vec2FeatureExtractor(do_normalize=True, sampling_rate=16000)
+    expected = extractor(wave, sampling_rate=16000, return_tensors="np").input_values[0]
+    np.testing.assert_allclose(normalize_waveform(wave), expected, rtol=1e-5, atol=1e-6)
