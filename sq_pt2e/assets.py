@@ -9,19 +9,38 @@ from pathlib import Path
 from typing import Literal
 
 from sq_pt2e.data import Utterance, manifest_from_folder, read_manifest
+from sq_pt2e.errors import AudioError
 
 __all__ = ["asset_path", "calibration_files", "librispeech_manifest", "reference_model", "synthetic_manifest"]
 
 _ROOT = Path(__file__).resolve().parent / "assets"
+_LIBRISPEECH_SUBSETS = ("test-other", "test-clean")
 
 
 def asset_path(*parts: str) -> Path:
-    """Path of a shipped asset."""
+    """Path of a shipped asset (it need not exist), e.g. ``asset_path("librispeech", "transcripts.tsv")``.
+
+    Args:
+        *parts: path components below the package's ``assets/`` folder.
+    """
     return _ROOT.joinpath(*parts)
 
 
 def librispeech_manifest(subset: Literal["test-other", "test-clean"] | None = None) -> list[Utterance]:
-    """The shipped LibriSpeech utterances with transcripts (60 test-other, 4 test-clean)."""
+    """The shipped LibriSpeech utterances with their reference transcripts.
+
+    Args:
+        subset: ``"test-other"`` (60 utterances, 10 speakers), ``"test-clean"`` (4), or
+            ``None`` for all 64, in the order of ``transcripts.tsv``.
+
+    Raises:
+        AudioError: an unknown subset.
+
+    Example:
+        >>> refs = [u.text for u in librispeech_manifest("test-other")]
+    """
+    if subset is not None and subset not in _LIBRISPEECH_SUBSETS:
+        raise AudioError(f"unknown LibriSpeech subset {subset!r} (shipped: {', '.join(_LIBRISPEECH_SUBSETS)})")
     utterances = read_manifest(asset_path("librispeech", "transcripts.tsv"))
     if subset is None:
         return utterances
@@ -29,7 +48,11 @@ def librispeech_manifest(subset: Literal["test-other", "test-clean"] | None = No
 
 
 def calibration_files() -> list[Path]:
-    """The shipped unlabeled calibration audio (LibriSpeech train-clean-100, one file per speaker)."""
+    """The 24 shipped unlabeled calibration files, sorted by name.
+
+    LibriSpeech train-clean-100, one utterance per speaker, no speaker shared with the
+    test sets.
+    """
     return [u.path for u in manifest_from_folder(asset_path("calibration"))]
 
 

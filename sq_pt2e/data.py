@@ -1,8 +1,14 @@
 """Datasets as manifests: which audio file carries which transcript.
 
-Two TSV layouts are read (no header): ``path<TAB>transcript`` (path relative to the
-manifest's folder, or absolute) and LibriSpeech-style ``utt_id<TAB>subset<TAB>text``,
-whose audio is ``<folder>/<subset>/<utt_id>.flac`` or ``<folder>/<utt_id>.flac``.
+Two UTF-8 TSV layouts are read (no header, blank lines ignored):
+
+- ``path<TAB>transcript``: path relative to the manifest's folder, or absolute; the
+  utterance id is the file name without its suffix. An empty transcript is unlabeled.
+- LibriSpeech-style ``utt_id<TAB>subset<TAB>text``, whose audio is
+  ``<folder>/<subset>/<utt_id>.flac`` (LibriSpeech) or ``<folder>/<utt_id>.flac``
+  (the supplementary sets).
+
+Errors are ``AudioError`` naming the manifest and line.
 """
 
 from __future__ import annotations
@@ -22,7 +28,13 @@ AUDIO_SUFFIXES = (".flac", ".wav", ".ogg", ".mp3")
 
 @dataclass(frozen=True)
 class Utterance:
-    """One audio file and its transcript ("" when unlabeled)."""
+    """One audio file and its transcript (``""`` when unlabeled).
+
+    Attributes:
+        id: utterance id (LibriSpeech ``speaker-chapter-index``, or the file's stem).
+        path: the audio file.
+        text: the reference transcript.
+    """
 
     id: str
     path: Path
@@ -30,17 +42,33 @@ class Utterance:
 
 
 def read_manifest(path: str | os.PathLike[str]) -> list[Utterance]:
-    """Read a manifest (either layout); errors name the file and line.
+    """Read a manifest in either layout.
+
+    Args:
+        path: the ``.tsv`` file.
+
+    Returns:
+        The utterances in file order.
 
     Raises:
-        AudioError: missing manifest, malformed line, or a listed audio file that does not exist.
+        AudioError: missing or non-UTF-8 manifest, a malformed line, a listed audio file
+            that does not exist, or an utterance id listed twice (file and line named).
+
+    Example:
+        >>> utterances = read_manifest("data/librispeech/transcripts.tsv")
     """
     manifest = Path(path)
     if not manifest.is_file():
         raise AudioError(f"{manifest}: no such manifest")
+    try:
+        content = manifest.read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise AudioError(f"{manifest}: not UTF-8 text ({exc.reason} at byte {exc.start})") from exc
     folder = manifest.parent
     utterances = []
-    for number, line in enumerate(manifest.read_text(encoding="utf-8").splitlines(), start=1):
+    first_line: dict[str, int] = {}
+    for number, line in enumerate(content.split("\n"), start=1):  # not splitlines(): U+2028 is no line end here
+        line = line.removesuffix("\r")
         if not line.strip():
             continue
         fields = line.split("\t")
@@ -54,14 +82,33 @@ def read_manifest(path: str | os.PathLike[str]) -> list[Utterance]:
             utt = Utterance(utt_id, audio, text.strip())
         else:
             raise AudioError(f"{manifest}:{number}: expected 2 or 3 tab-separated fields, got {len(fields)}")
+        if not fields[0].strip():
+            raise AudioError(f"{manifest}:{number}: the first field (path or utterance id) is empty")
         if not utt.path.is_file():
             raise AudioError(f"{manifest}:{number}: audio file {utt.path} does not exist")
+        if utt.id in first_line:
+            raise AudioError(f"{manifest}:{number}: utterance id {utt.id!r} is already on line {first_line[utt.id]}")
+        first_line[utt.id] = number
         utterances.append(utt)
     return utterances
 
 
 def write_manifest(path: str | os.PathLike[str], utterances: Sequence[Utterance]) -> Path:
-    """Write ``path<TAB>transcript`` lines (paths relative to the manifest when possible), atomically."""
+    """Write a ``path<TAB>transcript`` manifest atomically (temporary file + ``os.replace``).
+
+    Audio paths under the manifest's folder are written relative to it, others absolute.
+    The layout stores no ids: reading back gives each utterance its file name's stem.
+
+    Args:
+        path: the ``.tsv`` file to write (parent folders are created).
+        utterances: what to list, in order.
+
+    Returns:
+        The manifest path.
+
+    Raises:
+        AudioError: a transcript contains a tab or newline.
+    """
     folder = Path(path).parent.resolve()
     lines = []
     for utt in utterances:
@@ -74,7 +121,17 @@ def write_manifest(path: str | os.PathLike[str], utterances: Sequence[Utterance]
 
 
 def manifest_from_folder(folder: str | os.PathLike[str]) -> list[Utterance]:
-    """Every audio file directly in ``folder`` (sorted by name), unlabeled."""
+    """Every audio file directly in ``folder``, sorted by name, unlabeled (for calibration).
+
+    Args:
+        folder: a folder of audio files (suffixes in ``AUDIO_SUFFIXES``, any case).
+
+    Returns:
+        One unlabeled :class:`Utterance` per file, id = file name without suffix.
+
+    Raises:
+        AudioError: no such folder, or no audio file in it.
+    """
     root = Path(folder)
     if not root.is_dir():
         raise AudioError(f"{root}: no such folder")
