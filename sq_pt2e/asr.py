@@ -67,7 +67,8 @@ def ctc_greedy_decode(logits: torch.Tensor | np.ndarray, vocab: Sequence[str] = 
     """
     scores = torch.as_tensor(logits)
     if scores.ndim not in (2, 3):
-        raise ValueError(f"expected logits of shape (frames, vocab) or (batch, frames, vocab), got {tuple(scores.shape)}")
+        msg = f"expected logits of shape (frames, vocab) or (batch, frames, vocab), got {tuple(scores.shape)}"
+        raise ValueError(msg)
     if scores.shape[-1] != len(vocab):
         raise ValueError(f"logits have {scores.shape[-1]} classes but the vocabulary has {len(vocab)} tokens")
     ids = scores.argmax(dim=-1)

@@ -90,7 +90,11 @@ def test_clipping_in_one_channel_is_reported(tmp_path) -> None:
 
 @pytest.mark.parametrize(
     ("content", "message"),
-    [(b"", "cannot decode"), (b"not audio at all" * 100, "cannot decode"), (b"RIFF\x00\x00\x00\x00WAVEfmt ", "cannot decode")],
+    [
+        (b"", "cannot decode"),
+        (b"not audio at all" * 100, "cannot decode"),
+        (b"RIFF\x00\x00\x00\x00WAVEfmt ", "cannot decode"),
+    ],
 )
 def test_corrupt_or_non_audio_files_name_the_file(tmp_path, content: bytes, message: str) -> None:
     path = tmp_path / "broken.wav"

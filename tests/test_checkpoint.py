@@ -25,7 +25,8 @@ def _logits(model: torch.nn.Module) -> torch.Tensor:
         return model(WAVE).logits
 
 
-def _hf_to_torchaudio(state: dict[str, torch.Tensor], base: str, *, legacy_weight_norm: bool = True) -> dict[str, torch.Tensor]:
+def _hf_to_torchaudio(state: dict[str, torch.Tensor], base: str, *,
+                      legacy_weight_norm: bool = True) -> dict[str, torch.Tensor]:
     """The inverse mapping, written independently: what torchaudio's builders name each tensor."""
     out = {}
     for key, value in state.items():

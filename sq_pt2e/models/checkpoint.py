@@ -156,7 +156,8 @@ def _problems(state: Mapping[str, torch.Tensor], expected: Mapping[str, torch.Te
     unexpected = sorted(set(state) - set(expected))
     problems = []
     if missing:
-        hint = " (no CTC head: a pretraining-only checkpoint?)" if any(k.startswith("lm_head.") for k in missing) else ""
+        no_head = any(k.startswith("lm_head.") for k in missing)
+        hint = " (no CTC head: a pretraining-only checkpoint?)" if no_head else ""
         problems.append(f"{len(missing)} missing key(s) {missing[:_SHOWN]}{hint}")
     if unexpected:
         problems.append(f"{len(unexpected)} unexpected key(s) {unexpected[:_SHOWN]}")
@@ -267,7 +268,8 @@ def _load_folder(folder: Path, architecture: str | None) -> PreTrainedModel:
         raise CheckpointError(f"{config_file}: cannot read the config ({_first_line(exc)})") from exc
     if config.model_type not in SUPPORTED_MODEL_TYPES:
         raise CheckpointError(
-            f"{config_file}: model_type {config.model_type!r} is not supported (expected one of {SUPPORTED_MODEL_TYPES})"
+            f"{config_file}: model_type {config.model_type!r} is not supported "
+            f"(expected one of {SUPPORTED_MODEL_TYPES})"
         )
     try:
         with _quiet_transformers():
@@ -296,7 +298,8 @@ def _load_folder(folder: Path, architecture: str | None) -> PreTrainedModel:
         from sq_pt2e.models.configs import ARCHITECTURES
 
         if architecture not in ARCHITECTURES:
-            raise CheckpointError(f"{folder}: unknown architecture {architecture!r} (known: {', '.join(ARCHITECTURES)})")
+            msg = f"{folder}: unknown architecture {architecture!r} (known: {', '.join(ARCHITECTURES)})"
+            raise CheckpointError(msg)
         meta = _meta_model(architecture)
         found = _problems(model.state_dict(), meta.state_dict())
         if type(meta) is not type(model):
@@ -388,7 +391,8 @@ def save_hf_checkpoint(model: PreTrainedModel, folder: str | os.PathLike[str]) -
     if target.exists() and not target.is_dir():
         raise CheckpointError(f"{target}: exists and is not a folder")
     if target.is_dir() and any(target.iterdir()) and not (target / "config.json").is_file():
-        raise CheckpointError(f"{target}: not empty and not a checkpoint folder (no config.json): refusing to replace it")
+        msg = f"{target}: not empty and not a checkpoint folder (no config.json): refusing to replace it"
+        raise CheckpointError(msg)
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
     old = None
