@@ -79,6 +79,21 @@ def test_legacy_pytorch_model_bin_with_weight_g_and_weight_v(tmp_path: Path) -> 
     torch.testing.assert_close(_logits(load_checkpoint(folder)), _logits(model), rtol=0, atol=1e-5)
 
 
+def test_model_with_folded_weight_norm_saves_and_loads(tmp_path: Path) -> None:
+    """What sq_pt2e.passes.fold_weight_norm does to the model before export."""
+    from torch.nn.utils import parametrize
+
+    model = build_model("tiny-wav2vec2", seed=9)
+    expected = _logits(model)
+    parametrize.remove_parametrizations(model.wav2vec2.encoder.pos_conv_embed.conv, "weight")
+    torch.testing.assert_close(_logits(load_checkpoint(save_hf_checkpoint(model, tmp_path / "ckpt"))), expected,
+                               rtol=0, atol=1e-5)
+    state = _hf_to_torchaudio(model.state_dict(), "wav2vec2")
+    assert "encoder.transformer.pos_conv_embed.conv.weight" in state
+    torch.save(state, tmp_path / "folded.pt")
+    torch.testing.assert_close(_logits(load_checkpoint(tmp_path / "folded.pt")), expected, rtol=0, atol=1e-5)
+
+
 def test_saving_replaces_an_existing_checkpoint(tmp_path: Path) -> None:
     save_hf_checkpoint(build_model("tiny-hubert", seed=1), tmp_path / "ckpt")
     second = build_model("tiny-hubert", seed=2)

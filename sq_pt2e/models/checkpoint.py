@@ -20,6 +20,9 @@
   cannot be installed beside this torch). ``<base>`` is ``wav2vec2`` or ``hubert``. A
   state dict already in Hugging Face key layout is accepted as well. Such a file has no
   config: ``architecture`` names it, or it is inferred from the tensor shapes.
+- A positional convolution whose weight norm was folded into a plain ``weight`` (by
+  ``sq_pt2e.passes.fold_weight_norm``) is stored and read as weight norm again
+  (``g = ||w||`` over all but the kernel axis, ``v = w``), so such models save and load.
 - torchaudio's ASR bundles drop fairseq's three unused outputs (``<pad>``, ``</s>``,
   ``<unk>``: 29 labels ``-``, ``|``, ``E``, ...). A 29-output head is widened back to the
   32-symbol vocabulary; the restored outputs copy the blank output 10 logits lower, so
@@ -64,6 +67,8 @@ _OPTIONAL = ("masked_spec_embed",)  # used only for training-time masking; often
 _FAIRSEQ_DROPPED = (1, 2, 3)  # outputs torchaudio's ASR bundles remove from the fairseq head
 _RESTORED_LOGIT_OFFSET = 10.0
 _SHOWN = 3  # keys listed in an error message
+_POS_CONV_WEIGHT = "pos_conv_embed.conv.weight"
+_WEIGHT_NORM_DIM = 2  # transformers applies weight_norm(conv, dim=2) to the positional convolution
 
 
 def torchaudio_to_hf_keys(state: Mapping[str, torch.Tensor], base: str) -> dict[str, torch.Tensor]:
@@ -140,6 +145,19 @@ def _restore_fairseq_outputs(state: dict[str, torch.Tensor], vocab_size: int) ->
     state["lm_head.weight"], state["lm_head.bias"] = new_weight, new_bias
 
 
+def _unfold_weight_norm(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Express a folded positional-convolution ``weight`` as weight norm (``original0`` = g, ``original1`` = v)."""
+    for key in [k for k in state if k.endswith(_POS_CONV_WEIGHT)]:
+        prefix = key[: -len("weight")]
+        if f"{prefix}parametrizations.weight.original0" in state:
+            continue
+        weight = state.pop(key)
+        dims = tuple(d for d in range(weight.ndim) if d != _WEIGHT_NORM_DIM)
+        state[f"{prefix}parametrizations.weight.original0"] = torch.linalg.vector_norm(weight, dim=dims, keepdim=True)
+        state[f"{prefix}parametrizations.weight.original1"] = weight
+    return state
+
+
 def _to_hf_layout(state: Mapping[str, torch.Tensor], model: PreTrainedModel) -> dict[str, torch.Tensor]:
     base = model.base_model_prefix
     if any(k.startswith(f"{base}.") for k in state):
@@ -147,7 +165,7 @@ def _to_hf_layout(state: Mapping[str, torch.Tensor], model: PreTrainedModel) -> 
     else:
         mapped = torchaudio_to_hf_keys(state, base)
     _restore_fairseq_outputs(mapped, model.config.vocab_size)
-    return mapped
+    return _unfold_weight_norm(mapped)
 
 
 def _problems(state: Mapping[str, torch.Tensor], expected: Mapping[str, torch.Tensor]) -> list[str]:
@@ -400,8 +418,9 @@ def save_hf_checkpoint(model: PreTrainedModel, folder: str | os.PathLike[str]) -
         umask = os.umask(0)
         os.umask(umask)
         tmp.chmod(0o777 & ~umask)  # mkdtemp makes 0700; give the usual folder mode
+        state = _unfold_weight_norm(dict(model.state_dict()))
         with _quiet_transformers():
-            model.save_pretrained(tmp, safe_serialization=True)
+            model.save_pretrained(tmp, state_dict=state, safe_serialization=True)
         for name, content in (("vocab.json", vocab_dict()), ("tokenizer_config.json", _tokenizer_config()),
                               ("preprocessor_config.json", _preprocessor_config(model))):
             (tmp / name).write_text(json.dumps(content, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
