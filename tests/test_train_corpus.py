@@ -1,4 +1,4 @@
-"""The synthetic corpus: disjoint splits, deterministic rendering."""
+"""The synthetic corpus: disjoint splits, deterministic rendering, real clips held out."""
 
 from __future__ import annotations
 
@@ -6,26 +6,40 @@ import shutil
 
 import numpy as np
 import pytest
+import soundfile as sf
 
-from sq_pt2e.train.corpus import ACCENTS, SPLIT_VARIANTS, CorpusSpec, Voice, render, split_sentences
+from sq_pt2e.data import Utterance, read_manifest
+from sq_pt2e.train.corpus import (
+    ACCENTS,
+    FLITE_SPLIT_VOICES,
+    SPLIT_VARIANTS,
+    CorpusSpec,
+    Voice,
+    build_corpus,
+    render,
+    split_sentences,
+)
 
 needs_espeak = pytest.mark.skipif(shutil.which("espeak-ng") is None, reason="espeak-ng binary not installed")
+needs_flite = pytest.mark.skipif(shutil.which("flite") is None, reason="flite binary not installed")
 
 SENTENCES = [f"Sentence {chr(65 + i % 26)}{chr(65 + i // 26)} is here." for i in range(60)] + ["Dup it.", "dup it", "x"]
+SPLITS = ("train", "dev", "test")
 
 
 def test_voice_variants_are_disjoint_between_splits() -> None:
-    train, dev, test = (set(SPLIT_VARIANTS[s]) for s in ("train", "dev", "test"))
-    assert not (train & dev) and not (train & test) and not (dev & test)
+    for table in (SPLIT_VARIANTS, FLITE_SPLIT_VOICES):
+        train, dev, test = (set(table[s]) for s in SPLITS)
+        assert not (train & dev) and not (train & test) and not (dev & test)
 
 
 def test_sentence_splits_are_disjoint_normalised_and_seeded() -> None:
     spec = CorpusSpec(train_sentences=30, dev_sentences=5, test_sentences=5, seed=7)
     splits = split_sentences(SENTENCES, spec, excluded={"SENTENCE DA IS HERE"})
-    assert [len(splits[s]) for s in ("train", "dev", "test")] == [30, 5, 5]
+    assert [len(splits[s]) for s in SPLITS] == [50, 5, 5]  # 60 + "DUP IT" - excluded; "x" has one word
     all_texts = splits["train"] + splits["dev"] + splits["test"]
     assert len(set(all_texts)) == len(all_texts)
-    assert "SENTENCE DA IS HERE" not in all_texts
+    assert "SENTENCE DA IS HERE" not in all_texts and "X" not in all_texts
     assert all(t == t.upper() and "." not in t for t in all_texts)
     assert split_sentences(SENTENCES, spec, set()) == split_sentences(SENTENCES, spec, set())
     assert split_sentences(SENTENCES, spec, set()) != split_sentences(SENTENCES, CorpusSpec(seed=8), set())
@@ -39,3 +53,50 @@ def test_rendering_is_deterministic_and_16k() -> None:
     assert first.dtype == np.float32 and 0.3 * 16000 < first.size < 3 * 16000
     np.testing.assert_array_equal(first, again)
     assert not np.array_equal(first, render("HELLO WORLD", Voice(ACCENTS[1], "f2", 160, 50)))
+    reverberant = render("HELLO WORLD", voice, seed=1, reverb_rt60=0.4)
+    assert reverberant.shape == render("HELLO WORLD", voice).shape and np.abs(reverberant).max() <= 1.0
+
+
+@needs_flite
+def test_flite_voices_render_at_16k_with_rate_and_pitch() -> None:
+    slow = render("HELLO WORLD", Voice("", "kal", 80, 100, "flite"))  # kal speaks at 8 kHz: resampled
+    fast = render("HELLO WORLD", Voice("", "kal", 125, 100, "flite"))
+    assert slow.dtype == np.float32 and slow.size > fast.size > 0.3 * 16000
+
+
+def _voices(corpus, split: str) -> set[str]:
+    rows = (corpus / "parts" / f"{split}-espeak-ng.voices.tsv").read_text().splitlines()[1:]
+    return {row.split("\t")[2].split("+")[1] for row in rows}
+
+
+@needs_espeak
+def test_corpus_is_deterministic_disjoint_and_holds_out_real_sentences(tmp_path) -> None:
+    real = []
+    for index, text in enumerate(["Real one is here.", "Real two is here.", "Real three is here."]):
+        path = tmp_path / f"LJ{index}.flac"
+        sf.write(path, np.zeros(8000, np.float32), 16000)
+        real.append(Utterance(f"LJ{index}", path, text))
+    sentences = [u.text for u in real] + ["The cat sat down.", "A dog ran off.", "We all went home.",
+                                          "Rain fell all day.", "Birds sang at dawn."]
+    spec = CorpusSpec(train_sentences=3, dev_sentences=2, test_sentences=2, seed=3, real_test_clips=1)
+    built = {}
+    for name in ("a", "b"):
+        out = tmp_path / name
+        manifests = build_corpus(out, sentences, spec, real_clips=real, workers=2, progress=False,
+                                 engines=["espeak-ng"])
+        built[name] = {split: read_manifest(path) for split, path in manifests.items()}
+    first, second = built["a"], built["b"]
+    for split in SPLITS:
+        assert [(u.id, u.text) for u in first[split]] == [(u.id, u.text) for u in second[split]]
+        for a, b in zip(first[split], second[split]):
+            np.testing.assert_array_equal(sf.read(a.path)[0], sf.read(b.path)[0])
+    texts = {split: {u.text for u in first[split]} for split in SPLITS}
+    assert not (texts["train"] & texts["dev"]) and not (texts["train"] & texts["test"])
+    assert not (texts["dev"] & texts["test"])
+    assert [u.id for u in first["real-test"]] == ["LJ2"] and len(first["real-train"]) == 2
+    everything = set().union(*texts.values())
+    assert "REAL THREE IS HERE" not in everything  # held-out real clip: in no synthetic split
+    assert not ({"REAL ONE IS HERE", "REAL TWO IS HERE"} & (texts["dev"] | texts["test"]))
+    voices = {split: _voices(tmp_path / "a", split) for split in SPLITS}
+    assert voices["train"] <= set(SPLIT_VARIANTS["train"]) and voices["test"] <= set(SPLIT_VARIANTS["test"])
+    assert not (voices["train"] & voices["test"]) and not (voices["train"] & voices["dev"])

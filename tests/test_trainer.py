@@ -1,42 +1,117 @@
-"""Training steps, resume, and the model folder format."""
+"""Training: the schedule, batching, loss going down, exact resume, the model folder format."""
 
 from __future__ import annotations
 
 import json
+import shutil
 
 import numpy as np
+import pytest
 import soundfile as sf
 import torch
 
 from sq_pt2e.data import Utterance
+from sq_pt2e.errors import ModelError
 from sq_pt2e.models.vocab import VOCAB
-from sq_pt2e.train.trainer import TrainConfig, encode_transcript, save_model_folder, train
+from sq_pt2e.train.trainer import (
+    REFERENCE_MODELS,
+    TrainConfig,
+    _batch_for_step,
+    _Clips,
+    build_reference_model,
+    encode_transcript,
+    lr_factor,
+    save_model_folder,
+    train,
+)
 
 
 def test_encode_transcript_uses_the_word_delimiter() -> None:
     assert [VOCAB[i] for i in encode_transcript("AB C'")] == ["A", "B", "|", "C", "'"]
 
 
-def _clips(tmp_path, count: int = 3) -> list[Utterance]:
+def test_reference_models_keep_the_real_cnn_shape_and_norm_styles() -> None:
+    wav2vec2, hubert = build_reference_model("ref-wav2vec2"), build_reference_model("ref-hubert")
+    for model in (wav2vec2, hubert):
+        assert tuple(model.config.conv_kernel) == (10, 3, 3, 3, 3, 2, 2)
+        assert tuple(model.config.conv_stride) == (5, 2, 2, 2, 2, 2, 2)
+        assert 2e6 < sum(p.numel() for p in model.parameters()) < 20e6
+    assert wav2vec2.config.feat_extract_norm == "group" and not wav2vec2.config.do_stable_layer_norm
+    assert hubert.config.feat_extract_norm == "layer" and hubert.config.do_stable_layer_norm
+    assert set(REFERENCE_MODELS) == {"ref-wav2vec2", "ref-hubert"}
+    with pytest.raises(ModelError, match="unknown reference model"):
+        build_reference_model("ref-nothing")
+
+
+def test_schedule_warms_up_decays_and_rewarms() -> None:
+    config = TrainConfig(warmup_steps=10, total_steps=110, min_lr_ratio=0.1, rewarm_steps=4)
+    assert lr_factor(0, config) == pytest.approx(0.1) and lr_factor(9, config) == pytest.approx(1.0)
+    assert lr_factor(60, config) == pytest.approx(0.55) and lr_factor(110, config) == pytest.approx(0.1)
+    assert lr_factor(60, config, rewarm_from=59) == pytest.approx(0.55 * 2 / 4)
+    assert lr_factor(70, config, rewarm_from=59) == lr_factor(70, config)
+
+
+def _clips(tmp_path, seconds: tuple[float, ...] = (0.5, 0.6, 0.7, 1.2, 1.5)) -> list[Utterance]:
     rng = np.random.default_rng(0)
     utts = []
-    for i in range(count):
+    for i, length in enumerate(seconds):
         path = tmp_path / f"u{i}.flac"
-        sf.write(path, (0.1 * rng.standard_normal(8000 + 1600 * i)).astype(np.float32), 16000)
-        utts.append(Utterance(f"u{i}", path, "HELLO WORLD"))
+        sf.write(path, (0.1 * rng.standard_normal(int(16000 * length))).astype(np.float32), 16000)
+        utts.append(Utterance(f"u{i}", path, "HI THERE"))
     return utts
 
 
-def test_training_runs_checkpoints_and_resumes(tmp_path) -> None:
+def test_batches_are_seeded_fit_the_budget_and_follow_the_curriculum(tmp_path) -> None:
+    clips = _Clips(_clips(tmp_path), max_seconds=16.0)
+    config = TrainConfig(batch_seconds=1.3, curriculum_start_s=0.65, curriculum_steps=100, max_utterance_seconds=2.0)
+    for step in range(30):
+        batch = _batch_for_step(clips, step, config)
+        assert batch == _batch_for_step(clips, step, config)
+        assert len(batch) == 1 or clips.lengths[max(batch)] * len(batch) <= 1.3 * 16000
+    early = {i for step in range(3) for i in _batch_for_step(clips, step, config)}
+    assert early <= {0, 1}  # only clips <= 0.65 s at the start
+    late = {i for step in range(100, 140) for i in _batch_for_step(clips, step, config)}
+    assert late == {0, 1, 2, 3, 4}
+
+
+def _config(**changes) -> TrainConfig:
+    fields = {"lr": 1e-3, "warmup_steps": 1, "total_steps": 50, "batch_seconds": 1.5, "curriculum_steps": 1,
+              "eval_every_s": 1e9, "save_every_s": 1e9, "eval_utterances": 1, **changes}
+    return TrainConfig(**fields)
+
+
+def test_training_steps_decrease_the_loss(tmp_path) -> None:
+    utts = _clips(tmp_path, (0.6,))
+    record = train("ref-hubert", utts, utts, tmp_path / "run", config=_config(), max_steps=6, progress=False)
+    assert record["step"] == 6 and record["losses"][-1] < 0.8 * record["losses"][0]
+    assert (tmp_path / "run" / "best" / "model.safetensors").exists()
+    assert json.loads((tmp_path / "run" / "best" / "train_state.json").read_text())["step"] == 6
+
+
+def test_resume_from_the_state_file_reproduces_the_uninterrupted_run(tmp_path) -> None:
     utts = _clips(tmp_path)
-    config = TrainConfig(total_steps=2, warmup_steps=1, batch_seconds=2.0, eval_every_s=0.0, eval_utterances=1)
-    record = train("ref-hubert", utts, utts[:1], tmp_path / "run", config=config, minutes=5.0)
-    assert record["step"] >= 1 and (tmp_path / "run" / "best" / "model.safetensors").exists()
-    state = torch.load(tmp_path / "run" / "state.pt", weights_only=False)
-    assert state["step"] == 2
-    resumed = TrainConfig(total_steps=3, warmup_steps=1, batch_seconds=2.0, eval_every_s=1e9)
-    train("ref-hubert", utts, utts[:1], tmp_path / "run", config=resumed, minutes=5.0)
-    assert torch.load(tmp_path / "run" / "state.pt", weights_only=False)["step"] == 3
+    straight = train("ref-wav2vec2", utts, utts[:1], tmp_path / "a", config=_config(), max_steps=4, progress=False)
+    train("ref-wav2vec2", utts, utts[:1], tmp_path / "b", config=_config(), max_steps=2, progress=False)
+    resumed = train("ref-wav2vec2", utts, utts[:1], tmp_path / "b", config=_config(), max_steps=2, progress=False)
+    assert resumed["step"] == 4 and resumed["losses"] == straight["losses"][2:]
+    a = torch.load(tmp_path / "a" / "state.pt", weights_only=False)
+    b = torch.load(tmp_path / "b" / "state.pt", weights_only=False)
+    for key, value in a["model"].items():
+        torch.testing.assert_close(b["model"][key], value, rtol=0, atol=0)
+    assert a["optimizer"]["state"].keys() == b["optimizer"]["state"].keys()
+    torch.testing.assert_close(b["optimizer"]["state"][0]["exp_avg"], a["optimizer"]["state"][0]["exp_avg"])
+
+
+def test_resume_from_a_shipped_folder_keeps_the_step_count(tmp_path) -> None:
+    utts = _clips(tmp_path, (0.6,))
+    train("ref-hubert", utts, utts, tmp_path / "run", config=_config(), max_steps=3, progress=False)
+    shipped = tmp_path / "shipped"
+    shutil.copytree(tmp_path / "run" / "best", shipped)
+    record = train("ref-hubert", utts, utts, tmp_path / "fresh", config=_config(), max_steps=2, progress=False,
+                   init_from=shipped)
+    assert record["step"] == 5
+    state = torch.load(tmp_path / "fresh" / "state.pt", weights_only=False)
+    assert state["counters"]["rewarm_from"] == 3
 
 
 def test_model_folder_has_the_hugging_face_layout(tmp_path) -> None:
@@ -44,10 +119,11 @@ def test_model_folder_has_the_hugging_face_layout(tmp_path) -> None:
 
     from sq_pt2e.models import build_model
 
-    model = build_model("tiny-wav2vec2")
+    model = build_model("tiny-wav2vec2").eval()
     folder = save_model_folder(model, tmp_path / "m", {"step": 5})
     assert {p.name for p in folder.iterdir()} >= {"config.json", "model.safetensors", "vocab.json", "train_state.json"}
     assert json.loads((folder / "vocab.json").read_text())["<pad>"] == 0
+    assert json.loads((folder / "train_state.json").read_text()) == {"step": 5}
     loaded = AutoModelForCTC.from_pretrained(folder).eval()
     wave = torch.randn(1, 8000)
     torch.testing.assert_close(loaded(wave).logits, model(wave).logits)

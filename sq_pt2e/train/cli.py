@@ -1,0 +1,227 @@
+"""Command line of the reference-model training: ``python -m sq_pt2e.train VERB ...``.
+
+Verbs:
+    corpus   render the synthetic corpus (and list the real LJ Speech clips) into corpus/
+    train    train or resume a reference model under runs/<model>/
+    ship     copy a seeded sample of the dev and test splits into the package (assets/synthetic)
+    export   copy the best checkpoint into the package, evaluate it, write its model card
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+from sq_pt2e.data import Utterance
+
+__all__ = ["main", "training_utterances"]
+
+_DEFAULT_LJSPEECH = "../shared/data/supplementary/ljspeech/transcripts.tsv"
+
+
+def training_utterances(corpus: Path, real_repeat: int = 3) -> list[Utterance]:
+    """The synthetic training split plus the real training clips repeated ``real_repeat`` times.
+
+    Args:
+        corpus: a corpus folder written by ``corpus``.
+        real_repeat: weight of the real LJ Speech clips (they are few).
+    """
+    from sq_pt2e.train.corpus import read_split
+
+    utterances = read_split(corpus, "train")
+    if (corpus / "real-train.tsv").exists():
+        real = read_split(corpus, "real-train")
+        utterances += [Utterance(f"{u.id}#{k}", u.path, u.text) for k in range(real_repeat) for u in real]
+    return utterances
+
+
+def _parser() -> argparse.ArgumentParser:
+    from sq_pt2e.train.trainer import REFERENCE_MODELS
+
+    parser = argparse.ArgumentParser(prog="python -m sq_pt2e.train", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    verbs = parser.add_subparsers(dest="verb", required=True)
+    corpus = verbs.add_parser("corpus", help="render the synthetic corpus")
+    corpus.add_argument("--out", type=Path, default=Path("corpus"))
+    corpus.add_argument("--sentences", type=Path, default=None,
+                        help="one sentence per line (default: the shipped LJ Speech sentences)")
+    corpus.add_argument("--real-clips", type=Path, default=Path(_DEFAULT_LJSPEECH),
+                        help="transcripts.tsv of the real LJ Speech clips (skipped when missing)")
+    corpus.add_argument("--train-sentences", type=int, default=8000)
+    corpus.add_argument("--workers", type=int, default=2)
+    corpus.add_argument("--seed", type=int, default=0)
+    run = verbs.add_parser("train", help="train or resume a reference model")
+    run.add_argument("--model", choices=sorted(REFERENCE_MODELS), required=True)
+    run.add_argument("--corpus", type=Path, default=Path("corpus"))
+    run.add_argument("--runs", type=Path, default=Path("runs"))
+    run.add_argument("--minutes", type=float, default=60.0)
+    run.add_argument("--threads", type=int, default=1)
+    run.add_argument("--real-repeat", type=int, default=3, help="how often the real clips count in sampling")
+    run.add_argument("--no-init", action="store_true",
+                     help="without runs/<model>/state.pt start from scratch, not from the shipped weights")
+    ship = verbs.add_parser("ship", help="copy a seeded sample of the dev and test splits into the package")
+    ship.add_argument("--corpus", type=Path, default=Path("corpus"))
+    ship.add_argument("--test", type=int, default=120, help="test utterances to ship")
+    ship.add_argument("--dev", type=int, default=30, help="dev utterances to ship")
+    ship.add_argument("--seed", type=int, default=0)
+    export = verbs.add_parser("export", help="copy the best checkpoint into the package and write its model card")
+    export.add_argument("--model", choices=sorted(REFERENCE_MODELS), required=True)
+    export.add_argument("--runs", type=Path, default=Path("runs"))
+    export.add_argument("--corpus", type=Path, default=Path("corpus"))
+    export.add_argument("--threads", type=int, default=1)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run one verb; returns the exit status.
+
+    Args:
+        argv: arguments (``sys.argv[1:]`` when ``None``).
+    """
+    args = _parser().parse_args(argv)
+    if args.verb == "corpus":
+        return _corpus(args)
+    if args.verb == "train":
+        return _train(args)
+    if args.verb == "ship":
+        return _ship(args)
+    return _export(args)
+
+
+def _corpus(args: argparse.Namespace) -> int:
+    from sq_pt2e.assets import asset_path
+    from sq_pt2e.data import read_manifest
+    from sq_pt2e.train.corpus import CorpusSpec, build_corpus
+
+    sentences_path = args.sentences or asset_path("text", "ljspeech_sentences.txt")
+    sentences = sentences_path.read_text(encoding="utf-8").splitlines()
+    real = read_manifest(args.real_clips) if args.real_clips and args.real_clips.exists() else []
+    if not real:
+        print(f"no real clips at {args.real_clips}: the corpus is synthetic only")
+    spec = CorpusSpec(train_sentences=args.train_sentences, seed=args.seed)
+    for split, path in build_corpus(args.out, sentences, spec, real_clips=real, workers=args.workers).items():
+        print(split, path)
+    return 0
+
+
+def _train(args: argparse.Namespace) -> int:
+    from sq_pt2e.assets import asset_path
+    from sq_pt2e.train.corpus import read_split
+    from sq_pt2e.train.trainer import TrainConfig, train
+
+    shipped = asset_path("models", args.model)
+    init = shipped if (shipped / "train_state.json").exists() and not args.no_init else None
+    if init is not None:
+        recorded = json.loads((shipped / "train_state.json").read_text(encoding="utf-8"))
+        if recorded.get("config", {}).get("total_steps") is None:
+            init = None  # weights of an older recipe and architecture: start afresh
+    record = train(args.model, training_utterances(args.corpus, args.real_repeat), read_split(args.corpus, "dev"),
+                   args.runs / args.model, config=TrainConfig(threads=args.threads), minutes=args.minutes,
+                   init_from=init)
+    record.pop("losses", None)
+    print(json.dumps(record))
+    return 0
+
+
+_SHIPPED_README = """# Synthetic evaluation speech
+
+`test.tsv` / `test/` and `dev.tsv` / `dev/`: a seeded sample of the test and dev splits
+of the synthetic corpus (`python -m sq_pt2e.train corpus`, then
+`python -m sq_pt2e.train ship`), 16 kHz 16-bit FLAC with normalised transcripts
+(`path<TAB>text`). Sentences and voices are unseen in the reference models' training:
+test voices are espeak-ng variants m4, f3, klatt3, david, linda, victor (8 English
+accents) and flite's slt; dev voices are espeak-ng m6, f4, paul, steph and flite's kal.
+
+License: the text is from LJ Speech (Keith Ito, 2017), whose transcriptions are in the
+public domain. The audio was synthesized with espeak-ng (GPL-3.0) and flite (BSD-style
+license); the GPL does not cover a program's output, and flite's output is unrestricted,
+so these recordings carry no license restriction. `voices.tsv` lists each file's engine,
+voice, rate and pitch.
+"""
+
+
+def _ship(args: argparse.Namespace) -> int:
+    import random
+
+    from sq_pt2e.assets import asset_path
+    from sq_pt2e.atomic import atomic_write_text
+    from sq_pt2e.data import write_manifest
+    from sq_pt2e.train.corpus import read_split
+
+    root = asset_path("synthetic")
+    voices: dict[str, str] = {}
+    for table in sorted((args.corpus / "parts").glob("*.voices.tsv")):
+        for line in table.read_text(encoding="utf-8").splitlines()[1:]:
+            voices[line.split("\t")[0]] = line
+    rows = ["file\tsource_id\tengine\tvoice\tspeed\tpitch\tnoise_db\trt60_s"]
+    for split, count in (("test", args.test), ("dev", args.dev)):
+        utterances = read_split(args.corpus, split)
+        chosen = sorted(random.Random(args.seed).sample(range(len(utterances)), min(count, len(utterances))))
+        folder = root / split
+        shutil.rmtree(folder, ignore_errors=True)
+        folder.mkdir(parents=True)
+        shipped = []
+        for index, position in enumerate(chosen):
+            utt = utterances[position]
+            target = folder / f"{split}-{index:05d}.flac"
+            shutil.copyfile(utt.path, target)
+            shipped.append(Utterance(target.stem, target, utt.text))
+            rows.append(f"{split}/{target.name}\t" + voices.get(utt.id, f"{utt.id}\t\t\t\t\t\t"))
+        write_manifest(root / f"{split}.tsv", shipped)
+        size = sum(p.stat().st_size for p in folder.iterdir())
+        print(f"{split}: {len(shipped)} utterances, {size / 1e6:.1f} MB")
+    atomic_write_text(root / "voices.tsv", "\n".join(rows) + "\n")
+    atomic_write_text(root / "README.md", _SHIPPED_README)
+    return 0
+
+
+def _evaluate_sets(folder: Path, corpus: Path) -> dict[str, dict[str, float]]:
+    from sq_pt2e.assets import librispeech_manifest, synthetic_manifest
+    from sq_pt2e.models.checkpoint import load_checkpoint
+    from sq_pt2e.train.corpus import read_split
+    from sq_pt2e.train.trainer import evaluate
+
+    model = load_checkpoint(folder)
+    sets: dict[str, list[Utterance]] = {"synthetic test, shipped (unseen sentences and voices)":
+                                        synthetic_manifest("test")}
+    if (corpus / "test.tsv").exists():
+        sets["synthetic test, full corpus split"] = read_split(corpus, "test")
+    if (corpus / "dev.tsv").exists():
+        sets["synthetic dev"] = read_split(corpus, "dev")
+    if (corpus / "real-test.tsv").exists():
+        sets["LJ Speech real clips, held out"] = read_split(corpus, "real-test")
+    sets["LibriSpeech test-other (shipped 60)"] = librispeech_manifest("test-other")
+    return {name: evaluate(model, utts, progress=True) for name, utts in sets.items()}
+
+
+def _export(args: argparse.Namespace) -> int:
+    import torch
+
+    from sq_pt2e.assets import asset_path
+    from sq_pt2e.train.card import write_model_card
+
+    torch.set_num_threads(args.threads)
+    best = args.runs / args.model / "best"
+    if not (best / "config.json").exists():
+        print(f"no best checkpoint at {best}")
+        return 1
+    target = asset_path("models", args.model)
+    staging = Path(tempfile.mkdtemp(prefix=f".{args.model}.", dir=target.parent))
+    try:
+        shutil.copytree(best, staging / "m")
+        results = _evaluate_sets(staging / "m", args.corpus)
+        write_model_card(staging / "m", args.model, results)
+        old = target.with_name(f".{args.model}.old")
+        shutil.rmtree(old, ignore_errors=True)
+        if target.exists():
+            os.replace(target, old)
+        os.replace(staging / "m", target)
+        shutil.rmtree(old, ignore_errors=True)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    print(json.dumps(results, indent=2))
+    return 0
