@@ -63,6 +63,8 @@ def write_model_card(folder: str | os.PathLike[str], name: str, results: dict[st
                    f"FFN {config.intermediate_size}, {norm}, positional conv kernel {config.num_conv_pos_embeddings} / "
                    f"{config.num_conv_pos_embedding_groups} groups")
     voices_line = f"{len(ACCENTS)} English accents x {len(SPLIT_VARIANTS['train'])} training voice variants"
+    counts = state.get("data", {}).get("training utterances", {})
+    parts = ", ".join(f"{k} {v}" for k, v in sorted(counts.items())) or "not recorded"
     s = schedule.get
     training = "\n".join([
         f"AdamW (peak learning rate {s('lr', '?')}, {s('warmup_steps', '?')} warm-up steps, cosine decay over "
@@ -79,7 +81,8 @@ def write_model_card(folder: str | os.PathLike[str], name: str, results: dict[st
     card = f"""# {name}
 
 A small CTC speech recognizer trained from scratch on CPU as a reference model for
-sq-pt2e: quantization accuracy (WER) is measured on it. {_STYLE.get(name, "")}.
+sq-pt2e: quantization accuracy (WER) is measured on it.
+{_STYLE.get(name, "")}.
 
 | | |
 |---|---|
@@ -99,6 +102,7 @@ utterances with synthetic reverberation. Plus 345 real LJ Speech clips (one spea
 weighted 3x. Dev and test sentences and voices are unseen in training (test voices:
 espeak-ng m4, f3, klatt3, david, linda, victor and flite slt); 40 real LJ Speech clips
 (LJ002-0161 to LJ002-0200) are held out. Corpus: `python -m sq_pt2e.train corpus`.
+Utterances per corpus folder in the latest run: {parts}.
 
 ## Training
 
@@ -114,8 +118,9 @@ Dev trajectory:
 |---|---:|---:|---:|
 {rows}
 
-{status} The model is trained on synthetic speech and one real speaker; it is not meant
-to transcribe real speech in general (see the LibriSpeech row).
+{status}
+The model is trained on synthetic speech and one real speaker; it is not meant to
+transcribe real speech in general (see the LibriSpeech row).
 
 ## Reproduce or continue
 

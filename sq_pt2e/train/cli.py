@@ -54,6 +54,8 @@ def _parser() -> argparse.ArgumentParser:
     corpus.add_argument("--train-sentences", type=int, default=8000)
     corpus.add_argument("--workers", type=int, default=2)
     corpus.add_argument("--seed", type=int, default=0)
+    corpus.add_argument("--engines", default=None,
+                        help="comma-separated subset of espeak-ng,flite,festival (default: those installed)")
     run = verbs.add_parser("train", help="train or resume a reference model")
     run.add_argument("--model", choices=sorted(REFERENCE_MODELS), required=True)
     run.add_argument("--corpus", type=Path, default=Path("corpus"))
@@ -103,7 +105,9 @@ def _corpus(args: argparse.Namespace) -> int:
     if not real:
         print(f"no real clips at {args.real_clips}: the corpus is synthetic only")
     spec = CorpusSpec(train_sentences=args.train_sentences, seed=args.seed)
-    for split, path in build_corpus(args.out, sentences, spec, real_clips=real, workers=args.workers).items():
+    engines = args.engines.split(",") if args.engines else None
+    built = build_corpus(args.out, sentences, spec, real_clips=real, workers=args.workers, engines=engines)
+    for split, path in built.items():
         print(split, path)
     return 0
 
@@ -111,7 +115,7 @@ def _corpus(args: argparse.Namespace) -> int:
 def _train(args: argparse.Namespace) -> int:
     from sq_pt2e.assets import asset_path
     from sq_pt2e.train.corpus import read_split
-    from sq_pt2e.train.trainer import TrainConfig, train
+    from sq_pt2e.train.trainer import default_config, train
 
     shipped = asset_path("models", args.model)
     init = shipped if (shipped / "train_state.json").exists() and not args.no_init else None
@@ -119,9 +123,14 @@ def _train(args: argparse.Namespace) -> int:
         recorded = json.loads((shipped / "train_state.json").read_text(encoding="utf-8"))
         if recorded.get("config", {}).get("total_steps") is None:
             init = None  # weights of an older recipe and architecture: start afresh
-    record = train(args.model, training_utterances(args.corpus, args.real_repeat), read_split(args.corpus, "dev"),
-                   args.runs / args.model, config=TrainConfig(threads=args.threads), minutes=args.minutes,
-                   init_from=init)
+    utterances = training_utterances(args.corpus, args.real_repeat)
+    parts: dict[str, int] = {}
+    for utt in utterances:
+        source = "real LJ Speech (weighted)" if "#" in utt.id else utt.path.parent.name
+        parts[source] = parts.get(source, 0) + 1
+    record = train(args.model, utterances, read_split(args.corpus, "dev"), args.runs / args.model,
+                   config=default_config(args.model, threads=args.threads), minutes=args.minutes, init_from=init,
+                   data={"training utterances": parts})
     record.pop("losses", None)
     print(json.dumps(record))
     return 0

@@ -44,8 +44,10 @@ from sq_pt2e.models.configs import make_config
 from sq_pt2e.models.vocab import VOCAB, WORD_DELIMITER
 
 __all__ = [
+    "RECIPES",
     "REFERENCE_MODELS",
     "TrainConfig",
+    "default_config",
     "build_reference_model",
     "encode_transcript",
     "evaluate",
@@ -68,6 +70,13 @@ _SHAPE: dict[str, Any] = {
 REFERENCE_MODELS: dict[str, tuple[str, dict[str, Any]]] = {
     "ref-wav2vec2": ("tiny-wav2vec2", _SHAPE),  # group-norm CNN, post-norm Transformer
     "ref-hubert": ("tiny-hubert", _SHAPE),  # layer-norm CNN, pre-norm ("stable layer norm") Transformer
+}
+# Schedule changes per model: the post-norm Transformer stayed on all-blank output for
+# 800 steps (3.9 h of audio) at a 2e-3 peak after 300 warm-up steps, where the pre-norm
+# one left it after about 450; it gets a lower peak and a longer warm-up.
+RECIPES: dict[str, dict[str, Any]] = {
+    "ref-wav2vec2": {"lr": 1e-3, "warmup_steps": 600},
+    "ref-hubert": {},
 }
 _CHAR_ID = {c: i for i, c in enumerate(VOCAB) if len(c) == 1}
 
@@ -111,6 +120,17 @@ class TrainConfig:
     eval_utterances: int = 80
     seed: int = 0
     threads: int = 1
+
+
+def default_config(name: str, **changes: Any) -> TrainConfig:
+    """The training configuration of reference model ``name`` (``RECIPES``), with ``changes``.
+
+    Raises:
+        ModelError: unknown name.
+    """
+    if name not in RECIPES:
+        raise ModelError(f"unknown reference model {name!r} (known: {', '.join(sorted(RECIPES))})")
+    return TrainConfig(**{**RECIPES[name], **changes})
 
 
 def encode_transcript(text: str) -> list[int]:
@@ -272,6 +292,29 @@ def save_model_folder(model: PreTrainedModel, folder: str | os.PathLike[str], ex
     return target
 
 
+class _StopOnSignal:
+    """SIGTERM / SIGINT end training after the current step (and its checkpoint), in the main thread."""
+
+    def __init__(self) -> None:
+        import signal
+        import threading
+
+        self.requested = False
+        self._previous: dict[int, Any] = {}
+        if threading.current_thread() is threading.main_thread():
+            for number in (signal.SIGTERM, signal.SIGINT):
+                self._previous[number] = signal.signal(number, self._request)
+
+    def _request(self, number: int, frame: Any) -> None:
+        self.requested = True
+
+    def restore(self) -> None:
+        import signal
+
+        for number, handler in self._previous.items():
+            signal.signal(number, handler)
+
+
 @dataclass
 class _State:
     step: int = 0
@@ -280,6 +323,7 @@ class _State:
     audio_seconds: float = 0.0
     train_seconds: float = 0.0
     dev_key: str = ""
+    data: dict[str, Any] = field(default_factory=dict)
     history: list[dict[str, Any]] = field(default_factory=list)
 
 
@@ -305,7 +349,7 @@ def _resume(run: Path, name: str, config: TrainConfig, init_from: str | os.PathL
         state = _State(step=int(recorded["step"]), best_cer=float(recorded.get("dev_cer", float("inf"))),
                        rewarm_from=int(recorded["step"]), audio_seconds=float(recorded.get("audio_seconds", 0.0)),
                        train_seconds=float(recorded.get("train_seconds", 0.0)),
-                       dev_key=str(recorded.get("dev_key", "")),
+                       dev_key=str(recorded.get("dev_key", "")), data=dict(recorded.get("data", {})),
                        history=list(recorded.get("history", [])))
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     if saved is not None:
@@ -316,7 +360,7 @@ def _resume(run: Path, name: str, config: TrainConfig, init_from: str | os.PathL
 def train(name: str, train_set: Sequence[Utterance], dev_set: Sequence[Utterance], run_dir: str | os.PathLike[str],
           *, config: TrainConfig = TrainConfig(), minutes: float = 60.0,
           init_from: str | os.PathLike[str] | None = None, progress: bool = True, max_steps: int | None = None,
-          on_best: Callable[[Path, dict[str, Any]], None] | None = None) -> dict[str, Any]:
+          data: dict[str, Any] | None = None, on_best: Callable[[Path, dict[str, Any]], None] | None = None) -> dict[str, Any]:
     """Train (or resume) reference model ``name`` for ``minutes`` of wall time or up to ``config.total_steps``.
 
     Resumes from ``run_dir/state.pt`` when it exists (exactly: same optimizer state and
@@ -333,6 +377,7 @@ def train(name: str, train_set: Sequence[Utterance], dev_set: Sequence[Utterance
         init_from: shipped model folder to start from when there is no state file.
         progress: show a tqdm progress bar.
         max_steps: stop after this many steps in this call (the schedule is unchanged).
+        data: a description of the training data, recorded in ``train_state.json``.
         on_best: called with (``best/`` folder, record) after each new best model.
 
     Returns:
@@ -350,6 +395,8 @@ def train(name: str, train_set: Sequence[Utterance], dev_set: Sequence[Utterance
     dev_key = hashlib.sha256("\n".join(f"{u.id}\t{u.text}" for u in dev).encode()).hexdigest()[:16]
     if dev_key != state.dev_key:  # another dev set: earlier scores are not comparable
         state.best_cer, state.dev_key = float("inf"), dev_key
+    if data is not None:
+        state.data = dict(data)
     stop_at = config.total_steps if max_steps is None else min(config.total_steps, state.step + max_steps)
     deadline = time.monotonic() + minutes * 60.0
     last_save = last_eval = time.monotonic()
@@ -372,7 +419,7 @@ def train(name: str, train_set: Sequence[Utterance], dev_set: Sequence[Utterance
             folder = save_model_folder(model, run / "best", {
                 "model": name, "step": state.step, "dev_cer": record["cer"], "dev_wer": record["wer"],
                 "audio_seconds": state.audio_seconds, "train_seconds": state.train_seconds, "dev_key": state.dev_key,
-                "config": asdict(config), "history": state.history})
+                "data": state.data, "config": asdict(config), "history": state.history})
             if on_best is not None:
                 on_best(folder, record)
         return record
@@ -380,7 +427,8 @@ def train(name: str, train_set: Sequence[Utterance], dev_set: Sequence[Utterance
     bar = tqdm(desc=f"train {name}", unit="step", initial=state.step, total=config.total_steps, disable=not progress,
                mininterval=5.0)
     record: dict[str, Any] = {}
-    while time.monotonic() < deadline and state.step < stop_at:
+    stop = _StopOnSignal()
+    while time.monotonic() < deadline and state.step < stop_at and not stop.requested:
         started = time.perf_counter()
         torch.manual_seed(config.seed * 1_000_003 + state.step)
         np.random.seed((config.seed * 1_000_003 + state.step) % 2**32)  # transformers' SpecAugment uses numpy
@@ -410,10 +458,11 @@ def train(name: str, train_set: Sequence[Utterance], dev_set: Sequence[Utterance
         if now - last_save >= config.save_every_s:
             checkpoint()
             last_save = now
-    if dev and (not state.history or state.history[-1]["step"] != state.step):
+    if dev and not stop.requested and (not state.history or state.history[-1]["step"] != state.step):
         record = evaluate_dev()
         bar.write(json.dumps(record))
     checkpoint()
+    stop.restore()
     bar.close()
     atomic_write_text(run / "history.json", json.dumps(state.history, indent=2) + "\n")
     return {**record, "step": state.step, "losses": losses,
