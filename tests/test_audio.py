@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-from sq_pt2e.audio import MIN_SAMPLES, load_audio, normalize_waveform, validate_waveform
+from sq_pt2e.audio import MIN_SAMPLES, load_audio, normalize_waveform, stream_audio, validate_waveform
 from sq_pt2e.errors import AudioError
 
 
@@ -186,3 +186,59 @@ def test_normalize_matches_the_transformers_feature_extractor() -> None:
     extractor = Wav2Vec2FeatureExtractor(do_normalize=True, sampling_rate=16000)
     expected = extractor(wave, sampling_rate=16000, return_tensors="np").input_values[0]
     np.testing.assert_allclose(normalize_waveform(wave), expected, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize(("subtype", "atol"), [("PCM_U8", 1 / 64), ("PCM_S8", 1 / 64), ("DOUBLE", 1e-6)])
+def test_8_bit_and_double_files_load(tmp_path, subtype: str, atol: float) -> None:
+    path = tmp_path / ("a.wav" if subtype != "PCM_S8" else "a.aiff")
+    sf.write(path, _tone(0.5, 16000), 16000, subtype=subtype)
+    np.testing.assert_allclose(load_audio(path).waveform, _tone(0.5, 16000), atol=atol)
+
+
+def test_six_channels_are_averaged(tmp_path) -> None:
+    path = tmp_path / "surround.wav"
+    frames = np.zeros((8000, 6), dtype=np.float32)
+    frames[:, 2] = _tone(0.5, 16000) * 3
+    sf.write(path, frames, 16000, subtype="FLOAT")
+    audio = load_audio(path)
+    assert audio.channels == 6
+    np.testing.assert_allclose(audio.waveform, _tone(0.5, 16000) / 2, atol=1e-6)
+
+
+@pytest.mark.parametrize("rate", [16000, 22050])
+def test_streamed_chunks_join_to_the_loaded_waveform(tmp_path, rate: int) -> None:
+    path = tmp_path / "long.flac"
+    sf.write(path, _tone(9.3, rate), rate)  # several decoding blocks
+    chunks = list(stream_audio(path, chunk_seconds=2.0))
+    assert [len(c) for c in chunks[:-1]] == [32000] * 4
+    assert abs(len(chunks[-1]) - 0.3 * 16000 - 16000) <= 1  # the 1.3 s remainder
+    np.testing.assert_array_equal(np.concatenate(chunks), load_audio(path).waveform)
+
+
+def test_streaming_keeps_a_short_tail_with_the_last_chunk(tmp_path) -> None:
+    path = tmp_path / "a.wav"
+    sf.write(path, np.zeros(32000 + 100, dtype=np.float32), 16000)
+    assert [len(c) for c in stream_audio(path, chunk_seconds=1.0)] == [16000, 16100]
+
+
+def test_streaming_refuses_chunks_below_the_receptive_field_and_bad_files(tmp_path) -> None:
+    path = tmp_path / "a.wav"
+    sf.write(path, _tone(0.5, 16000), 16000)
+    with pytest.raises(AudioError, match=r"a.wav: chunk_seconds=0.01 is shorter than 400 samples"):
+        next(stream_audio(path, chunk_seconds=0.01))
+    (tmp_path / "b.wav").write_bytes(b"junk" * 50)
+    with pytest.raises(AudioError, match=r"b.wav: cannot decode audio"):
+        next(stream_audio(tmp_path / "b.wav"))
+    short = tmp_path / "short.wav"
+    sf.write(short, _tone(0.01, 16000), 16000)
+    with pytest.raises(AudioError, match=r"short.wav: 160 samples .* receptive field"):
+        list(stream_audio(short))
+
+
+def test_nan_late_in_a_long_file_is_found(tmp_path) -> None:
+    path = tmp_path / "late.wav"
+    wave = _tone(6.0, 16000)
+    wave[-5] = np.nan  # in the second decoding block
+    sf.write(path, wave, 16000, subtype="FLOAT")
+    with pytest.raises(AudioError, match="late.wav: 1 sample"):
+        load_audio(path)
