@@ -15,6 +15,8 @@ __all__ = [
     "Int8NotUsedError",
     "NumericsMismatchError",
     "BackendError",
+    "NumericsError",
+    "ResumeError",
 ]
 
 
@@ -52,3 +54,11 @@ class NumericsMismatchError(SqPt2eError, RuntimeError):
 
 class BackendError(SqPt2eError, RuntimeError):
     """Compiling or lowering for a backend failed."""
+
+
+class NumericsError(SqPt2eError, ValueError):
+    """A tensor holds NaN/Inf values, or a quantity cannot be represented where it is used."""
+
+
+class ResumeError(SqPt2eError, ValueError):
+    """A checkpoint of interrupted work is corrupt or belongs to another run."""
