@@ -22,9 +22,14 @@ from torchao.quantization.pt2e.observer import UniformQuantizationObserverBase
 from sq_pt2e.errors import QuantizationError
 
 __all__ = [
+    "ACCUMULATOR_BITS",
     "AbsHistogram",
     "AbsHistogramObserver",
     "PerChannelMseWeightObserver",
+    "accumulator_bound",
+    "check_accumulator",
+    "check_weight",
+    "int16_pair_saturates",
     "max_weight_scales",
     "mse_weight_scales",
     "DEFAULT_BINS",
@@ -36,16 +41,34 @@ __all__ = [
 ]
 
 DEFAULT_BINS = 2048
+ACCUMULATOR_BITS = 32  # int8 GEMM / conv kernels (oneDNN, XNNPACK) accumulate in int32
 RangeMethod = Literal["max", "percentile", "mse", "entropy"]
 
 
 @dataclass(frozen=True)
 class AbsHistogram:
-    """A histogram of |x|: ``counts`` over equal bins of ``[0, upper]``, plus the exact max."""
+    """A histogram of |x|: ``counts`` over equal bins of ``[0, upper]``, plus the exact max.
+
+    Raises:
+        QuantizationError: counts not 1-D, negative or non-finite; ``upper`` or
+            ``max_abs`` negative or non-finite; data seen (``max_abs > 0``) on no grid.
+    """
 
     counts: np.ndarray  # float64, shape (bins,)
     upper: float
     max_abs: float
+
+    def __post_init__(self) -> None:
+        counts = np.asarray(self.counts)
+        if counts.ndim != 1 or counts.size == 0:
+            raise QuantizationError(f"histogram counts must be 1-D and non-empty, got shape {counts.shape}")
+        if not np.isfinite(counts).all() or (counts < 0).any():
+            raise QuantizationError("histogram counts must be finite and non-negative")
+        for label, value in (("upper", self.upper), ("max_abs", self.max_abs)):
+            if not (math.isfinite(value) and value >= 0.0):
+                raise QuantizationError(f"histogram {label}={value!r} (expected a finite value >= 0)")
+        if self.max_abs > self.upper and self.upper > 0.0:
+            raise QuantizationError(f"histogram max_abs={self.max_abs} lies outside its grid [0, {self.upper}]")
 
     @property
     def bin_width(self) -> float:
@@ -134,19 +157,43 @@ def range_entropy(hist: AbsHistogram, qmax: int) -> float:
     return float(min(best_end * hist.bin_width, hist.max_abs))
 
 
-def range_for(hist: AbsHistogram, method: RangeMethod, qmax: int, percentile: float | None = None) -> float:
-    """Dispatch to the range function named by ``method``."""
+def range_for(hist: AbsHistogram, method: RangeMethod, qmax: int, percentile: float | None = None, *,
+              layer: str = "") -> float:
+    """Dispatch to the range function named by ``method``; the result is always usable.
+
+    Args:
+        hist: the layer's |x| histogram.
+        method: ``"max"``, ``"percentile"``, ``"mse"`` or ``"entropy"``.
+        qmax: largest integer level (127 at 8 bits).
+        percentile: for ``method="percentile"``.
+        layer: named in error messages.
+
+    Returns:
+        A finite range > 0.
+
+    Raises:
+        ValueError: unknown method, or a percentile method without a percentile.
+        QuantizationError: no calibration data reached the layer (empty histogram),
+            or every value it saw was zero (a zero range would give scale 0).
+    """
+    where = f" for layer {layer!r}" if layer else ""
+    if method not in ("max", "percentile", "mse", "entropy"):
+        raise ValueError(f"unknown range method {method!r} (expected max, percentile, mse or entropy)")
+    if method == "percentile" and percentile is None:
+        raise ValueError("method='percentile' needs a percentile")
+    if hist.total == 0:
+        raise QuantizationError(f"no calibration data reached the layer{where}: its range is undefined")
     if method == "max":
-        return range_max(hist)
-    if method == "percentile":
-        if percentile is None:
-            raise ValueError("method='percentile' needs a percentile")
-        return range_percentile(hist, percentile)
-    if method == "mse":
-        return range_mse(hist, qmax)
-    if method == "entropy":
-        return range_entropy(hist, qmax)
-    raise ValueError(f"unknown range method {method!r} (expected max, percentile, mse or entropy)")
+        value = range_max(hist)
+    elif method == "percentile":
+        value = range_percentile(hist, percentile)  # type: ignore[arg-type]
+    elif method == "mse":
+        value = range_mse(hist, qmax)
+    else:
+        value = range_entropy(hist, qmax)
+    if not (math.isfinite(value) and value > 0.0):
+        raise QuantizationError(f"calibrated activation range is {value}{where} (all inputs were zero)")
+    return value
 
 
 class AbsHistogramObserver(UniformQuantizationObserverBase):
@@ -241,11 +288,7 @@ class AbsHistogramObserver(UniformQuantizationObserverBase):
         if hist.total == 0:
             msg = f"no calibration data reached the observer{where}: run calibration before convert_pt2e"
             raise QuantizationError(msg)
-        value = range_for(hist, self.method, (self.quant_max - self.quant_min) // 2, self.percentile)
-        if not value > 0.0:
-            msg = f"calibrated activation range is {value}{where} (all inputs were zero)"
-            raise QuantizationError(msg)
-        return value
+        return range_for(hist, self.method, (self.quant_max - self.quant_min) // 2, self.percentile, layer=self.layer)
 
     @torch.jit.export
     def calculate_qparams(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -258,21 +301,47 @@ class AbsHistogramObserver(UniformQuantizationObserverBase):
         return f"method={self.method}, percentile={self.percentile}, fixed_range={self.fixed_range}, layer={self.layer!r}"
 
 
-def max_weight_scales(weight: torch.Tensor, qmax: int, eps: float = 2**-12) -> torch.Tensor:
-    """Per-output-channel symmetric scales ``max|w| / qmax`` (axis 0), at least ``eps``."""
+def check_weight(weight: torch.Tensor, *, layer: str = "") -> None:
+    """Refuse weights that cannot be quantized: empty, or holding NaN/Inf.
+
+    Dead output channels (all zero) are fine: their scale is ``eps``, never 0.
+
+    Raises:
+        QuantizationError: naming the layer and how many values are bad.
+    """
+    where = f" of layer {layer!r}" if layer else ""
+    if weight.ndim == 0 or weight.numel() == 0:
+        raise QuantizationError(f"weight{where} has shape {tuple(weight.shape)}: nothing to quantize")
+    finite = torch.isfinite(weight)
+    if not bool(finite.all()):
+        channels = int((~finite).reshape(weight.shape[0], -1).any(dim=1).sum())
+        msg = f"weight{where} has {int((~finite).sum())} NaN/Inf value(s) in {channels} output channel(s)"
+        raise QuantizationError(msg)
+
+
+def max_weight_scales(weight: torch.Tensor, qmax: int, eps: float = 2**-12, *, layer: str = "") -> torch.Tensor:
+    """Per-output-channel symmetric scales ``max|w| / qmax`` (axis 0), at least ``eps``.
+
+    Raises:
+        QuantizationError: NaN/Inf or empty weights (see :func:`check_weight`).
+    """
+    check_weight(weight, layer=layer)
     flat = weight.detach().reshape(weight.shape[0], -1).abs().amax(dim=1)
     return torch.clamp(flat / qmax, min=eps)
 
 
 def mse_weight_scales(weight: torch.Tensor, qmax: int, *, grid: int = 100, max_shrink: float = 0.8,
-                      eps: float = 2**-12) -> torch.Tensor:
+                      eps: float = 2**-12, layer: str = "") -> torch.Tensor:
     """Per-output-channel scales minimising the squared weight quantization error.
 
     Grid search over clip factors ``1, 1 - 1/grid, ...`` down to ``1 - max_shrink`` of
     ``max|w|`` per channel, as GPTQ's ``find_params(mse=True)`` does.
+
+    Raises:
+        QuantizationError: NaN/Inf or empty weights (see :func:`check_weight`).
     """
     flat = weight.detach().reshape(weight.shape[0], -1).to(torch.float32)
-    best_scale = max_weight_scales(weight, qmax, eps)
+    best_scale = max_weight_scales(weight, qmax, eps, layer=layer)
     best_error = torch.full_like(best_scale, float("inf"))
     base = best_scale.clone()
     for step in range(int(max_shrink * grid) + 1):
@@ -314,3 +383,54 @@ class PerChannelMseWeightObserver(UniformQuantizationObserverBase):
             raise QuantizationError("weight observer saw no weight: run calibration before convert_pt2e")
         scales = mse_weight_scales(self.weight, (self.quant_max - self.quant_min) // 2)
         return scales, torch.zeros_like(scales, dtype=torch.int32)
+
+
+def accumulator_bound(reduction: int, weight_bits: int, act_bits: int, *, unsigned_act: bool = False) -> int:
+    """Worst-case magnitude of an int accumulator summing ``reduction`` weight x activation products.
+
+    Symmetric signed grids: ``|w| <= 2**(weight_bits-1) - 1``, ``|x|`` likewise; on
+    uint8 storage (x86 oneDNN, zero point ``q``) the stored activation reaches ``2q``
+    before the zero-point correction, doubling the bound.
+
+    Args:
+        reduction: products per output (``in_features``, or ``in_channels / groups * kernel``).
+        weight_bits: weight bits (2..8).
+        act_bits: activation bits (2..8).
+        unsigned_act: activations stored as uint8 with zero point ``q``.
+    """
+    if reduction < 1 or not 2 <= weight_bits <= 8 or not 2 <= act_bits <= 8:
+        raise QuantizationError(f"reduction={reduction}, weight_bits={weight_bits}, act_bits={act_bits} "
+                                "(expected reduction >= 1 and 2 <= bits <= 8)")
+    qw, qa = 2 ** (weight_bits - 1) - 1, 2 ** (act_bits - 1) - 1
+    return reduction * qw * (2 * qa if unsigned_act else qa)
+
+
+def check_accumulator(layer: str, reduction: int, weight_bits: int, act_bits: int, *,
+                      accumulator_bits: int = ACCUMULATOR_BITS, unsigned_act: bool = True) -> None:
+    """Raise if the layer's integer accumulation could overflow ``accumulator_bits`` (signed).
+
+    With int32 accumulators this needs more than 66,000 products per output at W8A8
+    (uint8 storage), far beyond wav2vec2 / HuBERT layers; lower bit widths only lower
+    the bound. The check exists so a model that does exceed it fails loudly.
+
+    Raises:
+        QuantizationError: naming the layer, the bound and the accumulator limit.
+    """
+    bound = accumulator_bound(reduction, weight_bits, act_bits, unsigned_act=unsigned_act)
+    limit = 2 ** (accumulator_bits - 1) - 1
+    if bound > limit:
+        raise QuantizationError(
+            f"layer {layer!r}: {reduction} products of W{weight_bits}A{act_bits} can reach {bound}, beyond the "
+            f"int{accumulator_bits} accumulator's {limit}; lower its bits or keep it in float"
+        )
+
+
+def int16_pair_saturates(weight_bits: int, act_bits: int) -> bool:
+    """Whether AVX2 ``vpmaddubsw`` (u8 x s8 pairs summed into saturating int16) can saturate.
+
+    Two products of a uint8 activation (up to ``2q_a``, zero point ``q_a``) and a
+    signed weight (up to ``q_w``) must fit 32767: W8A8 cannot (2 * 254 * 127 = 64516),
+    W7A8 can (2 * 254 * 63 = 32004), which is why x86 plans narrow weights to 7 bits
+    on CPUs without VNNI.
+    """
+    return accumulator_bound(2, weight_bits, act_bits, unsigned_act=True) > 2**15 - 1

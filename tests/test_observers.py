@@ -15,6 +15,9 @@ from sq_pt2e.observers import (
     AbsHistogram,
     AbsHistogramObserver,
     PerChannelMseWeightObserver,
+    accumulator_bound,
+    check_accumulator,
+    int16_pair_saturates,
     max_weight_scales,
     mse_weight_scales,
     range_entropy,
@@ -286,3 +289,172 @@ def test_per_channel_mse_observer_gives_zero_points_0_and_raises_before_calibrat
     scales, zero_points = observer.calculate_qparams()
     torch.testing.assert_close(scales, mse_weight_scales(weight, 7))
     assert zero_points.tolist() == [0, 0, 0]
+
+
+# ------------------------------------------------------------------ numerical guards
+def test_dead_output_channels_get_a_positive_scale_and_dequantize_to_zero() -> None:
+    weight = torch.randn(4, 3, 5)
+    weight[1] = 0.0  # a dead channel
+    for scales in (max_weight_scales(weight, 127), mse_weight_scales(weight, 127)):
+        assert bool(torch.isfinite(scales).all()) and float(scales.min()) > 0.0
+        assert scales[1].item() == 2**-12
+        q = torch.fake_quantize_per_channel_affine(weight, scales, torch.zeros(4, dtype=torch.int32), 0, -127, 127)
+        assert bool(torch.isfinite(q).all()) and float(q[1].abs().max()) == 0.0
+
+
+def test_all_dead_weights_still_quantize_through_the_mse_observer() -> None:
+    observer = PerChannelMseWeightObserver()
+    observer(torch.zeros(3, 8))
+    scales, zero_points = observer.calculate_qparams()
+    assert torch.equal(scales, torch.full((3,), 2**-12)) and int(zero_points.abs().sum()) == 0
+
+
+def test_non_finite_weights_are_refused_naming_the_layer_and_channels() -> None:
+    weight = torch.randn(4, 6)
+    weight[0, 1], weight[2, 3], weight[2, 4] = float("nan"), float("inf"), float("-inf")
+    with pytest.raises(QuantizationError, match=rf"weight of layer '{LAYER}' has 3 NaN/Inf value\(s\) in 2 output"):
+        max_weight_scales(weight, 127, layer=LAYER)
+    with pytest.raises(QuantizationError, match="NaN/Inf"):
+        mse_weight_scales(weight, 7)
+    observer = PerChannelMseWeightObserver()
+    observer(weight)
+    with pytest.raises(QuantizationError, match="NaN/Inf"):
+        observer.calculate_qparams()
+    with pytest.raises(QuantizationError, match="nothing to quantize"):
+        max_weight_scales(torch.zeros(0, 4), 127)
+
+
+def test_range_for_refuses_an_unreached_layer_and_an_all_zero_range() -> None:
+    empty = AbsHistogram(np.zeros(16), 0.0, 0.0)
+    for method in ("max", "percentile", "mse", "entropy"):
+        with pytest.raises(QuantizationError, match=rf"no calibration data reached the layer for layer '{LAYER}'"):
+            range_for(empty, method, 127, 99.0, layer=LAYER)  # type: ignore[arg-type]
+    zeros = _histogram(np.zeros(50))
+    for method in ("max", "percentile", "mse", "entropy"):
+        with pytest.raises(QuantizationError, match="range is 0.0 .*all inputs were zero"):
+            range_for(zeros, method, 127, 99.0)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    ("counts", "upper", "max_abs", "message"),
+    [
+        (np.array([1.0, np.nan]), 1.0, 0.5, "finite and non-negative"),
+        (np.array([1.0, -1.0]), 1.0, 0.5, "finite and non-negative"),
+        (np.zeros((2, 2)), 1.0, 0.5, "1-D"),
+        (np.ones(4), float("inf"), 0.5, "upper=inf"),
+        (np.ones(4), 1.0, float("nan"), "max_abs=nan"),
+        (np.ones(4), 1.0, 3.0, "outside its grid"),
+    ],
+)
+def test_invalid_histograms_are_refused(counts: np.ndarray, upper: float, max_abs: float, message: str) -> None:
+    with pytest.raises(QuantizationError, match=message):
+        AbsHistogram(counts, upper, max_abs)
+
+
+def test_accumulator_bounds_in_closed_form() -> None:
+    assert accumulator_bound(3072, 8, 8) == 3072 * 127 * 127
+    assert accumulator_bound(3072, 8, 8, unsigned_act=True) == 3072 * 127 * 254
+    assert accumulator_bound(10, 4, 2) == 10 * 7 * 1
+    with pytest.raises(QuantizationError, match="reduction=0"):
+        accumulator_bound(0, 8, 8)
+
+
+def test_int32_accumulation_overflow_is_refused_naming_the_layer() -> None:
+    check_accumulator(LAYER, 6144, 8, 8)  # the positional conv of wav2vec2-base: 48 channels x 128 taps
+    limit = (2**31 - 1) // (127 * 254)
+    check_accumulator(LAYER, limit, 8, 8)
+    with pytest.raises(QuantizationError, match=rf"layer '{LAYER}': {limit + 1} products of W8A8 .* int32"):
+        check_accumulator(LAYER, limit + 1, 8, 8)
+    check_accumulator(LAYER, limit + 1, 4, 8)  # fewer bits, more headroom
+    with pytest.raises(QuantizationError, match="int16"):
+        check_accumulator(LAYER, 2, 8, 8, accumulator_bits=16)
+
+
+def test_int16_pair_saturation_matches_the_w7a8_narrowing_on_avx2() -> None:
+    assert int16_pair_saturates(8, 8)
+    assert not int16_pair_saturates(7, 8)
+    assert not any(int16_pair_saturates(w, a) for w in range(2, 8) for a in range(2, 9))
+
+
+# ------------------------------------------------------------------ properties of the quantization math
+_finite = st.floats(-1e3, 1e3, width=32, allow_subnormal=False)
+
+
+@settings(max_examples=80, deadline=None)
+@given(data=hnp.arrays(np.float32, st.integers(1, 64), elements=_finite), bits=st.integers(2, 8))
+def test_symmetric_grid_is_the_same_on_int8_and_uint8_storage(data: np.ndarray, bits: int) -> None:
+    x = torch.as_tensor(data)
+    top = 2 ** (bits - 1) - 1
+    amax = float(x.abs().max())
+    if amax == 0.0:
+        return
+    scale = amax / top
+    signed = torch.fake_quantize_per_tensor_affine(x, scale, 0, -top, top)
+    unsigned = torch.fake_quantize_per_tensor_affine(x, scale, top, 0, 2 * top)
+    torch.testing.assert_close(signed, unsigned, rtol=0, atol=0)
+
+
+@settings(max_examples=80, deadline=None)
+@given(data=hnp.arrays(np.float32, st.integers(2, 64), elements=_finite))
+def test_affine_never_has_a_coarser_step_than_symmetric_and_both_round_trip_within_half_a_step(
+    data: np.ndarray,
+) -> None:
+    x = torch.as_tensor(data).double()
+    low, high = min(float(x.min()), 0.0), max(float(x.max()), 0.0)
+    if high - low == 0.0:
+        return
+    symmetric_scale = max(-low, high) / 127
+    affine_scale = (high - low) / 255
+    assert affine_scale <= symmetric_scale
+    zero_point = int(np.clip(-128 - round(low / affine_scale), -128, 127))
+    affine = (torch.clamp(torch.round(x / affine_scale) + zero_point, -128, 127) - zero_point) * affine_scale
+    symmetric = torch.clamp(torch.round(x / symmetric_scale), -127, 127) * symmetric_scale
+    assert float((x - symmetric).abs().max()) <= symmetric_scale / 2 * (1 + 1e-9)
+    assert float((x - affine).abs().max()) <= affine_scale / 2 * (1 + 1e-9)
+
+
+_samples = hnp.arrays(np.float64, st.integers(20, 400),
+                      elements=st.floats(-1e3, 1e3, allow_nan=False, allow_subnormal=False))
+
+
+@settings(max_examples=60, deadline=None)
+@given(values=_samples, shift=st.integers(-8, 8), bins=st.sampled_from([64, 2048]))
+def test_every_range_scales_exactly_with_power_of_two_scaling_of_the_data(
+    values: np.ndarray, shift: int, bins: int
+) -> None:
+    if np.abs(values).max() < 1e-6:
+        return
+    a, b = _histogram(values, bins), _histogram(values * 2.0**shift, bins)
+    np.testing.assert_array_equal(a.counts, b.counts)
+    for method, percentile in (("max", None), ("percentile", 99.0), ("mse", None), ("entropy", None)):
+        expected = range_for(a, method, 127, percentile) * 2.0**shift  # type: ignore[arg-type]
+        assert range_for(b, method, 127, percentile) == pytest.approx(expected, rel=1e-12)  # type: ignore[arg-type]
+
+
+@settings(max_examples=60, deadline=None)
+@given(values=_samples, qmax=st.sampled_from([1, 7, 127]))
+def test_every_range_is_positive_and_at_most_the_max_and_percentiles_are_monotone(
+    values: np.ndarray, qmax: int
+) -> None:
+    hist = _histogram(values, 256)
+    if hist.max_abs == 0.0:
+        return
+    for method in ("max", "mse", "entropy"):
+        assert 0.0 < range_for(hist, method, qmax) <= hist.max_abs  # type: ignore[arg-type]
+    ranges = [range_percentile(hist, p) for p in (1.0, 50.0, 90.0, 99.0, 99.9, 100.0)]
+    assert ranges == sorted(ranges) and ranges[-1] == hist.max_abs
+
+
+@settings(max_examples=60, deadline=None)
+@given(weight=hnp.arrays(np.float32, st.tuples(st.integers(1, 6), st.integers(1, 20)), elements=_finite),
+       bits=st.integers(2, 8))
+def test_per_channel_weight_round_trip_is_within_half_a_step_per_channel(weight: np.ndarray, bits: int) -> None:
+    w = torch.as_tensor(weight)
+    qmax = 2 ** (bits - 1) - 1
+    scales = max_weight_scales(w, qmax)
+    dq = torch.fake_quantize_per_channel_affine(w, scales, torch.zeros(len(scales), dtype=torch.int32), 0,
+                                                -qmax, qmax)
+    error = (w - dq).abs().amax(dim=1)
+    assert bool((error <= scales / 2 * (1 + 1e-5) + 1e-7).all())
+    mse = mse_weight_scales(w, qmax)
+    assert bool((mse <= scales * (1 + 1e-6)).all()) and bool((mse > 0).all())
