@@ -15,6 +15,8 @@ __all__ = [
     "Int8NotUsedError",
     "NumericsMismatchError",
     "BackendError",
+    "SearchStateError",
+    "WorkerError",
     "NumericsError",
     "ResumeError",
 ]
@@ -54,6 +56,14 @@ class NumericsMismatchError(SqPt2eError, RuntimeError):
 
 class BackendError(SqPt2eError, RuntimeError):
     """Compiling or lowering for a backend failed."""
+
+
+class SearchStateError(SqPt2eError, ValueError):
+    """Stored search state (a score cache) is unreadable or belongs to another search."""
+
+
+class WorkerError(SqPt2eError, RuntimeError):
+    """A distributed task failed in its worker, or its worker died more often than it is retried."""
 
 
 class NumericsError(SqPt2eError, ValueError):

@@ -12,9 +12,11 @@ PT2E flow uses, so ranges are identical in both.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterable, Iterator
+import math
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -29,6 +31,8 @@ __all__ = [
     "QuantizableModule",
     "collect_statistics",
     "fake_quantized",
+    "merge_histograms",
+    "merge_statistics",
     "plan_layer_quants",
     "quantizable_modules",
 ]
@@ -84,6 +88,58 @@ def collect_statistics(model: nn.Module, waves: Iterable[torch.Tensor]) -> dict[
         for handle in handles:
             handle.remove()
     return {name: obs.histogram() for name, obs in observers.items()}
+
+
+def merge_histograms(histograms: Sequence[AbsHistogram]) -> AbsHistogram:
+    """The histogram of the union of the data behind ``histograms``, exactly.
+
+    ``AbsHistogramObserver`` bins |x| on power-of-two grids ``[0, 2**e]``: a histogram
+    on a finer grid is carried to a coarser one by summing neighbouring bins in pairs,
+    which is exactly what the observer would have counted there. Counts are sums of
+    integers in float64, so the merge equals one observer fed every shard, in any order.
+
+    Args:
+        histograms: histograms with the same number of bins (e.g. one per calibration shard).
+
+    Returns:
+        The merged histogram.
+
+    Raises:
+        ValueError: no histograms, different bin counts, or a grid that is not a power of two.
+    """
+    if not histograms:
+        raise ValueError("no histograms to merge")
+    bins = len(histograms[0].counts)
+    if any(len(h.counts) != bins for h in histograms):
+        raise ValueError(f"histograms have different bin counts: {sorted({len(h.counts) for h in histograms})}")
+    upper = max(h.upper for h in histograms)
+    counts = np.zeros(bins, dtype=np.float64)
+    for hist in histograms:
+        if hist.upper == 0.0:  # only zeros were seen: all mass is in bin 0 on every grid
+            counts[0] += hist.counts.sum()
+            continue
+        steps = math.log2(upper / hist.upper)
+        if steps != int(steps):
+            raise ValueError(f"histogram grid [0, {hist.upper}] is not a power-of-two refinement of [0, {upper}]")
+        coarse = hist.counts.astype(np.float64)
+        for _ in range(min(int(steps), int(math.log2(bins)) + 1)):  # beyond that, all mass sits in bin 0
+            coarse = np.concatenate([coarse.reshape(-1, 2).sum(axis=1), np.zeros(bins // 2)])
+        counts += coarse
+    return AbsHistogram(counts, upper, max(h.max_abs for h in histograms))
+
+
+def merge_statistics(shards: Sequence[dict[str, AbsHistogram]]) -> dict[str, AbsHistogram]:
+    """Merge per-shard :func:`collect_statistics` results layer by layer (exactly).
+
+    Raises:
+        ValueError: no shards, or shards that saw different layers.
+    """
+    if not shards:
+        raise ValueError("no calibration shards to merge")
+    names = list(shards[0])
+    if any(set(s) != set(names) for s in shards):
+        raise ValueError("calibration shards have different layers: were they collected on the same model?")
+    return {name: merge_histograms([s[name] for s in shards]) for name in names}
 
 
 @dataclass(frozen=True)

@@ -24,31 +24,48 @@ Our reading of the paper (arXiv 2504.14915), each choice configurable in
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
+import os
 import re
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Literal
 
 import numpy as np
 import torch
 from torch import nn
 
+from sq_pt2e.atomic import atomic_write_text
+from sq_pt2e.errors import SearchStateError
+from sq_pt2e.models.build import to_ctc_logits
 from sq_pt2e.observers import AbsHistogram, range_max, range_mse, range_percentile
+from sq_pt2e.passes.fold_weight_norm import fold_weight_norm
 from sq_pt2e.plan import LayerPlan, OpKind, QuantPlan
 from sq_pt2e.simulate import LayerQuant, QuantizableModule, collect_statistics, fake_quantized, quantizable_modules
 
 __all__ = [
     "DEFAULT_PERCENTILES",
+    "Candidate",
     "Evaluator",
     "Score",
+    "ScoreCache",
     "SearchConfig",
     "SearchReport",
+    "UtteranceScores",
+    "candidate_key",
     "clip_histogram",
     "collect_statistics",
+    "float_log_probs",
     "layer_groups",
+    "score_utterances",
     "search_plan",
 ]
+
+Candidate = dict[str, LayerQuant]
+"""A candidate plan as simulated: layer name -> its activation range and bit widths."""
 
 DEFAULT_PERCENTILES: tuple[float, ...] = (100.0, 99.999, 99.99, 99.9, 99.8, 99.5, 99.0)
 _BLOCK = re.compile(r"^(.*\.layers\.\d+)\.")
@@ -98,19 +115,186 @@ class Score:
     kl: float
 
     def key(self, criterion: str) -> tuple[float, ...]:
+        """The sort key of ``criterion`` (lower is better): WER then KL, or KL alone."""
         if criterion == "wer" and self.wer is not None:
             return (round(self.wer, 9), self.kl)
         return (self.kl,)
 
 
-class Evaluator:
-    """Scores simulated candidates on a dev set against the float model's logits.
+@dataclass(frozen=True)
+class UtteranceScores:
+    """Per-utterance results of one candidate on a run of consecutive dev utterances.
+
+    Shards of the dev set are scored apart (in other processes or machines) and
+    concatenated in utterance order; :meth:`score` then gives exactly the score of the
+    whole set scored in one process: error and word counts are integers, and the KL
+    mean is taken over the same values in the same order.
+
+    Attributes:
+        kl: logit KL against the float model, one value per utterance.
+        errors: ``(word errors, reference words)`` per utterance; None without transcripts.
+    """
+
+    kl: tuple[float, ...]
+    errors: tuple[tuple[float, float], ...] | None = None
+
+    @staticmethod
+    def concat(parts: Sequence[UtteranceScores]) -> UtteranceScores:
+        """The scores of consecutive shards, joined in the order given."""
+        if not parts:
+            raise ValueError("no shard scores to concatenate")
+        with_errors = {p.errors is not None for p in parts}
+        if len(with_errors) != 1:
+            raise ValueError("some shards were scored with transcripts and some without")
+        errors = tuple(e for p in parts for e in p.errors) if with_errors == {True} else None  # type: ignore[union-attr]
+        return UtteranceScores(tuple(k for p in parts for k in p.kl), errors)
+
+    def score(self) -> Score:
+        """Corpus WER (total errors / total reference words) and the mean KL."""
+        wer = None
+        if self.errors is not None:
+            errors = sum(e for e, _ in self.errors)
+            words = sum(w for _, w in self.errors)
+            wer = 100.0 * (errors / words)
+        return Score(wer, float(np.mean(np.asarray(self.kl, dtype=np.float64))))
+
+
+@torch.no_grad()
+def float_log_probs(model: nn.Module, waves: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    """The float model's float64 log-probabilities ``(frames, vocab)`` for each waveform."""
+    with fake_quantized(model, {}) as float_model:
+        return [torch.log_softmax(float_model(w)[0].double(), -1) for w in waves]
+
+
+@torch.no_grad()
+def score_utterances(
+    model: nn.Module,
+    waves: Sequence[torch.Tensor],
+    reference_log_probs: Sequence[torch.Tensor],
+    references: Sequence[str] | None,
+    decode: Callable[[torch.Tensor], str],
+    layers: Candidate | None,
+) -> UtteranceScores:
+    """Score one candidate on some dev utterances: the work unit of every evaluator.
 
     Args:
         model: the float model.
+        waves: ``(1, samples)`` dev waveforms.
+        reference_log_probs: the float model's log-probabilities for ``waves``
+            (:func:`float_log_probs`).
+        references: transcripts of ``waves`` (None: KL only).
+        decode: logits ``(frames, vocab)`` -> text.
+        layers: the candidate (None or empty: the float model).
+
+    Returns:
+        Per-utterance KL and, with transcripts, word errors.
+    """
+    from sq_pt2e.asr import per_utterance_errors
+
+    hyps, kls = [], []
+    with fake_quantized(model, layers or {}) as run:
+        for wave, ref_lp in zip(waves, reference_log_probs, strict=True):
+            logits = run(wave)[0]
+            log_probs = torch.log_softmax(logits.double(), -1)
+            kls.append(float((ref_lp.exp() * (ref_lp - log_probs)).sum(-1).mean()))
+            if references is not None:
+                hyps.append(decode(logits))
+    errors = None
+    if references is not None:
+        errors = tuple((float(e), float(w)) for e, w in per_utterance_errors(list(references), hyps))
+    return UtteranceScores(tuple(kls), errors)
+
+
+def candidate_key(layers: Candidate | None) -> str:
+    """A stable hash of a candidate: the same layers, ranges and bits give the same key.
+
+    Ranges enter as exact hexadecimal floats, so two candidates share a key only when
+    they simulate identically.
+    """
+    items = sorted((layers or {}).items())
+    payload = [[name, float(q.act_range).hex(), q.act_bits, q.weight_bits, q.weight_calibration] for name, q in items]
+    return hashlib.sha256(json.dumps(payload, separators=(",", ":")).encode()).hexdigest()
+
+
+_CACHE_FORMAT = "sq-pt2e-score-cache/1"
+
+
+class ScoreCache:
+    """Candidate scores on disk, so an interrupted search resumes where it stopped.
+
+    One JSON file per evaluation context (model weights, dev audio, transcripts,
+    decoder): ``{"format", "context", "scores": {candidate_key: {"wer", "kl"}}}``.
+    Every new score rewrites the file atomically (temporary file + ``os.replace``);
+    floats round-trip exactly through JSON, so a resumed search gives the same plan
+    byte for byte.
+
+    Args:
+        path: the cache file (created on the first score).
+        context: fingerprint of what scores depend on (:meth:`Evaluator.fingerprint`).
+
+    Raises:
+        SearchStateError: the file is not a score cache, or belongs to another context.
+    """
+
+    def __init__(self, path: str | os.PathLike[str], context: str) -> None:
+        self.path = Path(path)
+        self.context = context
+        self.scores: dict[str, Score] = {}
+        if self.path.exists():
+            self._load()
+
+    def _load(self) -> None:
+        try:
+            data = json.loads(self.path.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise SearchStateError(f"score cache {self.path} is unreadable ({exc}); delete it to start over") from exc
+        if not isinstance(data, dict) or data.get("format") != _CACHE_FORMAT:
+            raise SearchStateError(f"{self.path} is not a score cache (expected format {_CACHE_FORMAT!r})")
+        if data.get("context") != self.context:
+            msg = (f"score cache {self.path} was written for another model, dev set or decoder "
+                   f"(context {str(data.get('context'))[:12]}..., this search {self.context[:12]}...): "
+                   "pass another --score-cache path or delete the file")
+            raise SearchStateError(msg)
+        self.scores = {k: Score(v["wer"], v["kl"]) for k, v in data["scores"].items()}
+
+    def __contains__(self, key: str) -> bool:
+        return key in self.scores
+
+    def __len__(self) -> int:
+        return len(self.scores)
+
+    def get(self, key: str) -> Score | None:
+        """The stored score of candidate ``key``, or None."""
+        return self.scores.get(key)
+
+    def put(self, key: str, score: Score) -> None:
+        """Store a score and rewrite the file atomically."""
+        self.scores[key] = score
+        data = {"format": _CACHE_FORMAT, "context": self.context,
+                "scores": {k: {"wer": s.wer, "kl": s.kl} for k, s in sorted(self.scores.items())}}
+        atomic_write_text(self.path, json.dumps(data, indent=1) + "\n")
+
+
+class Evaluator:
+    """Scores simulated candidates on a dev set against the float model's logits.
+
+    Candidates are scored in batches (:meth:`score_many`); this class scores them one
+    after the other in this process. ``sq_pt2e.distributed.DistributedEvaluator``
+    scores the same batches as (candidate x dev shard) tasks on Ray or a process
+    pool and merges per-utterance results into identical scores. Scores are
+    remembered by :func:`candidate_key` (and stored in ``cache`` when given), so no
+    candidate is simulated twice.
+
+    Args:
+        model: the float model (weight norm is folded in place, as simulation needs).
         waves: dev waveforms, ``(1, samples)`` each (any lengths).
         references: transcripts for WER (None: KL only).
         decode: logits ``(frames, vocab)`` -> text; default CTC greedy decoding.
+        cache: a score-cache file (:class:`ScoreCache`) to resume an interrupted search.
+
+    Raises:
+        ValueError: empty dev set, or as many references as waveforms missing.
+        SearchStateError: ``cache`` belongs to another model or dev set.
     """
 
     def __init__(
@@ -119,48 +303,107 @@ class Evaluator:
         waves: Sequence[torch.Tensor],
         references: Sequence[str] | None = None,
         decode: Callable[[torch.Tensor], str] | None = None,
+        *,
+        cache: str | os.PathLike[str] | None = None,
     ) -> None:
         if not waves:
             raise ValueError("the dev set is empty: pass at least one waveform")
         if references is not None and len(references) != len(waves):
             raise ValueError(f"{len(references)} references for {len(waves)} dev waveforms")
+        fold_weight_norm(to_ctc_logits(model))
         self.model = model
         self.waves = list(waves)
         self.references = list(references) if references is not None else None
         self.decode = decode or _greedy_decode
         self.evaluations = 0
+        self.cached = 0
         self.seconds = 0.0
-        with fake_quantized(model, {}) as float_model, torch.no_grad():
-            self.float_log_probs = [torch.log_softmax(float_model(w)[0].double(), -1) for w in self.waves]
-        self.float_score = self(None)
+        self._memo: dict[str, Score] = {}
+        self.float_score = self._prepare()
+        self.cache = ScoreCache(cache, self.fingerprint()) if cache is not None else None
 
-    def __call__(self, layers: dict[str, LayerQuant] | None) -> Score:
+    def _prepare(self) -> Score:
+        """Compute the float reference; returns the float model's score."""
+        self.float_log_probs = float_log_probs(self.model, self.waves)
+        return score_utterances(self.model, self.waves, self.float_log_probs, self.references, self.decode,
+                                None).score()
+
+    def fingerprint(self) -> str:
+        """A hash of everything a score depends on besides the candidate."""
+        digest = hashlib.sha256(_CACHE_FORMAT.encode())
+        for name, tensor in sorted(to_ctc_logits(self.model).state_dict().items()):
+            _hash_tensor(digest, name, tensor)
+        for i, wave in enumerate(self.waves):
+            _hash_tensor(digest, f"wave{i}", wave)
+        digest.update(json.dumps(self.references).encode())
+        digest.update(f"{getattr(self.decode, '__module__', '')}.{getattr(self.decode, '__qualname__', '')}".encode())
+        return digest.hexdigest()
+
+    def __call__(self, layers: Candidate | None) -> Score:
+        """Score one candidate (None: the float model)."""
+        if layers is None:
+            return self.float_score
+        return self.score_many([layers])[0]
+
+    def score_many(self, candidates: Sequence[Candidate], *,
+                   on_score: Callable[[int, Score], None] | None = None) -> list[Score]:
+        """Score independent candidates; the result is in the order given.
+
+        Args:
+            candidates: the candidates (identical ones are simulated once).
+            on_score: called with ``(index, score)`` as each score becomes known
+                (stored ones first), e.g. to advance a progress bar.
+
+        Returns:
+            One :class:`Score` per candidate.
+        """
         start = time.perf_counter()
-        hyps, kls = [], []
-        with fake_quantized(self.model, layers or {}) as run, torch.no_grad():
-            for wave, ref_lp in zip(self.waves, self.float_log_probs, strict=True):
-                logits = run(wave)[0]
-                log_probs = torch.log_softmax(logits.double(), -1)
-                kls.append(float((ref_lp.exp() * (ref_lp - log_probs)).sum(-1).mean()))
-                if self.references is not None:
-                    hyps.append(self.decode(logits))
-        wer = _wer(self.references, hyps) if self.references is not None else None
-        if layers is not None:
+        keys = [candidate_key(c) for c in candidates]
+        scores: list[Score | None] = [None] * len(candidates)
+        todo: dict[str, list[int]] = {}
+        for i, key in enumerate(keys):
+            known = self._memo.get(key) or (self.cache.get(key) if self.cache is not None else None)
+            if known is None:
+                todo.setdefault(key, []).append(i)
+                continue
+            self.cached += key not in self._memo
+            self._memo[key] = scores[i] = known
+            if on_score is not None:
+                on_score(i, known)
+        unique = list(todo)
+        for j, score in self._score_uncached([candidates[todo[k][0]] for k in unique]):
+            key = unique[j]
+            self._memo[key] = score
+            if self.cache is not None:
+                self.cache.put(key, score)
             self.evaluations += 1
+            for i in todo[key]:
+                scores[i] = score
+                if on_score is not None:
+                    on_score(i, score)
         self.seconds += time.perf_counter() - start
-        return Score(wer, float(np.mean(kls)))
+        missing = [i for i, s in enumerate(scores) if s is None]
+        if missing:
+            raise SearchStateError(f"candidates {missing[:5]} got no score from {type(self).__name__}")
+        return [s for s in scores if s is not None]
+
+    def _score_uncached(self, candidates: Sequence[Candidate]) -> Iterator[tuple[int, Score]]:
+        """Simulate candidates; yields ``(index, score)`` in any order (here: in order)."""
+        for j, layers in enumerate(candidates):
+            yield j, score_utterances(self.model, self.waves, self.float_log_probs, self.references, self.decode,
+                                      layers).score()
+
+
+def _hash_tensor(digest: hashlib._Hash, name: str, tensor: torch.Tensor) -> None:
+    flat = tensor.detach().cpu().contiguous().reshape(-1)
+    digest.update(f"{name}:{flat.dtype}:{tuple(tensor.shape)};".encode())
+    digest.update(flat.view(torch.uint8).numpy().tobytes())
 
 
 def _greedy_decode(logits: torch.Tensor) -> str:
     from sq_pt2e.asr import ctc_greedy_decode
 
     return ctc_greedy_decode(logits)[0]
-
-
-def _wer(references: list[str], hypotheses: list[str]) -> float:
-    from sq_pt2e.asr import wer
-
-    return float(wer(references, hypotheses))
 
 
 def layer_groups(modules: Sequence[QuantizableModule], granularity: str) -> dict[str, list[str]]:
@@ -186,7 +429,11 @@ def clip_histogram(hist: AbsHistogram, clip: float) -> AbsHistogram:
 
 @dataclass
 class SearchReport:
-    """Evidence behind a plan: every score the search computed, and its cost."""
+    """Evidence behind a plan: every score the search computed, and its cost.
+
+    ``evaluations`` counts candidates simulated by this search; ``cached_evaluations``
+    those whose score came from the score cache (a resumed search).
+    """
 
     float_score: Score
     all_max_score: Score | None = None
@@ -196,11 +443,24 @@ class SearchReport:
     percentile_trials: dict[str, list[dict[str, float]]] = field(default_factory=dict)
     chosen_percentiles: dict[str, float] = field(default_factory=dict)
     evaluations: int = 0
+    cached_evaluations: int = 0
     seconds: float = 0.0
     config: dict[str, object] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, object]:
         return dataclasses.asdict(self)
+
+
+def _score_batch(evaluator: Evaluator, candidates: list[Candidate], desc: str, bar: bool | None) -> list[Score]:
+    """Score a batch of independent candidates, with a progress bar when ``bar`` allows."""
+    score_many = getattr(evaluator, "score_many", None)
+    if score_many is None:  # a plain callable evaluator
+        return [evaluator(c) for c in candidates]
+    from tqdm.auto import tqdm
+
+    with tqdm(total=len(candidates), desc=desc, unit="cand", disable=None if bar is None else not bar,
+              leave=False) as pbar:
+        return score_many(candidates, on_score=lambda _i, _s: pbar.update())
 
 
 def search_plan(
@@ -211,23 +471,37 @@ def search_plan(
     *,
     model_name: str = "",
     progress: Callable[[str], None] | None = None,
+    progress_bar: bool | None = None,
 ) -> tuple[QuantPlan, SearchReport]:
     """Run StableQuant steps 1-3 and return the plan with its report.
+
+    Independent candidates are scored as one batch (``evaluator.score_many``): all
+    sensitivity candidates at once, then the percentile grid of each sensitive group
+    (groups in network order, each starting from the previous groups' choices). A
+    distributed evaluator runs a batch in parallel; the plan is the same.
 
     Args:
         model: the float model (statistics were collected on it).
         statistics: from :func:`collect_statistics` on calibration audio.
-        evaluator: scores candidates on the dev set.
+        evaluator: scores candidates on the dev set (:class:`Evaluator` or
+            ``sq_pt2e.distributed.DistributedEvaluator``).
         config: search settings.
         model_name: recorded in the plan.
         progress: called with a short line per step (e.g. ``tqdm.write``).
+        progress_bar: tqdm bars for the sensitivity step and each percentile search:
+            True shows them, False hides them, None shows them on a terminal only.
 
     Returns:
         ``(plan, report)``; the plan has a fixed range for every quantized layer.
+
+    Example:
+        >>> evaluator = Evaluator(model, dev_waves, cache="out/scores.json")  # resumable
+        >>> plan, report = search_plan(model, collect_statistics(model, calib), evaluator, progress_bar=True)
     """
     config = config or SearchConfig()
     say = progress or (lambda _line: None)
     start = time.perf_counter()
+    evaluations_before, cached_before = getattr(evaluator, "evaluations", 0), getattr(evaluator, "cached", 0)
     modules = [m for m in quantizable_modules(model) if m.op not in config.skip_ops]
     missing = sorted({m.name for m in modules} - set(statistics))
     if missing:
@@ -239,15 +513,15 @@ def search_plan(
     groups = layer_groups(modules, config.granularity)
     report = SearchReport(evaluator.float_score, config=dataclasses.asdict(config))
 
-    def quant(ranges: dict[str, float]) -> dict[str, LayerQuant]:
+    def quant(ranges: dict[str, float]) -> Candidate:
         return {n: LayerQuant(r, config.act_bits, config.weight_bits, config.weight_calibration) for n, r in ranges.items()}
 
-    # Step 1: sensitivity of each group, quantized alone with max ranges.
+    # Step 1: sensitivity of each group, quantized alone with max ranges (one batch, with all-max first).
     float_score = evaluator.float_score
-    all_max = evaluator(quant(max_range))
+    batch = [quant(max_range)] + [quant({n: max_range[n] for n in names}) for names in groups.values()]
+    all_max, *group_scores = _score_batch(evaluator, batch, "sensitivity", progress_bar)
     report.all_max_score = all_max
-    for group, names in groups.items():
-        score = evaluator(quant({n: max_range[n] for n in names}))
+    for (group, _names), score in zip(groups.items(), group_scores, strict=True):
         delta = (score.wer - float_score.wer) if score.wer is not None and float_score.wer is not None else None
         if config.criterion == "wer" and delta is not None:
             sensitive = delta > config.gamma
@@ -268,22 +542,24 @@ def search_plan(
     sensitive_layers = {n for g in report.sensitive_groups for n in groups[g]}
     for name in sensitive_layers:
         chosen[name] = candidate_range(name, 100.0)
-    # Step 2: percentile search per sensitive group, in network order.
+    # Step 2: percentile search per sensitive group, in network order; one batch per group.
     for group in report.sensitive_groups:
+        batch = [quant(dict(chosen) | {n: candidate_range(n, p) for n in groups[group]}) for p in config.percentiles]
+        scores = _score_batch(evaluator, batch, f"percentile {group}", progress_bar)
         trials, best = [], None
-        for p in config.percentiles:
-            trial = dict(chosen) | {n: candidate_range(n, p) for n in groups[group]}
-            score = evaluator(quant(trial))
+        for p, score in zip(config.percentiles, scores, strict=True):
             trials.append({"percentile": p, "kl": score.kl, **({"wer": score.wer} if score.wer is not None else {})})
             if best is None or score.key(config.criterion) < best[1].key(config.criterion):
                 best = (p, score)
-        assert best is not None  # percentiles is non-empty (checked in SearchConfig)
+        if best is None:  # unreachable: SearchConfig refuses an empty percentile grid
+            raise ValueError("no clip percentiles to try")
         chosen |= {n: candidate_range(n, best[0]) for n in groups[group]}
         report.percentile_trials[group] = trials
         report.chosen_percentiles[group] = best[0]
         say(f"percentile {group}: p={best[0]}")
     report.final_score = evaluator(quant(chosen))
-    report.evaluations = evaluator.evaluations
+    report.evaluations = getattr(evaluator, "evaluations", 0) - evaluations_before
+    report.cached_evaluations = getattr(evaluator, "cached", 0) - cached_before
     report.seconds = time.perf_counter() - start
     plan = _to_plan(modules, groups, chosen, report, config, model_name)
     return plan, report
