@@ -77,8 +77,12 @@ class LayerPlan:
 
     def __post_init__(self) -> None:
         where = f"for {self.name!r}"
-        if not self.name:
-            raise PlanError("layer plan with an empty name (expected a module path or '*')")
+        if not isinstance(self.name, str) or not self.name:
+            raise PlanError(f"layer plan name {self.name!r} (expected a module path or '*')")
+        _check_number("clip_percentile", self.clip_percentile, where)
+        _check_number("act_range", self.act_range, where)
+        if not isinstance(self.reason, str):
+            raise PlanError(f"reason={self.reason!r} {where} (expected text)")
         if self.op is not None and self.op not in _OP_KINDS:
             raise PlanError(f"op={self.op!r} {where} (expected one of {_OP_KINDS})")
         for label, bits in (("weight_bits", self.weight_bits), ("act_bits", self.act_bits)):
@@ -137,15 +141,25 @@ class LayerPlan:
         unknown = sorted(set(data) - known)
         if unknown:
             raise PlanError(f"{where}: unknown field(s) {unknown} in layer {data.get('name')!r} (known: {sorted(known)})")
+        if "name" not in data:
+            raise PlanError(f"{where}: a layer entry has no 'name' (fields: {sorted(data)})")
         fields = dict(data)
         evidence = fields.get("evidence", {})
         if not isinstance(evidence, dict):
             raise PlanError(f"{where}: evidence of layer {data.get('name')!r} must be an object, got {evidence!r}")
+        if any(isinstance(v, bool) or not isinstance(v, (int, float)) for v in evidence.values()):
+            raise PlanError(f"{where}: evidence of layer {data.get('name')!r} must map names to numbers")
+        fields["evidence"] = tuple((str(k), float(v)) for k, v in evidence.items())
         try:
-            fields["evidence"] = tuple((str(k), float(v)) for k, v in evidence.items())
-        except (TypeError, ValueError) as exc:
-            raise PlanError(f"{where}: evidence of layer {data.get('name')!r} must map names to numbers") from exc
-        return cls(**fields)
+            return cls(**fields)
+        except PlanError as exc:
+            raise PlanError(f"{where}: {exc}") from exc
+
+
+def _check_number(label: str, value: object, where: str) -> None:
+    """``value`` is None or a real number (not a bool, not text)."""
+    if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))):
+        raise PlanError(f"{label}={value!r} {where} (expected a number or null)")
 
 
 def _symmetric_range(bits: int) -> tuple[int, int]:
@@ -219,6 +233,22 @@ class QuantPlan:
                 msg = f"layer {name!r} in {source} not in exported graph ({len(known)} quantizable layers{hint})"
                 raise PlanError(msg)
 
+    def check_model(self, model: str, *, source: str = "plan") -> None:
+        """Raise ``PlanError`` if the plan records another model than ``model``.
+
+        A plan's fixed activation ranges and per-layer choices were searched on one
+        model; on another model with the same layer names they would apply silently
+        and wrongly. Plans without a recorded model (hand-written) pass.
+
+        Args:
+            model: identity of the model about to be quantized (architecture or checkpoint name).
+            source: the plan file, for the message.
+        """
+        if self.model and model and self.model != model:
+            msg = (f"{source} was made for model {self.model!r}, not {model!r}: search a plan for this model, or "
+                   "set the plan's 'model' field if the two are the same model")
+            raise PlanError(msg)
+
     # ----------------------------------------------------------------- edits
     def with_layers(self, *layers: LayerPlan) -> QuantPlan:
         """Copy with ``layers`` added, replacing existing entries of the same name."""
@@ -259,13 +289,25 @@ class QuantPlan:
             raise PlanError(f"{source}: expected a JSON object, got {type(data).__name__}")
         version = data.get("schema_version")
         if version != SCHEMA_VERSION:
-            raise PlanError(f"{source}: schema_version={version!r} is not supported (this sq-pt2e reads {SCHEMA_VERSION})")
+            newer = isinstance(version, int) and not isinstance(version, bool) and version > SCHEMA_VERSION
+            hint = "; it was written by a newer sq-pt2e: upgrade to read it" if newer else ""
+            msg = f"{source}: schema_version={version!r} is not supported (this sq-pt2e reads {SCHEMA_VERSION}{hint})"
+            raise PlanError(msg)
         unknown = sorted(set(data) - {"schema_version", "model", "default", "op_defaults", "layers"})
         if unknown:
             raise PlanError(f"{source}: unknown top-level field(s) {unknown}")
         for key in ("op_defaults", "layers"):
             if not isinstance(data.get(key, []), list):
                 raise PlanError(f"{source}: {key!r} must be a list, got {data.get(key)!r}")
+        if not isinstance(data.get("model", ""), str):
+            raise PlanError(f"{source}: 'model' must be text, got {data.get('model')!r}")
+        try:
+            return cls._from_fields(data, source, version)
+        except PlanError as exc:
+            raise exc if str(exc).startswith(source) else PlanError(f"{source}: {exc}") from exc
+
+    @classmethod
+    def _from_fields(cls, data: dict[str, Any], source: str, version: int) -> QuantPlan:
         return cls(
             default=LayerPlan.from_dict(data.get("default", {"name": DEFAULT_NAME}), where=source),
             op_defaults=tuple(LayerPlan.from_dict(d, where=source) for d in data.get("op_defaults", [])),
@@ -286,6 +328,8 @@ class QuantPlan:
             text = Path(path).read_text(encoding="utf-8")
         except OSError as exc:
             raise PlanError(f"cannot read plan {source}: {exc.strerror or exc}") from exc
+        except UnicodeDecodeError as exc:
+            raise PlanError(f"{source} is not UTF-8 text ({exc.reason} at byte {exc.start}): not a plan") from exc
         try:
             data = json.loads(text)
         except json.JSONDecodeError as exc:

@@ -304,3 +304,83 @@ def test_null_evidence_or_layers_in_a_plan_file_raise_plan_error_naming_the_file
 def test_non_boolean_skip_in_a_plan_file_is_rejected() -> None:
     with pytest.raises(PlanError, match="skip='false'"):
         LayerPlan.from_dict({"name": FC1, "skip": "false", "reason": "hand edited"})
+
+
+# ------------------------------------------------------------------ hostile plan files
+_JUNK = st.sampled_from([None, True, False, 0, -1, 8, 9, 2.5, float("nan"), float("inf"), "x", "99", "linear", "*",
+                         [], {}, [1], {"a": 1}])
+
+
+def _paths(data: object, prefix: tuple[object, ...] = ()) -> list[tuple[object, ...]]:
+    found: list[tuple[object, ...]] = []
+    items = data.items() if isinstance(data, dict) else enumerate(data) if isinstance(data, list) else ()
+    for key, value in items:
+        found += [(*prefix, key), *_paths(value, (*prefix, key))]
+    return found
+
+
+_BASE = _rich_plan().to_dict()
+_PATHS = _paths(_BASE)
+
+
+@settings(max_examples=300, deadline=None)
+@given(edits=st.lists(st.tuples(st.sampled_from(_PATHS), _JUNK), min_size=1, max_size=3),
+       drop=st.lists(st.sampled_from(_PATHS), max_size=1))
+def test_any_edited_plan_file_loads_equal_or_raises_plan_error_naming_the_file(
+    edits: list[tuple[tuple[object, ...], object]], drop: list[tuple[object, ...]]
+) -> None:
+    data = json.loads(json.dumps(_BASE))
+    for path, value in [*edits, *((p, KeyError) for p in drop)]:
+        target: object = data
+        try:
+            for key in path[:-1]:
+                target = target[key]  # type: ignore[index]
+            if value is KeyError:
+                del target[path[-1]]  # type: ignore[attr-defined]
+            else:
+                target[path[-1]] = value  # type: ignore[index]
+        except (KeyError, IndexError, TypeError):
+            continue
+    try:
+        plan = QuantPlan.from_dict(data, source="edited.json")
+    except PlanError as exc:
+        assert str(exc).startswith("edited.json"), str(exc)
+        return
+    assert QuantPlan.from_dict(json.loads(plan.to_json())) == plan
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "message"),
+    [("clip_percentile", "99", "clip_percentile='99'"), ("act_range", True, "act_range=True"),
+     ("act_range", [1.0], r"act_range=\[1.0\]"), ("reason", 5, "reason=5"), ("name", 7, "name 7")],
+)
+def test_wrongly_typed_fields_in_a_plan_file_are_refused(field: str, value: object, message: str) -> None:
+    entry = {"name": "a.b", "calibration": "percentile", "clip_percentile": 99.0, field: value}
+    with pytest.raises(PlanError, match=rf"^p.json: .*{message}"):
+        QuantPlan.from_dict({"schema_version": SCHEMA_VERSION, "layers": [entry]}, source="p.json")
+
+
+def test_a_layer_without_a_name_and_a_non_text_model_are_refused() -> None:
+    with pytest.raises(PlanError, match=r"p.json: a layer entry has no 'name'"):
+        QuantPlan.from_dict({"schema_version": SCHEMA_VERSION, "layers": [{"weight_bits": 4}]}, source="p.json")
+    with pytest.raises(PlanError, match=r"p.json: 'model' must be text"):
+        QuantPlan.from_dict({"schema_version": SCHEMA_VERSION, "model": 3}, source="p.json")
+
+
+def test_a_non_utf8_file_is_a_plan_error(tmp_path: Path) -> None:
+    (tmp_path / "p.json").write_bytes(b"\xff\xfe{}")
+    with pytest.raises(PlanError, match=r"p.json is not UTF-8 text"):
+        QuantPlan.load(tmp_path / "p.json")
+
+
+def test_a_plan_from_a_newer_version_says_so(tmp_path: Path) -> None:
+    with pytest.raises(PlanError, match="written by a newer sq-pt2e: upgrade"):
+        QuantPlan.from_dict({"schema_version": SCHEMA_VERSION + 1})
+
+
+def test_a_plan_made_for_another_model_is_refused() -> None:
+    plan = w8a8_plan("ref-wav2vec2")
+    plan.check_model("ref-wav2vec2")
+    w8a8_plan().check_model("anything")  # hand-written plans record no model
+    with pytest.raises(PlanError, match=r"plan.json was made for model 'ref-wav2vec2', not 'ref-hubert'"):
+        plan.check_model("ref-hubert", source="plan.json")
