@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 
 import torch
@@ -28,14 +28,35 @@ __all__ = ["AccuracyCell", "AccuracyTable", "build_accuracy_table", "transcribe"
 Forward = Callable[[torch.Tensor], torch.Tensor]
 
 
-def transcribe(forward: Forward, utterances: Sequence[LoadedUtterance]) -> tuple[list[str], list[torch.Tensor]]:
-    """Greedy transcripts and logits of ``forward`` on each utterance (batch 1, its own length)."""
+def transcribe(forward: Forward, utterances: Iterable[LoadedUtterance], *,
+               keep_logits: bool = True) -> tuple[list[str], list[torch.Tensor]]:
+    """Greedy transcripts and logits of ``forward`` on each utterance (batch 1, its own length).
+
+    Args:
+        forward: waveform -> logits callable.
+        utterances: a list, or a stream (``sq_pt2e.inputs.stream_source``): each
+            waveform is used and dropped, so a stream keeps memory bounded.
+        keep_logits: return every utterance's logits (the second list stays empty
+            when ``False``, which keeps memory flat over long evaluations).
+
+    Returns:
+        Transcripts, and logits when ``keep_logits``.
+
+    Raises:
+        NumericsError: ``forward`` produced NaN/Inf logits (the message names the utterance).
+    """
+    from sq_pt2e.errors import NumericsError
+
     texts, logits = [], []
     with torch.no_grad():
         for utt in utterances:
             out = forward(utt.wave)[0]
-            logits.append(out)
-            texts.append(ctc_greedy_decode(out)[0])
+            try:
+                texts.append(ctc_greedy_decode(out)[0])
+            except NumericsError as exc:
+                raise NumericsError(f"{utt.path}: {exc}") from exc
+            if keep_logits:
+                logits.append(out)
     return texts, logits
 
 

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from sq_pt2e.errors import NumericsError
 from sq_pt2e.models.vocab import BLANK_ID, VOCAB, WORD_DELIMITER
 
 __all__ = [
@@ -60,6 +61,7 @@ def ctc_greedy_decode(logits: torch.Tensor | np.ndarray, vocab: Sequence[str] = 
 
     Raises:
         ValueError: not 2-D/3-D, last dimension not ``len(vocab)``, or bad ``lengths``.
+        NumericsError: NaN/Inf scores (argmax over NaN would decode garbage silently).
 
     Example:
         >>> ctc_greedy_decode(model(wave).logits)
@@ -71,6 +73,9 @@ def ctc_greedy_decode(logits: torch.Tensor | np.ndarray, vocab: Sequence[str] = 
         raise ValueError(msg)
     if scores.shape[-1] != len(vocab):
         raise ValueError(f"logits have {scores.shape[-1]} classes but the vocabulary has {len(vocab)} tokens")
+    if scores.is_floating_point() and not bool(torch.isfinite(scores).all()):
+        bad = int((~torch.isfinite(scores)).sum())
+        raise NumericsError(f"{bad} of {scores.numel()} logits are NaN or infinite: the model output is unusable")
     ids = scores.argmax(dim=-1)
     if ids.ndim == 1:
         ids = ids.unsqueeze(0)
@@ -269,6 +274,7 @@ def logit_agreement(float_logits: torch.Tensor | np.ndarray, quant_logits: torch
 
     Raises:
         ValueError: the shapes differ or are empty.
+        NumericsError: either side holds NaN/Inf (a cosine of NaN would compare as no match, silently).
     """
     ref = torch.as_tensor(float_logits).detach().double()
     out = torch.as_tensor(quant_logits).detach().double()
@@ -276,6 +282,9 @@ def logit_agreement(float_logits: torch.Tensor | np.ndarray, quant_logits: torch
         raise ValueError(f"logit shapes differ: {tuple(ref.shape)} vs {tuple(out.shape)}")
     if ref.numel() == 0 or ref.ndim == 0:
         raise ValueError(f"logits of shape {tuple(ref.shape)} have nothing to compare")
+    for label, tensor in (("float", ref), ("quantized", out)):
+        if not bool(torch.isfinite(tensor).all()):
+            raise NumericsError(f"{int((~torch.isfinite(tensor)).sum())} {label} logits are NaN or infinite")
     cosine = float(torch.nn.functional.cosine_similarity(ref.flatten(), out.flatten(), dim=0))
     log_p, log_q = torch.log_softmax(ref, -1), torch.log_softmax(out, -1)
     kl = float((log_p.exp() * (log_p - log_q)).sum(-1).mean())

@@ -15,6 +15,7 @@ from sq_pt2e.asr import (
     per_utterance_errors,
     wer,
 )
+from sq_pt2e.errors import NumericsError
 from sq_pt2e.models.vocab import VOCAB
 
 
@@ -156,3 +157,30 @@ def test_logit_agreement_against_closed_form_values() -> None:
     assert result.kl == pytest.approx(float((p * (p.log() - q.log())).sum()) / 2)  # second frame: KL 0
     assert result.sqnr_db == pytest.approx(10 * np.log10(8.0 / 5.0))
     assert result.cosine == pytest.approx(4.0 / (8**0.5 * 5**0.5))
+
+
+def test_non_finite_logits_are_an_error_not_a_transcript() -> None:
+    logits = torch.zeros(5, len(VOCAB))
+    logits[2, 4] = float("nan")
+    with pytest.raises(NumericsError, match="1 of 160 logits are NaN or infinite"):
+        ctc_greedy_decode(logits)
+    with pytest.raises(NumericsError, match="1 quantized logits are NaN"):
+        logit_agreement(torch.zeros(5, len(VOCAB)), logits)
+    assert ctc_greedy_decode(torch.zeros(5, len(VOCAB), dtype=torch.int64)) == [""]  # integer scores pass
+
+
+def test_transcribe_consumes_a_stream_and_can_drop_logits(tmp_path) -> None:
+    from sq_pt2e.accuracy import transcribe
+    from sq_pt2e.inputs import LoadedUtterance
+
+    def forward(wave: torch.Tensor) -> torch.Tensor:
+        out = torch.zeros(1, 4, len(VOCAB))
+        out[0, :, VOCAB.index("A")] = 1.0 if wave.sum() >= 0 else float("nan")
+        return out
+
+    stream = (LoadedUtterance(str(i), tmp_path / f"{i}.wav", "", torch.ones(1, 400)) for i in range(3))
+    texts, logits = transcribe(forward, stream, keep_logits=False)
+    assert texts == ["A"] * 3 and logits == []
+    bad = [LoadedUtterance("x", tmp_path / "x.wav", "", -torch.ones(1, 400))]
+    with pytest.raises(NumericsError, match=r"x.wav: 4 of 128 logits are NaN"):
+        transcribe(forward, bad)
