@@ -16,7 +16,7 @@ $(STAMP): pyproject.toml requirements.lock
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
 	$(PIP) install -q $(if $(LOCAL_TORCH),$(LOCAL_TORCH),torch==2.13.0)
-	$(PIP) install -q -c requirements.lock -e '.[dev]'
+	$(PIP) install -q -c requirements.lock -e '.[dev,ray]'
 	touch $(STAMP)
 
 demo: setup

@@ -79,6 +79,7 @@ __all__ = [
     "collect_statistics_distributed",
     "make_runner",
     "shard_bounds",
+    "shippable_model",
     "transcribe_manifest",
 ]
 
@@ -452,8 +453,8 @@ def shard_bounds(lengths: Sequence[int], shards: int) -> list[tuple[int, int]]:
     return [b for b in bounds if b[1] > b[0]]
 
 
-def _shippable(model: nn.Module) -> nn.Module:
-    """Fold weight norm in place (parametrized modules do not pickle) and drop its stale load hook.
+def shippable_model(model: nn.Module) -> nn.Module:
+    """``model`` ready to pickle: weight norm folded in place, its stale load hook dropped.
 
     ``torch.nn.utils.parametrizations.weight_norm`` registers a local-function
     load-state-dict hook that converts old ``weight_g``/``weight_v`` keys; after folding
@@ -530,7 +531,7 @@ class DistributedEvaluator(Evaluator):
 
     def _prepare(self) -> Score:
         refs = self.references
-        self._model_ref = self.runner.share(_shippable(self.model))
+        self._model_ref = self.runner.share(shippable_model(self.model))
         self._shard_refs = [self.runner.share((self.waves[a:b], refs[a:b] if refs is not None else None))
                             for a, b in self.bounds]
         calls = [(self._model_ref, shard, self.decode) for shard in self._shard_refs]
@@ -575,7 +576,7 @@ def collect_statistics_distributed(model: nn.Module, waves: Sequence[torch.Tenso
 
     if not waves:
         raise ValueError("no calibration waveforms")
-    _shippable(model)
+    shippable_model(model)
     bounds = shard_bounds([int(w.shape[-1]) for w in waves], shards or runner.workers)
     model_ref = runner.share(model)
     calls = [(model_ref, list(waves[a:b])) for a, b in bounds]
@@ -762,7 +763,7 @@ def transcribe_manifest(
         raise ValueError("utterance ids in the manifest are not unique")
     if block < 1:
         raise ValueError(f"block={block} (expected >= 1)")
-    _shippable(model)
+    shippable_model(model)
     previous = _read_journal(out)
     todo = [u for u in utterances if "text" not in previous.get(u.id, {})]
     summary = TranscriptionSummary(out, len(utterances), skipped=len(utterances) - len(todo),

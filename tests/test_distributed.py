@@ -4,11 +4,10 @@ exact histogram merges; resumable search and transcription; killed workers retri
 from __future__ import annotations
 
 import argparse
+import ast
 import functools
 import json
 import os
-import subprocess
-import sys
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
@@ -36,7 +35,7 @@ from sq_pt2e.stablequant import Candidate, Evaluator, Score, SearchConfig, candi
 
 TESTS = Path(__file__).resolve().parent
 PLANTED = "wav2vec2.feature_extractor.conv_layers.1.conv"
-KL = SearchConfig(criterion="kl")
+KL = SearchConfig(criterion="kl", percentiles=(100.0, 99.9, 99.0))  # a short grid keeps the tests fast
 
 
 def _waves(seed: int, count: int, samples: int = 16000) -> list[torch.Tensor]:
@@ -287,10 +286,17 @@ def test_cli_verbs_run_the_distributed_search_and_batch_transcription(tmp_path: 
         parser.parse_args(["transcribe-batch", str(manifest), "--model", "m", "--output", "o", "--backend", "x"])
 
 
-def test_import_sq_pt2e_does_not_import_ray() -> None:
-    code = "import sys, sq_pt2e, sq_pt2e.distributed, sq_pt2e.stablequant; print('ray' in sys.modules)"
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    assert result.stdout.strip() == "False"
+def test_no_module_imports_ray_at_import_time() -> None:
+    """Ray is optional: only function bodies may import it (``import sq_pt2e`` must work without it)."""
+    package = TESTS.parent / "sq_pt2e"
+    offenders = []
+    for path in sorted(package.rglob("*.py")):
+        for node in ast.parse(path.read_text(encoding="utf-8")).body:  # module level only
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
+                [node.module or ""] if isinstance(node, ast.ImportFrom) else []
+            offenders += [f"{path.name}:{node.lineno}" for n in names if n.split(".")[0] == "ray"]
+    assert offenders == []
+    assert "import ray" in (package / "distributed.py").read_text()  # the check looks at the right files
 
 
 @pytest.mark.slow
