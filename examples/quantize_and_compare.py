@@ -28,17 +28,9 @@ from sq_pt2e.atomic import atomic_write_text
 from sq_pt2e.backends.inductor import fit_plan_to_cpu
 from sq_pt2e.baselines import Bits, build_method
 from sq_pt2e.compare import compare_backends
-from sq_pt2e.inputs import LoadedUtterance, load_source
+from sq_pt2e.inputs import fixed_length, load_source
 from sq_pt2e.models import load_model
 from sq_pt2e.stablequant import Evaluator, SearchConfig, collect_statistics, search_plan
-
-
-def fixed_length(utterance: LoadedUtterance, samples: int) -> torch.Tensor:
-    """Crop / zero-pad a normalised waveform to the exported programs' fixed length."""
-    out = torch.zeros(1, samples)
-    wave = utterance.wave[0, :samples]
-    out[0, : wave.numel()] = wave
-    return out
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -94,8 +86,8 @@ def main(argv: list[str] | None = None) -> int:
     print("\n" + "\n".join(lines))
 
     samples = int(args.seconds * 16000)
-    evaluation = [fixed_length(u, samples) for u in eval_sets["test-other"][:4]]
-    result = compare_backends(model, [fixed_length(u, samples) for u in calibration[:8]], evaluation, plan=plan,
+    evaluation = [fixed_length(u.wave, samples) for u in eval_sets["test-other"][:4]]
+    result = compare_backends(model, [fixed_length(u.wave, samples) for u in calibration[:8]], evaluation, plan=plan,
                               threads=args.threads, runs=args.runs, executorch=not args.no_executorch)
     print("\n" + result.to_markdown())
     if args.output_dir is not None:

@@ -110,9 +110,10 @@ def _stock_pt2e(model: nn.Module, calibration: Sequence[torch.Tensor], quantizer
     from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
 
     from sq_pt2e.export import export_speech_model
+    from sq_pt2e.passes.fold_weight_norm import folded_copy
     from sq_pt2e.pipeline import calibrate
 
-    exported = export_speech_model(copy.deepcopy(model), calibration[0], dynamic_time=True)
+    exported = export_speech_model(folded_copy(model), calibration[0], dynamic_time=True)
     prepared = prepare_pt2e(exported.module(), quantizer)
     calibrate(prepared, calibration)
     converted = convert_pt2e(prepared)

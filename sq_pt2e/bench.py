@@ -27,7 +27,7 @@ from sq_pt2e.atomic import atomic_write_text
 from sq_pt2e.compare import graph_constant_bytes, median_latency_ms
 from sq_pt2e.hardware import cpu_info
 from sq_pt2e.models.build import to_ctc_logits
-from sq_pt2e.passes.fold_weight_norm import fold_weight_norm
+from sq_pt2e.passes.fold_weight_norm import folded_copy
 from sq_pt2e.plan import QuantPlan
 from sq_pt2e.recipes import default_plan
 
@@ -281,8 +281,7 @@ def run_benchmark(
         raise ValueError(f"unknown variant(s) {unknown} (known: {', '.join(VARIANTS)})")
     cpu = cpu_info()
     result = BenchResult(cpu.summary(), torch.__version__)
-    model = copy.deepcopy(model).eval()
-    fold_weight_norm(model)  # once, numerically identical; parametrized modules do not deep-copy reliably
+    model = folded_copy(model).eval()  # once, numerically identical; the caller's model is left as it is
     plan = plan or default_plan(model=model_name)
     names = list(variants)
     if "bf16-compiled" in names and not any(f in cpu.flags for f in ("amx_bf16", "avx512_bf16")):

@@ -71,8 +71,9 @@ def _cmd_quantize(args: argparse.Namespace) -> int:
     from sq_pt2e.baselines import Bits
     from sq_pt2e.inputs import load_source
     from sq_pt2e.models import load_model
-    from sq_pt2e.plots import plot_sensitivity
+    from sq_pt2e.report import write_report
     from sq_pt2e.stablequant import Evaluator, SearchConfig, collect_statistics, search_plan
+    from sq_pt2e.stats_file import save_statistics
 
     bits = Bits.parse(args.bits)
     model = load_model(args.model, seed=args.seed)
@@ -95,16 +96,49 @@ def _cmd_quantize(args: argparse.Namespace) -> int:
     plan, report = search_plan(model, statistics, evaluator, config, model_name=args.model,
                                progress=lambda line: print(line, file=sys.stderr, flush=True))
     out = args.output_dir
-    plan.save(out / "plan.json")
-    atomic_write_text(out / "search_report.json", json.dumps(report.to_dict(), indent=2, default=float) + "\n")
-    metric = "delta_wer" if criterion == "wer" else "kl"
-    threshold = config.gamma if criterion == "wer" else config.kl_share * report.all_max_score.kl
-    plot_sensitivity({g: v.get(metric, 0.0) for g, v in report.sensitivity.items()}, threshold,
-                     "WER increase (points)" if criterion == "wer" else "logit KL vs float",
-                     f"{args.model}: sensitivity of each group quantized alone ({bits}, max ranges)",
-                     out / "sensitivity.png")
+    written = [plan.save(out / "plan.json"), save_statistics(out / "statistics.npz", statistics),
+               atomic_write_text(out / "search_report.json", json.dumps(report.to_dict(), indent=2, default=float) + "\n")]
+    if args.program_seconds > 0:
+        written.append(_write_program(model, plan, calibration, args.program_seconds, out / "model_int8.pt2"))
+    written += write_report(out, plan, statistics=statistics, search_path=out / "search_report.json")
     print(_search_summary(report, criterion))
-    print(f"\nwrote {out / 'plan.json'}, {out / 'search_report.json'}, {out / 'sensitivity.png'}")
+    print("\nwrote " + ", ".join(str(p) for p in written))
+    return EXIT_OK
+
+
+def _write_program(model: object, plan: object, calibration: list, seconds: float, path: Path) -> Path:
+    """Convert ``model`` with ``plan`` for x86/inductor at a fixed length and save the program."""
+    from sq_pt2e.inputs import fixed_length
+    from sq_pt2e.pipeline import quantize_model, save_program
+
+    samples = int(seconds * 16000)
+    waves = [fixed_length(u.wave, samples) for u in calibration[:4]]
+    print(f"converting to int8 for x86/inductor at {seconds:g} s ...", file=sys.stderr, flush=True)
+    return save_program(quantize_model(model, waves[0], waves, plan=plan), waves[0], path)
+
+
+def _beside(plan_path: Path, given: Path | None, name: str) -> Path | None:
+    """``given``, else ``name`` in the plan's folder when it exists there."""
+    if given is not None:
+        return given
+    candidate = plan_path.parent / name
+    return candidate if candidate.exists() else None
+
+
+def _cmd_report(args: argparse.Namespace) -> int:
+    from sq_pt2e.plan import QuantPlan
+    from sq_pt2e.report import write_report
+    from sq_pt2e.stats_file import load_statistics
+
+    plan = QuantPlan.load(args.plan)
+    statistics_path = _beside(args.plan, args.statistics, "statistics.npz")
+    written = write_report(
+        args.output_dir or args.plan.parent, plan,
+        statistics=load_statistics(statistics_path) if statistics_path else None,
+        search_path=_beside(args.plan, args.search_report, "search_report.json"),
+        accuracy_path=args.accuracy, bench_path=args.bench,
+    )
+    print("wrote " + ", ".join(str(p) for p in written))
     return EXIT_OK
 
 
@@ -138,19 +172,14 @@ def _cmd_export(args: argparse.Namespace) -> int:
     from sq_pt2e.models import load_model
     from sq_pt2e.pipeline import quantize_model
     from sq_pt2e.plan import QuantPlan
-    from sq_pt2e.inputs import load_source
+    from sq_pt2e.inputs import fixed_length, load_source
 
     import torch
 
     model = load_model(args.model, seed=args.seed)
     plan = QuantPlan.load(args.plan) if args.plan else None
     samples = int(args.seconds * 16000)
-    calibration = []
-    for utt in load_source(args.calibration, limit=args.max_calibration):
-        wave = torch.zeros(1, samples)
-        clip = utt.wave[0, :samples]
-        wave[0, : clip.numel()] = clip
-        calibration.append(wave)
+    calibration = [fixed_length(u.wave, samples) for u in load_source(args.calibration, limit=args.max_calibration)]
     example = calibration[0]
     quantized = quantize_model(model, example, calibration, plan=plan, target="xnnpack")
     data, report = lower_to_xnnpack(quantized.converted, example)
@@ -166,30 +195,33 @@ def _cmd_export(args: argparse.Namespace) -> int:
 
 
 def _cmd_transcribe(args: argparse.Namespace) -> int:
-    from sq_pt2e.accuracy import transcribe
-    from sq_pt2e.baselines import build_method
-    from sq_pt2e.inputs import load_utterances
     from sq_pt2e.data import Utterance
+    from sq_pt2e.inputs import load_source
     from sq_pt2e.models import load_model
     from sq_pt2e.plan import QuantPlan
-    from sq_pt2e.simulate import collect_statistics
+    from sq_pt2e.transcriber import Transcriber, transcribe_dataset
 
     model = load_model(args.model, seed=args.seed)
-    utterances = load_utterances([Utterance(Path(p).stem, Path(p)) for p in args.audio])
-    if args.plan is None:
-        forward = build_method("float32", model, [], {})
+    plan = QuantPlan.load(args.plan) if args.plan is not None else None
+    calibration = None
+    if plan is not None and (not plan.layers or any(layer.act_range is None for layer in plan.layers)):
+        calibration = [u.wave for u in load_source(args.calibration, limit=16)]
+    records = [Utterance(str(p), Path(p)) for p in dict.fromkeys(args.audio)]
+    with Transcriber(model, plan, calibration=calibration, chunk_seconds=args.chunk_seconds) as transcriber:
+        results = transcribe_dataset(transcriber, records, checkpoint=args.checkpoint, on_error=args.on_error)
+    rows = [{"file": r.path, "text": r.text} | ({"error": r.error} if r.error else {}) for r in results]
+    if args.json:
+        print(json.dumps(rows, indent=2))
     else:
-        plan = QuantPlan.load(args.plan)
-        statistics = {} if all(layer.act_range is not None for layer in plan.layers) and plan.layers else \
-            collect_statistics(model, [u.wave for u in utterances])
-        forward = build_method("stablequant", model, [], statistics, plan=plan)
-    texts, _ = transcribe(forward, utterances)
-    rows = [{"file": str(u.path), "text": t} for u, t in zip(utterances, texts, strict=True)]
-    print(json.dumps(rows, indent=2) if args.json else "\n".join(f"{r['file']}\t{r['text']}" for r in rows))
-    return EXIT_OK
+        print("\n".join(f"{r['file']}\t{r['text']}" for r in rows if "error" not in r))
+    for row in rows:
+        if "error" in row:
+            print(f"skipped {row['file']}: {row['error']}", file=sys.stderr)
+    return EXIT_FAILED if any("error" in r for r in rows) else EXIT_OK
 
 
-def _eval_sets(specs: Sequence[str], limit: int | None) -> dict[str, list]:
+def _eval_sets(specs: Sequence[str], limit: int | None, on_error: str = "raise") -> dict[str, list]:
+    """Load each ``NAME[=SOURCE]`` evaluation set (transcripts required); bad files skipped when asked."""
     from sq_pt2e.inputs import load_source
 
     shipped = ("synthetic-test", "synthetic-dev", "test-other", "test-clean")
@@ -198,7 +230,9 @@ def _eval_sets(specs: Sequence[str], limit: int | None) -> dict[str, list]:
         name, _, source = spec.partition("=")
         if not source and name not in shipped:
             raise ValueError(f"--eval {spec!r}: expected NAME=FOLDER_OR_MANIFEST or a shipped set {shipped}")
-        sets[name] = load_source(source or None, shipped=name, limit=limit)
+        sets[name] = load_source(source or None, shipped=name, limit=limit, on_error=on_error)
+        for skipped in getattr(sets[name], "skipped", []):
+            print(f"--eval {name}: skipped {skipped.path}: {skipped.problem}", file=sys.stderr)
         if not all(u.text for u in sets[name]):
             raise ValueError(f"--eval {name}: every utterance needs a transcript for WER")
     return sets
@@ -215,7 +249,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     from sq_pt2e.simulate import collect_statistics
 
     model = load_model(args.model, seed=args.seed)
-    eval_sets = _eval_sets(args.eval, args.max_eval)
+    eval_sets = _eval_sets(args.eval, args.max_eval, args.on_error)
     float_forward = build_method("float32", model, [], {})
     int8_forward = None
     if args.plan is not None:
@@ -319,8 +353,26 @@ def _build_parser() -> argparse.ArgumentParser:
                           help="clip percentiles tried for sensitive groups, in order")
     quantize.add_argument("--max-calibration", type=int, default=32, help="calibration utterances to use")
     quantize.add_argument("--max-dev", type=int, default=100, help="dev utterances to use")
+    quantize.add_argument("--program-seconds", type=float, default=10.0,
+                          help="input length of the saved int8 program model_int8.pt2 (torch.export; x86/inductor "
+                               "target; 0: do not write it)")
     quantize.add_argument("--output-dir", type=Path, required=True)
     quantize.set_defaults(run=_cmd_quantize)
+
+    report = verbs.add_parser(
+        "report", help="plan (+ search, accuracy, bench results) -> report.md with per-layer table and plots",
+        description="Markdown report of a plan: per-layer bits, calibration, range, clip ratio, share clipped, "
+                    "activation SQNR and sensitivity; plots of sensitivity, activation histograms with the chosen "
+                    "range, WER against bit width and latency against audio length. search_report.json and "
+                    "statistics.npz beside the plan are used when present.",
+    )
+    report.add_argument("--plan", type=Path, required=True, help="plan.json (from `sq-pt2e quantize` or hand-edited)")
+    report.add_argument("--search-report", type=Path, default=None, help="search_report.json (default: beside the plan)")
+    report.add_argument("--statistics", type=Path, default=None, help="statistics.npz (default: beside the plan)")
+    report.add_argument("--accuracy", type=Path, default=None, help="accuracy.json from `sq-pt2e accuracy`")
+    report.add_argument("--bench", type=Path, default=None, help="bench.json from `sq-pt2e bench`")
+    report.add_argument("--output-dir", type=Path, default=None, help="default: the plan's folder")
+    report.set_defaults(run=_cmd_report)
 
     accuracy = verbs.add_parser(
         "accuracy", help="WER of every method at every bit width (the accuracy table)",
@@ -359,12 +411,20 @@ def _build_parser() -> argparse.ArgumentParser:
     export.set_defaults(run=_cmd_export)
 
     transcribe = verbs.add_parser(
-        "transcribe", help="audio files -> text, float or int8 (with --plan; eager int8, exact to convert_pt2e)",
+        "transcribe", help="audio files -> text, float or int8 (with --plan; simulated int8, exact to convert_pt2e)",
     )
     _add_model_argument(transcribe)
     transcribe.add_argument("audio", nargs="+", help="audio files (any rate / channels; resampled to 16 kHz mono)")
     transcribe.add_argument("--plan", default=None, help="plan.json: transcribe with the int8 model")
     transcribe.add_argument("--json", action="store_true", help="print JSON")
+    transcribe.add_argument("--calibration", default=None,
+                            help="calibration audio for plans without fixed ranges (default: shipped LibriSpeech)")
+    transcribe.add_argument("--chunk-seconds", type=float, default=30.0,
+                            help="long files are transcribed in chunks of this length (bounded memory)")
+    transcribe.add_argument("--on-error", choices=["raise", "skip"], default="raise",
+                            help="skip: report a bad file, go on with the others, exit 1 at the end")
+    transcribe.add_argument("--checkpoint", type=Path, default=None,
+                            help="JSONL of finished files; a rerun with it skips them (resumable)")
     transcribe.set_defaults(run=_cmd_transcribe)
 
     evaluate = verbs.add_parser(
@@ -376,6 +436,8 @@ def _build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--plan", default=None, help="plan.json: also evaluate the int8 model")
     evaluate.add_argument("--calibration", default=None, help="calibration audio for plans without fixed ranges")
     evaluate.add_argument("--max-eval", type=int, default=None)
+    evaluate.add_argument("--on-error", choices=["raise", "skip"], default="raise",
+                          help="skip: leave out (and list) unreadable files instead of stopping")
     evaluate.add_argument("--output-dir", type=Path, default=None)
     evaluate.set_defaults(run=_cmd_eval)
     return parser

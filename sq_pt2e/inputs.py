@@ -29,7 +29,7 @@ import torch
 from sq_pt2e.data import OnError, Skipped, SkippedFile, Utterance, check_on_error, log_skipped
 from sq_pt2e.errors import AudioError
 
-__all__ = ["LoadedUtterance", "UtteranceStream", "load_one", "load_source", "load_utterances", "stream_source"]
+__all__ = ["LoadedUtterance", "UtteranceStream", "fixed_length", "load_one", "load_source", "load_utterances", "stream_source"]
 
 
 @dataclass(frozen=True)
@@ -95,6 +95,24 @@ class UtteranceStream:
         self.skipped.append(entry)
         if self.on_skip is not None:
             self.on_skip(entry)
+
+
+def fixed_length(wave: torch.Tensor, samples: int) -> torch.Tensor:
+    """A ``(1, samples)`` copy of a ``(1, n)`` waveform: cropped, or zero-padded at the end.
+
+    Exported programs (inductor int8, ``.pte``) take one fixed length.
+
+    Raises:
+        ValueError: ``samples`` is not positive or ``wave`` is not ``(1, n)``.
+    """
+    if samples <= 0:
+        raise ValueError(f"samples={samples} (expected > 0)")
+    if wave.ndim != 2 or wave.shape[0] != 1:
+        raise ValueError(f"waveform of shape {tuple(wave.shape)} (expected (1, samples))")
+    out = torch.zeros(1, samples, dtype=wave.dtype)
+    clip = wave[0, :samples]
+    out[0, : clip.numel()] = clip
+    return out
 
 
 def load_one(utt: object, *, max_seconds: float | None = None) -> LoadedUtterance:

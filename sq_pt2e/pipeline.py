@@ -8,8 +8,11 @@ Example:
 
 from __future__ import annotations
 
+import io
+import os
 from collections.abc import Iterable
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -23,7 +26,7 @@ from sq_pt2e.passes.verify_quantization import QuantizedGraphSummary, require_in
 from sq_pt2e.plan import QuantPlan
 from sq_pt2e.quantizer import LayerStatus, StableQuantQuantizer, Target
 
-__all__ = ["QuantizedModel", "calibrate", "quantize_model", "quantize_exported"]
+__all__ = ["QuantizedModel", "calibrate", "load_program", "quantize_model", "quantize_exported", "save_program"]
 
 
 @dataclass
@@ -107,3 +110,37 @@ def quantize_model(
     """
     exported = export_speech_model(model, example, dynamic_time=dynamic_time)
     return quantize_exported(exported, calibration, plan=plan, target=target, fit_to_cpu=fit_to_cpu)
+
+
+def save_program(quantized: QuantizedModel, example: torch.Tensor, path: str | os.PathLike[str]) -> Path:
+    """Save the converted int8 graph as a ``torch.export`` program (``.pt2``), atomically.
+
+    The program takes ``(1, samples)`` waveforms of ``example``'s length. Load it with
+    :func:`load_program` and run it eagerly, or compile it with
+    ``sq_pt2e.backends.inductor.compile_inductor``.
+
+    Returns:
+        The path written.
+    """
+    from sq_pt2e.atomic import atomic_write_bytes
+
+    program = torch.export.export(quantized.converted, (example,))
+    buffer = io.BytesIO()
+    torch.export.save(program, buffer)
+    return atomic_write_bytes(path, buffer.getvalue())
+
+
+def load_program(path: str | os.PathLike[str]) -> GraphModule:
+    """The int8 graph saved by :func:`save_program`, ready to run or compile.
+
+    Raises:
+        FileNotFoundError: no such file.
+        QuantizationError: the file is not a saved program.
+    """
+    source = Path(path)
+    if not source.exists():
+        raise FileNotFoundError(f"quantized program {source} does not exist (written by `sq-pt2e quantize`)")
+    try:
+        return torch.export.load(source).module()
+    except Exception as exc:  # torch raises several unrelated types for a damaged archive
+        raise QuantizationError(f"cannot load quantized program {source}: {exc}") from exc

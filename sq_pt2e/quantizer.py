@@ -16,9 +16,9 @@ Example:
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import torch
 from torch.fx import GraphModule, Node
@@ -31,6 +31,9 @@ from sq_pt2e.errors import QuantizationError
 from sq_pt2e.graph import QuantizableLayer, find_quantizable_layers, layer_name
 from sq_pt2e.observers import AbsHistogramObserver, PerChannelMseWeightObserver
 from sq_pt2e.plan import LayerPlan, QuantPlan
+
+if TYPE_CHECKING:
+    from sq_pt2e.stablequant import SearchConfig, SearchReport
 
 __all__ = ["LayerStatus", "StableQuantQuantizer", "Target", "act_qspec", "output_qspec", "weight_qspec"]
 
@@ -142,6 +145,49 @@ class StableQuantQuantizer(Quantizer):
         self.plan = plan if plan is not None else QuantPlan()
         self.module_filter = module_filter
         self.layer_status: tuple[LayerStatus, ...] = ()
+        self.search_report: SearchReport | None = None
+
+    @classmethod
+    def search(
+        cls,
+        model: torch.nn.Module,
+        calibration: Sequence[torch.Tensor],
+        dev: Sequence[torch.Tensor],
+        references: Sequence[str] | None = None,
+        *,
+        config: SearchConfig | None = None,
+        target: Target = "x86_inductor",
+        model_name: str = "",
+    ) -> StableQuantQuantizer:
+        """Run the StableQuant search on ``model`` and return a quantizer with the plan it found.
+
+        Calibrates once on ``calibration``, scores candidates on ``dev`` (WER against
+        ``references``, else logit KL against float) and keeps the search report in
+        ``quantizer.search_report``. Save the plan with ``quantizer.plan.save(path)``.
+
+        Args:
+            model: the float model (a ``*ForCTC`` model or waveform -> logits module).
+            calibration: ``(1, samples)`` normalised waveforms for the activation histograms.
+            dev: ``(1, samples)`` waveforms the candidates are scored on.
+            references: transcripts of ``dev`` (``None``: search on logit KL).
+            config: search settings (default: the paper's; criterion from ``references``).
+            target: backend of the returned quantizer.
+            model_name: recorded in the plan.
+
+        Example:
+            >>> quantizer = StableQuantQuantizer.search(model, calib_waves, dev_waves, dev_texts)
+            >>> prepared = prepare_pt2e(export_speech_model(model, wave).module(), quantizer)
+        """
+        from sq_pt2e.stablequant import Evaluator, SearchConfig, collect_statistics, search_plan
+
+        if config is None:
+            config = SearchConfig(criterion="wer" if references is not None else "kl")
+        statistics = collect_statistics(model, calibration)
+        evaluator = Evaluator(model, dev, references if config.criterion == "wer" else None)
+        plan, report = search_plan(model, statistics, evaluator, config, model_name=model_name)
+        quantizer = cls(plan, target=target)
+        quantizer.search_report = report
+        return quantizer
 
     def _plan_for(self, layer: QuantizableLayer) -> LayerPlan | None:
         if self.module_filter is not None and not self.module_filter(layer.name):

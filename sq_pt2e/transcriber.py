@@ -24,7 +24,6 @@ Example:
 from __future__ import annotations
 
 import contextlib
-import copy
 import hashlib
 import json
 import os
@@ -52,26 +51,11 @@ Audio = str | os.PathLike[str] | np.ndarray | torch.Tensor
 
 
 def _private_copy(model: nn.Module) -> nn.Module:
-    """A deep copy of ``model`` with its weight norm folded, sharing nothing with ``model``.
-
-    ``copy.deepcopy`` keeps a parametrized module's class, which ``torch.nn.utils.parametrize``
-    creates per module and mutates when the parametrization is removed: folding the
-    copy would delete ``weight`` from the original's class too. Each parametrized
-    module of the copy gets its own identical class first.
-    """
-    from torch.nn.utils import parametrize
-
+    """A deep copy of ``model`` (as waveform -> logits) with its weight norm folded, sharing nothing with it."""
     from sq_pt2e.models.build import to_ctc_logits
-    from sq_pt2e.passes.fold_weight_norm import fold_weight_norm
+    from sq_pt2e.passes.fold_weight_norm import folded_copy
 
-    replica = to_ctc_logits(copy.deepcopy(model)).eval()
-    for module in replica.modules():
-        if parametrize.is_parametrized(module):
-            cls = type(module)
-            namespace = {k: v for k, v in vars(cls).items() if k not in ("__dict__", "__weakref__")}
-            module.__class__ = type(cls.__name__, cls.__bases__, namespace)
-    fold_weight_norm(replica)
-    return replica
+    return folded_copy(to_ctc_logits(model)).eval()
 
 
 def _reduction_size(module: nn.Module) -> int:

@@ -8,7 +8,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from sq_pt2e.models import build_model
-from sq_pt2e.passes.fold_weight_norm import fold_weight_norm
+from sq_pt2e.passes.fold_weight_norm import fold_weight_norm, folded_copy
 from sq_pt2e.testing import example_waves
 
 
@@ -73,3 +73,16 @@ def test_folding_tiny_wav2vec2_keeps_the_positional_conv_weight_in_parameters() 
     model = build_model("tiny-wav2vec2", seed=0)
     fold_weight_norm(model)
     assert "wav2vec2.encoder.pos_conv_embed.conv.weight" in dict(model.named_parameters())
+
+
+def test_folded_copy_leaves_the_original_parametrized_and_working() -> None:
+    model = _Normed().eval()
+    x = torch.randn(1, 2, 16, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        before = model(x)
+    copy = folded_copy(model)
+    assert not parametrize.is_parametrized(copy.param)
+    assert parametrize.is_parametrized(model.param)  # a plain deepcopy + fold deletes the original's weight
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), before, rtol=0, atol=0)
+        torch.testing.assert_close(copy(x), before, rtol=1e-6, atol=1e-6)

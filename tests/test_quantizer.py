@@ -230,3 +230,17 @@ def test_nan_in_calibration_audio_raises_at_convert_naming_the_first_layer(tiny)
         match=r"calibration saw 1 NaN/Inf activation values for layer 'wav2vec2.feature_extractor.conv_layers.0.conv'",
     ):
         convert_pt2e(prepared)
+
+
+def test_search_returns_a_quantizer_whose_plan_fixes_every_range_and_converts(tiny) -> None:
+    from sq_pt2e.stablequant import SearchConfig
+
+    model, exported, wave = tiny
+    calibration = example_waves(3, 2)
+    quantizer = StableQuantQuantizer.search(model, calibration, [wave], config=SearchConfig(criterion="kl"),
+                                            model_name="tiny-wav2vec2")
+    assert quantizer.search_report is not None and quantizer.search_report.evaluations > 0
+    assert quantizer.plan.model == "tiny-wav2vec2"
+    assert len(quantizer.plan.layers) == LAYER_COUNT and all(layer.act_range for layer in quantizer.plan.layers)
+    converted = _convert(exported, quantizer, wave)
+    assert len(summarize_quantized_graph(converted).int8_layers) == LAYER_COUNT

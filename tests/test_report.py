@@ -1,0 +1,138 @@
+"""The report: per-layer numbers from histograms, Markdown sections, figures; the statistics file."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+
+from sq_pt2e.accuracy import AccuracyCell, AccuracyTable
+from sq_pt2e.bench import BenchResult, BenchRow
+from sq_pt2e.errors import QuantizationError
+from sq_pt2e.observers import AbsHistogram
+from sq_pt2e.plan import LayerPlan, QuantPlan
+from sq_pt2e.report import activation_sqnr_db, clipped_share, layer_rows, write_report
+from sq_pt2e.stablequant import Score, SearchReport
+from sq_pt2e.stats_file import load_statistics, save_statistics
+
+CONV = "wav2vec2.feature_extractor.conv_layers.2.conv"
+FC = "wav2vec2.encoder.layers.0.feed_forward.output_dense"
+
+
+def _spike(bins: int = 100, at: int = 9, upper: float = 10.0) -> AbsHistogram:
+    counts = np.zeros(bins)
+    counts[at] = 1000.0
+    return AbsHistogram(counts, upper, (at + 1) * upper / bins)
+
+
+def _heavy_tail() -> AbsHistogram:
+    counts = np.exp(-np.arange(200) / 8.0) * 1e6
+    return AbsHistogram(counts, 20.0, 20.0)
+
+
+def test_sqnr_of_a_point_mass_is_the_rounding_noise_closed_form() -> None:
+    hist = _spike()  # every value at the centre 0.95 of bin 9
+    clip, qmax = 2.0, 127
+    expected = 10 * math.log10(0.95**2 / ((clip / qmax) ** 2 / 12))
+    assert activation_sqnr_db(hist, clip, qmax) == pytest.approx(expected)
+
+
+def test_sqnr_counts_clipping_error_above_the_range() -> None:
+    hist = _spike()
+    clip, qmax = 0.5, 127  # every value (0.95) is clipped to 0.5
+    assert activation_sqnr_db(hist, clip, qmax) == pytest.approx(10 * math.log10(0.95**2 / 0.45**2))
+    with pytest.raises(ValueError, match="clip=0"):
+        activation_sqnr_db(hist, 0.0, qmax)
+
+
+def test_clipped_share_of_a_uniform_histogram() -> None:
+    hist = AbsHistogram(np.ones(100), 1.0, 1.0)
+    assert clipped_share(hist, 0.5) == pytest.approx(50.0)
+    assert clipped_share(hist, 1.0) == 0.0
+
+
+def _plan() -> QuantPlan:
+    return QuantPlan(model="tiny", layers=(
+        LayerPlan(CONV, op="conv1d", calibration="percentile", clip_percentile=99.9, act_range=5.0, reason="sensitive"),
+        LayerPlan(FC, op="linear", calibration="mse", act_range=0.9, reason="not sensitive"),
+        LayerPlan("lm_head", op="linear", skip=True, reason="kept float for the test"),
+    ))
+
+
+def _search(tmp_path) -> object:
+    report = SearchReport(Score(10.0, 0.0), all_max_score=Score(14.0, 0.02), final_score=Score(10.2, 0.001),
+                          sensitivity={CONV: {"kl": 0.01, "wer": 13.0, "delta_wer": 3.0},
+                                       "wav2vec2.encoder.layers.0": {"kl": 1e-4, "wer": 10.0, "delta_wer": 0.0}},
+                          sensitive_groups=[CONV], chosen_percentiles={CONV: 99.9}, evaluations=12, seconds=3.5,
+                          config={"criterion": "wer", "gamma": 0.25, "granularity": "block", "reading": "mse-rest",
+                                  "weight_bits": 8, "act_bits": 8})
+    path = tmp_path / "search_report.json"
+    path.write_text(json.dumps(report.to_dict()))
+    return path
+
+
+def test_layer_rows_join_plan_histograms_and_sensitivity(tmp_path) -> None:
+    statistics = {CONV: _heavy_tail(), FC: _spike()}
+    rows = layer_rows(_plan(), statistics, json.loads(_search(tmp_path).read_text()))
+    conv, fc, head = rows
+    assert conv.sensitive and conv.sensitivity == 3.0 and conv.clip_ratio == pytest.approx(0.25)
+    assert conv.clipped_percent > 0 and conv.sqnr_db > 0
+    assert not fc.sensitive and fc.sensitivity == 0.0 and fc.clip_ratio == pytest.approx(0.9)
+    assert head.skip and head.bits == "float" and head.sqnr_db is None
+
+
+def test_write_report_has_every_section_and_readable_figures(tmp_path) -> None:
+    table = AccuracyTable("tiny", {"synthetic": 10.0}, {"synthetic": 5}, [
+        AccuracyCell(method, bits, "synthetic", wer, wer - 10, wer - 11, wer - 9, 1.0, 0.99)
+        for method, bits, wer in [("max", "W8A8", 11.0), ("stablequant", "W8A8", 10.1), ("max", "W4A8", 30.0),
+                                  ("stablequant", "W4A8", 12.0)]])
+    (tmp_path / "accuracy.json").write_text(table.to_json())
+    bench = BenchResult("test CPU", "2.13.0", [
+        BenchRow("tiny", "fp32-eager", s, 1, 1, 10.0 * s, 0.01, 1.0, None, 1000, 1.0, 0.1, None, None, "")
+        for s in (1.0, 2.0)])
+    (tmp_path / "bench.json").write_text(bench.to_json())
+    written = write_report(tmp_path / "out", _plan(), statistics={CONV: _heavy_tail(), FC: _spike()},
+                           search_path=_search(tmp_path), accuracy_path=tmp_path / "accuracy.json",
+                           bench_path=tmp_path / "bench.json")
+    names = [p.name for p in written]
+    assert names == ["report.md", "sensitivity.png", "histograms.png", "wer_vs_bits.png", "latency_vs_length.png"]
+    assert all(p.stat().st_size > 5000 for p in written[1:])
+    text = written[0].read_text()
+    for needle in ("## Search", "12 model evaluations", f"`{CONV}` (clip p99.9)", "## Layers", "## Accuracy",
+                   "## Speed", "Float layer `lm_head`: kept float for the test", "| 0 | `" + CONV):
+        assert needle in text, needle
+
+
+def test_report_without_statistics_or_search_still_lists_every_layer(tmp_path) -> None:
+    (report,) = write_report(tmp_path, _plan())
+    text = report.read_text()
+    assert all(name in text for name in (CONV, FC, "lm_head")) and "No calibration statistics" in text
+
+
+def test_report_names_a_missing_input(tmp_path) -> None:
+    with pytest.raises(FileNotFoundError, match="nope.json"):
+        write_report(tmp_path, _plan(), accuracy_path=tmp_path / "nope.json")
+
+
+def test_statistics_file_round_trips_exactly(tmp_path) -> None:
+    statistics = {CONV: _heavy_tail(), FC: _spike()}
+    loaded = load_statistics(save_statistics(tmp_path / "s.npz", statistics))
+    assert list(loaded) == [CONV, FC]
+    for name, hist in statistics.items():
+        assert np.array_equal(loaded[name].counts, hist.counts)
+        assert (loaded[name].upper, loaded[name].max_abs) == (hist.upper, hist.max_abs)
+
+
+def test_statistics_file_errors_name_the_file(tmp_path) -> None:
+    with pytest.raises(FileNotFoundError, match="missing.npz"):
+        load_statistics(tmp_path / "missing.npz")
+    other = tmp_path / "other.npz"
+    np.savez(other, x=np.zeros(3))
+    with pytest.raises(QuantizationError, match="not an sq-pt2e statistics file"):
+        load_statistics(other)
+    junk = tmp_path / "junk.npz"
+    junk.write_bytes(b"not a zip file")
+    with pytest.raises(QuantizationError, match="junk.npz"):
+        load_statistics(junk)
