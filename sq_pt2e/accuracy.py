@@ -23,7 +23,7 @@ from sq_pt2e.baselines import BASELINES, Bits, build_method
 from sq_pt2e.inputs import LoadedUtterance
 from sq_pt2e.stablequant import Evaluator, SearchConfig, collect_statistics, search_plan
 
-__all__ = ["AccuracyCell", "AccuracyTable", "build_accuracy_table", "transcribe"]
+__all__ = ["AccuracyCell", "AccuracyTable", "build_accuracy_table", "transcribe", "wer_against_float"]
 
 Forward = Callable[[torch.Tensor], torch.Tensor]
 
@@ -156,12 +156,26 @@ def build_accuracy_table(
                 texts, logits = transcribe(forward, utts)
                 delta = paired_bootstrap_delta(refs, float_texts, texts)
                 cosine = min(logit_agreement(f, q).cosine for f, q in zip(float_logits, logits, strict=True))
-                agree = wer([t or "EMPTY" for t in float_texts], texts)  # placeholder: WER needs a word
+                agree = wer_against_float(float_texts, texts)
                 table.cells.append(AccuracyCell(method, str(bits), name, wer(refs, texts), delta.delta, delta.low,
                                                 delta.high, agree, cosine))
     _mark_best(table)
     table.seconds = time.perf_counter() - start
     return table
+
+
+def wer_against_float(float_texts: Sequence[str], texts: Sequence[str]) -> float:
+    """WER (percent) of ``texts`` taking the float model's transcripts as references.
+
+    Utterances whose float transcript is empty carry no reference word and are left
+    out; NaN when every float transcript is empty.
+    """
+    from sq_pt2e.asr import normalize_transcript
+
+    pairs = [(f, t) for f, t in zip(float_texts, texts, strict=True) if normalize_transcript(f)]
+    if not pairs:
+        return float("nan")
+    return wer([f for f, _ in pairs], [t for _, t in pairs])
 
 
 def _mark_best(table: AccuracyTable) -> None:

@@ -49,3 +49,12 @@ def test_markdown_and_json(table) -> None:
     rows = [line for line in table.to_markdown().splitlines() if line.startswith("| ")]
     assert len(rows) == 1 + 3  # header + one row per method
     assert "n/a" in table.to_markdown()  # dynamic int8 has no W4A4
+
+
+def test_wer_against_float_leaves_out_utterances_with_an_empty_float_transcript() -> None:
+    import math
+
+    from sq_pt2e.accuracy import wer_against_float
+
+    assert wer_against_float(["A B", "", "C D"], ["A B", "X", "C E"]) == pytest.approx(25.0)
+    assert math.isnan(wer_against_float(["", " "], ["A", ""]))
