@@ -80,12 +80,12 @@ class InductorReport:
 class CompiledInt8:
     """A compiled int8 model (call it like the eager one) and its verification report."""
 
-    fn: Callable[[torch.Tensor], torch.Tensor]
+    fn: Callable[..., torch.Tensor]
     report: InductorReport
 
-    def __call__(self, wave: torch.Tensor) -> torch.Tensor:
+    def __call__(self, wave: torch.Tensor, *extra: torch.Tensor) -> torch.Tensor:
         with torch.no_grad():
-            return self.fn(wave)
+            return self.fn(wave, *extra)
 
 
 def compare_outputs(reference: torch.Tensor, other: torch.Tensor) -> tuple[float, float]:
@@ -100,7 +100,7 @@ def compare_outputs(reference: torch.Tensor, other: torch.Tensor) -> tuple[float
 
 def compile_inductor(
     converted: GraphModule,
-    example: torch.Tensor,
+    example: torch.Tensor | tuple[torch.Tensor, ...],
     *,
     threads: int | None = None,
     min_cosine: float = 0.999,
@@ -111,7 +111,8 @@ def compile_inductor(
 
     Args:
         converted: the int8 model from ``convert_pt2e`` (q/dq representation).
-        example: a waveform to compile for and to compare compiled vs eager on.
+        example: a waveform to compile for and to compare compiled vs eager on, or a tuple
+            of all the graph's inputs (e.g. waveform and number of valid samples).
         threads: intra-op threads (default: the current setting); set before compiling.
         min_cosine: the least cosine similarity of compiled vs eager int8 output.
         dynamic: compile with dynamic shapes (default: one fixed shape).
@@ -130,8 +131,9 @@ def compile_inductor(
     if threads is not None:
         torch.set_num_threads(threads)
     expected = len(summarize_quantized_graph(converted).int8_layers)
+    inputs = example if isinstance(example, tuple) else (example,)
     with torch.no_grad():
-        eager = converted(example)
+        eager = converted(*inputs)
     graph = copy.deepcopy(converted)
     if conv_as_gemm:
         QuantizedConv1dAsGemmPass()(graph)
@@ -140,7 +142,7 @@ def compile_inductor(
     try:
         with inductor_config.patch(freezing=True), torch.no_grad():
             compiled = torch.compile(graph, dynamic=dynamic)
-            output, sources = run_and_get_code(compiled, example)
+            output, sources = run_and_get_code(compiled, *inputs)
     except Exception as exc:  # inductor raises many types; keep the cause
         raise BackendError(f"inductor failed to compile the int8 model: {exc}") from exc
     seconds = time.perf_counter() - start

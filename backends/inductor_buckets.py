@@ -1,0 +1,488 @@
+"""Compiled int8 inference of any audio length: fixed-length buckets, masks, chunks, cache.
+
+Inductor compiles the int8 graph for one fixed input length (a dynamic-shape compile
+of the int8 convolutions fails in torch 2.13), so :class:`BucketedInt8Model` keeps one
+compiled program per *bucket* length (default 2, 5, 10, 20 and 30 s), quantized and
+compiled on first use (or up front), each through
+:func:`~sq_pt2e.backends.inductor.compile_inductor`, which checks that the int8
+kernels run and that compiled output equals eager int8 output.
+
+An input of ``n`` samples is zero-padded to the smallest bucket of at least ``n``
+samples and the logits are cropped to the frames ``n`` samples produce
+(:func:`frame_count`). With ``masked=True`` (the default) the program also takes ``n``
+and masks the padding as transformers does given an ``attention_mask`` (padded frames
+zeroed before the positional convolution, excluded as attention keys), and, for
+group-norm CNNs (wav2vec2-base style), normalises the first CNN layer over the valid
+frames only, which transformers does not do. Valid frames then see exactly what an
+exact-length run sees. ``masked=False`` only zero-pads, which changes the output a
+little (attention and the group norm see the padding).
+
+Audio longer than the largest bucket is cut into windows of the largest bucket that
+overlap by ``overlap_seconds`` on each side; each window's centre frames are kept.
+
+All buckets use the same activation ranges (:func:`pin_activation_ranges`, computed
+once from the calibration audio at its own length), so a bucket's int8 arithmetic
+does not depend on its length. Inductor's FX graph cache is pointed at a folder per
+(model, plan, bucket, threads, torch version) under ``cache_dir`` (default
+``~/.cache/sq-pt2e/inductor``) while compiling, so a second process compiles faster.
+
+Example:
+    >>> runner = BucketedInt8Model(model, plan, calibration_waves, buckets=(2, 5, 10), threads=2)
+    >>> logits = runner(wave)            # (1, frames, vocab), wave of any length
+    >>> runner.transcribe(wave)
+    'HELLO WORLD'
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import hashlib
+import json
+import os
+import threading
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+from torch.fx import GraphModule
+
+from sq_pt2e.asr import ctc_greedy_decode
+from sq_pt2e.atomic import atomic_write_text
+from sq_pt2e.audio import MIN_SAMPLES, SAMPLE_RATE
+from sq_pt2e.backends.inductor import CompiledInt8, InductorReport, compile_inductor, fit_plan_to_cpu
+from sq_pt2e.errors import AudioError, BackendError, NumericsError
+from sq_pt2e.plan import QuantPlan
+
+__all__ = [
+    "DEFAULT_BUCKETS",
+    "BucketReport",
+    "BucketedInt8Model",
+    "MaskedCTCLogits",
+    "cnn_geometry",
+    "default_cache_dir",
+    "frame_count",
+    "pin_activation_ranges",
+]
+
+DEFAULT_BUCKETS: tuple[float, ...] = (2.0, 5.0, 10.0, 20.0, 30.0)
+Geometry = tuple[tuple[int, int], ...]  # (kernel, stride) of each CNN layer
+
+
+# ------------------------------------------------------------------ frames
+def cnn_geometry(model: nn.Module) -> Geometry:
+    """The ``(kernel, stride)`` of each CNN feature-encoder layer, from the model's config.
+
+    Raises:
+        BackendError: the model has no wav2vec2/HuBERT config.
+    """
+    config = getattr(model, "config", None)
+    if config is None:
+        backbone = getattr(model, getattr(model, "backbone_name", ""), None)
+        config = getattr(backbone, "config", None)
+    if config is None or not hasattr(config, "conv_kernel"):
+        raise BackendError(f"{type(model).__name__} has no wav2vec2/HuBERT config (conv_kernel, conv_stride)")
+    return tuple(zip(config.conv_kernel, config.conv_stride))
+
+
+def frame_count(samples: int, geometry: Geometry) -> int:
+    """Frames the CNN produces from ``samples`` samples: ``L = (L - kernel) // stride + 1`` per layer (0 if too short)."""
+    length = int(samples)
+    for kernel, stride in geometry:
+        if length < kernel:
+            return 0
+        length = (length - kernel) // stride + 1
+    return length
+
+
+def _hop(geometry: Geometry) -> int:
+    hop = 1
+    for _, stride in geometry:
+        hop *= stride
+    return hop
+
+
+def _receptive_field(geometry: Geometry) -> int:
+    field = 1
+    for kernel, stride in reversed(geometry):
+        field = (field - 1) * stride + kernel
+    return field
+
+
+# ------------------------------------------------------------------ the masked program
+def _masked_group_norm(x: torch.Tensor, lengths: torch.Tensor, norm: nn.GroupNorm) -> torch.Tensor:
+    """Per-channel group norm of ``(batch, channels, frames)`` over the first ``lengths`` frames only."""
+    frames = torch.arange(x.shape[-1], device=x.device)
+    mask = (frames[None, :] < lengths[:, None]).to(x.dtype)[:, None, :]
+    count = lengths.clamp(min=1).to(x.dtype)[:, None, None]
+    mean = (x * mask).sum(-1, keepdim=True) / count
+    centred = x - mean
+    var = (centred * centred * mask).sum(-1, keepdim=True) / count
+    normed = centred * torch.rsqrt(var + norm.eps)
+    return normed * norm.weight[None, :, None] + norm.bias[None, :, None]
+
+
+class MaskedCTCLogits(nn.Module):
+    """(zero-padded waveform, valid samples) -> CTC logits equal, on valid frames, to an exact-length run.
+
+    Layer names equal the ``*ForCTC`` model's ``named_modules()`` (as
+    :class:`~sq_pt2e.models.CTCLogits`), so plans apply unchanged. The valid frame
+    count of each CNN layer is computed in the graph from ``num_samples``; the first
+    layer's group norm (wav2vec2 style) is taken over valid frames only, and the
+    Transformer gets the frame mask as its ``attention_mask``.
+
+    Args:
+        model: a ``*ForCTC`` model or a :class:`~sq_pt2e.models.CTCLogits` wrapper (weight norm folded).
+
+    Raises:
+        BackendError: the CNN's group norm has fewer groups than channels (not supported).
+    """
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.backbone_name = model.backbone_name if hasattr(model, "backbone_name") else model.base_model_prefix
+        backbone = getattr(model, self.backbone_name)
+        self.add_module(self.backbone_name, backbone)
+        self.lm_head = model.lm_head
+        self.geometry = tuple(zip(backbone.config.conv_kernel, backbone.config.conv_stride))
+        first = backbone.feature_extractor.conv_layers[0]
+        norm = getattr(first, "layer_norm", None)
+        self.group_norm_first = isinstance(norm, nn.GroupNorm)
+        if self.group_norm_first and norm.num_groups != norm.num_channels:
+            raise BackendError(f"masked group norm needs one group per channel, got {norm.num_groups} groups "
+                               f"for {norm.num_channels} channels")
+
+    def forward(self, input_values: torch.Tensor, num_samples: torch.Tensor) -> torch.Tensor:
+        backbone = getattr(self, self.backbone_name)
+        x = input_values[:, None]
+        lengths = num_samples
+        for index, layer in enumerate(backbone.feature_extractor.conv_layers):
+            kernel, stride = self.geometry[index]
+            lengths = torch.div(lengths - kernel, stride, rounding_mode="floor") + 1
+            if index == 0 and self.group_norm_first:
+                x = layer.activation(_masked_group_norm(layer.conv(x), lengths, layer.layer_norm))
+            else:
+                x = layer(x)
+        features = x.transpose(1, 2)
+        frame_mask = torch.arange(features.shape[1], device=x.device)[None, :] < lengths[:, None]
+        projected = backbone.feature_projection(features)
+        hidden = projected[0] if isinstance(projected, tuple) else projected
+        hidden = backbone.encoder(hidden, attention_mask=frame_mask)[0]
+        return self.lm_head(hidden)
+
+
+# ------------------------------------------------------------------ quantization
+def pin_activation_ranges(model: nn.Module, plan: QuantPlan, calibration: Sequence[torch.Tensor]) -> QuantPlan:
+    """``plan`` with a fixed ``act_range`` for every quantized layer, so every bucket quantizes alike.
+
+    Layers whose plan already fixes ``act_range`` keep it; the others get the range
+    their calibration method gives on ``calibration`` (run at each waveform's own
+    length, unpadded), exactly as the PT2E observer would.
+
+    Raises:
+        PlanError: the plan names layers the model lacks, or needs calibration and none was given.
+    """
+    from sq_pt2e.errors import PlanError
+    from sq_pt2e.simulate import collect_statistics, plan_layer_quants, quantizable_modules
+
+    modules = quantizable_modules(model)
+    plan.check_names([m.name for m in modules])
+    resolved = {m.name: plan.resolve(m.name, m.op) for m in modules}
+    if all(layer.skip or layer.act_range is not None for layer in resolved.values()):
+        statistics = {}
+    elif not calibration:
+        raise PlanError("the plan has layers without a fixed act_range: pass calibration waveforms")
+    else:
+        statistics = collect_statistics(model, [w if w.ndim == 2 else w[None] for w in calibration])
+    quants = plan_layer_quants(model, plan, statistics)
+    layers = tuple(
+        dataclasses.replace(resolved[m.name], name=m.name, op=None, act_range=quants[m.name].act_range)
+        if m.name in quants else dataclasses.replace(resolved[m.name], name=m.name, op=None)
+        for m in modules
+    )
+    return dataclasses.replace(plan, layers=layers)
+
+
+def _quantize(program: nn.Module, plan: QuantPlan, example: tuple[torch.Tensor, ...]) -> GraphModule:
+    """Export -> prepare -> one observer pass -> convert (ranges are pinned: the pass only feeds the observers)."""
+    from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
+
+    from sq_pt2e.passes.remove_trivial_attention_mask import RemoveTrivialAttentionMaskPass
+    from sq_pt2e.passes.verify_quantization import require_int8_layers
+    from sq_pt2e.quantizer import StableQuantQuantizer
+
+    with torch.no_grad():
+        exported = torch.export.export(program, example)
+    RemoveTrivialAttentionMaskPass()(exported.graph_module)
+    quantizer = StableQuantQuantizer(plan, target="x86_inductor")
+    prepared = prepare_pt2e(exported.module(), quantizer)
+    with torch.no_grad():
+        prepared(*example)
+    converted = convert_pt2e(prepared)
+    require_int8_layers(converted, [s.name for s in quantizer.layer_status if s.status == "int8"])
+    return converted
+
+
+# ------------------------------------------------------------------ cache
+def default_cache_dir() -> Path:
+    """``$XDG_CACHE_HOME/sq-pt2e/inductor``, or ``~/.cache/sq-pt2e/inductor``."""
+    root = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(root) / "sq-pt2e" / "inductor"
+
+
+@contextlib.contextmanager
+def _inductor_cache(directory: Path) -> Iterator[None]:
+    """Point inductor's FX graph cache at ``directory`` for the duration of a compile, then restore."""
+    import torch._inductor.config as inductor_config
+
+    directory.mkdir(parents=True, exist_ok=True)
+    before = os.environ.get("TORCHINDUCTOR_CACHE_DIR")
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(directory.resolve())
+    try:
+        with inductor_config.patch(fx_graph_cache=True):
+            yield
+    finally:
+        if before is None:
+            os.environ.pop("TORCHINDUCTOR_CACHE_DIR", None)
+        else:
+            os.environ["TORCHINDUCTOR_CACHE_DIR"] = before
+
+
+def _fingerprint(model: nn.Module, plan: QuantPlan, masked: bool) -> str:
+    digest = hashlib.sha256()
+    for name, tensor in model.state_dict().items():
+        digest.update(name.encode())
+        digest.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    digest.update(plan.to_json().encode())
+    digest.update(f"masked={masked} torch={torch.__version__}".encode())
+    return digest.hexdigest()
+
+
+# ------------------------------------------------------------------ the runner
+@dataclass(frozen=True)
+class BucketReport:
+    """How one bucket was built: its length, timings, cache folder and the inductor check."""
+
+    seconds: float
+    samples: int
+    frames: int
+    quantize_seconds: float
+    compile_seconds: float
+    cache_dir: str
+    inductor: InductorReport
+
+
+class BucketedInt8Model:
+    """Int8 inference compiled with inductor for audio of any length (buckets, masks, chunks).
+
+    Args:
+        model: a ``*ForCTC`` wav2vec2/HuBERT model (or CTCLogits); a private folded copy is kept.
+        plan: the quantization plan (default: W8A8 everywhere); fitted to the CPU
+            (``fit_plan_to_cpu``) and its activation ranges pinned once.
+        calibration: ``(1, samples)`` normalised waveforms for layers without a fixed range.
+        buckets: bucket lengths in seconds (sorted, unique; each at least ``MIN_SAMPLES``).
+        threads: intra-op threads, set before every compile (inductor bakes them in).
+        masked: pass the valid length into the program and mask the padding (default);
+            ``False`` only zero-pads.
+        overlap_seconds: context on each side of a window when chunking long audio.
+        cache_dir: root of the compile cache (default :func:`default_cache_dir`);
+            ``None`` there means the default, pass ``False`` to keep inductor's own.
+        compile_now: bucket lengths (seconds) to compile at once; the rest compile on first use.
+        min_cosine: the least compiled-vs-eager int8 cosine every bucket must reach.
+
+    Raises:
+        AudioError: a bucket is shorter than the CNN's receptive field, or the overlap
+            leaves no centre in the largest bucket.
+        PlanError: see :func:`pin_activation_ranges`.
+    """
+
+    def __init__(self, model: nn.Module, plan: QuantPlan | None = None, calibration: Sequence[torch.Tensor] = (),
+                 *, buckets: Sequence[float] = DEFAULT_BUCKETS, threads: int | None = None, masked: bool = True,
+                 overlap_seconds: float = 1.0, cache_dir: str | os.PathLike[str] | None | bool = None,
+                 compile_now: Sequence[float] = (), min_cosine: float = 0.999) -> None:
+        from sq_pt2e.models.build import to_ctc_logits
+        from sq_pt2e.passes.fold_weight_norm import folded_copy
+
+        self._model = folded_copy(to_ctc_logits(model)).eval()
+        self.geometry = cnn_geometry(self._model)
+        self.hop = _hop(self.geometry)
+        self.bucket_samples = _check_buckets(buckets)
+        self.overlap_samples = int(round(overlap_seconds * SAMPLE_RATE)) // self.hop * self.hop
+        self.step_samples = (self.bucket_samples[-1] - 2 * self.overlap_samples) // self.hop * self.hop
+        context = _receptive_field(self.geometry) - self.hop
+        if self.overlap_samples < context:
+            raise AudioError(f"overlap_seconds={overlap_seconds!r} is less than the {context} samples a frame reaches "
+                             "past its hop")
+        if self.step_samples <= 0:
+            raise AudioError(f"overlap_seconds={overlap_seconds!r} on each side leaves no centre in the largest "
+                             f"bucket ({self.bucket_samples[-1] / SAMPLE_RATE:g} s)")
+        self.threads = threads if threads is not None else torch.get_num_threads()
+        self.masked, self.min_cosine = masked, min_cosine
+        fitted, _ = fit_plan_to_cpu(plan if plan is not None else QuantPlan())
+        self.plan = pin_activation_ranges(self._model, fitted, calibration)
+        self._program = MaskedCTCLogits(self._model).eval() if masked else self._model
+        self._fingerprint = _fingerprint(self._model, self.plan, masked)
+        if cache_dir is False:
+            self.cache_root: Path | None = None
+        else:
+            self.cache_root = Path(cache_dir) if cache_dir not in (None, True) else default_cache_dir()
+        self._compiled: dict[int, CompiledInt8] = {}
+        self.reports: dict[int, BucketReport] = {}
+        self._lock = threading.Lock()
+        for seconds in compile_now:
+            self.compile(seconds)
+
+    # ------------------------------------------------------------------ buckets
+    def bucket_for(self, samples: int) -> int:
+        """The smallest bucket (in samples) holding ``samples``; the largest if none does."""
+        for bucket in self.bucket_samples:
+            if bucket >= samples:
+                return bucket
+        return self.bucket_samples[-1]
+
+    def compile(self, seconds: float) -> BucketReport:
+        """Quantize and compile the bucket of ``seconds`` (if not yet done); returns its report.
+
+        Raises:
+            AudioError: ``seconds`` is not one of the buckets.
+            Int8NotUsedError, NumericsMismatchError, BackendError: from ``compile_inductor``.
+        """
+        samples = int(round(seconds * SAMPLE_RATE))
+        if samples not in self.bucket_samples:
+            known = ", ".join(f"{b / SAMPLE_RATE:g}" for b in self.bucket_samples)
+            raise AudioError(f"no bucket of {seconds:g} s (buckets: {known} s)")
+        self._ensure(samples)
+        return self.reports[samples]
+
+    def _ensure(self, samples: int) -> CompiledInt8:
+        with self._lock:
+            if samples not in self._compiled:
+                self._compiled[samples] = self._build(samples)
+            return self._compiled[samples]
+
+    def _example(self, samples: int) -> tuple[torch.Tensor, ...]:
+        """A deterministic padded input of the bucket: seeded noise over 80 % of it, zeros after."""
+        generator = torch.Generator().manual_seed(samples)
+        valid = max(MIN_SAMPLES, int(samples * 0.8)) if self.masked else samples
+        wave = torch.zeros(1, samples)
+        wave[0, :valid] = torch.randn(valid, generator=generator)
+        return (wave, torch.tensor([valid])) if self.masked else (wave,)
+
+    def _build(self, samples: int) -> CompiledInt8:
+        example = self._example(samples)
+        start = time.perf_counter()
+        converted = _quantize(self._program, self.plan, example)
+        quantize_seconds = time.perf_counter() - start
+        cache = self._cache_dir(samples)
+        with contextlib.ExitStack() as stack:
+            if cache is not None:
+                stack.enter_context(_inductor_cache(cache))
+            start = time.perf_counter()
+            compiled = compile_inductor(converted, example, threads=self.threads, min_cosine=self.min_cosine)
+            compile_seconds = time.perf_counter() - start
+        report = BucketReport(samples / SAMPLE_RATE, samples, frame_count(samples, self.geometry), quantize_seconds,
+                              compile_seconds, str(cache or ""), compiled.report)
+        if cache is not None:
+            info = {"bucket_samples": samples, "threads": self.threads, "masked": self.masked,
+                    "torch": torch.__version__, "fingerprint": self._fingerprint,
+                    "compile_seconds": round(compile_seconds, 3)}
+            atomic_write_text(cache / "sq_pt2e_bucket.json", json.dumps(info, indent=2) + "\n")
+        self.reports[samples] = report
+        return compiled
+
+    def _cache_dir(self, samples: int) -> Path | None:
+        if self.cache_root is None:
+            return None
+        key = hashlib.sha256(f"{self._fingerprint} samples={samples} threads={self.threads}".encode()).hexdigest()
+        return self.cache_root / key[:24]
+
+    # ------------------------------------------------------------------ inference
+    def __call__(self, wave: torch.Tensor) -> torch.Tensor:
+        """``(1, frames, vocab)`` int8 logits of a normalised 16 kHz ``(samples,)`` or ``(1, samples)`` waveform.
+
+        Raises:
+            AudioError: wrong shape, NaN/Inf samples, or shorter than the CNN's receptive field.
+            NumericsError: the compiled model produced NaN/Inf logits.
+        """
+        samples = _as_samples(wave, self.geometry)
+        if samples.numel() <= self.bucket_samples[-1]:
+            logits = self._run_padded(samples)
+        else:
+            logits = self._run_chunked(samples)
+        if not bool(torch.isfinite(logits).all()):
+            raise NumericsError(f"the compiled int8 model produced {int((~torch.isfinite(logits)).sum())} NaN/Inf logit(s)")
+        return logits
+
+    def transcribe(self, wave: torch.Tensor) -> str:
+        """Greedy CTC transcript of a normalised 16 kHz waveform of any length."""
+        return ctc_greedy_decode(self(wave)[0])[0]
+
+    def _run_padded(self, samples: torch.Tensor) -> torch.Tensor:
+        n = samples.numel()
+        bucket = self.bucket_for(n)
+        compiled = self._ensure(bucket)
+        padded = torch.zeros(1, bucket)
+        padded[0, :n] = samples
+        logits = compiled(padded, torch.tensor([n])) if self.masked else compiled(padded)
+        return logits[:, : frame_count(n, self.geometry)]
+
+    def windows(self, samples: int) -> list[tuple[int, int, int, int]]:
+        """Chunking of a long input: ``(window start, window end, first kept frame, end kept frame)``.
+
+        Windows start on frame boundaries (multiples of the CNN hop), so a window's
+        frame ``j`` is global frame ``start // hop + j``; each keeps the frames of its
+        centre (``step`` samples), the first and last also their outer edge.
+        """
+        total = frame_count(samples, self.geometry)
+        spans = []
+        core = 0
+        while core < samples:
+            core_end = min(core + self.step_samples, samples)
+            start = max(0, core - self.overlap_samples)
+            end = min(samples, core_end + self.overlap_samples)
+            first = core // self.hop
+            last = total if core_end >= samples else core_end // self.hop
+            if last > first:
+                spans.append((start, end, first, last))
+            core = core_end
+        return spans
+
+    def _run_chunked(self, samples: torch.Tensor) -> torch.Tensor:
+        pieces = []
+        for start, end, first, last in self.windows(samples.numel()):
+            logits = self._run_padded(samples[start:end])
+            offset = start // self.hop
+            if last - offset > logits.shape[1]:
+                raise BackendError(f"window [{start}, {end}) gave {logits.shape[1]} frames, needed {last - offset}")
+            pieces.append(logits[:, first - offset : last - offset])
+        return torch.cat(pieces, dim=1)
+
+
+def _check_buckets(buckets: Sequence[float]) -> tuple[int, ...]:
+    samples = [int(round(float(s) * SAMPLE_RATE)) for s in buckets]
+    if not samples:
+        raise AudioError("buckets: give at least one bucket length in seconds")
+    if samples != sorted(set(samples)):
+        raise AudioError(f"buckets must be increasing and distinct, got {list(buckets)}")
+    if samples[0] < MIN_SAMPLES:
+        raise AudioError(f"bucket of {buckets[0]!r} s is shorter than the CNN's receptive field ({MIN_SAMPLES} samples)")
+    return tuple(samples)
+
+
+def _as_samples(wave: torch.Tensor, geometry: Geometry) -> torch.Tensor:
+    if not isinstance(wave, torch.Tensor):
+        wave = torch.as_tensor(wave)
+    if wave.ndim == 2 and wave.shape[0] == 1:
+        wave = wave[0]
+    if wave.ndim != 1:
+        raise AudioError(f"expected a (samples,) or (1, samples) waveform, got shape {tuple(wave.shape)}")
+    if not wave.is_floating_point():
+        raise AudioError(f"expected float samples, got dtype {wave.dtype}")
+    if frame_count(wave.numel(), geometry) == 0:
+        raise AudioError(f"waveform of {wave.numel()} samples is shorter than the CNN's receptive field")
+    if not bool(torch.isfinite(wave).all()):
+        raise AudioError("waveform has NaN/Inf samples")
+    return wave.float().contiguous()
