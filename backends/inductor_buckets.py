@@ -66,6 +66,7 @@ __all__ = [
     "default_cache_dir",
     "frame_count",
     "pin_activation_ranges",
+    "quantize_program",
 ]
 
 DEFAULT_BUCKETS: tuple[float, ...] = (2.0, 5.0, 10.0, 20.0, 30.0)
@@ -206,8 +207,16 @@ def pin_activation_ranges(model: nn.Module, plan: QuantPlan, calibration: Sequen
     return dataclasses.replace(plan, layers=layers)
 
 
-def _quantize(program: nn.Module, plan: QuantPlan, example: tuple[torch.Tensor, ...]) -> GraphModule:
-    """Export -> prepare -> one observer pass -> convert (ranges are pinned: the pass only feeds the observers)."""
+def quantize_program(program: nn.Module, plan: QuantPlan, example: tuple[torch.Tensor, ...]) -> GraphModule:
+    """Export ``program`` at ``example``'s shapes, quantize it with a pinned ``plan`` and convert it.
+
+    One observer pass on ``example`` suffices because every range is fixed
+    (:func:`pin_activation_ranges`); ``quantize_exported`` is not used because it
+    calibrates with single-waveform calls and this program may take more inputs.
+
+    Raises:
+        Int8NotUsedError: a layer the plan quantizes is float after conversion.
+    """
     from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
 
     from sq_pt2e.passes.remove_trivial_attention_mask import RemoveTrivialAttentionMaskPass
@@ -288,8 +297,8 @@ class BucketedInt8Model:
         masked: pass the valid length into the program and mask the padding (default);
             ``False`` only zero-pads.
         overlap_seconds: context on each side of a window when chunking long audio.
-        cache_dir: root of the compile cache (default :func:`default_cache_dir`);
-            ``None`` there means the default, pass ``False`` to keep inductor's own.
+        cache_dir: root of the compile cache (default :func:`default_cache_dir`).
+        cache: ``False`` leaves inductor's cache settings alone (nothing written under ``cache_dir``).
         compile_now: bucket lengths (seconds) to compile at once; the rest compile on first use.
         min_cosine: the least compiled-vs-eager int8 cosine every bucket must reach.
 
@@ -301,8 +310,8 @@ class BucketedInt8Model:
 
     def __init__(self, model: nn.Module, plan: QuantPlan | None = None, calibration: Sequence[torch.Tensor] = (),
                  *, buckets: Sequence[float] = DEFAULT_BUCKETS, threads: int | None = None, masked: bool = True,
-                 overlap_seconds: float = 1.0, cache_dir: str | os.PathLike[str] | None | bool = None,
-                 compile_now: Sequence[float] = (), min_cosine: float = 0.999) -> None:
+                 overlap_seconds: float = 1.0, cache_dir: str | os.PathLike[str] | None = None,
+                 cache: bool = True, compile_now: Sequence[float] = (), min_cosine: float = 0.999) -> None:
         from sq_pt2e.models.build import to_ctc_logits
         from sq_pt2e.passes.fold_weight_norm import folded_copy
 
@@ -325,10 +334,9 @@ class BucketedInt8Model:
         self.plan = pin_activation_ranges(self._model, fitted, calibration)
         self._program = MaskedCTCLogits(self._model).eval() if masked else self._model
         self._fingerprint = _fingerprint(self._model, self.plan, masked)
-        if cache_dir is False:
-            self.cache_root: Path | None = None
-        else:
-            self.cache_root = Path(cache_dir) if cache_dir not in (None, True) else default_cache_dir()
+        self.cache_root: Path | None = None
+        if cache:
+            self.cache_root = Path(cache_dir) if cache_dir is not None else default_cache_dir()
         self._compiled: dict[int, CompiledInt8] = {}
         self.reports: dict[int, BucketReport] = {}
         self._lock = threading.Lock()
@@ -374,7 +382,7 @@ class BucketedInt8Model:
     def _build(self, samples: int) -> CompiledInt8:
         example = self._example(samples)
         start = time.perf_counter()
-        converted = _quantize(self._program, self.plan, example)
+        converted = quantize_program(self._program, self.plan, example)
         quantize_seconds = time.perf_counter() - start
         cache = self._cache_dir(samples)
         with contextlib.ExitStack() as stack:

@@ -16,9 +16,9 @@ from sq_pt2e.backends.inductor import compare_outputs
 from sq_pt2e.backends.inductor_buckets import (
     BucketedInt8Model,
     MaskedCTCLogits,
-    _quantize,
     frame_count,
     pin_activation_ranges,
+    quantize_program,
 )
 from sq_pt2e.errors import AudioError
 from sq_pt2e.models import build_model
@@ -47,7 +47,7 @@ def _padded(wave: torch.Tensor, samples: int) -> torch.Tensor:
 @pytest.mark.parametrize("samples", [400, 719, 720, 4000, 6001, 16000])
 def test_frame_count_equals_the_model_output_length(samples: int) -> None:
     model = _float_wrapper("tiny-wav2vec2")
-    runner = BucketedInt8Model(model, None, CALIBRATION, buckets=(1.0,), overlap_seconds=0.2, cache_dir=False)
+    runner = BucketedInt8Model(model, None, CALIBRATION, buckets=(1.0,), overlap_seconds=0.2, cache=False)
     with torch.no_grad():
         frames = model(torch.randn(1, samples)).shape[1]
     assert frame_count(samples, runner.geometry) == frames
@@ -72,7 +72,7 @@ def test_masked_program_on_padded_input_equals_exact_length_float(name: str) -> 
 
 def test_windows_cover_every_frame_once_within_the_largest_bucket() -> None:
     runner = BucketedInt8Model(_float_wrapper("tiny-wav2vec2"), None, CALIBRATION, buckets=(0.5, 1.0),
-                               overlap_seconds=0.2, cache_dir=False)
+                               overlap_seconds=0.2, cache=False)
     for samples in (16001, 40000, 47999, 48321, 100000):
         spans = runner.windows(samples)
         assert len(spans) >= 2
@@ -89,12 +89,12 @@ def test_windows_cover_every_frame_once_within_the_largest_bucket() -> None:
 def test_buckets_and_inputs_are_checked() -> None:
     model = _float_wrapper("tiny-wav2vec2")
     with pytest.raises(AudioError, match="increasing and distinct"):
-        BucketedInt8Model(model, None, CALIBRATION, buckets=(1.0, 0.5), overlap_seconds=0.2, cache_dir=False)
+        BucketedInt8Model(model, None, CALIBRATION, buckets=(1.0, 0.5), overlap_seconds=0.2, cache=False)
     with pytest.raises(AudioError, match="shorter than the CNN's receptive field"):
-        BucketedInt8Model(model, None, CALIBRATION, buckets=(0.01,), overlap_seconds=0.2, cache_dir=False)
+        BucketedInt8Model(model, None, CALIBRATION, buckets=(0.01,), overlap_seconds=0.2, cache=False)
     with pytest.raises(AudioError, match="leaves no centre"):
-        BucketedInt8Model(model, None, CALIBRATION, buckets=(1.0,), overlap_seconds=0.5, cache_dir=False)
-    runner = BucketedInt8Model(model, None, CALIBRATION, buckets=(0.5, 1.0), overlap_seconds=0.2, cache_dir=False)
+        BucketedInt8Model(model, None, CALIBRATION, buckets=(1.0,), overlap_seconds=0.5, cache=False)
+    runner = BucketedInt8Model(model, None, CALIBRATION, buckets=(0.5, 1.0), overlap_seconds=0.2, cache=False)
     assert [runner.bucket_for(n) for n in (1, 8000, 8001, 16000, 99999)] == [8000, 8000, 16000, 16000, 16000]
     with pytest.raises(AudioError, match="no bucket of 2 s"):
         runner.compile(2.0)
@@ -125,7 +125,7 @@ def runner(tmp_path_factory: pytest.TempPathFactory) -> BucketedInt8Model:
 
 def _eager_int8(runner: BucketedInt8Model, wave: torch.Tensor) -> torch.Tensor:
     """The plain program quantized with the same pinned plan at the wave's exact length, run eagerly."""
-    converted = _quantize(runner._model, runner.plan, (wave,))
+    converted = quantize_program(runner._model, runner.plan, (wave,))
     with torch.no_grad():
         return converted(wave)
 
