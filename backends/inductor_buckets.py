@@ -22,9 +22,12 @@ overlap by ``overlap_seconds`` on each side; each window's centre frames are kep
 
 All buckets use the same activation ranges (:func:`pin_activation_ranges`, computed
 once from the calibration audio at its own length), so a bucket's int8 arithmetic
-does not depend on its length. Inductor's FX graph cache is pointed at a folder per
-(model, plan, bucket, threads, torch version) under ``cache_dir`` (default
-``~/.cache/sq-pt2e/inductor``) while compiling, so a second process compiles faster.
+does not depend on its length. While a bucket compiles, inductor's cache
+(``TORCHINDUCTOR_CACHE_DIR``) points at a folder per (model, plan, bucket, threads,
+torch version) under ``cache_dir`` (default ``~/.cache/sq-pt2e/inductor``). torch 2.13
+bypasses its FX graph cache for these frozen int8 graphs, so what a second process
+reuses is the compiled C++ kernels (no C++ compiler run); tracing, freezing and code
+generation run again.
 
 Example:
     >>> runner = BucketedInt8Model(model, plan, calibration_waves, buckets=(2, 5, 10), threads=2)

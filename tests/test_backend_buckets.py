@@ -191,20 +191,22 @@ _COMPILE_ONCE = textwrap.dedent(
     runner = BucketedInt8Model(build_model("tiny-hubert"), None, example_waves(2, 2, 8000), buckets=(0.5,), overlap_seconds=0.1,
                                threads=1, cache_dir=sys.argv[1], compile_now=(0.5,))
     report = runner.reports[8000]
-    print(json.dumps({"hits": counters["inductor"]["fxgraph_cache_hit"],
+    print(json.dumps({"bypass": counters["inductor"]["fxgraph_cache_bypass"],
                       "seconds": report.compile_seconds, "kernels": report.inductor.int8_kernel_count}))
     """
 )
 
 
 @pytest.mark.slow
-def test_second_process_hits_the_compile_cache(tmp_path: Path) -> None:
-    def run() -> dict[str, float]:
+def test_second_process_reuses_the_compiled_kernels(tmp_path: Path) -> None:
+    # torch 2.13 bypasses the FX graph cache for these frozen int8 graphs; what the cache
+    # folder saves is the C++ compilation: the second process builds no new shared library.
+    def run() -> tuple[dict[str, float], set[Path]]:
         done = subprocess.run([sys.executable, "-c", _COMPILE_ONCE, str(tmp_path)], capture_output=True,
                               text=True, check=True, timeout=600)
-        return json.loads(done.stdout.strip().splitlines()[-1])
+        return json.loads(done.stdout.strip().splitlines()[-1]), set(tmp_path.rglob("*.so"))
 
-    first, second = run(), run()
-    assert first["hits"] == 0
-    assert second["hits"] >= 1
+    (first, libraries), (second, after) = run(), run()
+    assert libraries
+    assert after == libraries
     assert first["kernels"] == second["kernels"] == 22
