@@ -69,7 +69,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
 def _cmd_quantize(args: argparse.Namespace) -> int:
     from sq_pt2e.atomic import atomic_write_text
     from sq_pt2e.baselines import Bits
-    from sq_pt2e.inputs import load_source
+    from sq_pt2e.inputs import search_sets
     from sq_pt2e.models import load_model
     from sq_pt2e.report import write_report
     from sq_pt2e.stablequant import Evaluator, SearchConfig, collect_statistics, search_plan
@@ -77,16 +77,9 @@ def _cmd_quantize(args: argparse.Namespace) -> int:
 
     bits = Bits.parse(args.bits)
     model = load_model(args.model, seed=args.seed)
-    calibration = load_source(args.calibration, limit=args.max_calibration)
-    if args.dev is not None:
-        dev = load_source(args.dev, limit=args.max_dev)
-    else:  # no dev set: hold part of the calibration audio out and search on logit KL
-        held_out = max(1, len(calibration) // 4)
-        calibration, dev = calibration[:-held_out], calibration[-held_out:]
-    references = [u.text for u in dev] if all(u.text for u in dev) else None
-    criterion = args.criterion or ("wer" if references is not None else "kl")
-    if criterion == "wer" and references is None:
-        raise ValueError(f"--criterion wer needs transcripts: {args.dev or 'the calibration audio'} has none")
+    sets = search_sets(args.calibration, args.dev, max_calibration=args.max_calibration, max_dev=args.max_dev,
+                       criterion=args.criterion)
+    calibration, dev, references, criterion = sets.calibration, sets.dev, sets.references, sets.criterion
     config = SearchConfig(gamma=args.gamma, percentiles=tuple(args.percentiles), granularity=args.granularity,
                           reading=args.reading, criterion=criterion, weight_bits=bits.weight, act_bits=bits.act)
     print(f"calibrating on {len(calibration)} utterance(s), searching on {len(dev)} ({criterion}) ...",
@@ -440,6 +433,10 @@ def _build_parser() -> argparse.ArgumentParser:
                           help="skip: leave out (and list) unreadable files instead of stopping")
     evaluate.add_argument("--output-dir", type=Path, default=None)
     evaluate.set_defaults(run=_cmd_eval)
+
+    from sq_pt2e.distributed.cli import add_cli_verbs
+
+    add_cli_verbs(verbs)  # quantize-distributed, transcribe-batch (Ray or a process pool)
     return parser
 
 

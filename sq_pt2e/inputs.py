@@ -29,7 +29,7 @@ import torch
 from sq_pt2e.data import OnError, Skipped, SkippedFile, Utterance, check_on_error, log_skipped
 from sq_pt2e.errors import AudioError
 
-__all__ = ["LoadedUtterance", "UtteranceStream", "fixed_length", "load_one", "load_source", "load_utterances", "stream_source"]
+__all__ = ["LoadedUtterance", "SearchSets", "UtteranceStream", "fixed_length", "search_sets", "load_one", "load_source", "load_utterances", "stream_source"]
 
 
 @dataclass(frozen=True)
@@ -228,3 +228,40 @@ def load_source(source: str | os.PathLike[str] | None, *, limit: int | None = No
                            max_seconds=max_seconds)
     loaded = list(stream)
     return Skipped(loaded, stream.skipped)
+
+
+@dataclass(frozen=True)
+class SearchSets:
+    """What a plan search runs on: calibration and dev audio, dev transcripts, the criterion."""
+
+    calibration: list[LoadedUtterance]
+    dev: list[LoadedUtterance]
+    references: list[str] | None  # None: the dev audio has no transcripts
+    criterion: str  # "wer" or "kl"
+
+
+def search_sets(calibration: str | os.PathLike[str] | None, dev: str | os.PathLike[str] | None, *,
+                max_calibration: int | None, max_dev: int | None, criterion: str | None = None) -> SearchSets:
+    """Load the audio of a plan search; without a dev source, hold a quarter of the calibration audio out.
+
+    Args:
+        calibration: folder or manifest (None: the shipped LibriSpeech calibration audio).
+        dev: folder or manifest to score candidates on (None: held-out calibration audio).
+        max_calibration: calibration utterances to load at most.
+        max_dev: dev utterances to load at most.
+        criterion: ``"wer"`` or ``"kl"``; default ``"wer"`` when every dev utterance has a transcript.
+
+    Raises:
+        ValueError: ``criterion="wer"`` for dev audio without transcripts.
+    """
+    calibration_set = load_source(calibration, limit=max_calibration)
+    if dev is not None:
+        dev_set = load_source(dev, limit=max_dev)
+    else:
+        held_out = max(1, len(calibration_set) // 4)
+        calibration_set, dev_set = calibration_set[:-held_out], calibration_set[-held_out:]
+    references = [u.text for u in dev_set] if all(u.text for u in dev_set) else None
+    chosen = criterion or ("wer" if references is not None else "kl")
+    if chosen == "wer" and references is None:
+        raise ValueError(f"--criterion wer needs transcripts: {dev or 'the calibration audio'} has none")
+    return SearchSets(list(calibration_set), list(dev_set), references, chosen)

@@ -88,3 +88,9 @@ def test_edit_plan_applies_the_hand_edits(tmp_path, capsys) -> None:
     assert "| float |" in out and "kept float by hand" in out and "W4A8" in out
     plan = QuantPlan.load(tmp_path / "plan_edited.json")
     assert any(layer.skip for layer in plan.layers) and plan.op_defaults[0].weight_bits == 4
+
+
+def test_distributed_search_gives_the_same_plan_on_every_backend(tmp_path) -> None:
+    script = _load("distributed_search")
+    assert script.main(["--model", "tiny-hubert", "--max-dev", "1", "--max-calibration", "1",
+                        "--backends", "serial", "process", "--output-dir", str(tmp_path)]) == 0

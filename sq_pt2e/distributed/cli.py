@@ -36,22 +36,15 @@ def _runner_from(args: argparse.Namespace) -> Runner:
 
 def _cmd_quantize_distributed(args: argparse.Namespace) -> int:
     from sq_pt2e.baselines import Bits
-    from sq_pt2e.inputs import load_source
+    from sq_pt2e.inputs import search_sets
     from sq_pt2e.models import load_model
     from sq_pt2e.stablequant import SearchConfig, search_plan
 
     bits = Bits.parse(args.bits)
     model = load_model(args.model, seed=args.seed)
-    calibration = load_source(args.calibration, limit=args.max_calibration)
-    if args.dev is not None:
-        dev = load_source(args.dev, limit=args.max_dev)
-    else:
-        held_out = max(1, len(calibration) // 4)
-        calibration, dev = calibration[:-held_out], calibration[-held_out:]
-    references = [u.text for u in dev] if all(u.text for u in dev) else None
-    criterion = args.criterion or ("wer" if references is not None else "kl")
-    if criterion == "wer" and references is None:
-        raise ValueError(f"--criterion wer needs transcripts: {args.dev or 'the calibration audio'} has none")
+    sets = search_sets(args.calibration, args.dev, max_calibration=args.max_calibration, max_dev=args.max_dev,
+                       criterion=args.criterion)
+    calibration, dev, references, criterion = sets.calibration, sets.dev, sets.references, sets.criterion
     config = SearchConfig(gamma=args.gamma, percentiles=tuple(args.percentiles), granularity=args.granularity,
                           criterion=criterion, weight_bits=bits.weight, act_bits=bits.act)
     say = (lambda line: print(line, file=sys.stderr, flush=True))

@@ -63,6 +63,9 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--minutes", type=float, default=60.0)
     run.add_argument("--threads", type=int, default=1)
     run.add_argument("--real-repeat", type=int, default=3, help="how often the real clips count in sampling")
+    run.add_argument("--total-steps", type=int, default=None,
+                     help="end the cosine schedule at this step instead of the recipe's (e.g. to anneal the "
+                          "learning rate within this run; a later run without it restarts the recipe's schedule)")
     run.add_argument("--no-init", action="store_true",
                      help="without runs/<model>/state.pt start from scratch, not from the shipped weights")
     ship = verbs.add_parser("ship", help="copy a seeded sample of the dev and test splits into the package")
@@ -129,7 +132,9 @@ def _train(args: argparse.Namespace) -> int:
         source = "real LJ Speech (weighted)" if "#" in utt.id else utt.path.parent.name
         parts[source] = parts.get(source, 0) + 1
     record = train(args.model, utterances, read_split(args.corpus, "dev"), args.runs / args.model,
-                   config=default_config(args.model, threads=args.threads), minutes=args.minutes, init_from=init,
+                   config=default_config(args.model, threads=args.threads,
+                                         **({"total_steps": args.total_steps} if args.total_steps else {})),
+                   minutes=args.minutes, init_from=init,
                    data={"training utterances": parts})
     record.pop("losses", None)
     print(json.dumps(record))
