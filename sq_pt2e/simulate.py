@@ -156,9 +156,9 @@ class LayerQuant:
         return cls(act_range, layer.act_bits, layer.weight_bits, layer.weight_calibration)
 
 
-def _fake_quant_weight(weight: torch.Tensor, bits: int, calibration: str) -> torch.Tensor:
+def _fake_quant_weight(weight: torch.Tensor, bits: int, calibration: str, layer: str) -> torch.Tensor:
     qmax = 2 ** (bits - 1) - 1
-    scales = (mse_weight_scales if calibration == "mse" else max_weight_scales)(weight, qmax)
+    scales = (mse_weight_scales if calibration == "mse" else max_weight_scales)(weight, qmax, layer=layer)
     zero = torch.zeros(scales.shape[0], dtype=torch.int32)
     return torch.fake_quantize_per_channel_affine(weight.detach(), scales.float(), zero, 0, -qmax, qmax)
 
@@ -180,7 +180,8 @@ def fake_quantized(model: nn.Module, layers: dict[str, LayerQuant]) -> Iterator[
         for name, quant in layers.items():
             module = modules[name]
             saved[name] = module.weight.data
-            module.weight.data = _fake_quant_weight(module.weight.data, quant.weight_bits, quant.weight_calibration)
+            module.weight.data = _fake_quant_weight(module.weight.data, quant.weight_bits, quant.weight_calibration,
+                                                    name)
             qmax = 2 ** (quant.act_bits - 1) - 1
             scale = max(quant.act_range / qmax, torch.finfo(torch.float32).eps)
 
@@ -216,6 +217,6 @@ def plan_layer_quants(model: nn.Module, plan: QuantPlan, statistics: dict[str, A
             if m.name not in statistics:
                 raise PlanError(f"layer {m.name!r} has no calibration statistics")
             qmax = 2 ** (layer.act_bits - 1) - 1
-            act_range = range_for(statistics[m.name], layer.calibration, qmax, layer.clip_percentile)
+            act_range = range_for(statistics[m.name], layer.calibration, qmax, layer.clip_percentile, layer=m.name)
         quants[m.name] = LayerQuant.from_plan(layer, act_range)
     return quants

@@ -56,3 +56,23 @@ def test_statistics_cover_every_quantizable_layer() -> None:
     statistics = collect_statistics(model, _waves(0, 2))
     assert set(statistics) == {m.name for m in quantizable_modules(model)}
     assert all(h.total > 0 and h.max_abs > 0 for h in statistics.values())
+
+
+def test_errors_in_simulation_name_the_layer() -> None:
+    import numpy as np
+
+    from sq_pt2e.errors import QuantizationError
+    from sq_pt2e.observers import AbsHistogram
+    from sq_pt2e.simulate import LayerQuant
+
+    model = build_model("tiny-wav2vec2", seed=0)
+    layers = quantizable_modules(model)
+    target = layers[3]
+    statistics = {m.name: AbsHistogram(np.ones(2048), 1.0, 1.0) for m in layers}
+    statistics[target.name] = AbsHistogram(np.zeros(2048), 1.0, 0.0)  # never reached by calibration
+    with pytest.raises(QuantizationError, match=target.name):
+        plan_layer_quants(model, uniform_plan("max", Bits(8, 8)), statistics)
+    with torch.no_grad():
+        target.module.weight[0, 0] = float("nan")
+    with pytest.raises(QuantizationError, match=target.name), fake_quantized(model, {target.name: LayerQuant(1.0, 8, 8)}):
+        pass
