@@ -25,7 +25,8 @@ def _add_model_argument(parser: argparse.ArgumentParser, default: str | None = N
 
     parser.add_argument(
         "--model", default=default, required=default is None,
-        help=f"an architecture name ({', '.join(ARCHITECTURES)}; random weights) or a checkpoint folder",
+        help=f"a shipped reference model (ref-wav2vec2, ref-hubert), an architecture name "
+             f"({', '.join(ARCHITECTURES)}; random weights) or a checkpoint folder",
     )
     parser.add_argument("--seed", type=int, default=0, help="seed of random weights and inputs (default 0)")
 
@@ -196,13 +197,44 @@ def _cmd_transcribe(args: argparse.Namespace) -> int:
 
     model = load_model(args.model, seed=args.seed)
     plan = QuantPlan.load(args.plan) if args.plan is not None else None
+    if args.backend == "inductor":
+        return _transcribe_inductor(args, model, plan)
     calibration = None
     if plan is not None and (not plan.layers or any(layer.act_range is None for layer in plan.layers)):
         calibration = [u.wave for u in load_source(args.calibration, limit=16)]
     records = [Utterance(str(p), Path(p)) for p in dict.fromkeys(args.audio)]
     with Transcriber(model, plan, calibration=calibration, chunk_seconds=args.chunk_seconds) as transcriber:
         results = transcribe_dataset(transcriber, records, checkpoint=args.checkpoint, on_error=args.on_error)
-    rows = [{"file": r.path, "text": r.text} | ({"error": r.error} if r.error else {}) for r in results]
+    return _print_transcripts(args, [(r.path, r.text, r.error) for r in results])
+
+
+def _transcribe_inductor(args: argparse.Namespace, model: object, plan: object) -> int:
+    """Transcribe with compiled int8 (inductor), one compile per length bucket."""
+    import torch
+
+    from sq_pt2e.audio import load_audio, normalize_waveform
+    from sq_pt2e.backends.inductor_buckets import BucketedInt8Model
+    from sq_pt2e.errors import AudioError
+    from sq_pt2e.inputs import load_source
+
+    if args.checkpoint is not None:
+        raise ValueError("--checkpoint is supported with --backend simulate only")
+    runner = BucketedInt8Model(model, plan, [u.wave for u in load_source(args.calibration, limit=16)],
+                               buckets=args.buckets, threads=args.threads, cache_dir=args.cache_dir)
+    rows = []
+    for path in dict.fromkeys(args.audio):
+        try:
+            wave = torch.from_numpy(normalize_waveform(load_audio(path).waveform))
+            rows.append((path, runner.transcribe(wave), None))
+        except AudioError as exc:
+            if args.on_error == "raise":
+                raise
+            rows.append((path, "", str(exc)))
+    return _print_transcripts(args, rows)
+
+
+def _print_transcripts(args: argparse.Namespace, results: list[tuple[str, str, str | None]]) -> int:
+    rows = [{"file": path, "text": text} | ({"error": error} if error else {}) for path, text, error in results]
     if args.json:
         print(json.dumps(rows, indent=2))
     else:
@@ -418,6 +450,14 @@ def _build_parser() -> argparse.ArgumentParser:
                             help="skip: report a bad file, go on with the others, exit 1 at the end")
     transcribe.add_argument("--checkpoint", type=Path, default=None,
                             help="JSONL of finished files; a rerun with it skips them (resumable)")
+    transcribe.add_argument("--backend", choices=["simulate", "inductor"], default="simulate",
+                            help="simulate: eager int8 arithmetic (exact to convert_pt2e); inductor: compiled int8, "
+                                 "one compile per length bucket (padding masked)")
+    transcribe.add_argument("--buckets", type=float, nargs="+", default=[2.0, 5.0, 10.0, 20.0, 30.0],
+                            help="with --backend inductor: bucket lengths in seconds (longer audio is chunked)")
+    transcribe.add_argument("--threads", type=int, default=None, help="with --backend inductor: compile threads")
+    transcribe.add_argument("--cache-dir", type=Path, default=None,
+                            help="with --backend inductor: compile cache (default ~/.cache/sq-pt2e/inductor)")
     transcribe.set_defaults(run=_cmd_transcribe)
 
     evaluate = verbs.add_parser(

@@ -268,3 +268,14 @@ def test_corrupt_hugging_face_folder_files(tmp_path: Path) -> None:
     (folder / "config.json").write_text("{not json")
     with pytest.raises(CheckpointError, match="config.json: cannot read the config"):
         load_checkpoint(folder)
+
+
+def test_shipped_reference_models_load_by_name() -> None:
+    from sq_pt2e.assets import reference_model
+    from sq_pt2e.models import load_model
+
+    for name, cls in (("ref-wav2vec2", "Wav2Vec2ForCTC"), ("ref-hubert", "HubertForCTC")):
+        model = load_model(name)
+        assert type(model).__name__ == cls and not model.training
+        loaded = load_model(str(reference_model(name)))
+        assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), loaded.state_dict().values()))

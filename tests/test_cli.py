@@ -89,3 +89,19 @@ def test_eval_verb_reports_float_wer_per_shipped_set(tmp_path, capsys) -> None:
     assert set(results) == {"synthetic-test", "test-clean"}
     assert all(r["utterances"] == 2 and r["float_wer"] >= 0 for r in results.values())
     assert main(["eval", "--model", "tiny-wav2vec2", "--eval", "nonsense"]) == EXIT_FAILED
+
+
+def test_transcribe_with_the_inductor_backend_uses_compiled_int8_buckets(tmp_path, capsys) -> None:
+    import json as json_module
+
+    from sq_pt2e.assets import librispeech_manifest
+
+    audio = str(min(librispeech_manifest("test-clean"), key=lambda u: u.path.stat().st_size).path)
+    code = main(["transcribe", "--model", "tiny-wav2vec2", audio, "--backend", "inductor", "--buckets", "5", "10",
+                 "--threads", "1", "--cache-dir", str(tmp_path / "cache"), "--json"])
+    assert code == EXIT_OK
+    (row,) = json_module.loads(capsys.readouterr().out)
+    assert row["file"] == audio and "error" not in row
+    assert any((tmp_path / "cache").iterdir())
+    assert main(["transcribe", "--model", "tiny-wav2vec2", audio, "--backend", "inductor",
+                 "--checkpoint", str(tmp_path / "c.jsonl")]) == EXIT_FAILED

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 from torch import nn
 from transformers import AutoModelForCTC, PreTrainedModel
 
+from sq_pt2e.errors import ModelError
 from sq_pt2e.models.configs import make_config
 
-__all__ = ["build_model", "CTCLogits", "load_model", "to_ctc_logits"]
+__all__ = ["REFERENCE_MODEL_NAMES", "build_model", "CTCLogits", "load_model", "to_ctc_logits"]
 
 
 def build_model(name: str, *, seed: int = 0, attn_implementation: str = "sdpa", **overrides: object) -> PreTrainedModel:
@@ -58,12 +61,22 @@ def to_ctc_logits(model: nn.Module) -> nn.Module:
     return model
 
 
+REFERENCE_MODEL_NAMES = ("ref-wav2vec2", "ref-hubert")
+
+
 def load_model(spec: str, *, seed: int = 0) -> PreTrainedModel:
-    """An architecture name (random weights, ``seed``) or a checkpoint folder/file, in eval mode."""
+    """A shipped reference model (``ref-wav2vec2``, ``ref-hubert``), an architecture name
+    (random weights, ``seed``) or a checkpoint folder/file, in eval mode."""
+    from sq_pt2e.models.checkpoint import load_checkpoint
     from sq_pt2e.models.configs import ARCHITECTURES
 
     if spec in ARCHITECTURES:
         return build_model(spec, seed=seed)
-    from sq_pt2e.models.checkpoint import load_checkpoint
+    if spec in REFERENCE_MODEL_NAMES and not Path(spec).exists():
+        from sq_pt2e.assets import reference_model
 
+        folder = reference_model(spec)
+        if folder is None:
+            raise ModelError(f"the reference model {spec!r} is not shipped with this installation")
+        return load_checkpoint(folder).eval()
     return load_checkpoint(spec).eval()
