@@ -79,7 +79,7 @@ def _cmd_quantize(args: argparse.Namespace) -> int:
     bits = Bits.parse(args.bits)
     model = load_model(args.model, seed=args.seed)
     sets = search_sets(args.calibration, args.dev, max_calibration=args.max_calibration, max_dev=args.max_dev,
-                       criterion=args.criterion)
+                       criterion=args.criterion, on_error=args.on_error)
     calibration, dev, references, criterion = sets.calibration, sets.dev, sets.references, sets.criterion
     config = SearchConfig(gamma=args.gamma, percentiles=tuple(args.percentiles), granularity=args.granularity,
                           reading=args.reading, criterion=criterion, weight_bits=bits.weight, act_bits=bits.act)
@@ -145,9 +145,9 @@ def _cmd_accuracy(args: argparse.Namespace) -> int:
     from sq_pt2e.stablequant import SearchConfig
 
     model = load_model(args.model, seed=args.seed)
-    calibration = load_source(args.calibration, limit=args.max_calibration)
-    dev = load_source(args.dev, limit=args.max_dev)
-    eval_sets = _eval_sets(args.eval, args.max_eval)
+    calibration = load_source(args.calibration, limit=args.max_calibration, on_error=args.on_error)
+    dev = load_source(args.dev, limit=args.max_dev, on_error=args.on_error)
+    eval_sets = _eval_sets(args.eval, args.max_eval, args.on_error)
     table = build_accuracy_table(
         model, args.model, calibration, dev, eval_sets, bit_widths=[Bits.parse(b) for b in args.bits],
         methods=args.methods, search=SearchConfig(gamma=args.gamma),
@@ -378,6 +378,8 @@ def _build_parser() -> argparse.ArgumentParser:
                           help="clip percentiles tried for sensitive groups, in order")
     quantize.add_argument("--max-calibration", type=int, default=32, help="calibration utterances to use")
     quantize.add_argument("--max-dev", type=int, default=100, help="dev utterances to use")
+    quantize.add_argument("--on-error", choices=["raise", "skip"], default="raise",
+                          help="skip: leave out (and list) unreadable calibration/dev files instead of stopping")
     quantize.add_argument("--program-seconds", type=float, default=10.0,
                           help="input length of the saved int8 program model_int8.pt2 (torch.export; x86/inductor "
                                "target; 0: do not write it)")
@@ -418,6 +420,8 @@ def _build_parser() -> argparse.ArgumentParser:
     accuracy.add_argument("--max-calibration", type=int, default=32)
     accuracy.add_argument("--max-dev", type=int, default=100)
     accuracy.add_argument("--max-eval", type=int, default=None)
+    accuracy.add_argument("--on-error", choices=["raise", "skip"], default="raise",
+                          help="skip: leave out (and list) unreadable files instead of stopping")
     accuracy.add_argument("--output-dir", type=Path, default=None)
     accuracy.set_defaults(run=_cmd_accuracy)
 

@@ -241,7 +241,8 @@ class SearchSets:
 
 
 def search_sets(calibration: str | os.PathLike[str] | None, dev: str | os.PathLike[str] | None, *,
-                max_calibration: int | None, max_dev: int | None, criterion: str | None = None) -> SearchSets:
+                max_calibration: int | None, max_dev: int | None, criterion: str | None = None,
+                on_error: OnError = "raise") -> SearchSets:
     """Load the audio of a plan search; without a dev source, hold a quarter of the calibration audio out.
 
     Args:
@@ -250,13 +251,14 @@ def search_sets(calibration: str | os.PathLike[str] | None, dev: str | os.PathLi
         max_calibration: calibration utterances to load at most.
         max_dev: dev utterances to load at most.
         criterion: ``"wer"`` or ``"kl"``; default ``"wer"`` when every dev utterance has a transcript.
+        on_error: ``"skip"`` leaves out (and logs) unreadable files instead of raising.
 
     Raises:
         ValueError: ``criterion="wer"`` for dev audio without transcripts.
     """
-    calibration_set = load_source(calibration, limit=max_calibration)
+    calibration_set = load_source(calibration, limit=max_calibration, on_error=on_error)
     if dev is not None:
-        dev_set = load_source(dev, limit=max_dev)
+        dev_set = load_source(dev, limit=max_dev, on_error=on_error)
     else:
         held_out = max(1, len(calibration_set) // 4)
         calibration_set, dev_set = calibration_set[:-held_out], calibration_set[-held_out:]

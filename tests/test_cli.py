@@ -105,3 +105,21 @@ def test_transcribe_with_the_inductor_backend_uses_compiled_int8_buckets(tmp_pat
     assert any((tmp_path / "cache").iterdir())
     assert main(["transcribe", "--model", "tiny-wav2vec2", audio, "--backend", "inductor",
                  "--checkpoint", str(tmp_path / "c.jsonl")]) == EXIT_FAILED
+
+
+def test_quantize_skips_a_bad_calibration_file_only_when_asked(tmp_path, capsys) -> None:
+    import shutil
+
+    from sq_pt2e.assets import calibration_files
+
+    folder = tmp_path / "calib"
+    folder.mkdir()
+    for path in calibration_files()[:4]:
+        shutil.copy(path, folder / path.name)
+    (folder / "0000-broken.flac").write_bytes(b"not audio at all")
+    args = ["quantize", "--model", "tiny-hubert", "--calibration", str(folder), "--program-seconds", "0",
+            "--output-dir", str(tmp_path / "out")]
+    assert main(args) == EXIT_FAILED
+    assert "0000-broken.flac" in capsys.readouterr().err
+    assert main([*args, "--on-error", "skip"]) == EXIT_OK
+    assert (tmp_path / "out" / "plan.json").exists()

@@ -43,7 +43,7 @@ def _cmd_quantize_distributed(args: argparse.Namespace) -> int:
     bits = Bits.parse(args.bits)
     model = load_model(args.model, seed=args.seed)
     sets = search_sets(args.calibration, args.dev, max_calibration=args.max_calibration, max_dev=args.max_dev,
-                       criterion=args.criterion)
+                       criterion=args.criterion, on_error=args.on_error)
     calibration, dev, references, criterion = sets.calibration, sets.dev, sets.references, sets.criterion
     config = SearchConfig(gamma=args.gamma, percentiles=tuple(args.percentiles), granularity=args.granularity,
                           criterion=criterion, weight_bits=bits.weight, act_bits=bits.act)
@@ -117,6 +117,8 @@ def add_cli_verbs(verbs: argparse._SubParsersAction) -> None:
     quantize.add_argument("--shards", type=int, default=None, help="dev shards (default: one per worker)")
     quantize.add_argument("--score-cache", type=Path, default=None, help="default: OUTPUT_DIR/scores.json")
     quantize.add_argument("--no-progress", action="store_true", help="no progress bars")
+    quantize.add_argument("--on-error", choices=["raise", "skip"], default="raise",
+                          help="skip: leave out (and list) unreadable calibration/dev files instead of stopping")
     quantize.add_argument("--output-dir", type=Path, required=True)
     _add_runner_arguments(quantize)
     quantize.set_defaults(run=_cmd_quantize_distributed)
