@@ -214,28 +214,18 @@ def quantize_program(program: nn.Module, plan: QuantPlan, example: tuple[torch.T
     """Export ``program`` at ``example``'s shapes, quantize it with a pinned ``plan`` and convert it.
 
     One observer pass on ``example`` suffices because every range is fixed
-    (:func:`pin_activation_ranges`); ``quantize_exported`` is not used because it
-    calibrates with single-waveform calls and this program may take more inputs.
+    (:func:`pin_activation_ranges`); ``plan`` is already fitted to the CPU.
 
     Raises:
         Int8NotUsedError: a layer the plan quantizes is float after conversion.
     """
-    from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
-
     from sq_pt2e.passes.remove_trivial_attention_mask import RemoveTrivialAttentionMaskPass
-    from sq_pt2e.passes.verify_quantization import require_int8_layers
-    from sq_pt2e.quantizer import StableQuantQuantizer
+    from sq_pt2e.pipeline import quantize_exported
 
     with torch.no_grad():
         exported = torch.export.export(program, example)
     RemoveTrivialAttentionMaskPass()(exported.graph_module)
-    quantizer = StableQuantQuantizer(plan, target="x86_inductor")
-    prepared = prepare_pt2e(exported.module(), quantizer)
-    with torch.no_grad():
-        prepared(*example)
-    converted = convert_pt2e(prepared)
-    require_int8_layers(converted, [s.name for s in quantizer.layer_status if s.status == "int8"])
-    return converted
+    return quantize_exported(exported, [example], plan=plan, fit_to_cpu=False).converted
 
 
 # ------------------------------------------------------------------ cache

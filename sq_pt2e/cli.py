@@ -15,7 +15,7 @@ from pathlib import Path
 
 from sq_pt2e.errors import SqPt2eError
 
-__all__ = ["main"]
+__all__ = ["main", "search_inputs"]
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 
@@ -67,22 +67,33 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def _cmd_quantize(args: argparse.Namespace) -> int:
-    from sq_pt2e.atomic import atomic_write_text
+def search_inputs(args: argparse.Namespace) -> tuple[object, object, object]:
+    """The model, the calibration/dev sets and the ``SearchConfig`` a search verb's arguments name.
+
+    Shared by ``quantize`` and ``quantize-distributed``.
+    """
     from sq_pt2e.baselines import Bits
     from sq_pt2e.inputs import search_sets
     from sq_pt2e.models import load_model
-    from sq_pt2e.report import write_report
-    from sq_pt2e.stablequant import Evaluator, SearchConfig, collect_statistics, search_plan
-    from sq_pt2e.stats_file import save_statistics
+    from sq_pt2e.stablequant import SearchConfig
 
     bits = Bits.parse(args.bits)
     model = load_model(args.model, seed=args.seed)
     sets = search_sets(args.calibration, args.dev, max_calibration=args.max_calibration, max_dev=args.max_dev,
                        criterion=args.criterion, on_error=args.on_error)
-    calibration, dev, references, criterion = sets.calibration, sets.dev, sets.references, sets.criterion
     config = SearchConfig(gamma=args.gamma, percentiles=tuple(args.percentiles), granularity=args.granularity,
-                          reading=args.reading, criterion=criterion, weight_bits=bits.weight, act_bits=bits.act)
+                          reading=args.reading, criterion=sets.criterion, weight_bits=bits.weight, act_bits=bits.act)
+    return model, sets, config
+
+
+def _cmd_quantize(args: argparse.Namespace) -> int:
+    from sq_pt2e.atomic import atomic_write_text
+    from sq_pt2e.report import write_report
+    from sq_pt2e.stablequant import Evaluator, collect_statistics, search_plan
+    from sq_pt2e.stats_file import save_statistics
+
+    model, sets, config = search_inputs(args)
+    calibration, dev, references, criterion = sets.calibration, sets.dev, sets.references, sets.criterion
     print(f"calibrating on {len(calibration)} utterance(s), searching on {len(dev)} ({criterion}) ...",
           file=sys.stderr, flush=True)
     statistics = collect_statistics(model, [u.wave for u in calibration])

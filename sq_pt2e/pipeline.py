@@ -45,11 +45,18 @@ class QuantizedModel:
 
 
 @torch.no_grad()
-def calibrate(prepared: GraphModule, waves: Iterable[torch.Tensor]) -> int:
-    """Run calibration waveforms through a prepared model; returns how many were run."""
+def calibrate(prepared: GraphModule, waves: Iterable[torch.Tensor | tuple[torch.Tensor, ...]]) -> int:
+    """Run calibration inputs through a prepared model; returns how many were run.
+
+    Each item is a waveform (``(batch, samples)`` or ``(samples,)``) or, for programs
+    with several inputs, the tuple of their arguments.
+    """
     count = 0
     for wave in waves:
-        prepared(wave if wave.ndim == 2 else wave.unsqueeze(0))
+        if isinstance(wave, tuple):
+            prepared(*wave)
+        else:
+            prepared(wave if wave.ndim == 2 else wave.unsqueeze(0))
         count += 1
     if count == 0:
         raise QuantizationError("calibration got no waveforms: pass at least one (batch, samples) tensor")
@@ -58,7 +65,7 @@ def calibrate(prepared: GraphModule, waves: Iterable[torch.Tensor]) -> int:
 
 def quantize_exported(
     exported: ExportedProgram,
-    calibration: Iterable[torch.Tensor],
+    calibration: Iterable[torch.Tensor | tuple[torch.Tensor, ...]],
     *,
     plan: QuantPlan | None = None,
     target: Target = "x86_inductor",
@@ -68,7 +75,8 @@ def quantize_exported(
 
     Args:
         exported: from :func:`~sq_pt2e.export.export_speech_model`.
-        calibration: ``(batch, samples)`` waveforms for the activation observers.
+        calibration: ``(batch, samples)`` waveforms for the activation observers (tuples
+            of arguments for programs with several inputs).
         plan: per-layer decisions (default: W8A8, max calibration everywhere).
         target: ``"x86_inductor"`` or ``"xnnpack"``.
         fit_to_cpu: for x86, narrow W8A8 layers to W7A8 on CPUs without VNNI, where

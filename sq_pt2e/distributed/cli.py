@@ -35,18 +35,11 @@ def _runner_from(args: argparse.Namespace) -> Runner:
 
 
 def _cmd_quantize_distributed(args: argparse.Namespace) -> int:
-    from sq_pt2e.baselines import Bits
-    from sq_pt2e.inputs import search_sets
-    from sq_pt2e.models import load_model
-    from sq_pt2e.stablequant import SearchConfig, search_plan
+    from sq_pt2e.cli import search_inputs
+    from sq_pt2e.stablequant import search_plan
 
-    bits = Bits.parse(args.bits)
-    model = load_model(args.model, seed=args.seed)
-    sets = search_sets(args.calibration, args.dev, max_calibration=args.max_calibration, max_dev=args.max_dev,
-                       criterion=args.criterion, on_error=args.on_error)
+    model, sets, config = search_inputs(args)
     calibration, dev, references, criterion = sets.calibration, sets.dev, sets.references, sets.criterion
-    config = SearchConfig(gamma=args.gamma, percentiles=tuple(args.percentiles), granularity=args.granularity,
-                          criterion=criterion, weight_bits=bits.weight, act_bits=bits.act)
     say = (lambda line: print(line, file=sys.stderr, flush=True))
     with _runner_from(args) as runner:
         say(f"running on {runner.describe()}: calibrating on {len(calibration)}, searching on {len(dev)} ...")
@@ -110,6 +103,7 @@ def add_cli_verbs(verbs: argparse._SubParsersAction) -> None:
     quantize.add_argument("--criterion", choices=["wer", "kl"], default=None)
     quantize.add_argument("--bits", default="W8A8")
     quantize.add_argument("--granularity", choices=["block", "layer"], default="block")
+    quantize.add_argument("--reading", choices=["mse-rest", "mse-all"], default="mse-rest")
     quantize.add_argument("--gamma", type=float, default=0.25)
     quantize.add_argument("--percentiles", type=float, nargs="+", default=list(DEFAULT_PERCENTILES))
     quantize.add_argument("--max-calibration", type=int, default=32)
