@@ -53,8 +53,11 @@ def _dying_decode(marker: str, logits: torch.Tensor) -> str:
     return ctc_greedy_decode(logits)[0]
 
 
-def _failing_decode(logits: torch.Tensor) -> str:
-    raise RuntimeError("decoder broke")
+def _decode_failing_beyond(frames: int, logits: torch.Tensor) -> str:
+    """Greedy decoding that breaks on logits longer than ``frames``."""
+    if logits.shape[-2] > frames:
+        raise RuntimeError("decoder broke")
+    return "A"
 
 
 @pytest.fixture(scope="module")
@@ -221,8 +224,12 @@ def test_worker_killed_mid_task_is_retried(request: pytest.FixtureRequest, backe
 
 
 def test_failing_task_is_an_error_naming_the_shard(pool: ProcessPoolRunner, planted_model) -> None:
+    short, long = _waves(2, 1)[0], torch.randn(1, 24000, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        short_frames = planted_model(short).logits.shape[1]
+    decode = functools.partial(_decode_failing_beyond, short_frames)  # only the long utterance's shard fails
     with pytest.raises(WorkerError, match=r"dev shard \(0, 1\) failed \(error\): RuntimeError: decoder broke"):
-        DistributedEvaluator(planted_model, _waves(2, 2), ["A", "B"], _failing_decode, runner=pool, shards=2)
+        DistributedEvaluator(planted_model, [long, short], ["A", "B"], decode, runner=pool, shards=2)
 
 
 def _manifest(folder: Path, count: int = 4) -> Path:
