@@ -41,7 +41,8 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     def combined(result: BenchResult) -> BenchResult:
         if merged is None:
             return result
-        return BenchResult(merged.cpu, merged.torch_version, merged.rows + result.rows, merged.skipped + result.skipped)
+        return BenchResult(merged.cpu, merged.torch_version, merged.rows + result.rows,
+                           merged.skipped + result.skipped, result.method)
 
     def save_partial(result: BenchResult) -> None:
         if args.output_dir is not None:
@@ -49,7 +50,8 @@ def _cmd_bench(args: argparse.Namespace) -> int:
 
     for name in args.models:
         result = run_benchmark(build_model(name, seed=args.seed), name, seconds=args.seconds, threads=args.threads,
-                               batch=args.batch, runs=args.runs, variants=args.variants, seed=args.seed,
+                               batch=args.batch, runs=args.runs, rounds=args.rounds, isolate=not args.in_process,
+                               variants=args.variants, seed=args.seed,
                                progress=lambda line: print(line, file=sys.stderr, flush=True),
                                on_update=save_partial)
         merged = combined(result)
@@ -330,8 +332,8 @@ def _search_summary(report: object, criterion: str) -> str:
         value = values.get("delta_wer") if criterion == "wer" else values["kl"]
         sensitive = group in report.sensitive_groups
         chosen = report.chosen_percentiles.get(group)
-        lines.append(f"| {group} | {value:.4g} | {'yes' if sensitive else ''} | "
-                     f"{'' if chosen is None else f'{chosen:g}'} |")
+        clip = "MSE range" if group in report.kept_mse else "" if chosen is None else f"{chosen:g}"
+        lines.append(f"| {group} | {value:.4g} | {'yes' if sensitive else ''} | {clip} |")
     lines += [
         "",
         f"float: {fmt(report.float_score)}; all layers max: {fmt(report.all_max_score)}; "
@@ -354,14 +356,21 @@ def _build_parser() -> argparse.ArgumentParser:
 
     bench = verbs.add_parser(
         "bench", help="time float vs int8 variants (inductor, ExecuTorch) of full-size models",
-        description="Median latency of float and int8 variants, ratios measured in one process, sizes, build "
-                    "time and peak memory. Weights are random: latency does not depend on them.",
+        description="Median latency of float and int8 variants, each built and timed in a fresh process, in "
+                    "rounds with the variant order rotated; the spread of the round medians says whether a ratio "
+                    "is trustworthy. Also sizes, build time and peak memory. Weights are random: latency does not "
+                    "depend on them.",
     )
     bench.add_argument("--models", nargs="+", default=["wav2vec2-base"], help="architecture names")
     bench.add_argument("--seconds", nargs="+", type=float, default=[10.0], help="audio lengths (a sweep if several)")
     bench.add_argument("--threads", nargs="+", type=int, default=[1, 2], help="intra-op thread counts")
     bench.add_argument("--batch", type=int, default=1)
-    bench.add_argument("--runs", type=int, default=10, help="timed runs per variant (median; after 2 warm-up runs)")
+    bench.add_argument("--runs", type=int, default=10,
+                       help="timed runs per variant and round (after 2 warm-up runs; median over all rounds)")
+    bench.add_argument("--rounds", type=int, default=3,
+                       help="passes over the variants, order rotated per pass, a fresh process per cell (default 3)")
+    bench.add_argument("--in-process", action="store_true",
+                       help="build and time every variant in this process (debugging; numbers can interfere)")
     bench.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
     bench.add_argument("--seed", type=int, default=0)
     bench.add_argument("--output-dir", type=Path, default=None, help="write bench.json, bench.md and a plot here")

@@ -3,18 +3,43 @@
 from __future__ import annotations
 
 import json
+import os
+import resource
+import signal
+from dataclasses import replace
 
 import pytest
 
-from sq_pt2e.bench import VARIANTS, run_benchmark
+from sq_pt2e.bench import SPREAD_LIMIT, VARIANTS, BenchResult, BenchRow, Built, run_benchmark
 from sq_pt2e.models import build_model
+
+
+def _segfault(*_args: object) -> Built:
+    """A variant whose build kills its process the way a crashing native library does (no core file)."""
+    resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+    os.kill(os.getpid(), signal.SIGSEGV)
+    raise AssertionError("unreachable")
 
 
 @pytest.fixture(scope="module")
 def result():
-    return run_benchmark(build_model("tiny-hubert"), "tiny-hubert", seconds=(1.0,), threads=(1,), runs=2,
+    return run_benchmark(build_model("tiny-hubert"), "tiny-hubert", seconds=(1.0,), threads=(1,), runs=2, rounds=1,
+                         isolate=False,
                          variants=("fp32-eager", "dynamic-int8", "stablequant-int8-inductor", "executorch-int8"),
                          progress=lambda _line: None)
+
+
+@pytest.fixture(scope="module")
+def isolated():
+    """Two rounds, a fresh process per cell, one variant that segfaults its process; progress lines kept."""
+    lines: list[str] = []
+    updates: list[tuple[int, int]] = []
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setitem(VARIANTS, "segfault", _segfault)  # the child unpickles it from this module
+        outcome = run_benchmark(build_model("tiny-wav2vec2"), "tiny-wav2vec2", seconds=(0.5,), threads=(1,), runs=2,
+                                rounds=2, variants=("fp32-eager", "segfault"), progress=lines.append,
+                                on_update=lambda r: updates.append((len(r.rows[0].round_medians_ms), len(r.skipped))))
+    return outcome, lines, updates
 
 
 def test_every_requested_variant_has_a_row(result) -> None:
@@ -28,6 +53,7 @@ def test_ratios_are_relative_to_fp32_eager_of_the_same_run(result) -> None:
     for row in result.rows:
         assert row.latency_ms > 0 and row.vs_fp32_eager == pytest.approx(eager.latency_ms / row.latency_ms)
         assert row.real_time_factor == pytest.approx(row.latency_ms / 1000.0)
+        assert row.round_medians_ms == (row.latency_ms,) and row.spread == 1.0
 
 
 def test_int8_inductor_row_proves_int8_kernels_ran(result) -> None:
@@ -39,10 +65,45 @@ def test_int8_inductor_row_proves_int8_kernels_ran(result) -> None:
 def test_markdown_and_json_are_well_formed(result, tmp_path) -> None:
     json_path, md_path = result.save(tmp_path)
     data = json.loads(json_path.read_text())
-    assert data["cpu"] and len(data["rows"]) == len(result.rows)
+    assert data["cpu"] and "one process" in data["method"] and len(data["rows"]) == len(result.rows)
     table = [line for line in md_path.read_text().splitlines() if line.startswith("|")]
     assert len(table) == 2 + len(result.rows)
     assert len({line.count("|") for line in table}) == 1
+
+
+def test_isolated_rounds_give_the_variant_a_row_with_one_median_per_round(isolated) -> None:
+    result, _lines, _updates = isolated
+    (row,) = result.rows
+    assert row.variant == "fp32-eager" and row.vs_fp32_eager == 1.0, result.skipped
+    assert len(row.round_medians_ms) == 2
+    assert min(row.round_medians_ms) <= row.latency_ms <= max(row.round_medians_ms)
+    assert row.spread == pytest.approx(max(row.round_medians_ms) / min(row.round_medians_ms))
+    assert row.peak_rss_mib is not None and row.peak_rss_mib > 0
+    assert "fresh process" in result.method
+
+
+def test_the_variant_order_rotates_per_round(isolated) -> None:
+    _result, lines, _updates = isolated
+    order = [line.split("] ")[1].removesuffix(" ...") for line in lines]
+    assert order == ["fp32-eager", "segfault", "segfault", "fp32-eager"]
+    assert ["round 1/2" in line for line in lines] == [True, True, False, False]
+
+
+def test_a_crashed_child_is_skipped_with_its_exit_code_and_the_rest_goes_on(isolated) -> None:
+    result, _lines, updates = isolated
+    crashes = [s for s in result.skipped if "segfault" in s]
+    assert len(crashes) == 2 and all("SIGSEGV (exit code -11)" in s for s in crashes), result.skipped
+    assert updates == [(1, 0), (1, 1), (1, 2), (2, 2)]  # after every cell; the row grows round by round
+
+
+def test_a_spread_above_the_limit_is_flagged() -> None:
+    row = BenchRow("m", "v", 1.0, 1, 1, 10.0, 0.01, 1.0, None, 1, 1.0, 0.0, None, None, "",
+                   round_medians_ms=(10.0, 10.5), spread=1.05)
+    result = BenchResult("test CPU", "2.13.0", [row, replace(row, variant="w", round_medians_ms=(10.0, 12.0),
+                                                              spread=1.2)])
+    assert [r.flagged for r in result.rows] == [False, True] and 1.05 < SPREAD_LIMIT < 1.2
+    table = result.to_markdown()
+    assert "| 1.05 |" in table and "| 1.20 ! |" in table and "not trustworthy" in table
 
 
 def test_unknown_variant_is_rejected() -> None:
