@@ -5,7 +5,9 @@ the corpus WER, its difference to float in points with a paired bootstrap 95%
 interval, and the agreement with the float model (WER of the quantized transcripts
 against the float transcripts, logit cosine). The best quantized cell per column is
 marked. StableQuant searches its plan per bit width on the dev set, never on an
-evaluation set.
+evaluation set: ``stablequant`` with the default :class:`SearchConfig` (affine grids for
+one-sided inputs, groups searched from MSE ranges), ``stablequant-paper`` with the
+plain reading of the paper (symmetric grids, groups searched from max ranges).
 """
 
 from __future__ import annotations
@@ -23,7 +25,14 @@ from sq_pt2e.baselines import BASELINES, Bits, build_method
 from sq_pt2e.inputs import LoadedUtterance
 from sq_pt2e.stablequant import Evaluator, SearchConfig, collect_statistics, search_plan
 
-__all__ = ["AccuracyCell", "AccuracyTable", "build_accuracy_table", "transcribe", "wer_against_float"]
+__all__ = ["SEARCHED_METHODS", "AccuracyCell", "AccuracyTable", "build_accuracy_table", "transcribe",
+           "wer_against_float"]
+
+SEARCHED_METHODS: dict[str, dict[str, str]] = {
+    "stablequant": {},
+    "stablequant-paper": {"act_scheme": "symmetric", "start": "max"},
+}
+"""Methods whose plan is searched, with the ``SearchConfig`` fields they override."""
 
 Forward = Callable[[torch.Tensor], torch.Tensor]
 
@@ -138,18 +147,21 @@ def build_accuracy_table(
     evaluator = Evaluator(model, [u.wave for u in dev], references if all(references) else None)
     for bits in bit_widths:
         for method in methods:
-            if method != "stablequant" and not BASELINES[method].any_bits and bits != Bits(8, 8):
+            if method not in SEARCHED_METHODS and not BASELINES[method].any_bits and bits != Bits(8, 8):
                 continue
             progress(f"{bits} {method} ...")
             plan = None
-            if method == "stablequant":
+            if method in SEARCHED_METHODS:
                 config = search or SearchConfig(criterion="wer" if evaluator.references else "kl")
-                config = SearchConfig(**{**asdict(config), "weight_bits": bits.weight, "act_bits": bits.act})
+                config = SearchConfig(**{**asdict(config), "weight_bits": bits.weight, "act_bits": bits.act,
+                                         **SEARCHED_METHODS[method]})
                 plan, report = search_plan(model, statistics, evaluator, config, model_name=model_name)
-                table.search[str(bits)] = {"evaluations": report.evaluations, "seconds": report.seconds,
-                                           "sensitive_groups": report.sensitive_groups,
-                                           "chosen_percentiles": report.chosen_percentiles}
-            forward = build_method(method, model, waves, statistics, bits, plan=plan)
+                table.search[f"{bits} {method}" if method != "stablequant" else str(bits)] = {
+                    "evaluations": report.evaluations, "seconds": report.seconds,
+                    "sensitive_groups": report.sensitive_groups, "chosen_percentiles": report.chosen_percentiles,
+                    "kept_mse": sorted(report.kept_mse)}
+            forward = build_method("stablequant" if plan is not None else method, model, waves, statistics, bits,
+                                   plan=plan)
             for name, utts in eval_sets.items():
                 refs = [u.text for u in utts]
                 float_texts, float_logits = reference[name]

@@ -502,7 +502,8 @@ def run_benchmark(
         isolate: build and time every cell of every round in a fresh child process
             (``False``: all in this process, for tests and debugging).
         variants: names from :data:`VARIANTS`.
-        plan: the StableQuant plan (default: W8A8 max ranges; latency does not depend on ranges).
+        plan: the StableQuant plan (default: W8A8 max ranges, affine grids for one-sided inputs
+            as searched plans have them; latency does not depend on the ranges).
         calibration_count: calibration waveforms for the int8 variants.
         seed: seed of the random input waveforms.
         progress: called with one line per cell and round.
@@ -518,7 +519,7 @@ def run_benchmark(
     result = BenchResult(cpu.summary(), torch.__version__, method=_method(rounds, runs, isolate))
     # folded once (numerically identical) and picklable; the caller's model is left as it is
     model = shippable_model(folded_copy(model)).eval()
-    plan = plan or default_plan(model=model_name)
+    plan = plan or default_plan(model=model_name, act_scheme="affine")
     names = _runnable(list(variants), cpu.flags, result.skipped)
     fp32_bytes = _param_bytes(to_ctc_logits(model))
     generator = torch.Generator().manual_seed(seed)

@@ -69,6 +69,35 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def add_search_arguments(parser: argparse.ArgumentParser) -> None:
+    """The audio and ``SearchConfig`` arguments of a search verb (read by :func:`search_inputs`)."""
+    from sq_pt2e.stablequant import DEFAULT_PERCENTILES
+
+    parser.add_argument("--calibration", default=None,
+                        help="folder or .tsv manifest of calibration audio (default: shipped LibriSpeech audio)")
+    parser.add_argument("--dev", default=None,
+                        help="folder or manifest to score candidates on; with transcripts the search uses WER "
+                             "(default: a held-out part of the calibration audio, scored by logit KL)")
+    parser.add_argument("--criterion", choices=["wer", "kl"], default=None,
+                        help="what candidates are scored by (default: wer when the dev set has transcripts)")
+    parser.add_argument("--bits", default="W8A8", help="weight/activation bits, e.g. W8A8, W6A6, W4A8")
+    parser.add_argument("--granularity", choices=["block", "layer"], default="block")
+    parser.add_argument("--reading", choices=["mse-rest", "mse-all"], default="mse-rest")
+    parser.add_argument("--act-scheme", choices=["affine", "symmetric"], default="affine",
+                        help="affine: one-sided layer inputs (after GELU) get their grid over [min, range] "
+                             "(default); symmetric: [-range, range] everywhere")
+    parser.add_argument("--start", choices=["mse", "max"], default="mse",
+                        help="ranges of sensitive groups before their percentile search; mse (default) also lets "
+                             "the MSE range win over every percentile")
+    parser.add_argument("--gamma", type=float, default=0.25, help="sensitivity threshold in WER points")
+    parser.add_argument("--percentiles", type=float, nargs="+", default=list(DEFAULT_PERCENTILES),
+                        help="clip percentiles tried for sensitive groups, in order")
+    parser.add_argument("--max-calibration", type=int, default=32, help="calibration utterances to use")
+    parser.add_argument("--max-dev", type=int, default=100, help="dev utterances to use")
+    parser.add_argument("--on-error", choices=["raise", "skip"], default="raise",
+                        help="skip: leave out (and list) unreadable calibration/dev files instead of stopping")
+
+
 def search_inputs(args: argparse.Namespace) -> tuple[object, object, object]:
     """The model, the calibration/dev sets and the ``SearchConfig`` a search verb's arguments name.
 
@@ -84,7 +113,8 @@ def search_inputs(args: argparse.Namespace) -> tuple[object, object, object]:
     sets = search_sets(args.calibration, args.dev, max_calibration=args.max_calibration, max_dev=args.max_dev,
                        criterion=args.criterion, on_error=args.on_error)
     config = SearchConfig(gamma=args.gamma, percentiles=tuple(args.percentiles), granularity=args.granularity,
-                          reading=args.reading, criterion=sets.criterion, weight_bits=bits.weight, act_bits=bits.act)
+                          reading=args.reading, criterion=sets.criterion, weight_bits=bits.weight, act_bits=bits.act,
+                          act_scheme=args.act_scheme, start=args.start)
     return model, sets, config
 
 
@@ -345,7 +375,6 @@ def _search_summary(report: object, criterion: str) -> str:
 
 def _build_parser() -> argparse.ArgumentParser:
     from sq_pt2e.bench import VARIANTS
-    from sq_pt2e.stablequant import DEFAULT_PERCENTILES
 
     parser = argparse.ArgumentParser(
         prog="sq-pt2e",
@@ -383,23 +412,7 @@ def _build_parser() -> argparse.ArgumentParser:
                     "is JSON: inspect it, edit it, apply it with StableQuantQuantizer(QuantPlan.load(...)).",
     )
     _add_model_argument(quantize)
-    quantize.add_argument("--calibration", default=None,
-                          help="folder or .tsv manifest of calibration audio (default: shipped LibriSpeech audio)")
-    quantize.add_argument("--dev", default=None,
-                          help="folder or manifest to score candidates on; with transcripts the search uses WER "
-                               "(default: a held-out part of the calibration audio, scored by logit KL)")
-    quantize.add_argument("--criterion", choices=["wer", "kl"], default=None,
-                          help="what candidates are scored by (default: wer when the dev set has transcripts)")
-    quantize.add_argument("--bits", default="W8A8", help="weight/activation bits, e.g. W8A8, W6A6, W4A8")
-    quantize.add_argument("--granularity", choices=["block", "layer"], default="block")
-    quantize.add_argument("--reading", choices=["mse-rest", "mse-all"], default="mse-rest")
-    quantize.add_argument("--gamma", type=float, default=0.25, help="sensitivity threshold in WER points")
-    quantize.add_argument("--percentiles", type=float, nargs="+", default=list(DEFAULT_PERCENTILES),
-                          help="clip percentiles tried for sensitive groups, in order")
-    quantize.add_argument("--max-calibration", type=int, default=32, help="calibration utterances to use")
-    quantize.add_argument("--max-dev", type=int, default=100, help="dev utterances to use")
-    quantize.add_argument("--on-error", choices=["raise", "skip"], default="raise",
-                          help="skip: leave out (and list) unreadable calibration/dev files instead of stopping")
+    add_search_arguments(quantize)
     quantize.add_argument("--program-seconds", type=float, default=10.0,
                           help="input length of the saved int8 program model_int8.pt2 (torch.export; x86/inductor "
                                "target; 0: do not write it)")
@@ -435,7 +448,7 @@ def _build_parser() -> argparse.ArgumentParser:
     accuracy.add_argument("--bits", nargs="+", default=["W8A8", "W6A6", "W4A8", "W4A4"])
     accuracy.add_argument("--methods", nargs="+",
                           default=["max", "percentile-99.99", "mse", "entropy", "cnn0-2-float", "x86-inductor-default",
-                                   "xnnpack-default", "dynamic-int8", "stablequant"])
+                                   "xnnpack-default", "dynamic-int8", "stablequant-paper", "stablequant"])
     accuracy.add_argument("--gamma", type=float, default=0.25, help="sensitivity threshold in WER points")
     accuracy.add_argument("--max-calibration", type=int, default=32)
     accuracy.add_argument("--max-dev", type=int, default=100)

@@ -1,17 +1,25 @@
-"""Histogram observers for symmetric quantization, and the range functions over them.
+"""Histogram observers for activation quantization, and the range functions over them.
 
 ``AbsHistogramObserver`` collects a histogram of |x| on a power-of-two grid
-``[0, 2**e]`` with a fixed number of bins. When data exceed the grid, ``e`` grows
-and neighbouring bins merge exactly (pairwise sums), so histograms of different
-calibration shards merge exactly too. From one histogram every candidate range is
-computed without running calibration again: max, percentile, MSE-optimal and
-entropy (KL). Collecting (``forward``) is kept apart from computing
-(``calculate_qparams`` and the pure ``range_*`` functions).
+``[0, 2**e]`` with a fixed number of bins, and the most negative value seen. When
+data exceed the grid, ``e`` grows and neighbouring bins merge exactly (pairwise
+sums), so histograms of different calibration shards merge exactly too
+(:func:`merge_histograms`). From one histogram every candidate range is computed
+without running calibration again: max, percentile, MSE-optimal and entropy (KL).
+Collecting (``forward``) is kept apart from computing (``calculate_qparams`` and
+the pure ``range_*`` functions).
+
+The grid of a range ``r`` is symmetric, ``{-q..q} * r / q``, unless a floor ``lo``
+(``-r <= lo <= 0``) is given: then the same ``2q + 1`` levels cover ``[lo, r]``
+(affine, zero point ``round(-lo / scale)``), which halves the step for inputs that
+are one-sided, such as GELU outputs (>= -0.17) feeding the CNN encoder's
+convolutions. :func:`act_qparams` is the one place both grids are computed.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal
 
@@ -25,12 +33,15 @@ __all__ = [
     "ACCUMULATOR_BITS",
     "AbsHistogram",
     "AbsHistogramObserver",
+    "act_floor",
+    "act_qparams",
     "PerChannelMseWeightObserver",
     "accumulator_bound",
     "check_accumulator",
     "check_weight",
     "int16_pair_saturates",
     "max_weight_scales",
+    "merge_histograms",
     "mse_weight_scales",
     "DEFAULT_BINS",
     "range_entropy",
@@ -49,14 +60,19 @@ RangeMethod = Literal["max", "percentile", "mse", "entropy"]
 class AbsHistogram:
     """A histogram of |x|: ``counts`` over equal bins of ``[0, upper]``, plus the exact max.
 
+    ``min_value`` is the smallest signed value seen (``None``: not recorded, e.g. a
+    statistics file of an older version; such layers get symmetric grids).
+
     Raises:
         QuantizationError: counts not 1-D, negative or non-finite; ``upper`` or
-            ``max_abs`` negative or non-finite; data seen (``max_abs > 0``) on no grid.
+            ``max_abs`` negative or non-finite; data seen (``max_abs > 0``) on no grid;
+            ``min_value`` non-finite or outside ``[-max_abs, max_abs]``.
     """
 
     counts: np.ndarray  # float64, shape (bins,)
     upper: float
     max_abs: float
+    min_value: float | None = None
 
     def __post_init__(self) -> None:
         counts = np.asarray(self.counts)
@@ -69,6 +85,10 @@ class AbsHistogram:
                 raise QuantizationError(f"histogram {label}={value!r} (expected a finite value >= 0)")
         if self.max_abs > self.upper and self.upper > 0.0:
             raise QuantizationError(f"histogram max_abs={self.max_abs} lies outside its grid [0, {self.upper}]")
+        if self.min_value is not None and not (math.isfinite(self.min_value)
+                                               and -self.max_abs <= self.min_value <= self.max_abs):
+            raise QuantizationError(f"histogram min_value={self.min_value!r} (expected a finite value within "
+                                    f"[-max_abs, max_abs] = [{-self.max_abs}, {self.max_abs}])")
 
     @property
     def bin_width(self) -> float:
@@ -77,6 +97,82 @@ class AbsHistogram:
     @property
     def total(self) -> float:
         return float(self.counts.sum())
+
+
+def merge_histograms(histograms: Sequence[AbsHistogram]) -> AbsHistogram:
+    """The histogram of the union of the data behind ``histograms``, exactly.
+
+    ``AbsHistogramObserver`` bins |x| on power-of-two grids ``[0, 2**e]``: a histogram
+    on a finer grid is carried to a coarser one by summing neighbouring bins in pairs,
+    which is exactly what the observer would have counted there. Counts are sums of
+    integers in float64, so the merge equals one observer fed every shard, in any order.
+
+    Args:
+        histograms: histograms with the same number of bins (e.g. one per calibration shard).
+
+    Returns:
+        The merged histogram (``min_value`` only if every input recorded one).
+
+    Raises:
+        ValueError: no histograms, different bin counts, or a grid that is not a power of two.
+    """
+    if not histograms:
+        raise ValueError("no histograms to merge")
+    bins = len(histograms[0].counts)
+    if any(len(h.counts) != bins for h in histograms):
+        raise ValueError(f"histograms have different bin counts: {sorted({len(h.counts) for h in histograms})}")
+    upper = max(h.upper for h in histograms)
+    counts = np.zeros(bins, dtype=np.float64)
+    for hist in histograms:
+        if hist.upper == 0.0:  # only zeros were seen: all mass is in bin 0 on every grid
+            counts[0] += hist.counts.sum()
+            continue
+        steps = math.log2(upper / hist.upper)
+        if steps != int(steps):
+            raise ValueError(f"histogram grid [0, {hist.upper}] is not a power-of-two refinement of [0, {upper}]")
+        coarse = hist.counts.astype(np.float64)
+        for _ in range(min(int(steps), int(math.log2(bins)) + 1)):  # beyond that, all mass sits in bin 0
+            coarse = np.concatenate([coarse.reshape(-1, 2).sum(axis=1), np.zeros(bins // 2)])
+        counts += coarse
+    mins = [h.min_value for h in histograms]
+    min_value = None if any(m is None for m in mins) else min(mins)  # type: ignore[type-var]
+    return AbsHistogram(counts, upper, max(h.max_abs for h in histograms), min_value)
+
+
+def act_floor(hist: AbsHistogram, act_range: float) -> float | None:
+    """The affine grid's lower end for ``act_range``: ``max(min x, -act_range)``, at most 0.
+
+    Returns:
+        ``None`` when the data are not one-sided enough to gain anything (the floor
+        would be ``-act_range``: the symmetric grid) or no minimum was recorded.
+    """
+    if hist.min_value is None:
+        return None
+    floor = min(0.0, max(hist.min_value, -act_range))
+    return None if floor <= -act_range else floor
+
+
+def act_qparams(act_range: float, bits: int, floor: float | None = None, *,
+                unsigned: bool = False, eps: float = float(torch.finfo(torch.float32).eps)) -> tuple[float, int, int, int]:
+    """Scale, zero point and integer range of an input-activation grid.
+
+    Args:
+        act_range: the largest value the grid covers (max |x| when symmetric).
+        bits: activation bits; the grid has ``2q + 1`` levels, ``q = 2**(bits-1) - 1``.
+        floor: lower end of an affine grid (``-act_range <= floor <= 0``); None: symmetric.
+        unsigned: integers stored as ``{0..2q}`` (x86 oneDNN) instead of ``{-q..q}`` (XNNPACK).
+        eps: smallest scale.
+
+    Returns:
+        ``(scale, zero_point, quant_min, quant_max)``. Both storages give the same grid.
+    """
+    q = 2 ** (bits - 1) - 1
+    offset = q if unsigned else 0
+    if floor is None:
+        return max(act_range / q, eps), offset, offset - q, offset + q
+    scale = max((act_range - floor) / (2 * q), eps)
+    zero = min(2 * q, max(0, round(-floor / scale)))  # levels below zero, as stored from 0
+    return scale, zero - q + offset, offset - q, offset + q
 
 
 def range_max(hist: AbsHistogram) -> float:
@@ -99,12 +195,14 @@ def range_percentile(hist: AbsHistogram, percentile: float) -> float:
     return float(min((index + fraction) * hist.bin_width, hist.max_abs))
 
 
-def range_mse(hist: AbsHistogram, qmax: int) -> float:
+def range_mse(hist: AbsHistogram, qmax: int, *, affine: bool = False) -> float:
     """The clip ``c`` minimising the expected squared quantization error.
 
-    Error model: values below ``c`` get rounding error ``(c/qmax)**2 / 12`` each; values
-    above are clipped to ``c`` (error ``(x - c)**2``). Values sit at bin centres.
-    Candidates are the bin edges (and the exact max).
+    Error model: values below ``c`` get rounding error ``step**2 / 12`` each, with
+    ``step = c / qmax`` on the symmetric grid, or ``(c + min(-min x, c)) / (2 qmax)``
+    on the affine grid of :func:`act_floor` (``affine=True``); values above are clipped
+    to ``c`` (error ``(x - c)**2``). Values sit at bin centres. Candidates are the bin
+    edges (and the exact max).
     """
     counts = hist.counts
     centres = (np.arange(len(counts)) + 0.5) * hist.bin_width
@@ -118,7 +216,11 @@ def range_mse(hist: AbsHistogram, qmax: int) -> float:
     above_s2 = np.append(s2[1:], 0.0)
     clip_error = above_s2 - 2 * edges * above_s1 + edges**2 * above_s0
     below = hist.total - above_s0
-    rounding_error = below * (edges / qmax) ** 2 / 12.0
+    if affine and hist.min_value is not None:
+        step = (edges + np.minimum(max(0.0, -hist.min_value), edges)) / (2 * qmax)
+    else:
+        step = edges / qmax
+    rounding_error = below * step**2 / 12.0
     total_error = clip_error + rounding_error
     best = int(np.argmin(total_error))
     return float(min(edges[best], hist.max_abs))
@@ -197,16 +299,18 @@ def range_for(hist: AbsHistogram, method: RangeMethod, qmax: int, percentile: fl
 
 
 class AbsHistogramObserver(UniformQuantizationObserverBase):
-    """Per-tensor symmetric observer: |x| histogram, range chosen by ``method``.
+    """Per-tensor activation observer: |x| histogram and min, range chosen by ``method``.
 
-    Symmetric on int8 storage means zero point 0 and range ``[-q, q]``; on uint8
-    storage (what x86 oneDNN kernels take) zero point ``q`` and range ``[0, 2q]``:
-    the same quantization grid either way.
+    With ``qscheme=per_tensor_symmetric`` the grid is ``[-r, r]``: zero point 0 on int8
+    storage, ``q`` on uint8 storage (what x86 oneDNN kernels take), the same grid
+    either way. With ``per_tensor_affine`` it is ``[floor, r]`` (:func:`act_qparams`),
+    the floor fixed or taken from the data (:func:`act_floor`).
 
     Args:
         method: ``"max"``, ``"percentile"``, ``"mse"`` or ``"entropy"``.
         percentile: the percentile for ``method="percentile"``.
-        fixed_range: use this max |x| instead of the calibrated range (search results).
+        fixed_range: use this range instead of the calibrated one (search results).
+        fixed_floor: with the affine qscheme, this lower end instead of the calibrated one.
         bins: histogram bins.
         layer: name used in error messages (set by the quantizer after prepare).
         **kwargs: dtype, qscheme, quant_min, quant_max, eps as set by ``prepare_pt2e``.
@@ -217,6 +321,7 @@ class AbsHistogramObserver(UniformQuantizationObserverBase):
         method: RangeMethod = "max",
         percentile: float | None = None,
         fixed_range: float | None = None,
+        fixed_floor: float | None = None,
         bins: int = DEFAULT_BINS,
         layer: str = "",
         dtype: torch.dtype = torch.int8,
@@ -226,31 +331,37 @@ class AbsHistogramObserver(UniformQuantizationObserverBase):
         **kwargs: object,
     ) -> None:
         super().__init__(dtype=dtype, qscheme=qscheme, quant_min=quant_min, quant_max=quant_max, **kwargs)
-        if qscheme != torch.per_tensor_symmetric:
-            raise QuantizationError(f"AbsHistogramObserver is per-tensor symmetric, got qscheme={qscheme}")
+        if qscheme not in (torch.per_tensor_symmetric, torch.per_tensor_affine):
+            raise QuantizationError(f"AbsHistogramObserver is per tensor (symmetric or affine), got qscheme={qscheme}")
+        if fixed_floor is not None and qscheme != torch.per_tensor_affine:
+            raise QuantizationError(f"fixed_floor={fixed_floor} needs qscheme=per_tensor_affine, got {qscheme}")
         self.method = method
         self.percentile = percentile
         self.fixed_range = fixed_range
+        self.fixed_floor = fixed_floor
         self.bins = bins
         self.layer = layer
         self.register_buffer("counts", torch.zeros(bins, dtype=torch.float64))
         self.register_buffer("exponent", torch.tensor(-1000, dtype=torch.int64))
         self.register_buffer("max_abs", torch.tensor(0.0, dtype=torch.float64))
+        self.register_buffer("min_value", torch.tensor(math.inf, dtype=torch.float64))
         self.register_buffer("nonfinite", torch.tensor(0, dtype=torch.int64))
 
     @torch.no_grad()
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.numel() == 0:
             return x
-        values = x.detach().abs().flatten().to(torch.float64)
-        finite = torch.isfinite(values)
+        signed = x.detach().flatten().to(torch.float64)
+        finite = torch.isfinite(signed)
         if not bool(finite.all()):
             self.nonfinite += int((~finite).sum())
-            values = values[finite]
-            if values.numel() == 0:
+            signed = signed[finite]
+            if signed.numel() == 0:
                 return x
+        values = signed.abs()
         batch_max = float(values.max())
         self.max_abs.fill_(max(float(self.max_abs), batch_max))
+        self.min_value.fill_(min(float(self.min_value), float(signed.min())))
         if batch_max > 0.0:
             needed = math.frexp(batch_max)[1]  # smallest e with batch_max < 2**e
             self._grow_to(max(needed, int(self.exponent)))
@@ -274,10 +385,12 @@ class AbsHistogramObserver(UniformQuantizationObserverBase):
     def histogram(self) -> AbsHistogram:
         """The collected histogram as plain numpy data."""
         upper = 2.0 ** int(self.exponent) if int(self.exponent) > -1000 else 0.0
-        return AbsHistogram(self.counts.numpy().copy(), upper, float(self.max_abs))
+        seen = math.isfinite(float(self.min_value))
+        return AbsHistogram(self.counts.numpy().copy(), upper, float(self.max_abs),
+                            float(self.min_value) if seen else None)
 
     def chosen_range(self) -> float:
-        """The max |x| the quantization grid will cover."""
+        """The largest value the quantization grid will cover (max |x| when symmetric)."""
         if self.fixed_range is not None:
             return float(self.fixed_range)
         where = f" for layer {self.layer!r}" if self.layer else ""
@@ -290,15 +403,25 @@ class AbsHistogramObserver(UniformQuantizationObserverBase):
             raise QuantizationError(msg)
         return range_for(hist, self.method, (self.quant_max - self.quant_min) // 2, self.percentile, layer=self.layer)
 
+    def chosen_floor(self, act_range: float) -> float | None:
+        """The affine grid's lower end (None: symmetric grid)."""
+        if self.qscheme != torch.per_tensor_affine:
+            return None
+        if self.fixed_floor is not None:
+            return float(self.fixed_floor)
+        return act_floor(self.histogram(), act_range)
+
     @torch.jit.export
     def calculate_qparams(self) -> tuple[torch.Tensor, torch.Tensor]:
-        half_levels = (self.quant_max - self.quant_min) / 2.0
-        zero_point = (self.quant_max + self.quant_min) // 2  # 0 on int8 storage, q on uint8
-        scale = max(self.chosen_range() / half_levels, float(self.eps))
+        bits = int(math.log2(self.quant_max - self.quant_min + 2))
+        act_range = self.chosen_range()
+        scale, zero_point, _, _ = act_qparams(act_range, bits, self.chosen_floor(act_range),
+                                              unsigned=self.quant_min == 0, eps=float(self.eps))
         return torch.tensor([scale], dtype=torch.float32), torch.tensor([zero_point], dtype=torch.int32)
 
     def extra_repr(self) -> str:
-        return f"method={self.method}, percentile={self.percentile}, fixed_range={self.fixed_range}, layer={self.layer!r}"
+        return (f"method={self.method}, percentile={self.percentile}, fixed_range={self.fixed_range}, "
+                f"fixed_floor={self.fixed_floor}, layer={self.layer!r}")
 
 
 def check_weight(weight: torch.Tensor, *, layer: str = "") -> None:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import json
+import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,10 +36,12 @@ SCHEMA_VERSION = 1
 OpKind = Literal["conv1d", "grouped_conv1d", "linear"]
 Calibration = Literal["max", "percentile", "mse", "entropy"]
 WeightCalibration = Literal["max", "mse"]
+ActScheme = Literal["symmetric", "affine"]
 
 _OP_KINDS: tuple[str, ...] = get_args(OpKind)
 _CALIBRATIONS: tuple[str, ...] = get_args(Calibration)
 _WEIGHT_CALIBRATIONS: tuple[str, ...] = get_args(WeightCalibration)
+_ACT_SCHEMES: tuple[str, ...] = get_args(ActScheme)
 DEFAULT_NAME = "*"
 
 
@@ -52,12 +55,17 @@ class LayerPlan:
         op: ``"conv1d"``, ``"grouped_conv1d"`` (groups > 1, the positional convolution) or
             ``"linear"``; ``None`` only in a default that applies to all ops.
         weight_bits: signed symmetric per-output-channel weight bits (2..8, int8 storage).
-        act_bits: signed symmetric per-tensor input-activation bits (2..8, int8 storage).
+        act_bits: per-tensor input-activation bits (2..8): ``2**(bits-1) - 1`` levels each side of zero.
         calibration: how the input-activation range is computed from calibration data.
         clip_percentile: percentile of |x| used as range; required iff ``calibration == "percentile"``.
         weight_calibration: ``"max"`` (max |w| per channel) or ``"mse"`` (MSE-optimal clip).
         act_range: a fixed input-activation range max |x| that overrides calibration
             (set by the search so its result is re-applied exactly, without recalibrating).
+        act_scheme: ``"symmetric"`` grid ``[-r, r]``, or ``"affine"``: the same number
+            of levels over ``[floor, r]`` where the inputs are one-sided (post-GELU),
+            which halves the step there.
+        act_floor: fixed lower end of the affine grid (``-act_range <= act_floor <= 0``,
+            needs ``act_range``); None with ``"affine"``: the smallest calibration value.
         skip: keep this layer in float.
         reason: why this choice, or why skipped; goes into the report.
         evidence: numbers behind the decision (sensitivity, WER per candidate, ...).
@@ -71,6 +79,8 @@ class LayerPlan:
     clip_percentile: float | None = None
     weight_calibration: WeightCalibration = "max"
     act_range: float | None = None
+    act_scheme: ActScheme = "symmetric"
+    act_floor: float | None = None
     skip: bool = False
     reason: str = ""
     evidence: tuple[tuple[str, float], ...] = ()
@@ -105,6 +115,7 @@ class LayerPlan:
             )
         if self.act_range is not None and not (float(self.act_range) > 0.0 and float(self.act_range) < float("inf")):
             raise PlanError(f"act_range={self.act_range!r} {where} (expected a finite value > 0)")
+        self._check_act_grid(where)
         if not isinstance(self.skip, bool):
             raise PlanError(f"skip={self.skip!r} {where} (expected true or false)")
         if not isinstance(self.evidence, tuple) or any(
@@ -113,8 +124,24 @@ class LayerPlan:
             raise PlanError(f"evidence={self.evidence!r} {where} (expected (name, value) pairs)")
         # One canonical order, so equal decisions compare equal however they were built.
         object.__setattr__(self, "evidence", tuple(sorted((str(k), float(v)) for k, v in self.evidence)))
+        bad = [k for k, v in self.evidence if not math.isfinite(v)]
+        if bad:
+            raise PlanError(f"evidence {bad} {where} is not a finite number (NaN/Inf are not valid JSON either)")
         if self.skip and not self.reason:
             raise PlanError(f"layer {self.name!r} is skipped without a reason (set reason='...')")
+
+    def _check_act_grid(self, where: str) -> None:
+        if self.act_scheme not in _ACT_SCHEMES:
+            raise PlanError(f"act_scheme={self.act_scheme!r} {where} (expected one of {_ACT_SCHEMES})")
+        _check_number("act_floor", self.act_floor, where)
+        if self.act_floor is None:
+            return
+        if self.act_scheme != "affine" or self.act_range is None:
+            raise PlanError(f"act_floor={self.act_floor!r} {where} needs act_scheme='affine' and a fixed act_range "
+                            f"(got act_scheme={self.act_scheme!r}, act_range={self.act_range!r})")
+        if not -float(self.act_range) <= float(self.act_floor) <= 0.0:
+            raise PlanError(f"act_floor={self.act_floor!r} {where} (expected -act_range <= act_floor <= 0, "
+                            f"act_range={self.act_range!r})")
 
     @property
     def weight_qrange(self) -> tuple[int, int]:

@@ -1,9 +1,9 @@
 """``StableQuantQuantizer``: a torchao PT2E ``Quantizer`` driven by a ``QuantPlan``.
 
-This is the only place where a plan becomes ``QuantizationSpec``s. Scheme: signed
-symmetric integers on int8 storage; weights per output channel, input activations
-per tensor; ``weight_bits`` / ``act_bits`` narrow ``quant_min``/``quant_max`` so the
-same int8 kernels run lower bit widths.
+This is the only place where a plan becomes ``QuantizationSpec``s. Scheme: weights
+signed symmetric per output channel; input activations per tensor, symmetric or
+affine (``LayerPlan.act_scheme``); ``weight_bits`` / ``act_bits`` narrow
+``quant_min``/``quant_max`` so the same int8 kernels run lower bit widths.
 
 Example:
     >>> from torchao.quantization.pt2e.quantize_pt2e import prepare_pt2e, convert_pt2e
@@ -39,27 +39,29 @@ __all__ = ["LayerStatus", "StableQuantQuantizer", "Target", "act_qspec", "output
 
 
 Target = Literal["x86_inductor", "xnnpack"]
-# Storage of the symmetric activation grid {-q..q}: oneDNN's x86 int8 kernels take
-# uint8 inputs, stored as {0..2q} with zero point q; XNNPACK takes int8 {-q..q} with
-# zero point 0. The same grid either way, so one plan serves both backends.
+# Storage of the activation grid's 2q + 1 levels: oneDNN's x86 int8 kernels take uint8
+# inputs {0..2q} (symmetric: zero point q), XNNPACK takes int8 {-q..q} (symmetric: zero
+# point 0); affine grids shift the zero point. The same grid either way
+# (observers.act_qparams), so one plan serves both backends.
 _ACT_DTYPE: dict[str, torch.dtype] = {"x86_inductor": torch.uint8, "xnnpack": torch.int8}
 
 
 @functools.lru_cache(maxsize=None)
 def act_qspec(
-    bits: int, method: str, percentile: float | None, fixed_range: float | None, target: Target = "x86_inductor"
+    bits: int, method: str, percentile: float | None, fixed_range: float | None, target: Target = "x86_inductor",
+    scheme: str = "symmetric", fixed_floor: float | None = None,
 ) -> QuantizationSpec:
-    """Per-tensor symmetric activation spec; equal arguments give the same object."""
+    """Per-tensor activation spec (symmetric or affine); equal arguments give the same object."""
     top = 2 ** (bits - 1) - 1
     dtype = _ACT_DTYPE[target]
-    zero_point = top if dtype == torch.uint8 else 0
+    offset = top if dtype == torch.uint8 else 0
     return QuantizationSpec(
         dtype=dtype,
-        quant_min=zero_point - top,
-        quant_max=zero_point + top,
-        qscheme=torch.per_tensor_symmetric,
+        quant_min=offset - top,
+        quant_max=offset + top,
+        qscheme=torch.per_tensor_affine if scheme == "affine" else torch.per_tensor_symmetric,
         observer_or_fake_quant_ctr=AbsHistogramObserver.with_args(
-            method=method, percentile=percentile, fixed_range=fixed_range
+            method=method, percentile=percentile, fixed_range=fixed_range, fixed_floor=fixed_floor
         ),
     )
 
@@ -95,7 +97,8 @@ def _specs_from_plan(layer: LayerPlan, target: Target) -> LayerQSpecs:
     if layer.skip:
         return LayerQSpecs(None, None)
     return LayerQSpecs(
-        act_qspec(layer.act_bits, layer.calibration, layer.clip_percentile, layer.act_range, target),
+        act_qspec(layer.act_bits, layer.calibration, layer.clip_percentile, layer.act_range, target,
+                  layer.act_scheme, layer.act_floor),
         weight_qspec(layer.weight_bits, layer.weight_calibration),
         output_qspec() if target == "xnnpack" else None,
     )

@@ -172,11 +172,17 @@ def _search_section(search: dict[str, Any]) -> list[str]:
         f"- every layer with max ranges: {score(search.get('all_max_score'))}",
         f"- StableQuant plan: {score(search.get('final_score'))}",
         f"- cost: {search.get('evaluations', '?')} model evaluations in {search.get('seconds', 0.0):.1f} s",
-        "- sensitive groups: " + (", ".join(f"`{g}` (clip p{chosen[g]:g})" if g in chosen else f"`{g}`"
+        "- sensitive groups: " + (", ".join(f"`{g}` ({_group_choice(g, chosen, search.get('kept_mse', {}))})"
                                             for g in search.get("sensitive_groups", [])) or "none"),
         "",
     ]
     return lines
+
+
+def _group_choice(group: str, chosen: dict[str, float], kept_mse: dict[str, Any]) -> str:
+    if group in chosen:
+        return f"clip p{chosen[group]:g}"
+    return "MSE range: no clip percentile did better" if group in kept_mse else "not searched"
 
 
 def _load_json(path: str | os.PathLike[str] | None) -> dict[str, Any] | None:

@@ -22,7 +22,16 @@ from torch import nn
 
 from sq_pt2e.errors import PlanError
 from sq_pt2e.models.build import to_ctc_logits
-from sq_pt2e.observers import AbsHistogram, AbsHistogramObserver, max_weight_scales, mse_weight_scales, range_for
+from sq_pt2e.observers import (
+    AbsHistogram,
+    AbsHistogramObserver,
+    act_floor,
+    act_qparams,
+    max_weight_scales,
+    merge_histograms,
+    mse_weight_scales,
+    range_for,
+)
 from sq_pt2e.passes.fold_weight_norm import fold_weight_norm
 from sq_pt2e.plan import LayerPlan, OpKind, QuantPlan
 
@@ -31,7 +40,6 @@ __all__ = [
     "QuantizableModule",
     "collect_statistics",
     "fake_quantized",
-    "merge_histograms",
     "merge_statistics",
     "plan_layer_quants",
     "quantizable_modules",
@@ -90,44 +98,6 @@ def collect_statistics(model: nn.Module, waves: Iterable[torch.Tensor]) -> dict[
     return {name: obs.histogram() for name, obs in observers.items()}
 
 
-def merge_histograms(histograms: Sequence[AbsHistogram]) -> AbsHistogram:
-    """The histogram of the union of the data behind ``histograms``, exactly.
-
-    ``AbsHistogramObserver`` bins |x| on power-of-two grids ``[0, 2**e]``: a histogram
-    on a finer grid is carried to a coarser one by summing neighbouring bins in pairs,
-    which is exactly what the observer would have counted there. Counts are sums of
-    integers in float64, so the merge equals one observer fed every shard, in any order.
-
-    Args:
-        histograms: histograms with the same number of bins (e.g. one per calibration shard).
-
-    Returns:
-        The merged histogram.
-
-    Raises:
-        ValueError: no histograms, different bin counts, or a grid that is not a power of two.
-    """
-    if not histograms:
-        raise ValueError("no histograms to merge")
-    bins = len(histograms[0].counts)
-    if any(len(h.counts) != bins for h in histograms):
-        raise ValueError(f"histograms have different bin counts: {sorted({len(h.counts) for h in histograms})}")
-    upper = max(h.upper for h in histograms)
-    counts = np.zeros(bins, dtype=np.float64)
-    for hist in histograms:
-        if hist.upper == 0.0:  # only zeros were seen: all mass is in bin 0 on every grid
-            counts[0] += hist.counts.sum()
-            continue
-        steps = math.log2(upper / hist.upper)
-        if steps != int(steps):
-            raise ValueError(f"histogram grid [0, {hist.upper}] is not a power-of-two refinement of [0, {upper}]")
-        coarse = hist.counts.astype(np.float64)
-        for _ in range(min(int(steps), int(math.log2(bins)) + 1)):  # beyond that, all mass sits in bin 0
-            coarse = np.concatenate([coarse.reshape(-1, 2).sum(axis=1), np.zeros(bins // 2)])
-        counts += coarse
-    return AbsHistogram(counts, upper, max(h.max_abs for h in histograms))
-
-
 def merge_statistics(shards: Sequence[dict[str, AbsHistogram]]) -> dict[str, AbsHistogram]:
     """Merge per-shard :func:`collect_statistics` results layer by layer (exactly).
 
@@ -144,16 +114,20 @@ def merge_statistics(shards: Sequence[dict[str, AbsHistogram]]) -> dict[str, Abs
 
 @dataclass(frozen=True)
 class LayerQuant:
-    """A resolved layer decision for simulation: the activation range and bit widths."""
+    """A resolved layer decision for simulation: the activation grid and bit widths.
+
+    ``act_floor`` is the lower end of an affine input grid (None: symmetric ``[-r, r]``).
+    """
 
     act_range: float
     act_bits: int
     weight_bits: int
     weight_calibration: str = "max"
+    act_floor: float | None = None
 
     @classmethod
-    def from_plan(cls, layer: LayerPlan, act_range: float) -> LayerQuant:
-        return cls(act_range, layer.act_bits, layer.weight_bits, layer.weight_calibration)
+    def from_plan(cls, layer: LayerPlan, act_range: float, act_floor: float | None = None) -> LayerQuant:
+        return cls(act_range, layer.act_bits, layer.weight_bits, layer.weight_calibration, act_floor)
 
 
 def _fake_quant_weight(weight: torch.Tensor, bits: int, calibration: str, layer: str) -> torch.Tensor:
@@ -182,11 +156,10 @@ def fake_quantized(model: nn.Module, layers: dict[str, LayerQuant]) -> Iterator[
             saved[name] = module.weight.data
             module.weight.data = _fake_quant_weight(module.weight.data, quant.weight_bits, quant.weight_calibration,
                                                     name)
-            qmax = 2 ** (quant.act_bits - 1) - 1
-            scale = max(quant.act_range / qmax, torch.finfo(torch.float32).eps)
+            grid = act_qparams(quant.act_range, quant.act_bits, quant.act_floor)
 
-            def hook(_mod: nn.Module, args: tuple[torch.Tensor, ...], scale: float = scale, qmax: int = qmax):
-                return (torch.fake_quantize_per_tensor_affine(args[0], scale, 0, -qmax, qmax), *args[1:])
+            def hook(_mod: nn.Module, args: tuple[torch.Tensor, ...], grid: tuple[float, int, int, int] = grid):
+                return (torch.fake_quantize_per_tensor_affine(args[0], *grid), *args[1:])
 
             handles.append(module.register_forward_pre_hook(hook))
         yield wrapper
@@ -202,7 +175,7 @@ def plan_layer_quants(model: nn.Module, plan: QuantPlan, statistics: dict[str, A
 
     A layer's activation range is its plan's fixed ``act_range`` if set, otherwise
     computed from its histogram with the plan's calibration method, exactly as the
-    PT2E observer would.
+    PT2E observer would; likewise the floor of an affine grid.
     """
     modules = quantizable_modules(model)
     plan.check_names([m.name for m in modules])
@@ -218,5 +191,16 @@ def plan_layer_quants(model: nn.Module, plan: QuantPlan, statistics: dict[str, A
                 raise PlanError(f"layer {m.name!r} has no calibration statistics")
             qmax = 2 ** (layer.act_bits - 1) - 1
             act_range = range_for(statistics[m.name], layer.calibration, qmax, layer.clip_percentile, layer=m.name)
-        quants[m.name] = LayerQuant.from_plan(layer, act_range)
+        quants[m.name] = LayerQuant.from_plan(layer, act_range, _plan_floor(layer, act_range, statistics.get(m.name)))
     return quants
+
+
+def _plan_floor(layer: LayerPlan, act_range: float, hist: AbsHistogram | None) -> float | None:
+    """The affine floor ``AbsHistogramObserver.chosen_floor`` would use for ``layer``."""
+    if layer.act_scheme != "affine":
+        return None
+    if layer.act_floor is not None:
+        return layer.act_floor
+    if hist is None:
+        raise PlanError(f"layer {layer.name!r} has an affine grid without a fixed floor and no calibration statistics")
+    return act_floor(hist, act_range)

@@ -13,10 +13,19 @@ Our reading of the paper (arXiv 2504.14915), each choice configurable in
    search instead of WER (``criterion="kl"``) where no transcripts exist.
 2. Outlier removal: for each sensitive group in network order, try each clip
    percentile of its input histograms; keep the one giving the whole quantized
-   model the lowest WER (ties: lower KL).
+   model the lowest WER (ties: lower KL). Our reading (``start="mse"``, default):
+   groups not searched yet sit at their MSE ranges, so each choice is made in a
+   model close to the final one, and the group's MSE range competes with the
+   percentiles (kept when none beats it), so the plan is never worse on the dev
+   set than MSE ranges everywhere. ``start="max"``: not-yet-searched sensitive
+   groups sit at max ranges and a percentile is always chosen.
 3. Scale: every other layer gets the MSE-optimal range of its histogram
    (``reading="mse-rest"``); or every layer gets the MSE-optimal range inside its
    clipped histogram (``reading="mse-all"``).
+   Ours: with ``act_scheme="affine"`` (default) a layer whose inputs are one-sided
+   (GELU outputs, >= -0.17, feed the CNN encoder's convolutions 1-6 and every
+   feed-forward output layer) gets the same levels over ``[min x, range]`` instead of
+   ``[-range, range]``; ranges, MSE error model and simulation all use that grid.
 4. The result is a :class:`~sq_pt2e.plan.QuantPlan` with fixed ranges, applied
    through ``StableQuantQuantizer`` -> ``prepare_pt2e`` / ``convert_pt2e``.
 """
@@ -41,7 +50,7 @@ from torch import nn
 from sq_pt2e.atomic import atomic_write_text
 from sq_pt2e.errors import SearchStateError
 from sq_pt2e.models.build import to_ctc_logits
-from sq_pt2e.observers import AbsHistogram, range_max, range_mse, range_percentile
+from sq_pt2e.observers import AbsHistogram, act_floor, range_max, range_mse, range_percentile
 from sq_pt2e.passes.fold_weight_norm import fold_weight_norm
 from sq_pt2e.plan import LayerPlan, OpKind, QuantPlan
 from sq_pt2e.simulate import LayerQuant, QuantizableModule, collect_statistics, fake_quantized, quantizable_modules
@@ -87,6 +96,10 @@ class SearchConfig:
         weight_bits: bits of every weight; act_bits: bits of every input activation.
         weight_calibration: ``"max"`` or ``"mse"`` per-channel weight ranges.
         skip_ops: op kinds kept in float (e.g. ``("grouped_conv1d",)`` for the positional conv).
+        act_scheme: ``"affine"``: one-sided inputs get an affine grid from their minimum
+            (two-sided ones stay symmetric); ``"symmetric"``: every grid is ``[-r, r]``.
+        start: ranges of sensitive groups before their percentile search, ``"mse"`` or
+            ``"max"`` (see the module docstring).
     """
 
     gamma: float = 0.25
@@ -99,6 +112,8 @@ class SearchConfig:
     act_bits: int = 8
     weight_calibration: Literal["max", "mse"] = "max"
     skip_ops: tuple[OpKind, ...] = ()
+    act_scheme: Literal["symmetric", "affine"] = "affine"
+    start: Literal["mse", "max"] = "mse"
 
     def __post_init__(self) -> None:
         if not self.percentiles or any(not 0 < p <= 100 for p in self.percentiles):
@@ -212,7 +227,8 @@ def candidate_key(layers: Candidate | None) -> str:
     they simulate identically.
     """
     items = sorted((layers or {}).items())
-    payload = [[name, float(q.act_range).hex(), q.act_bits, q.weight_bits, q.weight_calibration] for name, q in items]
+    payload = [[name, float(q.act_range).hex(), q.act_bits, q.weight_bits, q.weight_calibration]
+               + ([float(q.act_floor).hex()] if q.act_floor is not None else []) for name, q in items]
     return hashlib.sha256(json.dumps(payload, separators=(",", ":")).encode()).hexdigest()
 
 
@@ -424,12 +440,16 @@ def clip_histogram(hist: AbsHistogram, clip: float) -> AbsHistogram:
     counts = hist.counts.copy()
     counts[index] += counts[index + 1 :].sum()
     counts[index + 1 :] = 0.0
-    return AbsHistogram(counts, hist.upper, clip)
+    floor = None if hist.min_value is None else max(hist.min_value, -clip)
+    return AbsHistogram(counts, hist.upper, clip, floor)
 
 
 @dataclass
 class SearchReport:
     """Evidence behind a plan: every score the search computed, and its cost.
+
+    ``kept_mse`` holds the sensitive groups whose MSE range beat every clip
+    percentile (``start="mse"``), with that score.
 
     ``evaluations`` counts candidates simulated by this search; ``cached_evaluations``
     those whose score came from the score cache (a resumed search).
@@ -442,6 +462,7 @@ class SearchReport:
     sensitive_groups: list[str] = field(default_factory=list)
     percentile_trials: dict[str, list[dict[str, float]]] = field(default_factory=dict)
     chosen_percentiles: dict[str, float] = field(default_factory=dict)
+    kept_mse: dict[str, dict[str, float]] = field(default_factory=dict)
     evaluations: int = 0
     cached_evaluations: int = 0
     seconds: float = 0.0
@@ -507,14 +528,19 @@ def search_plan(
     if missing:
         raise ValueError(f"no calibration statistics for {len(missing)} layer(s), e.g. {missing[:3]}")
     qmax = 2 ** (config.act_bits - 1) - 1
+    affine = config.act_scheme == "affine"
     hist = {m.name: statistics[m.name] for m in modules}
     max_range = {n: range_max(h) for n, h in hist.items()}
-    mse_range = {n: range_mse(h, qmax) for n, h in hist.items()}
+    mse_range = {n: range_mse(h, qmax, affine=affine) for n, h in hist.items()}
     groups = layer_groups(modules, config.granularity)
     report = SearchReport(evaluator.float_score, config=dataclasses.asdict(config))
 
+    def floor(name: str, act_range: float) -> float | None:
+        return act_floor(hist[name], act_range) if affine else None
+
     def quant(ranges: dict[str, float]) -> Candidate:
-        return {n: LayerQuant(r, config.act_bits, config.weight_bits, config.weight_calibration) for n, r in ranges.items()}
+        return {n: LayerQuant(r, config.act_bits, config.weight_bits, config.weight_calibration, floor(n, r))
+                for n, r in ranges.items()}
 
     # Step 1: sensitivity of each group, quantized alone with max ranges (one batch, with all-max first).
     float_score = evaluator.float_score
@@ -535,40 +561,48 @@ def search_plan(
 
     def candidate_range(name: str, percentile: float) -> float:
         clip = range_percentile(hist[name], percentile)
-        return range_mse(clip_histogram(hist[name], clip), qmax) if config.reading == "mse-all" else clip
+        return range_mse(clip_histogram(hist[name], clip), qmax, affine=affine) if config.reading == "mse-all" else clip
 
     # Step 3 ranges for the non-sensitive layers (and starting point for the rest).
     chosen = dict(mse_range)
-    sensitive_layers = {n for g in report.sensitive_groups for n in groups[g]}
-    for name in sensitive_layers:
-        chosen[name] = candidate_range(name, 100.0)
+    if config.start == "max":
+        for name in {n for g in report.sensitive_groups for n in groups[g]}:
+            chosen[name] = candidate_range(name, 100.0)
     # Step 2: percentile search per sensitive group, in network order; one batch per group.
     for group in report.sensitive_groups:
-        batch = [quant(dict(chosen) | {n: candidate_range(n, p) for n in groups[group]}) for p in config.percentiles]
+        incumbent = [quant(chosen)] if config.start == "mse" else []
+        batch = incumbent + [quant(dict(chosen) | {n: candidate_range(n, p) for n in groups[group]})
+                             for p in config.percentiles]
         scores = _score_batch(evaluator, batch, f"percentile {group}", progress_bar)
-        trials, best = [], None
-        for p, score in zip(config.percentiles, scores, strict=True):
+        trials: list[dict[str, float]] = []
+        best: tuple[float | None, Score] | None = (None, scores[0]) if incumbent else None
+        for p, score in zip(config.percentiles, scores[len(incumbent):], strict=True):
             trials.append({"percentile": p, "kl": score.kl, **({"wer": score.wer} if score.wer is not None else {})})
             if best is None or score.key(config.criterion) < best[1].key(config.criterion):
                 best = (p, score)
         if best is None:  # unreachable: SearchConfig refuses an empty percentile grid
             raise ValueError("no clip percentiles to try")
-        chosen |= {n: candidate_range(n, best[0]) for n in groups[group]}
         report.percentile_trials[group] = trials
-        report.chosen_percentiles[group] = best[0]
-        say(f"percentile {group}: p={best[0]}")
+        percentile, score = best
+        if percentile is None:
+            report.kept_mse[group] = {"kl": score.kl, **({"wer": score.wer} if score.wer is not None else {})}
+            say(f"percentile {group}: none beats its MSE range")
+            continue
+        chosen |= {n: candidate_range(n, percentile) for n in groups[group]}
+        report.chosen_percentiles[group] = percentile
+        say(f"percentile {group}: p={percentile}")
     report.final_score = evaluator(quant(chosen))
     report.evaluations = getattr(evaluator, "evaluations", 0) - evaluations_before
     report.cached_evaluations = getattr(evaluator, "cached", 0) - cached_before
     report.seconds = time.perf_counter() - start
-    plan = _to_plan(modules, groups, chosen, report, config, model_name)
+    plan = _to_plan(modules, groups, {n: (r, floor(n, r)) for n, r in chosen.items()}, report, config, model_name)
     return plan, report
 
 
 def _to_plan(
     modules: list[QuantizableModule],
     groups: dict[str, list[str]],
-    chosen: dict[str, float],
+    chosen: dict[str, tuple[float, float | None]],
     report: SearchReport,
     config: SearchConfig,
     model_name: str,
@@ -578,11 +612,15 @@ def _to_plan(
     for m in modules:
         group = group_of[m.name]
         evidence = {f"sensitivity_{k}": v for k, v in report.sensitivity[group].items() if v is not None}
-        if group in report.chosen_percentiles:
+        for trial in report.percentile_trials.get(group, []):
+            tag = f"p{trial['percentile']:g}"
+            evidence |= {f"{tag}_{k}": v for k, v in trial.items() if k != "percentile"}
+        if group in report.kept_mse:
+            evidence |= {f"mse_{k}": v for k, v in report.kept_mse[group].items()}
+            layer = LayerPlan(m.name, op=m.op, calibration="mse",
+                              reason=f"sensitive group {group}: its MSE range beat every clip percentile")
+        elif group in report.chosen_percentiles:
             p = report.chosen_percentiles[group]
-            for trial in report.percentile_trials[group]:
-                tag = f"p{trial['percentile']:g}"
-                evidence |= {f"{tag}_{k}": v for k, v in trial.items() if k != "percentile"}
             method = "mse" if config.reading == "mse-all" else "percentile"
             reason = f"sensitive group {group}: clip at percentile {p:g}" + (
                 " then MSE-optimal" if config.reading == "mse-all" else "")
@@ -590,9 +628,11 @@ def _to_plan(
                               clip_percentile=p if method == "percentile" else None, reason=reason)
         else:
             layer = LayerPlan(m.name, op=m.op, calibration="mse", reason=f"not sensitive ({group}): MSE-optimal range")
+        act_range, floor_value = chosen[m.name]
         layers.append(dataclasses.replace(
             layer, weight_bits=config.weight_bits, act_bits=config.act_bits,
-            weight_calibration=config.weight_calibration, act_range=float(chosen[m.name]),
+            weight_calibration=config.weight_calibration, act_range=float(act_range),
+            act_scheme="symmetric" if floor_value is None else "affine", act_floor=floor_value,
             evidence=tuple(sorted((k, float(v)) for k, v in evidence.items())),
         ))
     skips = tuple(LayerPlan("*", op=op, skip=True, reason="kept float by the search config (skip_ops)")

@@ -2,7 +2,8 @@
 
 ``sq-pt2e quantize`` writes them beside the plan (``statistics.npz``) so a report, a
 re-search or an edited plan can use the same calibration without running it again.
-One ``.npz`` holds, per layer, the counts, the grid's upper edge and the exact max.
+One ``.npz`` holds, per layer, the counts, the grid's upper edge, the exact max and
+the smallest signed value (NaN where not recorded).
 """
 
 from __future__ import annotations
@@ -34,6 +35,8 @@ def save_statistics(path: str | os.PathLike[str], statistics: dict[str, AbsHisto
         "names": np.array(names, dtype=str),
         "upper": np.array([statistics[n].upper for n in names], dtype=np.float64),
         "max_abs": np.array([statistics[n].max_abs for n in names], dtype=np.float64),
+        "min_value": np.array([np.nan if statistics[n].min_value is None else statistics[n].min_value
+                               for n in names], dtype=np.float64),
     }
     for i, name in enumerate(names):
         arrays[f"counts_{i}"] = np.asarray(statistics[name].counts, dtype=np.float64)
@@ -57,7 +60,9 @@ def load_statistics(path: str | os.PathLike[str]) -> dict[str, AbsHistogram]:
             if "format" not in data or str(data["format"]) != _FORMAT:
                 raise QuantizationError(f"{source} is not an sq-pt2e statistics file (no '{_FORMAT}' marker)")
             names = [str(n) for n in data["names"]]
+            mins = data["min_value"] if "min_value" in data else np.full(len(names), np.nan)
             return {name: AbsHistogram(data[f"counts_{i}"].astype(np.float64), float(data["upper"][i]),
-                                       float(data["max_abs"][i])) for i, name in enumerate(names)}
+                                       float(data["max_abs"][i]), None if np.isnan(mins[i]) else float(mins[i]))
+                    for i, name in enumerate(names)}
     except (OSError, ValueError, KeyError) as exc:
         raise QuantizationError(f"cannot read calibration statistics {source}: {exc}") from exc

@@ -17,7 +17,7 @@ def table():
     clean = load_source(None, shipped="test-clean")
     return build_accuracy_table(
         build_model("tiny-wav2vec2", seed=0), "tiny-wav2vec2", load_source(None, limit=2), clean[:2],
-        {"test-clean": clean}, bit_widths=(Bits(8, 8), Bits(4, 4)), methods=("max", "dynamic-int8", "stablequant"),
+        {"test-clean": clean}, bit_widths=(Bits(8, 8), Bits(4, 4)), methods=("max", "dynamic-int8", "stablequant-paper", "stablequant"),
         progress=lambda _line: None,
     )
 
@@ -25,8 +25,8 @@ def table():
 def test_every_supported_method_and_width_has_a_cell(table) -> None:
     cells = {(c.method, c.bits) for c in table.cells}
     assert cells == {("max", "W8A8"), ("dynamic-int8", "W8A8"), ("stablequant", "W8A8"), ("max", "W4A4"),
-                     ("stablequant", "W4A4")}
-    assert set(table.search) == {"W8A8", "W4A4"}
+                     ("stablequant", "W4A4"), ("stablequant-paper", "W8A8"), ("stablequant-paper", "W4A4")}
+    assert set(table.search) == {"W8A8", "W4A4", "W8A8 stablequant-paper", "W4A4 stablequant-paper"}
 
 
 def test_exactly_the_lowest_wer_per_column_is_marked_best(table) -> None:
@@ -45,9 +45,9 @@ def test_deltas_are_relative_to_float_and_inside_their_interval(table) -> None:
 
 def test_markdown_and_json(table) -> None:
     data = json.loads(table.to_json())
-    assert data["utterances"] == {"test-clean": 4} and len(data["cells"]) == 5
+    assert data["utterances"] == {"test-clean": 4} and len(data["cells"]) == 7
     rows = [line for line in table.to_markdown().splitlines() if line.startswith("| ")]
-    assert len(rows) == 1 + 3  # header + one row per method
+    assert len(rows) == 1 + 4  # header + one row per method
     assert "n/a" in table.to_markdown()  # dynamic int8 has no W4A4
 
 

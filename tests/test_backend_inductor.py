@@ -100,6 +100,17 @@ def test_compiled_model_runs_one_int8_kernel_per_int8_layer_and_matches_eager(ti
     assert not any(n.target == torch.ops.aten.conv2d.default for n in tiny.quantized.converted.graph.nodes)
 
 
+def test_affine_grids_run_the_same_int8_kernels_and_match_eager() -> None:
+    torch.set_num_threads(1)
+    tiny = tiny_quantized_model("tiny-wav2vec2", default_plan("tiny-wav2vec2", act_scheme="affine"), fit_to_cpu=True)
+    zero_points = {int(n.args[2]) for n in tiny.quantized.converted.graph.nodes
+                   if n.target == torch.ops.quantized_decomposed.quantize_per_tensor.default}
+    assert len(zero_points) > 1  # affine grids (zero points other than q) really are in the graph
+    report = compile_inductor(tiny.quantized.converted, tiny.example, threads=1).report
+    assert report.int8_kernel_count == report.int8_layers_in_graph == 22
+    assert report.cosine >= 0.999
+
+
 def test_compiled_output_that_differs_from_eager_raises_numerics_mismatch(tiny: TinyQuantized) -> None:
     message = r"compiled int8 output disagrees with eager int8: cosine \S+ < 1.1"
     with pytest.raises(NumericsMismatchError, match=message):

@@ -30,7 +30,8 @@ from sq_pt2e.distributed import (
 from sq_pt2e.errors import SearchStateError, WorkerError
 from sq_pt2e.models import build_model
 from sq_pt2e.observers import AbsHistogram, AbsHistogramObserver
-from sq_pt2e.simulate import LayerQuant, collect_statistics, merge_histograms
+from sq_pt2e.observers import merge_histograms
+from sq_pt2e.simulate import LayerQuant, collect_statistics
 from sq_pt2e.stablequant import Candidate, Evaluator, Score, SearchConfig, candidate_key, search_plan
 
 TESTS = Path(__file__).resolve().parent

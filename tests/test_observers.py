@@ -16,6 +16,7 @@ from sq_pt2e.observers import (
     AbsHistogramObserver,
     PerChannelMseWeightObserver,
     accumulator_bound,
+    act_floor,
     check_accumulator,
     int16_pair_saturates,
     max_weight_scales,
@@ -201,9 +202,52 @@ def test_fixed_range_overrides_calibration_even_without_data() -> None:
     assert zero_point.item() == 0
 
 
-def test_non_symmetric_qscheme_is_rejected() -> None:
-    with pytest.raises(QuantizationError, match="per-tensor symmetric"):
-        AbsHistogramObserver(qscheme=torch.per_tensor_affine)
+def test_per_channel_qscheme_and_a_floor_on_a_symmetric_grid_are_rejected() -> None:
+    with pytest.raises(QuantizationError, match="per tensor"):
+        AbsHistogramObserver(qscheme=torch.per_channel_affine)
+    with pytest.raises(QuantizationError, match="fixed_floor=-0.1 needs qscheme=per_tensor_affine"):
+        AbsHistogramObserver(fixed_floor=-0.1)
+
+
+@pytest.mark.parametrize(("dtype", "quant_min", "quant_max", "offset"), [(torch.uint8, 0, 254, 0), (torch.int8, -127, 127, -127)])
+def test_affine_grid_covers_min_to_range_with_the_same_levels(dtype, quant_min, quant_max, offset) -> None:
+    observer = AbsHistogramObserver(dtype=dtype, qscheme=torch.per_tensor_affine, quant_min=quant_min,
+                                    quant_max=quant_max, layer=LAYER)
+    observer(torch.nn.functional.gelu(torch.linspace(-4.0, 5.0, 1001)))  # one-sided: min -0.17, max 5
+    minimum = float(torch.nn.functional.gelu(torch.linspace(-4.0, 5.0, 1001)).min())
+    scale, zero_point = observer.calculate_qparams()
+    assert scale.item() == pytest.approx((5.0 - minimum) / 254, rel=1e-6)  # half the symmetric step 5/127, nearly
+    assert zero_point.item() == round(-minimum / scale.item()) + offset
+    assert observer.histogram().min_value == pytest.approx(minimum)
+
+
+def test_affine_grid_of_two_sided_data_is_the_symmetric_grid() -> None:
+    symmetric = AbsHistogramObserver(dtype=torch.uint8, quant_min=0, quant_max=254)
+    affine = AbsHistogramObserver(dtype=torch.uint8, qscheme=torch.per_tensor_affine, quant_min=0, quant_max=254)
+    data = torch.linspace(-3.0, 2.0, 101)  # the negative side is the larger: floor = -range
+    symmetric(data)
+    affine(data)
+    assert [t.item() for t in affine.calculate_qparams()] == [t.item() for t in symmetric.calculate_qparams()]
+
+
+def test_act_floor_is_none_unless_it_narrows_the_grid() -> None:
+    hist = AbsHistogram(np.ones(16), 4.0, 4.0, -0.5)
+    assert act_floor(hist, 4.0) == -0.5
+    assert act_floor(hist, 0.25) is None  # a clip below |min|: the floor would be -range
+    assert act_floor(AbsHistogram(np.ones(16), 4.0, 4.0, 1.0), 4.0) == 0.0  # all positive: floor at zero
+    assert act_floor(AbsHistogram(np.ones(16), 4.0, 4.0), 4.0) is None  # minimum not recorded
+
+
+def test_mse_range_of_a_one_sided_histogram_is_wider_on_the_affine_grid() -> None:
+    counts = np.exp(-np.arange(2048) / 40.0)  # heavy-ish tail on [0, 8]
+    one_sided = AbsHistogram(counts, 8.0, 8.0, -0.17)
+    assert range_mse(one_sided, 127, affine=True) > range_mse(one_sided, 127)  # finer steps: clipping costs more
+    assert range_mse(AbsHistogram(counts, 8.0, 8.0), 127, affine=True) == range_mse(one_sided, 127)
+
+
+def test_min_value_outside_the_data_is_refused() -> None:
+    with pytest.raises(QuantizationError, match="min_value=-2.0"):
+        AbsHistogram(np.ones(4), 1.0, 1.0, -2.0)
 
 
 # ------------------------------------------------------------------ calculate_qparams

@@ -9,6 +9,7 @@ from sq_pt2e.baselines import Bits, uniform_plan
 from sq_pt2e.errors import PlanError
 from sq_pt2e.models import build_model
 from sq_pt2e.pipeline import quantize_model
+from sq_pt2e.plan import LayerPlan, QuantPlan
 from sq_pt2e.simulate import collect_statistics, fake_quantized, plan_layer_quants, quantizable_modules
 
 
@@ -26,6 +27,23 @@ def test_simulation_equals_eager_convert_pt2e(arch: str, method: str, bits: Bits
     plan = uniform_plan(method, bits)
     converted = quantize_model(model, wave, calibration, plan=plan, fit_to_cpu=False).converted
     quants = plan_layer_quants(model, plan, collect_statistics(model, calibration))
+    with fake_quantized(model, quants) as simulated, torch.no_grad():
+        expected = simulated(wave)
+    torch.testing.assert_close(converted(wave), expected, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("arch", ["tiny-wav2vec2", "tiny-hubert"])
+@pytest.mark.parametrize("act_bits", [8, 6])
+def test_affine_simulation_equals_eager_convert_pt2e(arch: str, act_bits: int) -> None:
+    torch.set_num_threads(1)
+    model = build_model(arch, seed=0)
+    calibration, wave = _waves(0, 3), _waves(1, 1)[0]
+    plan = QuantPlan(default=LayerPlan("*", act_bits=act_bits, calibration="mse", act_scheme="affine"))
+    converted = quantize_model(model, wave, calibration, plan=plan, fit_to_cpu=False).converted
+    quants = plan_layer_quants(model, plan, collect_statistics(model, calibration))
+    affine = [q for q in quants.values() if q.act_floor is not None]
+    assert all(-q.act_range < q.act_floor <= 0.0 for q in affine)
+    assert sum(-0.2 < q.act_floor for q in affine) >= 6  # GELU outputs (>= -0.17) feed the CNN convs 1-6
     with fake_quantized(model, quants) as simulated, torch.no_grad():
         expected = simulated(wave)
     torch.testing.assert_close(converted(wave), expected, rtol=0, atol=1e-5)

@@ -10,7 +10,7 @@ from sq_pt2e.models import build_model
 from sq_pt2e.observers import AbsHistogram, range_percentile
 from sq_pt2e.pipeline import quantize_model
 from sq_pt2e.plan import QuantPlan
-from sq_pt2e.simulate import LayerQuant, fake_quantized
+from sq_pt2e.simulate import fake_quantized, plan_layer_quants
 from sq_pt2e.stablequant import (
     Evaluator,
     SearchConfig,
@@ -94,7 +94,8 @@ def test_searched_plan_through_pt2e_equals_simulation(planted_model: torch.nn.Mo
     _, plan, _ = planted_search
     wave = _waves(3, 1)[0]
     converted = quantize_model(planted_model, wave, _waves(1, 1), plan=plan, fit_to_cpu=False).converted
-    quants = {layer.name: LayerQuant(layer.act_range, layer.act_bits, layer.weight_bits) for layer in plan.layers}
+    quants = plan_layer_quants(planted_model, plan, {})  # every range and floor is fixed in the plan
+    assert any(q.act_floor is not None for q in quants.values())  # affine grids are part of what is compared
     with fake_quantized(planted_model, quants) as simulated, torch.no_grad():
         expected = simulated(wave)
     torch.testing.assert_close(converted(wave), expected, rtol=0, atol=1e-5)

@@ -88,7 +88,7 @@ def add_cli_verbs(verbs: argparse._SubParsersAction) -> None:
     Each verb sets ``run=`` to a function taking the parsed namespace and returning
     the exit code (0 done, 1 the work failed, 2 usage error through argparse).
     """
-    from sq_pt2e.stablequant import DEFAULT_PERCENTILES
+    from sq_pt2e.cli import add_search_arguments
 
     quantize = verbs.add_parser(
         "quantize-distributed", help="the StableQuant search as parallel tasks (Ray or a process pool), resumable",
@@ -98,21 +98,10 @@ def add_cli_verbs(verbs: argparse._SubParsersAction) -> None:
     )
     quantize.add_argument("--model", required=True, help="an architecture name or a checkpoint folder")
     quantize.add_argument("--seed", type=int, default=0)
-    quantize.add_argument("--calibration", default=None, help="calibration audio (default: shipped LibriSpeech)")
-    quantize.add_argument("--dev", default=None, help="dev audio (default: a held-out part of the calibration audio)")
-    quantize.add_argument("--criterion", choices=["wer", "kl"], default=None)
-    quantize.add_argument("--bits", default="W8A8")
-    quantize.add_argument("--granularity", choices=["block", "layer"], default="block")
-    quantize.add_argument("--reading", choices=["mse-rest", "mse-all"], default="mse-rest")
-    quantize.add_argument("--gamma", type=float, default=0.25)
-    quantize.add_argument("--percentiles", type=float, nargs="+", default=list(DEFAULT_PERCENTILES))
-    quantize.add_argument("--max-calibration", type=int, default=32)
-    quantize.add_argument("--max-dev", type=int, default=100)
+    add_search_arguments(quantize)
     quantize.add_argument("--shards", type=int, default=None, help="dev shards (default: one per worker)")
     quantize.add_argument("--score-cache", type=Path, default=None, help="default: OUTPUT_DIR/scores.json")
     quantize.add_argument("--no-progress", action="store_true", help="no progress bars")
-    quantize.add_argument("--on-error", choices=["raise", "skip"], default="raise",
-                          help="skip: leave out (and list) unreadable calibration/dev files instead of stopping")
     quantize.add_argument("--output-dir", type=Path, required=True)
     _add_runner_arguments(quantize)
     quantize.set_defaults(run=_cmd_quantize_distributed)
