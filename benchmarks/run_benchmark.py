@@ -5,8 +5,10 @@ Usage:
         --output-dir benchmarks/results
     python benchmarks/run_benchmark.py --models small-wav2vec2 --seconds 1 5 10 20 30 --threads 2
 
-Weights are random (latency does not depend on them). Every ratio is measured in
-the same process; the CPU model and ISA flags head the table.
+Weights are random (latency does not depend on them). Every cell (variant, length,
+threads) is built and timed in a fresh process, in rounds with the variant order
+rotated; ratios are taken between medians of the same run, each row shows the spread
+of its round medians, and the CPU model and ISA flags head the table.
 """
 
 from __future__ import annotations

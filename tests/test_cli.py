@@ -24,7 +24,7 @@ def test_bad_model_name_fails_with_a_named_error(capsys) -> None:
 
 def test_bench_verb_writes_json_and_markdown(tmp_path) -> None:
     code = main(["bench", "--models", "tiny-wav2vec2", "--seconds", "1", "--threads", "1", "--runs", "2",
-                 "--variants", "fp32-eager", "dynamic-int8", "--output-dir", str(tmp_path)])
+                 "--rounds", "1", "--variants", "fp32-eager", "dynamic-int8", "--output-dir", str(tmp_path)])
     assert code == EXIT_OK
     assert (tmp_path / "bench.json").exists() and (tmp_path / "bench.md").exists()
 
