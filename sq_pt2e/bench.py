@@ -45,7 +45,7 @@ import torch
 from torch import nn
 
 from sq_pt2e.atomic import atomic_write_text
-from sq_pt2e.compare import graph_constant_bytes
+from sq_pt2e.compare import graph_constant_bytes, timed_runs_ms
 from sq_pt2e.distributed.runners import shippable_model
 from sq_pt2e.hardware import cpu_info
 from sq_pt2e.models.build import to_ctc_logits
@@ -328,24 +328,10 @@ class _Measured:
     notes: str
 
 
-def _timed_runs_ms(fn: Callable[[torch.Tensor], torch.Tensor], wave: torch.Tensor, runs: int,
-                   warmup: int = 2) -> tuple[float, ...]:
-    """Wall time of each of ``runs`` calls ``fn(wave)`` after ``warmup`` calls, in milliseconds."""
-    with torch.no_grad():
-        for _ in range(warmup):
-            fn(wave)
-        times = []
-        for _ in range(runs):
-            start = time.perf_counter()
-            fn(wave)
-            times.append((time.perf_counter() - start) * 1000.0)
-    return tuple(times)
-
-
 def _measure(builder: Callable[..., Built], inputs: _Inputs, threads: int, runs: int) -> _Measured:
     """Build one variant and time it."""
     built = builder(inputs.model, inputs.wave, inputs.calibration, inputs.plan, threads)
-    times = _timed_runs_ms(built.fn, inputs.wave, runs)
+    times = timed_runs_ms(built.fn, inputs.wave, runs=runs)
     return _Measured(times, built.size_bytes, built.build_seconds, _peak_rss_mib(), built.int8_kernels, built.notes)
 
 

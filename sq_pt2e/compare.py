@@ -18,7 +18,8 @@ from torch.fx import GraphModule
 from sq_pt2e.hardware import cpu_info
 from sq_pt2e.plan import QuantPlan
 
-__all__ = ["ComparisonRow", "Comparison", "compare_backends", "graph_constant_bytes", "median_latency_ms"]
+__all__ = ["ComparisonRow", "Comparison", "compare_backends", "graph_constant_bytes", "median_latency_ms",
+           "timed_runs_ms"]
 
 
 @dataclass(frozen=True)
@@ -70,9 +71,9 @@ class Comparison:
         return "\n".join(lines)
 
 
-def median_latency_ms(fn: Callable[[torch.Tensor], torch.Tensor], wave: torch.Tensor, *, runs: int = 10,
-                      warmup: int = 2) -> float:
-    """Median wall time of ``fn(wave)`` in milliseconds over ``runs`` calls after ``warmup``."""
+def timed_runs_ms(fn: Callable[[torch.Tensor], torch.Tensor], wave: torch.Tensor, *, runs: int = 10,
+                  warmup: int = 2) -> tuple[float, ...]:
+    """Wall time of each of ``runs`` calls ``fn(wave)`` after ``warmup`` calls, in milliseconds."""
     with torch.no_grad():
         for _ in range(warmup):
             fn(wave)
@@ -81,7 +82,13 @@ def median_latency_ms(fn: Callable[[torch.Tensor], torch.Tensor], wave: torch.Te
             start = time.perf_counter()
             fn(wave)
             times.append((time.perf_counter() - start) * 1000.0)
-    return statistics.median(times)
+    return tuple(times)
+
+
+def median_latency_ms(fn: Callable[[torch.Tensor], torch.Tensor], wave: torch.Tensor, *, runs: int = 10,
+                      warmup: int = 2) -> float:
+    """Median wall time of ``fn(wave)`` in milliseconds over ``runs`` calls after ``warmup``."""
+    return statistics.median(timed_runs_ms(fn, wave, runs=runs, warmup=warmup))
 
 
 def graph_constant_bytes(gm: GraphModule) -> int:
