@@ -51,12 +51,13 @@ def _centres(hist: AbsHistogram) -> np.ndarray:
     return (np.arange(len(hist.counts)) + 0.5) * hist.bin_width
 
 
-def activation_sqnr_db(hist: AbsHistogram, clip: float, qmax: int) -> float:
+def activation_sqnr_db(hist: AbsHistogram, clip: float, qmax: int, floor: float | None = None) -> float:
     """SQNR in dB of quantizing values distributed as ``hist`` to ``[-clip, clip]`` with ``qmax`` levels.
 
     The error model of :func:`sq_pt2e.observers.range_mse`: values at bin centres; below
-    the clip a uniform rounding error of ``(clip / qmax)**2 / 12``, above it the clipping
-    error ``(x - clip)**2``.
+    the clip a uniform rounding error of ``step**2 / 12`` (``step = clip / qmax``, or
+    ``(clip - floor) / (2 qmax)`` on an affine grid ``[floor, clip]``), above it the
+    clipping error ``(x - clip)**2``.
 
     Raises:
         ValueError: ``clip`` or ``qmax`` not positive.
@@ -66,7 +67,8 @@ def activation_sqnr_db(hist: AbsHistogram, clip: float, qmax: int) -> float:
     x, counts = _centres(hist), hist.counts
     signal = float(np.sum(counts * x**2))
     above = x > clip
-    noise = float(np.sum(counts[~above]) * (clip / qmax) ** 2 / 12.0 + np.sum(counts[above] * (x[above] - clip) ** 2))
+    step = clip / qmax if floor is None else (clip - floor) / (2 * qmax)
+    noise = float(np.sum(counts[~above]) * step**2 / 12.0 + np.sum(counts[above] * (x[above] - clip) ** 2))
     if signal == 0.0:
         return float("nan")
     return float("inf") if noise == 0.0 else 10.0 * math.log10(signal / noise)
@@ -112,6 +114,7 @@ def layer_rows(plan: QuantPlan, statistics: dict[str, AbsHistogram] | None = Non
 
 def _row(layer: LayerPlan, hist: AbsHistogram | None, sensitivity: float | None, sensitive: bool) -> LayerRow:
     calibration = layer.calibration + (f" p{layer.clip_percentile:g}" if layer.clip_percentile is not None else "")
+    calibration += f", affine from {layer.act_floor:.3g}" if layer.act_floor is not None else ""
     clip = layer.act_range
     usable = hist is not None and hist.total > 0 and hist.max_abs > 0
     if clip is None and usable and layer.calibration == "max":
@@ -123,7 +126,7 @@ def _row(layer: LayerPlan, hist: AbsHistogram | None, sensitivity: float | None,
         calibration="-" if layer.skip else calibration, act_range=clip, max_abs=hist.max_abs if usable else None,
         clip_ratio=clip / hist.max_abs if measured else None,
         clipped_percent=clipped_share(hist, clip) if measured else None,
-        sqnr_db=activation_sqnr_db(hist, clip, qmax) if measured else None,
+        sqnr_db=activation_sqnr_db(hist, clip, qmax, layer.act_floor) if measured else None,
         sensitivity=sensitivity, sensitive=sensitive, skip=layer.skip, reason=layer.reason,
     )
 

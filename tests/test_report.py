@@ -39,6 +39,14 @@ def test_sqnr_of_a_point_mass_is_the_rounding_noise_closed_form() -> None:
     assert activation_sqnr_db(hist, clip, qmax) == pytest.approx(expected)
 
 
+def test_sqnr_on_an_affine_grid_uses_its_finer_step() -> None:
+    hist = _spike()
+    clip, qmax, floor = 2.0, 127, -0.17
+    expected = 10 * math.log10(0.95**2 / (((clip - floor) / (2 * qmax)) ** 2 / 12))
+    assert activation_sqnr_db(hist, clip, qmax, floor) == pytest.approx(expected)
+    assert expected - activation_sqnr_db(hist, clip, qmax) == pytest.approx(20 * math.log10(2 * clip / (clip - floor)))
+
+
 def test_sqnr_counts_clipping_error_above_the_range() -> None:
     hist = _spike()
     clip, qmax = 0.5, 127  # every value (0.95) is clipped to 0.5
