@@ -120,6 +120,9 @@ class SearchConfig:
             raise ValueError(f"percentiles={self.percentiles} (expected a non-empty tuple of 0 < p <= 100)")
         if self.gamma < 0 or not 0 <= self.kl_share <= 1:
             raise ValueError(f"gamma={self.gamma} (expected >= 0), kl_share={self.kl_share} (expected 0..1)")
+        if self.act_scheme not in ("symmetric", "affine") or self.start not in ("mse", "max"):
+            raise ValueError(f"act_scheme={self.act_scheme!r} (expected symmetric or affine), start={self.start!r} "
+                             "(expected mse or max)")
 
 
 @dataclass(frozen=True)

@@ -7,10 +7,10 @@ import pytest
 import torch
 
 from sq_pt2e.models import build_model
-from sq_pt2e.observers import AbsHistogram, range_percentile
+from sq_pt2e.observers import AbsHistogram, act_floor, range_mse, range_percentile
 from sq_pt2e.pipeline import quantize_model
 from sq_pt2e.plan import QuantPlan
-from sq_pt2e.simulate import fake_quantized, plan_layer_quants
+from sq_pt2e.simulate import LayerQuant, fake_quantized, plan_layer_quants
 from sq_pt2e.stablequant import (
     Evaluator,
     SearchConfig,
@@ -66,6 +66,30 @@ def test_planted_outlier_is_clipped_below_max_and_improves_kl(planted_search) ->
     p100 = report.percentile_trials[PLANTED][0]
     assert p100["percentile"] == 100.0
     assert report.final_score.kl < p100["kl"] / 5
+
+
+def test_plan_is_never_worse_on_dev_than_mse_ranges_everywhere(planted_model, planted_search) -> None:
+    statistics, _, report = planted_search
+    all_mse = {}
+    for m in quantizable_modules(planted_model):
+        act_range = range_mse(statistics[m.name], 127, affine=True)
+        all_mse[m.name] = LayerQuant(act_range, 8, 8, act_floor=act_floor(statistics[m.name], act_range))
+    assert report.final_score.kl <= Evaluator(planted_model, _waves(2, 3))(all_mse).kl
+
+
+def test_paper_reading_starts_from_max_ranges_and_always_clips(planted_model) -> None:
+    statistics = collect_statistics(planted_model, _waves(1, 4))
+    config = SearchConfig(criterion="kl", act_scheme="symmetric", start="max")
+    plan, report = search_plan(planted_model, statistics, Evaluator(planted_model, _waves(2, 3)), config)
+    assert not report.kept_mse and set(report.chosen_percentiles) == set(report.sensitive_groups)
+    assert all(layer.act_scheme == "symmetric" and layer.act_floor is None for layer in plan.layers)
+
+
+def test_bad_search_settings_are_refused() -> None:
+    with pytest.raises(ValueError, match="act_scheme='asym'"):
+        SearchConfig(act_scheme="asym")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="start='min'"):
+        SearchConfig(start="min")  # type: ignore[arg-type]
 
 
 def test_non_sensitive_layers_get_mse_ranges(planted_search) -> None:
