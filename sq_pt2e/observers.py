@@ -35,6 +35,7 @@ __all__ = [
     "AbsHistogramObserver",
     "act_floor",
     "act_qparams",
+    "grid_floor",
     "PerChannelMseWeightObserver",
     "accumulator_bound",
     "check_accumulator",
@@ -150,6 +151,25 @@ def act_floor(hist: AbsHistogram, act_range: float) -> float | None:
         return None
     floor = min(0.0, max(hist.min_value, -act_range))
     return None if floor <= -act_range else floor
+
+
+def grid_floor(affine: bool, fixed_floor: float | None, hist: AbsHistogram | None, act_range: float,
+               *, layer: str = "") -> float | None:
+    """The lower end of a layer's grid: None (symmetric), else the fixed floor, else :func:`act_floor`.
+
+    The one rule shared by the PT2E observer and the simulation, so both build the same grid.
+
+    Raises:
+        QuantizationError: an affine grid without a fixed floor and without statistics.
+    """
+    if not affine:
+        return None
+    if fixed_floor is not None:
+        return float(fixed_floor)
+    if hist is None:
+        raise QuantizationError(f"layer {layer!r} has an affine grid without a fixed floor and no calibration "
+                                "statistics")
+    return act_floor(hist, act_range)
 
 
 def act_qparams(act_range: float, bits: int, floor: float | None = None, *,
@@ -405,11 +425,9 @@ class AbsHistogramObserver(UniformQuantizationObserverBase):
 
     def chosen_floor(self, act_range: float) -> float | None:
         """The affine grid's lower end (None: symmetric grid)."""
-        if self.qscheme != torch.per_tensor_affine:
-            return None
-        if self.fixed_floor is not None:
-            return float(self.fixed_floor)
-        return act_floor(self.histogram(), act_range)
+        affine = self.qscheme == torch.per_tensor_affine
+        return grid_floor(affine, self.fixed_floor, self.histogram() if affine else None, act_range,
+                          layer=self.layer)
 
     @torch.jit.export
     def calculate_qparams(self) -> tuple[torch.Tensor, torch.Tensor]:

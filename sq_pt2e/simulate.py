@@ -25,8 +25,8 @@ from sq_pt2e.models.build import to_ctc_logits
 from sq_pt2e.observers import (
     AbsHistogram,
     AbsHistogramObserver,
-    act_floor,
     act_qparams,
+    grid_floor,
     max_weight_scales,
     merge_histograms,
     mse_weight_scales,
@@ -191,16 +191,7 @@ def plan_layer_quants(model: nn.Module, plan: QuantPlan, statistics: dict[str, A
                 raise PlanError(f"layer {m.name!r} has no calibration statistics")
             qmax = 2 ** (layer.act_bits - 1) - 1
             act_range = range_for(statistics[m.name], layer.calibration, qmax, layer.clip_percentile, layer=m.name)
-        quants[m.name] = LayerQuant.from_plan(layer, act_range, _plan_floor(layer, act_range, statistics.get(m.name)))
+        floor = grid_floor(layer.act_scheme == "affine", layer.act_floor, statistics.get(m.name), act_range,
+                           layer=m.name)
+        quants[m.name] = LayerQuant.from_plan(layer, act_range, floor)
     return quants
-
-
-def _plan_floor(layer: LayerPlan, act_range: float, hist: AbsHistogram | None) -> float | None:
-    """The affine floor ``AbsHistogramObserver.chosen_floor`` would use for ``layer``."""
-    if layer.act_scheme != "affine":
-        return None
-    if layer.act_floor is not None:
-        return layer.act_floor
-    if hist is None:
-        raise PlanError(f"layer {layer.name!r} has an affine grid without a fixed floor and no calibration statistics")
-    return act_floor(hist, act_range)
