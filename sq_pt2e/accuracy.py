@@ -5,9 +5,10 @@ the corpus WER, its difference to float in points with a paired bootstrap 95%
 interval, and the agreement with the float model (WER of the quantized transcripts
 against the float transcripts, logit cosine). The best quantized cell per column is
 marked. StableQuant searches its plan per bit width on the dev set, never on an
-evaluation set: ``stablequant`` with the default :class:`SearchConfig` (affine grids for
-one-sided inputs, groups searched from MSE ranges), ``stablequant-paper`` with the
-plain reading of the paper (symmetric grids, groups searched from max ranges).
+evaluation set: ``stablequant`` with the default :class:`SearchConfig` (logit-KL criterion,
+affine grids for one-sided inputs, groups searched from MSE ranges, CNN inputs smoothed),
+``stablequant-paper`` with the plain reading of the paper (WER criterion, symmetric grids,
+groups searched from max ranges, no smoothing).
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
 import torch
 from torch import nn
@@ -23,16 +24,17 @@ from torch import nn
 from sq_pt2e.asr import ctc_greedy_decode, logit_agreement, paired_bootstrap_delta, wer
 from sq_pt2e.baselines import BASELINES, Bits, build_method
 from sq_pt2e.inputs import LoadedUtterance
-from sq_pt2e.stablequant import Evaluator, SearchConfig, collect_statistics, search_plan
+from sq_pt2e.stablequant import Evaluator, SearchConfig, collect_statistics, search_input_scales, search_plan
 
 __all__ = ["SEARCHED_METHODS", "AccuracyCell", "AccuracyTable", "build_accuracy_table", "transcribe",
            "wer_against_float"]
 
 SEARCHED_METHODS: dict[str, dict[str, str]] = {
     "stablequant": {},
-    "stablequant-paper": {"act_scheme": "symmetric", "start": "max"},
+    "stablequant-paper": {"act_scheme": "symmetric", "start": "max", "smooth_alpha": 0.0, "criterion": "wer"},
 }
-"""Methods whose plan is searched, with the ``SearchConfig`` fields they override."""
+"""Methods whose plan is searched, with the ``SearchConfig`` fields they override (``criterion="wer"``
+falls back to ``"kl"`` when the dev set has no transcripts)."""
 
 Forward = Callable[[torch.Tensor], torch.Tensor]
 
@@ -87,7 +89,11 @@ class AccuracyCell:
 
 @dataclass
 class AccuracyTable:
-    """All cells, the float WERs, and how they were obtained."""
+    """All cells, the float WERs, and how they were obtained.
+
+    ``search`` holds each searched plan's cost and choices under ``"{bits} {method}"``
+    (e.g. ``"W8A8 stablequant"``).
+    """
 
     model: str
     float_wer: dict[str, float]
@@ -150,18 +156,23 @@ def build_accuracy_table(
             if method not in SEARCHED_METHODS and not BASELINES[method].any_bits and bits != Bits(8, 8):
                 continue
             progress(f"{bits} {method} ...")
-            plan = None
+            plan, method_statistics = None, statistics
             if method in SEARCHED_METHODS:
-                config = search or SearchConfig(criterion="wer" if evaluator.references else "kl")
-                config = SearchConfig(**{**asdict(config), "weight_bits": bits.weight, "act_bits": bits.act,
-                                         **SEARCHED_METHODS[method]})
-                plan, report = search_plan(model, statistics, evaluator, config, model_name=model_name)
-                table.search[f"{bits} {method}" if method != "stablequant" else str(bits)] = {
+                config = SearchConfig(**{**asdict(search or SearchConfig()), "weight_bits": bits.weight,
+                                         "act_bits": bits.act, **SEARCHED_METHODS[method]})
+                if evaluator.references is None:
+                    config = replace(config, criterion="kl")
+                input_scales = search_input_scales(model, waves, config)
+                if input_scales:
+                    method_statistics = collect_statistics(model, waves, input_scales=input_scales)
+                plan, report = search_plan(model, method_statistics, evaluator, config, model_name=model_name,
+                                           input_scales=input_scales)
+                table.search[f"{bits} {method}"] = {
                     "evaluations": report.evaluations, "seconds": report.seconds,
                     "sensitive_groups": report.sensitive_groups, "chosen_percentiles": report.chosen_percentiles,
                     "kept_mse": sorted(report.kept_mse)}
-            forward = build_method("stablequant" if plan is not None else method, model, waves, statistics, bits,
-                                   plan=plan)
+            forward = build_method("stablequant" if plan is not None else method, model, waves, method_statistics,
+                                   bits, plan=plan)
             for name, utts in eval_sets.items():
                 refs = [u.text for u in utts]
                 float_texts, float_logits = reference[name]

@@ -71,7 +71,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
 
 def add_search_arguments(parser: argparse.ArgumentParser) -> None:
     """The audio and ``SearchConfig`` arguments of a search verb (read by :func:`search_inputs`)."""
-    from sq_pt2e.stablequant import DEFAULT_PERCENTILES
+    from sq_pt2e.stablequant import DEFAULT_PERCENTILES, SearchConfig
 
     parser.add_argument("--calibration", default=None,
                         help="folder or .tsv manifest of calibration audio (default: shipped LibriSpeech audio)")
@@ -79,7 +79,8 @@ def add_search_arguments(parser: argparse.ArgumentParser) -> None:
                         help="folder or manifest to score candidates on; with transcripts the search uses WER "
                              "(default: a held-out part of the calibration audio, scored by logit KL)")
     parser.add_argument("--criterion", choices=["wer", "kl"], default=None,
-                        help="what candidates are scored by (default: wer when the dev set has transcripts)")
+                        help="what candidates are scored by: kl (default; logit KL against float, WER is still "
+                             "reported when the dev set has transcripts) or wer (the paper's; needs transcripts)")
     parser.add_argument("--bits", default="W8A8", help="weight/activation bits, e.g. W8A8, W6A6, W4A8")
     parser.add_argument("--granularity", choices=["block", "layer"], default="block")
     parser.add_argument("--reading", choices=["mse-rest", "mse-all"], default="mse-rest")
@@ -89,6 +90,9 @@ def add_search_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--start", choices=["mse", "max"], default="mse",
                         help="ranges of sensitive groups before their percentile search; mse (default) also lets "
                              "the MSE range win over every percentile")
+    parser.add_argument("--smooth-alpha", type=float, default=SearchConfig.smooth_alpha,
+                        help="SmoothQuant strength for the CNN encoder's conv inputs: per-channel factors folded into "
+                             f"the weights (default {SearchConfig.smooth_alpha}; 0: off)")
     parser.add_argument("--gamma", type=float, default=0.25, help="sensitivity threshold in WER points")
     parser.add_argument("--percentiles", type=float, nargs="+", default=list(DEFAULT_PERCENTILES),
                         help="clip percentiles tried for sensitive groups, in order")
@@ -114,24 +118,24 @@ def search_inputs(args: argparse.Namespace) -> tuple[object, object, object]:
                        criterion=args.criterion, on_error=args.on_error)
     config = SearchConfig(gamma=args.gamma, percentiles=tuple(args.percentiles), granularity=args.granularity,
                           reading=args.reading, criterion=sets.criterion, weight_bits=bits.weight, act_bits=bits.act,
-                          act_scheme=args.act_scheme, start=args.start)
+                          act_scheme=args.act_scheme, start=args.start, smooth_alpha=args.smooth_alpha)
     return model, sets, config
 
 
 def _cmd_quantize(args: argparse.Namespace) -> int:
     from sq_pt2e.atomic import atomic_write_text
     from sq_pt2e.report import write_report
-    from sq_pt2e.stablequant import Evaluator, collect_statistics, search_plan
+    from sq_pt2e.stablequant import Evaluator, search_plan, search_statistics
     from sq_pt2e.stats_file import save_statistics
 
     model, sets, config = search_inputs(args)
     calibration, dev, references, criterion = sets.calibration, sets.dev, sets.references, sets.criterion
     print(f"calibrating on {len(calibration)} utterance(s), searching on {len(dev)} ({criterion}) ...",
           file=sys.stderr, flush=True)
-    statistics = collect_statistics(model, [u.wave for u in calibration])
-    evaluator = Evaluator(model, [u.wave for u in dev], references if criterion == "wer" else None)
+    statistics, input_scales = search_statistics(model, [u.wave for u in calibration], config)
+    evaluator = Evaluator(model, [u.wave for u in dev], references)  # WER is reported with either criterion
     plan, report = search_plan(model, statistics, evaluator, config, model_name=args.model,
-                               progress=lambda line: print(line, file=sys.stderr, flush=True))
+                               progress=lambda line: print(line, file=sys.stderr, flush=True), input_scales=input_scales)
     out = args.output_dir
     written = [plan.save(out / "plan.json"), save_statistics(out / "statistics.npz", statistics),
                atomic_write_text(out / "search_report.json", json.dumps(report.to_dict(), indent=2, default=float) + "\n")]
@@ -323,7 +327,8 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     if args.plan is not None:
         plan = QuantPlan.load(args.plan)
         needs_stats = not plan.layers or any(layer.act_range is None for layer in plan.layers)
-        statistics = collect_statistics(model, [u.wave for u in load_source(args.calibration, limit=32)]) \
+        statistics = collect_statistics(model, [u.wave for u in load_source(args.calibration, limit=32)],
+                                        input_scales=plan.input_scales()) \
             if needs_stats else {}
         int8_forward = build_method("stablequant", model, [], statistics, plan=plan)
     lines = ["| set | utterances | float32 WER | float32 CER |" + (" int8 WER | int8 CER | difference [95% CI] |"

@@ -250,7 +250,7 @@ def search_sets(calibration: str | os.PathLike[str] | None, dev: str | os.PathLi
         dev: folder or manifest to score candidates on (None: held-out calibration audio).
         max_calibration: calibration utterances to load at most.
         max_dev: dev utterances to load at most.
-        criterion: ``"wer"`` or ``"kl"``; default ``"wer"`` when every dev utterance has a transcript.
+        criterion: ``"wer"`` (needs transcripts) or ``"kl"`` (the default, see ``SearchConfig``).
         on_error: ``"skip"`` leaves out (and logs) unreadable files instead of raising.
 
     Raises:
@@ -263,7 +263,7 @@ def search_sets(calibration: str | os.PathLike[str] | None, dev: str | os.PathLi
         held_out = max(1, len(calibration_set) // 4)
         calibration_set, dev_set = calibration_set[:-held_out], calibration_set[-held_out:]
     references = [u.text for u in dev_set] if all(u.text for u in dev_set) else None
-    chosen = criterion or ("wer" if references is not None else "kl")
+    chosen = criterion or "kl"
     if chosen == "wer" and references is None:
         raise ValueError(f"--criterion wer needs transcripts: {dev or 'the calibration audio'} has none")
     return SearchSets(list(calibration_set), list(dev_set), references, chosen)

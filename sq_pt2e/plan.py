@@ -66,6 +66,9 @@ class LayerPlan:
             which halves the step there.
         act_floor: fixed lower end of the affine grid (``-act_range <= act_floor <= 0``,
             needs ``act_range``); None with ``"affine"``: the smallest calibration value.
+        input_scale: per-input-channel factors ``s`` (SmoothQuant-style smoothing, see
+            :mod:`sq_pt2e.smoothing`): the layer computes ``(W * s)(x / s)``, and its
+            activation range is that of ``x / s``. None: no scaling.
         skip: keep this layer in float.
         reason: why this choice, or why skipped; goes into the report.
         evidence: numbers behind the decision (sensitivity, WER per candidate, ...).
@@ -81,6 +84,7 @@ class LayerPlan:
     act_range: float | None = None
     act_scheme: ActScheme = "symmetric"
     act_floor: float | None = None
+    input_scale: tuple[float, ...] | None = None
     skip: bool = False
     reason: str = ""
     evidence: tuple[tuple[str, float], ...] = ()
@@ -116,6 +120,7 @@ class LayerPlan:
         if self.act_range is not None and not (float(self.act_range) > 0.0 and float(self.act_range) < float("inf")):
             raise PlanError(f"act_range={self.act_range!r} {where} (expected a finite value > 0)")
         self._check_act_grid(where)
+        self._check_input_scale(where)
         if not isinstance(self.skip, bool):
             raise PlanError(f"skip={self.skip!r} {where} (expected true or false)")
         if not isinstance(self.evidence, tuple) or any(
@@ -142,6 +147,22 @@ class LayerPlan:
         if not -float(self.act_range) <= float(self.act_floor) <= 0.0:
             raise PlanError(f"act_floor={self.act_floor!r} {where} (expected -act_range <= act_floor <= 0, "
                             f"act_range={self.act_range!r})")
+
+    def _check_input_scale(self, where: str) -> None:
+        if self.input_scale is None:
+            return
+        values = self.input_scale
+        if isinstance(values, (str, bytes)) or not isinstance(values, (tuple, list)) or not values:
+            raise PlanError(f"input_scale={values!r} {where} (expected a non-empty list of numbers, one per input "
+                            "channel, or null)")
+        if self.name == "*":
+            raise PlanError(f"input_scale {where}: per-channel factors belong to one named layer, not a default")
+        bad = [v for v in values if isinstance(v, bool) or not isinstance(v, (int, float))
+               or not (0.0 < float(v) < float("inf"))]
+        if bad:
+            raise PlanError(f"input_scale {where} has {len(bad)} entries that are not finite numbers > 0, "
+                            f"e.g. {bad[0]!r}")
+        object.__setattr__(self, "input_scale", tuple(float(v) for v in values))
 
     @property
     def weight_qrange(self) -> tuple[int, int]:
@@ -245,6 +266,11 @@ class QuantPlan:
             if default.op == op:
                 return dataclasses.replace(default, name=name)
         return dataclasses.replace(self.default, name=name, op=op)
+
+    def input_scales(self) -> dict[str, tuple[float, ...]]:
+        """``{layer: input_scale}`` of the quantized layers that carry one (see :mod:`sq_pt2e.smoothing`)."""
+        return {layer.name: layer.input_scale for layer in self.layers
+                if layer.input_scale is not None and not layer.skip}
 
     def explicit_names(self) -> tuple[str, ...]:
         """Names of the layers given explicitly, in plan order."""

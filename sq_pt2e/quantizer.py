@@ -173,7 +173,7 @@ class StableQuantQuantizer(Quantizer):
             calibration: ``(1, samples)`` normalised waveforms for the activation histograms.
             dev: ``(1, samples)`` waveforms the candidates are scored on.
             references: transcripts of ``dev`` (``None``: search on logit KL).
-            config: search settings (default: the paper's; criterion from ``references``).
+            config: search settings (default ``SearchConfig()``: logit-KL criterion, smoothing).
             target: backend of the returned quantizer.
             model_name: recorded in the plan.
 
@@ -181,13 +181,13 @@ class StableQuantQuantizer(Quantizer):
             >>> quantizer = StableQuantQuantizer.search(model, calib_waves, dev_waves, dev_texts)
             >>> prepared = prepare_pt2e(export_speech_model(model, wave).module(), quantizer)
         """
-        from sq_pt2e.stablequant import Evaluator, SearchConfig, collect_statistics, search_plan
+        from sq_pt2e.stablequant import Evaluator, SearchConfig, search_plan, search_statistics
 
-        if config is None:
-            config = SearchConfig(criterion="wer" if references is not None else "kl")
-        statistics = collect_statistics(model, calibration)
-        evaluator = Evaluator(model, dev, references if config.criterion == "wer" else None)
-        plan, report = search_plan(model, statistics, evaluator, config, model_name=model_name)
+        config = config or SearchConfig()
+        statistics, input_scales = search_statistics(model, calibration, config)
+        evaluator = Evaluator(model, dev, references)
+        plan, report = search_plan(model, statistics, evaluator, config, model_name=model_name,
+                                   input_scales=input_scales)
         quantizer = cls(plan, target=target)
         quantizer.search_report = report
         return quantizer
@@ -196,6 +196,15 @@ class StableQuantQuantizer(Quantizer):
         if self.module_filter is not None and not self.module_filter(layer.name):
             return None
         return self.plan.resolve(layer.name, layer.op)
+
+    def transform_for_annotation(self, model: GraphModule) -> GraphModule:
+        """Apply the plan's per-channel input scales (``LayerPlan.input_scale``) to the graph."""
+        from sq_pt2e.smoothing import apply_input_scales
+
+        scales = self.plan.input_scales()
+        if self.module_filter is not None:
+            scales = {name: s for name, s in scales.items() if self.module_filter(name)}
+        return apply_input_scales(model, scales)
 
     def annotate(self, model: GraphModule) -> GraphModule:
         """Annotate every planned layer; skipped layers are claimed and kept float."""

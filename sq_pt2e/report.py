@@ -115,6 +115,8 @@ def layer_rows(plan: QuantPlan, statistics: dict[str, AbsHistogram] | None = Non
 def _row(layer: LayerPlan, hist: AbsHistogram | None, sensitivity: float | None, sensitive: bool) -> LayerRow:
     calibration = layer.calibration + (f" p{layer.clip_percentile:g}" if layer.clip_percentile is not None else "")
     calibration += f", affine from {layer.act_floor:.3g}" if layer.act_floor is not None else ""
+    if layer.input_scale is not None:
+        calibration += f", smoothed (x / s, s {min(layer.input_scale):.3g}..{max(layer.input_scale):.3g})"
     clip = layer.act_range
     usable = hist is not None and hist.total > 0 and hist.max_abs > 0
     if clip is None and usable and layer.calibration == "max":

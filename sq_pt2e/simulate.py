@@ -34,6 +34,7 @@ from sq_pt2e.observers import (
 )
 from sq_pt2e.passes.fold_weight_norm import fold_weight_norm
 from sq_pt2e.plan import LayerPlan, OpKind, QuantPlan
+from sq_pt2e.smoothing import inverse_input_scale, scaled_weight
 
 __all__ = [
     "LayerQuant",
@@ -68,12 +69,14 @@ def quantizable_modules(model: nn.Module) -> list[QuantizableModule]:
 
 
 @torch.no_grad()
-def collect_statistics(model: nn.Module, waves: Iterable[torch.Tensor]) -> dict[str, AbsHistogram]:
+def collect_statistics(model: nn.Module, waves: Iterable[torch.Tensor],
+                       input_scales: dict[str, tuple[float, ...]] | None = None) -> dict[str, AbsHistogram]:
     """One calibration pass: the |x| histogram of every quantizable layer's input.
 
     Args:
         model: float model (a ``*ForCTC`` model or waveform->logits module).
         waves: ``(batch, samples)`` calibration waveforms.
+        input_scales: layers whose input is observed as ``x / s`` (:mod:`sq_pt2e.smoothing`).
 
     Returns:
         ``{layer name: AbsHistogram}`` for every Conv1d / Linear.
@@ -82,13 +85,23 @@ def collect_statistics(model: nn.Module, waves: Iterable[torch.Tensor]) -> dict[
     fold_weight_norm(wrapper)
     observers = {m.name: AbsHistogramObserver(layer=m.name) for m in quantizable_modules(wrapper)}
 
-    def observe(observer: AbsHistogramObserver) -> object:
+    scales = input_scales or {}
+    unknown = sorted(set(scales) - set(observers))
+    if unknown:
+        raise PlanError(f"input_scale for layers not in the model: {unknown[:5]}")
+
+    def observe(observer: AbsHistogramObserver, inverse: torch.Tensor | None) -> object:
         def hook(_module: nn.Module, args: tuple[torch.Tensor, ...]) -> None:
-            observer(args[0])
+            observer(args[0] if inverse is None else args[0] * inverse)
 
         return hook
 
-    handles = [m.module.register_forward_pre_hook(observe(observers[m.name])) for m in quantizable_modules(wrapper)]
+    def inverse_of(m: QuantizableModule) -> torch.Tensor | None:
+        scale = scales.get(m.name)
+        return None if scale is None else inverse_input_scale(scale, m.module.weight.ndim)
+
+    handles = [m.module.register_forward_pre_hook(observe(observers[m.name], inverse_of(m)))
+               for m in quantizable_modules(wrapper)]
     try:
         for wave in waves:
             wrapper(wave if wave.ndim == 2 else wave.unsqueeze(0))
@@ -116,7 +129,8 @@ def merge_statistics(shards: Sequence[dict[str, AbsHistogram]]) -> dict[str, Abs
 class LayerQuant:
     """A resolved layer decision for simulation: the activation grid and bit widths.
 
-    ``act_floor`` is the lower end of an affine input grid (None: symmetric ``[-r, r]``).
+    ``act_floor`` is the lower end of an affine input grid (None: symmetric ``[-r, r]``);
+    ``input_scale`` the per-channel factors of :mod:`sq_pt2e.smoothing` (None: none).
     """
 
     act_range: float
@@ -124,10 +138,12 @@ class LayerQuant:
     weight_bits: int
     weight_calibration: str = "max"
     act_floor: float | None = None
+    input_scale: tuple[float, ...] | None = None
 
     @classmethod
     def from_plan(cls, layer: LayerPlan, act_range: float, act_floor: float | None = None) -> LayerQuant:
-        return cls(act_range, layer.act_bits, layer.weight_bits, layer.weight_calibration, act_floor)
+        return cls(act_range, layer.act_bits, layer.weight_bits, layer.weight_calibration, act_floor,
+                   layer.input_scale)
 
 
 def _fake_quant_weight(weight: torch.Tensor, bits: int, calibration: str, layer: str) -> torch.Tensor:
@@ -154,12 +170,18 @@ def fake_quantized(model: nn.Module, layers: dict[str, LayerQuant]) -> Iterator[
         for name, quant in layers.items():
             module = modules[name]
             saved[name] = module.weight.data
-            module.weight.data = _fake_quant_weight(module.weight.data, quant.weight_bits, quant.weight_calibration,
-                                                    name)
+            weight = module.weight.data
+            inverse = None
+            if quant.input_scale is not None:
+                weight = scaled_weight(weight, quant.input_scale, layer=name)
+                inverse = inverse_input_scale(quant.input_scale, weight.ndim)
+            module.weight.data = _fake_quant_weight(weight, quant.weight_bits, quant.weight_calibration, name)
             grid = act_qparams(quant.act_range, quant.act_bits, quant.act_floor)
 
-            def hook(_mod: nn.Module, args: tuple[torch.Tensor, ...], grid: tuple[float, int, int, int] = grid):
-                return (torch.fake_quantize_per_tensor_affine(args[0], *grid), *args[1:])
+            def hook(_mod: nn.Module, args: tuple[torch.Tensor, ...], grid: tuple[float, int, int, int] = grid,
+                     inverse: torch.Tensor | None = inverse):
+                x = args[0] if inverse is None else args[0] * inverse
+                return (torch.fake_quantize_per_tensor_affine(x, *grid), *args[1:])
 
             handles.append(module.register_forward_pre_hook(hook))
         yield wrapper

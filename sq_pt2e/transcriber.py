@@ -109,7 +109,7 @@ class Transcriber:
             if needs_ranges and statistics is None:
                 if not calibration:
                     raise PlanError("the plan has layers without a fixed act_range: pass statistics= or calibration=")
-                statistics = collect_statistics(self._model, calibration)
+                statistics = collect_statistics(self._model, calibration, input_scales=plan.input_scales())
             quants = plan_layer_quants(self._model, plan, statistics or {})
             for m in modules:
                 if m.name in quants:

@@ -36,19 +36,21 @@ def _runner_from(args: argparse.Namespace) -> Runner:
 
 def _cmd_quantize_distributed(args: argparse.Namespace) -> int:
     from sq_pt2e.cli import search_inputs
-    from sq_pt2e.stablequant import search_plan
+    from sq_pt2e.stablequant import search_input_scales, search_plan
 
     model, sets, config = search_inputs(args)
     calibration, dev, references, criterion = sets.calibration, sets.dev, sets.references, sets.criterion
     say = (lambda line: print(line, file=sys.stderr, flush=True))
     with _runner_from(args) as runner:
         say(f"running on {runner.describe()}: calibrating on {len(calibration)}, searching on {len(dev)} ...")
-        statistics = collect_statistics_distributed(model, [u.wave for u in calibration], runner)
+        waves = [u.wave for u in calibration]
+        input_scales = search_input_scales(model, waves, config)
+        statistics = collect_statistics_distributed(model, waves, runner, input_scales=input_scales)
         cache = args.score_cache or args.output_dir / "scores.json"
-        evaluator = DistributedEvaluator(model, [u.wave for u in dev], references if criterion == "wer" else None,
+        evaluator = DistributedEvaluator(model, [u.wave for u in dev], references,
                                          runner=runner, shards=args.shards, cache=cache)
         plan, report = search_plan(model, statistics, evaluator, config, model_name=args.model, progress=say,
-                                   progress_bar=False if args.no_progress else None)
+                                   progress_bar=False if args.no_progress else None, input_scales=input_scales)
     plan.save(args.output_dir / "plan.json")
     atomic_write_text(args.output_dir / "search_report.json",
                       json.dumps({**report.to_dict(), "runner": runner.describe()}, indent=2, default=float) + "\n")

@@ -87,14 +87,16 @@ class DistributedEvaluator(Evaluator):
                 yield candidate, UtteranceScores.concat([done[s] for s in range(shards)]).score()
 
 
-def _statistics_task(model: nn.Module, waves: list[torch.Tensor]) -> dict[str, AbsHistogram]:
+def _statistics_task(model: nn.Module, waves: list[torch.Tensor],
+                     input_scales: dict[str, tuple[float, ...]]) -> dict[str, AbsHistogram]:
     from sq_pt2e.simulate import collect_statistics
 
-    return collect_statistics(model, waves)
+    return collect_statistics(model, waves, input_scales=input_scales)
 
 
 def collect_statistics_distributed(model: nn.Module, waves: Sequence[torch.Tensor], runner: Runner,
-                                   shards: int | None = None) -> dict[str, AbsHistogram]:
+                                   shards: int | None = None,
+                                   input_scales: dict[str, tuple[float, ...]] | None = None) -> dict[str, AbsHistogram]:
     """:func:`~sq_pt2e.simulate.collect_statistics` over calibration shards, merged exactly.
 
     Raises:
@@ -108,7 +110,7 @@ def collect_statistics_distributed(model: nn.Module, waves: Sequence[torch.Tenso
     shippable_model(model)
     bounds = shard_bounds([int(w.shape[-1]) for w in waves], shards or runner.workers)
     model_ref = runner.share(model)
-    calls = [(model_ref, list(waves[a:b])) for a, b in bounds]
+    calls = [(model_ref, list(waves[a:b]), dict(input_scales or {})) for a, b in bounds]
     parts = dict(raise_failures(runner.run(_statistics_task, calls),
                                 lambda i: f"calibration shard {bounds[i]}"))
     return merge_statistics([parts[i] for i in range(len(bounds))])  # type: ignore[misc]

@@ -1,0 +1,140 @@
+"""Per-channel input smoothing: exact in float, identical in simulation and PT2E, and it helps outliers."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import pytest
+import torch
+
+from sq_pt2e.backends.inductor import compile_inductor
+from sq_pt2e.errors import PlanError, QuantizationError
+from sq_pt2e.export import export_speech_model
+from sq_pt2e.models import build_model
+from sq_pt2e.pipeline import quantize_model
+from sq_pt2e.plan import LayerPlan, QuantPlan
+from sq_pt2e.simulate import LayerQuant, collect_statistics, fake_quantized, plan_layer_quants, quantizable_modules
+from sq_pt2e.smoothing import apply_input_scales, channel_maxima, smoothing_scales
+from sq_pt2e.stablequant import Evaluator, SearchConfig, search_plan, search_statistics, smoothed_layers
+from sq_pt2e.testing import example_waves
+
+CONV = "wav2vec2.feature_extractor.conv_layers.{}.conv"
+
+
+def _smoothed_plan(model: torch.nn.Module, calibration: list[torch.Tensor], **layer: object) -> QuantPlan:
+    """W8A8 affine MSE plan with SmoothQuant factors (alpha 0.5) on the CNN convs 1-4."""
+    names = [CONV.format(k) for k in range(1, 5)]
+    maxima = channel_maxima(model, calibration, names)
+    weights = {m.name: m.module.weight for m in quantizable_modules(model)}
+    layers = tuple(LayerPlan(n, op="conv1d", calibration="mse", act_scheme="affine",
+                             input_scale=smoothing_scales(maxima[n], weights[n], 0.5), **layer) for n in names)
+    return QuantPlan(default=LayerPlan("*", calibration="mse", act_scheme="affine"), layers=layers)
+
+
+def test_scaled_graph_computes_the_same_float_function() -> None:
+    model = build_model("tiny-wav2vec2", seed=0)
+    (wave,) = example_waves(1, 1, 4000)
+    gm = export_speech_model(model, wave).module()
+    with torch.no_grad():
+        before = gm(wave)
+    scales = {CONV.format(2): tuple(float(v) for v in torch.linspace(0.05, 20.0, 32))}
+    apply_input_scales(gm, scales)
+    muls = [n for n in gm.graph.nodes if n.target == torch.ops.aten.mul.Tensor and "inverse_input_scale" in str(n.args)]
+    assert len(muls) == 1
+    with torch.no_grad():
+        torch.testing.assert_close(gm(wave), before, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("arch", ["tiny-wav2vec2"])
+def test_smoothed_simulation_equals_eager_convert_pt2e(arch: str) -> None:
+    torch.set_num_threads(1)
+    model = build_model(arch, seed=0)
+    calibration, (wave,) = example_waves(0, 3, 16000), example_waves(1, 1, 16000)
+    plan = _smoothed_plan(model, calibration)
+    converted = quantize_model(model, wave, calibration, plan=plan, fit_to_cpu=False).converted
+    quants = plan_layer_quants(model, plan, collect_statistics(model, calibration, input_scales=plan.input_scales()))
+    assert sum(q.input_scale is not None for q in quants.values()) == 4
+    with fake_quantized(model, quants) as simulated, torch.no_grad():
+        expected = simulated(wave)
+    torch.testing.assert_close(converted(wave), expected, rtol=0, atol=1e-5)
+
+
+def test_smoothed_plan_compiles_to_int8_kernels_that_match_eager() -> None:
+    torch.set_num_threads(1)
+    model = build_model("tiny-wav2vec2", seed=0)
+    calibration, (wave,) = example_waves(2, 2, 4000), example_waves(1, 1, 4000)
+    converted = quantize_model(model, wave, calibration, plan=_smoothed_plan(model, calibration),
+                               fit_to_cpu=True).converted
+    report = compile_inductor(converted, wave, threads=1).report
+    assert report.int8_kernel_count == report.int8_layers_in_graph == 22
+    assert report.cosine >= 0.999
+
+
+def _outlier_model() -> torch.nn.Module:
+    """tiny-wav2vec2 whose conv 2 sees one input channel 40x larger than the others."""
+    model = build_model("tiny-wav2vec2", seed=0)
+    conv1 = dict(model.named_modules())[CONV.format(1)]
+    conv2 = dict(model.named_modules())[CONV.format(2)]
+    with torch.no_grad():
+        conv1.weight[3] *= 40.0  # GELU(40 y) ~ 40 GELU(y) for the positive part
+        conv2.weight[:, 3] /= 40.0  # the float model computes about the same function
+    return model
+
+
+def test_smoothing_shrinks_the_error_an_outlier_channel_causes() -> None:
+    torch.set_num_threads(1)
+    model = _outlier_model()
+    calibration, dev = example_waves(0, 3, 16000), example_waves(5, 3, 16000)
+    evaluator = Evaluator(model, dev)
+    name = CONV.format(2)
+    plain_stats = collect_statistics(model, calibration)
+    scale = smoothing_scales(channel_maxima(model, calibration, [name])[name],
+                             dict(model.named_modules())[name].weight, 0.5)
+    smooth_stats = collect_statistics(model, calibration, input_scales={name: scale})
+    from sq_pt2e.observers import range_max
+
+    plain = evaluator({name: LayerQuant(range_max(plain_stats[name]), 8, 8)})
+    smoothed = evaluator({name: LayerQuant(range_max(smooth_stats[name]), 8, 8, input_scale=scale)})
+    assert range_max(smooth_stats[name]) < 0.5 * range_max(plain_stats[name])
+    assert smoothed.kl < 0.5 * plain.kl
+
+
+def test_search_with_smoothing_puts_the_factors_in_the_plan_and_is_deterministic() -> None:
+    torch.set_num_threads(1)
+    model = build_model("tiny-wav2vec2", seed=0)
+    calibration, dev = example_waves(0, 2, 8000), example_waves(5, 2, 8000)
+    config = SearchConfig(criterion="kl", smooth_alpha=0.5)
+    plans = []
+    for _ in range(2):
+        statistics, scales = search_statistics(model, calibration, config)
+        plan, _ = search_plan(model, statistics, Evaluator(model, dev), config, input_scales=scales)
+        plans.append(plan)
+    assert plans[0] == plans[1]
+    smoothed = sorted(plans[0].input_scales())
+    assert smoothed == sorted(smoothed_layers(model, config)) == [CONV.format(k) for k in range(1, 7)]
+    assert QuantPlan.from_dict(json.loads(plans[0].to_json())) == plans[0]
+    assert smoothed_layers(model, SearchConfig(smooth_alpha=0.0)) == []
+
+
+def test_bad_input_scales_are_refused_with_the_layer_named() -> None:
+    with pytest.raises(PlanError, match="not finite numbers > 0"):
+        LayerPlan(CONV.format(1), input_scale=(1.0, -2.0))
+    with pytest.raises(PlanError, match="not a default"):
+        LayerPlan("*", input_scale=(1.0,))
+    with pytest.raises(PlanError, match="one per input"):
+        LayerPlan(CONV.format(1), input_scale="1,2")
+    model = build_model("tiny-wav2vec2", seed=0)
+    (wave,) = example_waves(1, 1, 4000)
+    plan = QuantPlan(layers=(LayerPlan(CONV.format(1), op="conv1d", input_scale=(1.0, 2.0)),))
+    with pytest.raises(PlanError, match=r"conv_layers\.1\.conv.*2 entries for 32 input channels"):
+        quantize_model(model, wave, [wave], plan=plan)
+    gm = export_speech_model(model, wave).module()
+    with pytest.raises(QuantizationError, match="not in the graph"):
+        apply_input_scales(gm, {"wav2vec2.nope": (1.0,)})
+
+
+def test_skipped_layer_ignores_its_input_scale() -> None:
+    layer = LayerPlan(CONV.format(1), op="conv1d", input_scale=(2.0,) * 32)
+    plan = QuantPlan(layers=(layer, dataclasses.replace(layer, name=CONV.format(2), skip=True, reason="float")))
+    assert list(plan.input_scales()) == [CONV.format(1)]
