@@ -12,10 +12,14 @@ import json
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from sq_pt2e.errors import SqPt2eError
 
-__all__ = ["main", "search_inputs"]
+if TYPE_CHECKING:
+    from sq_pt2e.plan import QuantPlan
+
+__all__ = ["load_plan_for_model", "main", "search_inputs"]
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 
@@ -100,6 +104,17 @@ def add_search_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-dev", type=int, default=100, help="dev utterances to use")
     parser.add_argument("--on-error", choices=["raise", "skip"], default="raise",
                         help="skip: leave out (and list) unreadable calibration/dev files instead of stopping")
+
+
+def load_plan_for_model(path: str | Path | None, model: str) -> QuantPlan | None:
+    """The plan at ``path`` (None: no plan), refused when it records another model than ``model``."""
+    from sq_pt2e.plan import QuantPlan
+
+    if path is None:
+        return None
+    plan = QuantPlan.load(path)
+    plan.check_model(model, source=str(path))
+    return plan
 
 
 def search_inputs(args: argparse.Namespace) -> tuple[object, object, object]:
@@ -191,6 +206,10 @@ def _cmd_accuracy(args: argparse.Namespace) -> int:
     from sq_pt2e.models import load_model
     from sq_pt2e.stablequant import SearchConfig
 
+    import torch
+
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
     model = load_model(args.model, seed=args.seed)
     calibration = load_source(args.calibration, limit=args.max_calibration, on_error=args.on_error)
     dev = load_source(args.dev, limit=args.max_dev, on_error=args.on_error)
@@ -212,13 +231,12 @@ def _cmd_export(args: argparse.Namespace) -> int:
     from sq_pt2e.backends.executorch_xnnpack import PteRunner, check_pte, lower_to_xnnpack, save_pte
     from sq_pt2e.models import load_model
     from sq_pt2e.pipeline import quantize_model
-    from sq_pt2e.plan import QuantPlan
     from sq_pt2e.inputs import fixed_length, load_source
 
     import torch
 
     model = load_model(args.model, seed=args.seed)
-    plan = QuantPlan.load(args.plan) if args.plan else None
+    plan = load_plan_for_model(args.plan, args.model)
     samples = int(args.seconds * 16000)
     calibration = [fixed_length(u.wave, samples) for u in load_source(args.calibration, limit=args.max_calibration)]
     example = calibration[0]
@@ -239,11 +257,10 @@ def _cmd_transcribe(args: argparse.Namespace) -> int:
     from sq_pt2e.data import Utterance
     from sq_pt2e.inputs import load_source
     from sq_pt2e.models import load_model
-    from sq_pt2e.plan import QuantPlan
     from sq_pt2e.transcriber import Transcriber, transcribe_dataset
 
     model = load_model(args.model, seed=args.seed)
-    plan = QuantPlan.load(args.plan) if args.plan is not None else None
+    plan = load_plan_for_model(args.plan, args.model)
     if args.backend == "inductor":
         return _transcribe_inductor(args, model, plan)
     calibration = None
@@ -317,7 +334,6 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     from sq_pt2e.baselines import build_method
     from sq_pt2e.inputs import load_source
     from sq_pt2e.models import load_model
-    from sq_pt2e.plan import QuantPlan
     from sq_pt2e.simulate import collect_statistics
 
     model = load_model(args.model, seed=args.seed)
@@ -325,7 +341,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     float_forward = build_method("float32", model, [], {})
     int8_forward = None
     if args.plan is not None:
-        plan = QuantPlan.load(args.plan)
+        plan = load_plan_for_model(args.plan, args.model)
         needs_stats = not plan.layers or any(layer.act_range is None for layer in plan.layers)
         statistics = collect_statistics(model, [u.wave for u in load_source(args.calibration, limit=32)],
                                         input_scales=plan.input_scales()) \
@@ -460,6 +476,8 @@ def _build_parser() -> argparse.ArgumentParser:
     accuracy.add_argument("--max-eval", type=int, default=None)
     accuracy.add_argument("--on-error", choices=["raise", "skip"], default="raise",
                           help="skip: leave out (and list) unreadable files instead of stopping")
+    accuracy.add_argument("--threads", type=int, default=None,
+                          help="intra-op threads (default: torch's; use 1 per run when several runs share a machine)")
     accuracy.add_argument("--output-dir", type=Path, default=None)
     accuracy.set_defaults(run=_cmd_accuracy)
 

@@ -12,11 +12,9 @@ PT2E flow uses, so ranges are identical in both.
 from __future__ import annotations
 
 import contextlib
-import math
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 from torch import nn
 

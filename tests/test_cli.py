@@ -74,9 +74,24 @@ def test_a_plan_from_another_model_is_refused_before_work(tmp_path, capsys) -> N
     from sq_pt2e.assets import librispeech_manifest
 
     audio = str(librispeech_manifest("test-clean")[0].path)
-    code = main(["transcribe", "--model", "tiny-wav2vec2", audio, "--plan", str(tmp_path / "plan.json")])
+    plan = str(tmp_path / "plan.json")
+    code = main(["transcribe", "--model", "tiny-wav2vec2", audio, "--plan", plan])
+    assert code == EXIT_FAILED
+    assert "was made for model 'tiny-hubert', not 'tiny-wav2vec2'" in capsys.readouterr().err
+    # A plan whose recorded model is cleared is still checked layer by layer.
+    _clear_model(plan)
+    code = main(["transcribe", "--model", "tiny-wav2vec2", audio, "--plan", plan])
     assert code == EXIT_FAILED
     assert "did you mean 'wav2vec2.feature_extractor" in capsys.readouterr().err
+
+
+def _clear_model(path: str) -> None:
+    import json
+    from pathlib import Path
+
+    data = json.loads(Path(path).read_text(encoding="utf-8"))
+    data["model"] = ""
+    Path(path).write_text(json.dumps(data), encoding="utf-8")
 
 
 def test_eval_verb_reports_float_wer_per_shipped_set(tmp_path, capsys) -> None:

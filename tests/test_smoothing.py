@@ -138,3 +138,16 @@ def test_skipped_layer_ignores_its_input_scale() -> None:
     layer = LayerPlan(CONV.format(1), op="conv1d", input_scale=(2.0,) * 32)
     plan = QuantPlan(layers=(layer, dataclasses.replace(layer, name=CONV.format(2), skip=True, reason="float")))
     assert list(plan.input_scales()) == [CONV.format(1)]
+
+
+def test_smoothed_plan_lowers_to_executorch_and_matches_eager_int8() -> None:
+    from sq_pt2e.backends.executorch_xnnpack import PteRunner, check_pte, lower_to_xnnpack
+
+    torch.set_num_threads(1)
+    model = build_model("tiny-wav2vec2", seed=0)
+    calibration, (wave,) = example_waves(2, 2, 4000), example_waves(1, 1, 4000)
+    converted = quantize_model(model, wave, calibration, plan=_smoothed_plan(model, calibration),
+                               target="xnnpack").converted
+    data, report = lower_to_xnnpack(converted, wave)
+    checked = check_pte(PteRunner(data, wave.shape[-1], threads=1), converted(wave), wave, report)
+    assert checked.cosine >= 0.99

@@ -39,7 +39,7 @@ def _cmd_quantize_distributed(args: argparse.Namespace) -> int:
     from sq_pt2e.stablequant import search_input_scales, search_plan
 
     model, sets, config = search_inputs(args)
-    calibration, dev, references, criterion = sets.calibration, sets.dev, sets.references, sets.criterion
+    calibration, dev, references = sets.calibration, sets.dev, sets.references
     say = (lambda line: print(line, file=sys.stderr, flush=True))
     with _runner_from(args) as runner:
         say(f"running on {runner.describe()}: calibrating on {len(calibration)}, searching on {len(dev)} ...")
@@ -65,10 +65,10 @@ def _cmd_transcribe_batch(args: argparse.Namespace) -> int:
     from sq_pt2e.data import read_manifest
     from sq_pt2e.inputs import load_source
     from sq_pt2e.models import load_model
-    from sq_pt2e.plan import QuantPlan
+    from sq_pt2e.cli import load_plan_for_model
 
     model = load_model(args.model, seed=args.seed)
-    plan = QuantPlan.load(args.plan) if args.plan is not None else None
+    plan = load_plan_for_model(args.plan, args.model)
     needs_calibration = plan is not None and (not plan.layers or any(la.act_range is None for la in plan.layers))
     calibration = [u.wave for u in load_source(args.calibration, limit=8)] if needs_calibration else []
     utterances = read_manifest(args.manifest)
