@@ -51,7 +51,7 @@ from sq_pt2e.hardware import cpu_info
 from sq_pt2e.models.build import to_ctc_logits
 from sq_pt2e.passes.fold_weight_norm import folded_copy
 from sq_pt2e.plan import QuantPlan
-from sq_pt2e.recipes import default_plan
+from sq_pt2e.recipes import search_shaped_plan
 
 __all__ = ["SPREAD_LIMIT", "VARIANTS", "BenchRow", "BenchResult", "Built", "run_benchmark"]
 
@@ -488,8 +488,9 @@ def run_benchmark(
         isolate: build and time every cell of every round in a fresh child process
             (``False``: all in this process, for tests and debugging).
         variants: names from :data:`VARIANTS`.
-        plan: the StableQuant plan (default: W8A8 max ranges, affine grids for one-sided inputs
-            as searched plans have them; latency does not depend on the ranges).
+        plan: the StableQuant plan (default :func:`~sq_pt2e.recipes.search_shaped_plan`: W8A8 max
+            ranges with the affine grids and CNN input smoothing of a searched plan; latency does not
+            depend on the ranges).
         calibration_count: calibration waveforms for the int8 variants.
         seed: seed of the random input waveforms.
         progress: called with one line per cell and round.
@@ -505,7 +506,9 @@ def run_benchmark(
     result = BenchResult(cpu.summary(), torch.__version__, method=_method(rounds, runs, isolate))
     # folded once (numerically identical) and picklable; the caller's model is left as it is
     model = shippable_model(folded_copy(model)).eval()
-    plan = plan or default_plan(model=model_name, act_scheme="affine")
+    if plan is None:
+        one_second = torch.randn(batch, SAMPLE_RATE, generator=torch.Generator().manual_seed(seed))
+        plan = search_shaped_plan(model, [one_second], model_name)
     names = _runnable(list(variants), cpu.flags, result.skipped)
     fp32_bytes = _param_bytes(to_ctc_logits(model))
     generator = torch.Generator().manual_seed(seed)

@@ -2,9 +2,15 @@
 
 from __future__ import annotations
 
+import dataclasses
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
 from sq_pt2e.plan import ActScheme, LayerPlan, QuantPlan
 
-__all__ = ["default_plan"]
+__all__ = ["default_plan", "search_shaped_plan"]
 
 
 def default_plan(model: str = "", *, weight_bits: int = 8, act_bits: int = 8,
@@ -15,3 +21,17 @@ def default_plan(model: str = "", *, weight_bits: int = 8, act_bits: int = 8,
     """
     return QuantPlan(default=LayerPlan("*", weight_bits=weight_bits, act_bits=act_bits, act_scheme=act_scheme),
                      model=model)
+
+
+def search_shaped_plan(model: nn.Module, calibration: Sequence[torch.Tensor], model_name: str = "") -> QuantPlan:
+    """W8A8 max ranges with the graph a default search produces: affine grids and smoothed CNN inputs.
+
+    For benchmarks: latency depends on which ops the plan puts in the graph (the smoothing
+    multiplies included), not on its ranges, so this costs one calibration pass, no search.
+    """
+    from sq_pt2e.stablequant import SearchConfig, search_input_scales
+
+    plan = default_plan(model_name, act_scheme="affine")
+    scales = search_input_scales(model, calibration, SearchConfig())
+    layers = tuple(LayerPlan(name, op="conv1d", act_scheme="affine", input_scale=s) for name, s in scales.items())
+    return dataclasses.replace(plan, layers=layers)

@@ -151,3 +151,12 @@ def test_smoothed_plan_lowers_to_executorch_and_matches_eager_int8() -> None:
     data, report = lower_to_xnnpack(converted, wave)
     checked = check_pte(PteRunner(data, wave.shape[-1], threads=1), converted(wave), wave, report)
     assert checked.cosine >= 0.99
+
+
+def test_search_shaped_plan_smooths_the_cnn_inputs_like_the_search() -> None:
+    from sq_pt2e.recipes import search_shaped_plan
+
+    model = build_model("tiny-wav2vec2", seed=0)
+    plan = search_shaped_plan(model, example_waves(3, 1, 4000), "tiny-wav2vec2")
+    assert sorted(plan.input_scales()) == [CONV.format(k) for k in range(1, 7)]
+    assert plan.default.act_scheme == "affine" and plan.model == "tiny-wav2vec2"
