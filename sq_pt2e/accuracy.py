@@ -31,7 +31,8 @@ __all__ = ["SEARCHED_METHODS", "AccuracyCell", "AccuracyTable", "build_accuracy_
 
 SEARCHED_METHODS: dict[str, dict[str, str]] = {
     "stablequant": {},
-    "stablequant-paper": {"act_scheme": "symmetric", "start": "max", "smooth_alpha": 0.0, "criterion": "wer"},
+    "stablequant-paper": {"act_scheme": "symmetric", "start": "max", "smooth_alpha": 0.0, "criterion": "wer",
+                          "keep_float": ()},
 }
 """Methods whose plan is searched, with the ``SearchConfig`` fields they override (``criterion="wer"``
 falls back to ``"kl"`` when the dev set has no transcripts)."""

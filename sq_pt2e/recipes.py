@@ -24,14 +24,22 @@ def default_plan(model: str = "", *, weight_bits: int = 8, act_bits: int = 8,
 
 
 def search_shaped_plan(model: nn.Module, calibration: Sequence[torch.Tensor], model_name: str = "") -> QuantPlan:
-    """W8A8 max ranges with the graph a default search produces: affine grids and smoothed CNN inputs.
+    """W8A8 max ranges with the graph a default search produces: affine grids, smoothed CNN
+    inputs, the first conv in float.
 
     For benchmarks: latency depends on which ops the plan puts in the graph (the smoothing
     multiplies included), not on its ranges, so this costs one calibration pass, no search.
     """
-    from sq_pt2e.stablequant import SearchConfig, search_input_scales
+    from sq_pt2e.simulate import quantizable_modules
+    from sq_pt2e.stablequant import SearchConfig, search_input_scales, searched_modules
 
-    plan = default_plan(model_name, act_scheme="affine")
-    scales = search_input_scales(model, calibration, SearchConfig())
-    layers = tuple(LayerPlan(name, op="conv1d", act_scheme="affine", input_scale=s) for name, s in scales.items())
-    return dataclasses.replace(plan, layers=layers)
+    config = SearchConfig()
+    searched = {m.name for m in searched_modules(model, config)}
+    scales = search_input_scales(model, calibration, config)
+    layers = []
+    for m in quantizable_modules(model):
+        if m.name not in searched:
+            layers.append(LayerPlan(m.name, op=m.op, skip=True, reason="kept float by the search config"))
+        elif m.name in scales:
+            layers.append(LayerPlan(m.name, op=m.op, act_scheme="affine", input_scale=scales[m.name]))
+    return dataclasses.replace(default_plan(model_name, act_scheme="affine"), layers=tuple(layers))

@@ -74,9 +74,11 @@ __all__ = [
     "float_log_probs",
     "layer_groups",
     "score_utterances",
+    "FIRST_CONV",
     "search_input_scales",
     "search_plan",
     "search_statistics",
+    "searched_modules",
     "smoothed_layers",
 ]
 
@@ -84,6 +86,8 @@ Candidate = dict[str, LayerQuant]
 """A candidate plan as simulated: layer name -> its activation range and bit widths."""
 
 DEFAULT_PERCENTILES: tuple[float, ...] = (100.0, 99.999, 99.99, 99.9, 99.8, 99.5, 99.0)
+FIRST_CONV = r"feature_extractor\.conv_layers\.0\.conv$"
+"""Name pattern of the CNN encoder's first convolution (its input is the waveform)."""
 _BLOCK = re.compile(r"^(.*\.layers\.\d+)\.")
 
 
@@ -110,6 +114,9 @@ class SearchConfig:
         weight_bits: bits of every weight; act_bits: bits of every input activation.
         weight_calibration: ``"max"`` or ``"mse"`` per-channel weight ranges.
         skip_ops: op kinds kept in float (e.g. ``("grouped_conv1d",)`` for the positional conv).
+        keep_float: regular expressions; layers whose name matches one (``re.search``) stay float.
+            Default: the CNN encoder's first conv, which reads the raw waveform through a
+            one-channel per-tensor grid and is about 0.2 % of wav2vec2-base's multiply-adds.
         act_scheme: ``"affine"``: one-sided inputs get an affine grid from their minimum
             (two-sided ones stay symmetric); ``"symmetric"``: every grid is ``[-r, r]``.
         start: ranges of sensitive groups before their percentile search, ``"mse"`` or
@@ -129,6 +136,7 @@ class SearchConfig:
     act_bits: int = 8
     weight_calibration: Literal["max", "mse"] = "max"
     skip_ops: tuple[OpKind, ...] = ()
+    keep_float: tuple[str, ...] = (FIRST_CONV,)
     act_scheme: Literal["symmetric", "affine"] = "affine"
     start: Literal["mse", "max"] = "mse"
     smooth_alpha: float = 0.75
@@ -142,6 +150,11 @@ class SearchConfig:
         if self.act_scheme not in ("symmetric", "affine") or self.start not in ("mse", "max"):
             raise ValueError(f"act_scheme={self.act_scheme!r} (expected symmetric or affine), start={self.start!r} "
                              "(expected mse or max)")
+        for pattern in self.keep_float:
+            try:
+                re.compile(pattern)
+            except re.error as exc:
+                raise ValueError(f"keep_float pattern {pattern!r} is not a regular expression: {exc}") from exc
         if not 0.0 <= self.smooth_alpha <= 1.0:
             raise ValueError(f"smooth_alpha={self.smooth_alpha} (expected 0 <= alpha <= 1; 0 disables smoothing)")
 
@@ -509,12 +522,21 @@ def _score_batch(evaluator: Evaluator, candidates: list[Candidate], desc: str, b
         return score_many(candidates, on_score=lambda _i, _s: pbar.update())
 
 
+def searched_modules(model: nn.Module, config: SearchConfig) -> list[QuantizableModule]:
+    """The layers the search quantizes: all but ``skip_ops`` kinds and ``keep_float`` names."""
+    return [m for m in quantizable_modules(model) if m.op not in config.skip_ops and not _kept_float(m.name, config)]
+
+
+def _kept_float(name: str, config: SearchConfig) -> bool:
+    return any(re.search(pattern, name) for pattern in config.keep_float)
+
+
 def smoothed_layers(model: nn.Module, config: SearchConfig) -> list[str]:
-    """Layers whose inputs ``config`` smooths: ``smooth_ops`` kinds with more than one input channel."""
+    """Layers whose inputs ``config`` smooths: searched ``smooth_ops`` layers with more than one input channel."""
     if config.smooth_alpha <= 0.0:
         return []
-    return [m.name for m in quantizable_modules(model)
-            if m.op in config.smooth_ops and m.op not in config.skip_ops and m.module.weight.shape[1] > 1]
+    return [m.name for m in searched_modules(model, config)
+            if m.op in config.smooth_ops and m.module.weight.shape[1] > 1]
 
 
 def search_input_scales(model: nn.Module, waves: Sequence[torch.Tensor], config: SearchConfig,
@@ -583,7 +605,7 @@ def search_plan(
     say = progress or (lambda _line: None)
     start = time.perf_counter()
     evaluations_before, cached_before = getattr(evaluator, "evaluations", 0), getattr(evaluator, "cached", 0)
-    modules = [m for m in quantizable_modules(model) if m.op not in config.skip_ops]
+    modules = searched_modules(model, config)
     missing = sorted({m.name for m in modules} - set(statistics))
     if missing:
         raise ValueError(f"no calibration statistics for {len(missing)} layer(s), e.g. {missing[:3]}")
@@ -660,9 +682,12 @@ def search_plan(
     report.evaluations = getattr(evaluator, "evaluations", 0) - evaluations_before
     report.cached_evaluations = getattr(evaluator, "cached", 0) - cached_before
     report.seconds = time.perf_counter() - start
+    every = quantizable_modules(model)
+    kept_float = [m for m in every if m.op not in config.skip_ops and _kept_float(m.name, config)]
     plan = _to_plan(modules, groups, {n: (r, floor(n, r)) for n, r in chosen.items()}, report, config, model_name,
-                    scales)
-    return plan, report
+                    scales, kept_float)
+    position = {m.name: i for i, m in enumerate(every)}
+    return dataclasses.replace(plan, layers=tuple(sorted(plan.layers, key=lambda la: position[la.name]))), report
 
 
 def _to_plan(
@@ -673,9 +698,11 @@ def _to_plan(
     config: SearchConfig,
     model_name: str,
     input_scales: dict[str, tuple[float, ...]],
+    kept_float: list[QuantizableModule],
 ) -> QuantPlan:
     group_of = {n: g for g, names in groups.items() for n in names}
-    layers = []
+    layers = [LayerPlan(m.name, op=m.op, skip=True, reason="kept float by the search config (keep_float)")
+              for m in kept_float]
     for m in modules:
         group = group_of[m.name]
         evidence = {f"sensitivity_{k}": v for k, v in report.sensitivity[group].items() if v is not None}

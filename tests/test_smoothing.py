@@ -16,7 +16,14 @@ from sq_pt2e.pipeline import quantize_model
 from sq_pt2e.plan import LayerPlan, QuantPlan
 from sq_pt2e.simulate import LayerQuant, collect_statistics, fake_quantized, plan_layer_quants, quantizable_modules
 from sq_pt2e.smoothing import apply_input_scales, channel_maxima, smoothing_scales
-from sq_pt2e.stablequant import Evaluator, SearchConfig, search_plan, search_statistics, smoothed_layers
+from sq_pt2e.stablequant import (
+    Evaluator,
+    SearchConfig,
+    search_plan,
+    search_statistics,
+    searched_modules,
+    smoothed_layers,
+)
 from sq_pt2e.testing import example_waves
 
 CONV = "wav2vec2.feature_extractor.conv_layers.{}.conv"
@@ -115,6 +122,18 @@ def test_search_with_smoothing_puts_the_factors_in_the_plan_and_is_deterministic
     assert smoothed == sorted(smoothed_layers(model, config)) == [CONV.format(k) for k in range(1, 7)]
     assert QuantPlan.from_dict(json.loads(plans[0].to_json())) == plans[0]
     assert smoothed_layers(model, SearchConfig(smooth_alpha=0.0)) == []
+    first = plans[0].resolve(CONV.format(0), "conv1d")  # the waveform's conv stays float (keep_float)
+    assert first.skip and "keep_float" in first.reason
+    assert [la.name for la in plans[0].layers][:2] == [CONV.format(0), CONV.format(1)]  # graph order
+
+
+def test_keep_float_patterns_are_checked_and_can_be_emptied() -> None:
+    with pytest.raises(ValueError, match="not a regular expression"):
+        SearchConfig(keep_float=("conv_layers.(0",))
+    model = build_model("tiny-wav2vec2", seed=0)
+    names = [m.name for m in searched_modules(model, SearchConfig(keep_float=()))]
+    assert CONV.format(0) in names
+    assert CONV.format(0) not in [m.name for m in searched_modules(model, SearchConfig())]
 
 
 def test_bad_input_scales_are_refused_with_the_layer_named() -> None:
@@ -160,3 +179,4 @@ def test_search_shaped_plan_smooths_the_cnn_inputs_like_the_search() -> None:
     plan = search_shaped_plan(model, example_waves(3, 1, 4000), "tiny-wav2vec2")
     assert sorted(plan.input_scales()) == [CONV.format(k) for k in range(1, 7)]
     assert plan.default.act_scheme == "affine" and plan.model == "tiny-wav2vec2"
+    assert [la.name for la in plan.layers if la.skip] == [CONV.format(0)]

@@ -94,8 +94,9 @@ def test_bad_search_settings_are_refused() -> None:
 
 def test_non_sensitive_layers_get_mse_ranges(planted_search) -> None:
     _, plan, _ = planted_search
-    others = [layer for layer in plan.layers if layer.name != PLANTED]
+    others = [layer for layer in plan.layers if layer.name != PLANTED and not layer.skip]
     assert others and all(layer.calibration == "mse" and layer.act_range is not None for layer in others)
+    assert [layer.name for layer in plan.layers if layer.skip] == ["wav2vec2.feature_extractor.conv_layers.0.conv"]
 
 
 def test_search_is_deterministic_byte_for_byte(planted_model: torch.nn.Module, planted_search) -> None:
