@@ -23,7 +23,14 @@ from sq_pt2e.atomic import atomic_write_text
 from sq_pt2e.distributed import DistributedEvaluator, collect_statistics_distributed, make_runner, shippable_model
 from sq_pt2e.inputs import load_source
 from sq_pt2e.models import load_model
-from sq_pt2e.stablequant import DEFAULT_PERCENTILES, Evaluator, SearchConfig, collect_statistics, search_plan
+from sq_pt2e.stablequant import (
+    DEFAULT_PERCENTILES,
+    Evaluator,
+    SearchConfig,
+    search_input_scales,
+    search_plan,
+    search_statistics,
+)
 
 
 def _default_model() -> str:
@@ -83,19 +90,22 @@ def _run(backend: str, args: argparse.Namespace, calibration: list, dev: list) -
     waves = [u.wave for u in dev]
     start = time.perf_counter()
     if backend == "serial":
-        statistics = collect_statistics(model, [u.wave for u in calibration])
+        statistics, input_scales = search_statistics(model, [u.wave for u in calibration], config)
         calibrated = time.perf_counter()
         evaluator: Evaluator = Evaluator(model, waves, references)
         shards, describe = 1, "one process, 1 thread"
-        plan, report = search_plan(model, statistics, evaluator, config, model_name=args.model, progress_bar=False)
+        plan, report = search_plan(model, statistics, evaluator, config, model_name=args.model, progress_bar=False,
+                                   input_scales=input_scales)
     else:
         with make_runner(backend, address=args.ray_address, workers=args.workers, threads=1) as runner:
-            statistics = collect_statistics_distributed(model, [u.wave for u in calibration], runner)
+            input_scales = search_input_scales(model, [u.wave for u in calibration], config)
+            statistics = collect_statistics_distributed(model, [u.wave for u in calibration], runner,
+                                                        input_scales=input_scales)
             calibrated = time.perf_counter()
             evaluator = DistributedEvaluator(model, waves, references, runner=runner, shards=args.shards)
             shards, describe = len(evaluator.bounds), runner.describe()
             plan, report = search_plan(model, statistics, evaluator, config, model_name=args.model,
-                                       progress_bar=False)
+                                       progress_bar=False, input_scales=input_scales)
     total = time.perf_counter() - start
     search = total - (calibrated - start)
     return {

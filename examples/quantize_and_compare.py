@@ -30,13 +30,12 @@ from sq_pt2e.baselines import Bits, build_method
 from sq_pt2e.compare import compare_backends
 from sq_pt2e.inputs import fixed_length, load_source
 from sq_pt2e.models import load_model
-from sq_pt2e.stablequant import Evaluator, SearchConfig, collect_statistics, search_plan
+from sq_pt2e.stablequant import Evaluator, SearchConfig, search_plan, search_statistics
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    default_model = reference_model("ref-wav2vec2")
-    parser.add_argument("--model", default=str(default_model) if default_model else "small-wav2vec2",
+    parser.add_argument("--model", default="ref-wav2vec2" if reference_model("ref-wav2vec2") else "small-wav2vec2",
                         help="checkpoint folder or architecture name (default: the shipped ref-wav2vec2)")
     parser.add_argument("--bits", default="W8A8", help="weight/activation bits of the plan, e.g. W8A8, W6A6")
     parser.add_argument("--seconds", type=float, default=4.0, help="fixed input length of the compiled programs")
@@ -59,9 +58,10 @@ def main(argv: list[str] | None = None) -> int:
     eval_sets = {name: load_source(None, shipped=name, limit=args.test) for name in ("synthetic-test", "test-other")}
 
     print(f"model: {args.model}\nsearching the StableQuant {bits} plan on {len(dev)} synthetic dev utterances ...")
-    statistics = collect_statistics(model, [u.wave for u in calibration])
+    config = SearchConfig(weight_bits=bits.weight, act_bits=bits.act)
+    statistics, input_scales = search_statistics(model, [u.wave for u in calibration], config)
     plan, report = search_plan(model, statistics, Evaluator(model, [u.wave for u in dev], [u.text for u in dev]),
-                               SearchConfig(weight_bits=bits.weight, act_bits=bits.act), model_name=args.model)
+                               config, model_name=args.model, input_scales=input_scales)
     print(f"  {report.evaluations} evaluations in {report.seconds:.0f} s; sensitive groups: "
           f"{report.sensitive_groups or 'none'}; clip percentiles: {report.chosen_percentiles or '-'}")
 

@@ -264,7 +264,7 @@ def _cmd_transcribe(args: argparse.Namespace) -> int:
     if args.backend == "inductor":
         return _transcribe_inductor(args, model, plan)
     calibration = None
-    if plan is not None and (not plan.layers or any(layer.act_range is None for layer in plan.layers)):
+    if plan is not None and plan.needs_calibration():
         calibration = [u.wave for u in load_source(args.calibration, limit=16)]
     records = [Utterance(str(p), Path(p)) for p in dict.fromkeys(args.audio)]
     with Transcriber(model, plan, calibration=calibration, chunk_seconds=args.chunk_seconds) as transcriber:
@@ -342,7 +342,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     int8_forward = None
     if args.plan is not None:
         plan = load_plan_for_model(args.plan, args.model)
-        needs_stats = not plan.layers or any(layer.act_range is None for layer in plan.layers)
+        needs_stats = plan.needs_calibration()
         statistics = collect_statistics(model, [u.wave for u in load_source(args.calibration, limit=32)],
                                         input_scales=plan.input_scales()) \
             if needs_stats else {}

@@ -267,6 +267,15 @@ class QuantPlan:
                 return dataclasses.replace(default, name=name)
         return dataclasses.replace(self.default, name=name, op=op)
 
+    def needs_calibration(self) -> bool:
+        """Whether applying the plan needs calibration audio: some quantized layer has no fixed range.
+
+        A plan without explicit layers relies on its defaults, which calibrate unless they fix a range.
+        """
+        if not self.layers:
+            return not self.default.skip and self.default.act_range is None
+        return any(not layer.skip and layer.act_range is None for layer in self.layers)
+
     def input_scales(self) -> dict[str, tuple[float, ...]]:
         """``{layer: input_scale}`` of the quantized layers that carry one (see :mod:`sq_pt2e.smoothing`)."""
         return {layer.name: layer.input_scale for layer in self.layers

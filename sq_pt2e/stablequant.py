@@ -30,6 +30,8 @@ Our reading of the paper (arXiv 2504.14915), each choice configurable in
    ``smooth_ops`` layers (default the CNN encoder's convolutions, whose inputs are
    heavy-tailed) are divided per channel by SmoothQuant factors folded into the
    weights (:mod:`sq_pt2e.smoothing`); every candidate and the plan carry them.
+   Ours: layers matching ``keep_float`` (default the CNN encoder's first conv, which
+   reads the waveform) are left in float.
 4. The result is a :class:`~sq_pt2e.plan.QuantPlan` with fixed ranges, applied
    through ``StableQuantQuantizer`` -> ``prepare_pt2e`` / ``convert_pt2e``.
 """
@@ -592,14 +594,16 @@ def search_plan(
         progress_bar: tqdm bars for the sensitivity step and each percentile search:
             True shows them, False hides them, None shows them on a terminal only.
         input_scales: the smoothing factors ``statistics`` were collected with
-            (:func:`search_statistics`); every candidate and the plan carry them.
+            (:func:`search_statistics`); every candidate and the plan carry them. Required
+            (``{}`` allowed) when ``config`` smooths any layer.
 
     Returns:
         ``(plan, report)``; the plan has a fixed range for every quantized layer.
 
     Example:
         >>> evaluator = Evaluator(model, dev_waves, cache="out/scores.json")  # resumable
-        >>> plan, report = search_plan(model, collect_statistics(model, calib), evaluator, progress_bar=True)
+        >>> statistics, scales = search_statistics(model, calib)
+        >>> plan, report = search_plan(model, statistics, evaluator, input_scales=scales, progress_bar=True)
     """
     config = config or SearchConfig()
     say = progress or (lambda _line: None)
@@ -620,6 +624,10 @@ def search_plan(
     def floor(name: str, act_range: float) -> float | None:
         return act_floor(hist[name], act_range) if affine else None
 
+    if input_scales is None and smoothed_layers(model, config):
+        raise ValueError(f"smooth_alpha={config.smooth_alpha} smooths the inputs of {len(smoothed_layers(model, config))} "
+                         "layer(s), but no input_scales were given: calibrate with search_statistics(model, waves, "
+                         "config) and pass both, or set smooth_alpha=0")
     scales = input_scales or {}
     unknown = sorted(set(scales) - set(hist))
     if unknown:

@@ -58,7 +58,9 @@ def test_ratios_are_relative_to_fp32_eager_of_the_same_run(result) -> None:
 
 def test_int8_inductor_row_proves_int8_kernels_ran(result) -> None:
     row = next(r for r in result.rows if r.variant == "stablequant-int8-inductor")
-    assert row.int8_kernels == 22  # 7 CNN convs, positional conv, projection, 12 Linears, CTC head
+    # CNN convs 1-6 (the first stays float, as in a searched plan), positional conv, projection,
+    # 12 Linears, CTC head
+    assert row.int8_kernels == 21
     assert row.size_vs_fp32 < 0.7
 
 

@@ -41,7 +41,9 @@ def test_quantize_verb_writes_a_plan_that_loads(tmp_path) -> None:
     code = main(["quantize", "--model", "tiny-hubert", "--max-calibration", "4", "--output-dir", str(tmp_path)])
     assert code == EXIT_OK
     plan = QuantPlan.load(tmp_path / "plan.json")
-    assert plan.layers and all(layer.act_range is not None for layer in plan.layers)
+    assert plan.layers and all(layer.act_range is not None for layer in plan.layers if not layer.skip)
+    assert not plan.needs_calibration()
+    assert [layer.name for layer in plan.layers if layer.skip] == ["hubert.feature_extractor.conv_layers.0.conv"]
     assert (tmp_path / "search_report.json").exists() and (tmp_path / "sensitivity.png").stat().st_size > 1000
 
 

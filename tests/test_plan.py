@@ -384,3 +384,12 @@ def test_a_plan_made_for_another_model_is_refused() -> None:
     w8a8_plan().check_model("anything")  # hand-written plans record no model
     with pytest.raises(PlanError, match=r"plan.json was made for model 'ref-wav2vec2', not 'ref-hubert'"):
         plan.check_model("ref-hubert", source="plan.json")
+
+
+def test_needs_calibration_ignores_skipped_layers_and_reads_defaults() -> None:
+    fixed = LayerPlan(FC1, act_range=2.0)
+    skipped = LayerPlan("wav2vec2.feature_extractor.conv_layers.0.conv", skip=True, reason="float")
+    assert not QuantPlan(layers=(fixed, skipped)).needs_calibration()
+    assert QuantPlan(layers=(fixed, LayerPlan("lm_head"))).needs_calibration()
+    assert QuantPlan().needs_calibration()
+    assert not QuantPlan(default=LayerPlan("*", act_range=1.0)).needs_calibration()

@@ -180,3 +180,10 @@ def test_search_shaped_plan_smooths_the_cnn_inputs_like_the_search() -> None:
     assert sorted(plan.input_scales()) == [CONV.format(k) for k in range(1, 7)]
     assert plan.default.act_scheme == "affine" and plan.model == "tiny-wav2vec2"
     assert [la.name for la in plan.layers if la.skip] == [CONV.format(0)]
+
+
+def test_search_refuses_a_smoothing_config_without_the_scales_it_calibrated_with() -> None:
+    model = build_model("tiny-wav2vec2", seed=0)
+    calibration, dev = example_waves(0, 1, 4000), example_waves(5, 1, 4000)
+    with pytest.raises(ValueError, match="no input_scales were given: calibrate with search_statistics"):
+        search_plan(model, collect_statistics(model, calibration), Evaluator(model, dev), SearchConfig())

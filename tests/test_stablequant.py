@@ -47,7 +47,7 @@ def planted_model() -> torch.nn.Module:
 def planted_search(planted_model: torch.nn.Module):
     statistics = collect_statistics(planted_model, _waves(1, 4))
     evaluator = Evaluator(planted_model, _waves(2, 3))
-    plan, report = search_plan(planted_model, statistics, evaluator, SearchConfig(criterion="kl"), model_name="t")
+    plan, report = search_plan(planted_model, statistics, evaluator, SearchConfig(criterion="kl", smooth_alpha=0.0), model_name="t")
     return statistics, plan, report
 
 
@@ -79,7 +79,7 @@ def test_plan_is_never_worse_on_dev_than_mse_ranges_everywhere(planted_model, pl
 
 def test_paper_reading_starts_from_max_ranges_and_always_clips(planted_model) -> None:
     statistics = collect_statistics(planted_model, _waves(1, 4))
-    config = SearchConfig(criterion="kl", act_scheme="symmetric", start="max")
+    config = SearchConfig(criterion="kl", act_scheme="symmetric", start="max", smooth_alpha=0.0)
     plan, report = search_plan(planted_model, statistics, Evaluator(planted_model, _waves(2, 3)), config)
     assert not report.kept_mse and set(report.chosen_percentiles) == set(report.sensitive_groups)
     assert all(layer.act_scheme == "symmetric" and layer.act_floor is None for layer in plan.layers)
@@ -103,7 +103,7 @@ def test_search_is_deterministic_byte_for_byte(planted_model: torch.nn.Module, p
     _, plan, _ = planted_search
     statistics = collect_statistics(planted_model, _waves(1, 4))
     again, _ = search_plan(planted_model, statistics, Evaluator(planted_model, _waves(2, 3)),
-                           SearchConfig(criterion="kl"), model_name="t")
+                           SearchConfig(criterion="kl", smooth_alpha=0.0), model_name="t")
     assert again.to_json() == plan.to_json()
 
 

@@ -69,7 +69,7 @@ def _cmd_transcribe_batch(args: argparse.Namespace) -> int:
 
     model = load_model(args.model, seed=args.seed)
     plan = load_plan_for_model(args.plan, args.model)
-    needs_calibration = plan is not None and (not plan.layers or any(la.act_range is None for la in plan.layers))
+    needs_calibration = plan is not None and plan.needs_calibration()
     calibration = [u.wave for u in load_source(args.calibration, limit=8)] if needs_calibration else []
     utterances = read_manifest(args.manifest)
     say = (lambda line: print(line, file=sys.stderr, flush=True))

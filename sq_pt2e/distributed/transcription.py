@@ -51,8 +51,10 @@ def _build_forward(job: TranscriptionJob) -> Callable[[torch.Tensor], torch.Tens
         return lambda wave: wrapper(wave)
     from sq_pt2e.pipeline import quantize_model
 
+    from sq_pt2e.inputs import fixed_length
+
     example = torch.randn(1, job.window, generator=torch.Generator().manual_seed(0))
-    calibration = list(job.calibration) or [example]
+    calibration = [fixed_length(w, job.window) for w in job.calibration] or [example]  # the program's one length
     converted = quantize_model(job.model, example, calibration, plan=job.plan, fit_to_cpu=job.fit_to_cpu).converted
     if job.engine == "eager":
         return lambda wave: converted(wave)
