@@ -152,6 +152,7 @@ def build_accuracy_table(
                           {n: len(u) for n, u in eval_sets.items()})
     references = [u.text for u in dev]
     evaluator = Evaluator(model, [u.wave for u in dev], references if all(references) else None)
+    smoothed: dict[tuple[object, ...], tuple[dict, dict]] = {}  # one calibration pass per smoothing setting
     for bits in bit_widths:
         for method in methods:
             if method not in SEARCHED_METHODS and not BASELINES[method].any_bits and bits != Bits(8, 8):
@@ -163,9 +164,12 @@ def build_accuracy_table(
                                          "act_bits": bits.act, **SEARCHED_METHODS[method]})
                 if evaluator.references is None:
                     config = replace(config, criterion="kl")
-                input_scales = search_input_scales(model, waves, config)
-                if input_scales:
-                    method_statistics = collect_statistics(model, waves, input_scales=input_scales)
+                setting = (config.smooth_alpha, config.smooth_ops, config.skip_ops, config.keep_float)
+                if setting not in smoothed:
+                    scales = search_input_scales(model, waves, config)
+                    smoothed[setting] = (collect_statistics(model, waves, input_scales=scales) if scales
+                                         else statistics, scales)
+                method_statistics, input_scales = smoothed[setting]
                 plan, report = search_plan(model, method_statistics, evaluator, config, model_name=model_name,
                                            input_scales=input_scales)
                 table.search[f"{bits} {method}"] = {

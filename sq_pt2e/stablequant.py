@@ -624,8 +624,9 @@ def search_plan(
     def floor(name: str, act_range: float) -> float | None:
         return act_floor(hist[name], act_range) if affine else None
 
-    if input_scales is None and smoothed_layers(model, config):
-        raise ValueError(f"smooth_alpha={config.smooth_alpha} smooths the inputs of {len(smoothed_layers(model, config))} "
+    smoothed = smoothed_layers(model, config) if input_scales is None else []
+    if smoothed:
+        raise ValueError(f"smooth_alpha={config.smooth_alpha} smooths the inputs of {len(smoothed)} "
                          "layer(s), but no input_scales were given: calibrate with search_statistics(model, waves, "
                          "config) and pass both, or set smooth_alpha=0")
     scales = input_scales or {}
@@ -691,7 +692,7 @@ def search_plan(
     report.cached_evaluations = getattr(evaluator, "cached", 0) - cached_before
     report.seconds = time.perf_counter() - start
     every = quantizable_modules(model)
-    kept_float = [m for m in every if m.op not in config.skip_ops and _kept_float(m.name, config)]
+    kept_float = [m for m in every if m.op not in config.skip_ops and m.name not in hist]
     plan = _to_plan(modules, groups, {n: (r, floor(n, r)) for n, r in chosen.items()}, report, config, model_name,
                     scales, kept_float)
     position = {m.name: i for i, m in enumerate(every)}
