@@ -296,7 +296,7 @@ def range_for(hist: AbsHistogram, method: RangeMethod, qmax: int, percentile: fl
     Raises:
         ValueError: unknown method, or a percentile method without a percentile.
         QuantizationError: no calibration data reached the layer (empty histogram),
-            or every value it saw was zero (a zero range would give scale 0).
+            or every value it saw was zero or subnormal (a zero range would give scale 0).
     """
     where = f" for layer {layer!r}" if layer else ""
     if method not in ("max", "percentile", "mse", "entropy"):
@@ -314,7 +314,9 @@ def range_for(hist: AbsHistogram, method: RangeMethod, qmax: int, percentile: fl
     else:
         value = range_entropy(hist, qmax)
     if not (math.isfinite(value) and value > 0.0):
-        raise QuantizationError(f"calibrated activation range is {value}{where} (all inputs were zero)")
+        why = ("all inputs were zero" if hist.max_abs == 0.0 else
+               f"max |x| = {hist.max_abs:.3g} is too small for a float grid: the layer's activations vanish")
+        raise QuantizationError(f"calibrated activation range is {value}{where} ({why})")
     return value
 
 
@@ -362,7 +364,9 @@ class AbsHistogramObserver(UniformQuantizationObserverBase):
         self.bins = bins
         self.layer = layer
         self.register_buffer("counts", torch.zeros(bins, dtype=torch.float64))
-        self.register_buffer("exponent", torch.tensor(-1000, dtype=torch.int64))
+        # The histogram covers [0, 2**exponent] once a nonzero value was seen (has_grid).
+        self.register_buffer("exponent", torch.tensor(0, dtype=torch.int64))
+        self.register_buffer("has_grid", torch.tensor(False))
         self.register_buffer("max_abs", torch.tensor(0.0, dtype=torch.float64))
         self.register_buffer("min_value", torch.tensor(math.inf, dtype=torch.float64))
         self.register_buffer("nonfinite", torch.tensor(0, dtype=torch.int64))
@@ -384,17 +388,24 @@ class AbsHistogramObserver(UniformQuantizationObserverBase):
         self.min_value.fill_(min(float(self.min_value), float(signed.min())))
         if batch_max > 0.0:
             needed = math.frexp(batch_max)[1]  # smallest e with batch_max < 2**e
-            self._grow_to(max(needed, int(self.exponent)))
+            self._grow_to(needed)
         upper = 2.0 ** int(self.exponent)
-        index = torch.clamp((values * (self.bins / upper)).floor().to(torch.int64), max=self.bins - 1)
+        # values / upper first: bins / upper overflows when upper is tiny (subnormal data).
+        index = torch.clamp(((values / upper) * self.bins).floor().to(torch.int64), max=self.bins - 1)
         self.counts += torch.bincount(index, minlength=self.bins).to(torch.float64)
         return x
 
     def _grow_to(self, exponent: int) -> None:
+        """Widen the grid to ``[0, 2**exponent]``, merging bins pairwise per doubling."""
         current = int(self.exponent)
+        if not bool(self.has_grid):
+            # Only zeros so far (all in bin 0, valid on any grid): take the new grid as it is.
+            self.has_grid.fill_(True)
+            self.exponent.fill_(exponent)
+            return
         if exponent <= current:
             return
-        if current > -1000 and float(self.counts.sum()) > 0:
+        if float(self.counts.sum()) > 0:
             steps = exponent - current
             counts = self.counts
             for _ in range(min(steps, 64)):
@@ -404,7 +415,7 @@ class AbsHistogramObserver(UniformQuantizationObserverBase):
 
     def histogram(self) -> AbsHistogram:
         """The collected histogram as plain numpy data."""
-        upper = 2.0 ** int(self.exponent) if int(self.exponent) > -1000 else 0.0
+        upper = 2.0 ** int(self.exponent) if bool(self.has_grid) else 0.0
         seen = math.isfinite(float(self.min_value))
         return AbsHistogram(self.counts.numpy().copy(), upper, float(self.max_abs),
                             float(self.min_value) if seen else None)

@@ -502,3 +502,29 @@ def test_per_channel_weight_round_trip_is_within_half_a_step_per_channel(weight:
     assert bool((error <= scales / 2 * (1 + 1e-5) + 1e-7).all())
     mse = mse_weight_scales(w, qmax)
     assert bool((mse <= scales * (1 + 1e-6)).all()) and bool((mse > 0).all())
+
+
+@pytest.mark.parametrize("tiny", [1e-305, 2.5e-300, 1e-200])
+def test_tiny_but_normal_activations_get_a_positive_range_from_every_method(tiny: float) -> None:
+    observer = AbsHistogramObserver(bins=256)
+    observer(torch.zeros(4, dtype=torch.float64))  # zeros before any nonzero value
+    observer(torch.tensor([0.0, tiny, -tiny / 3, tiny / 7], dtype=torch.float64))
+    hist = observer.histogram()
+    assert hist.max_abs == tiny and hist.total == 8 and hist.upper >= tiny
+    for method in ("max", "mse", "entropy"):
+        assert 0.0 < range_for(hist, method, 7) <= tiny  # type: ignore[arg-type]
+
+
+def test_subnormal_activations_are_reported_as_vanishing_not_as_all_zero() -> None:
+    observer = AbsHistogramObserver(bins=256)
+    observer(torch.tensor([0.0, 5e-324], dtype=torch.float64))
+    with pytest.raises(QuantizationError, match="too small for a float grid"):
+        range_for(observer.histogram(), "mse", 7)
+
+
+def test_an_all_zero_layer_still_says_all_inputs_were_zero() -> None:
+    observer = AbsHistogramObserver(bins=256)
+    observer(torch.zeros(5))
+    assert observer.histogram().upper == 0.0
+    with pytest.raises(QuantizationError, match="all inputs were zero"):
+        range_for(observer.histogram(), "max", 127)
