@@ -30,6 +30,7 @@ from sq_pt2e.hardware import CpuInfo, cpu_info
 from sq_pt2e.passes.conv1d_as_conv2d import QuantizedConv1dAsConv2dPass
 from sq_pt2e.passes.conv1d_as_gemm import QuantizedConv1dAsGemmPass
 from sq_pt2e.passes.verify_quantization import summarize_quantized_graph
+from sq_pt2e.passes.waveform_conv_as_gemm import WaveformConvAsGemmPass
 from sq_pt2e.plan import LayerPlan, QuantPlan
 
 __all__ = ["CompiledInt8", "InductorReport", "compare_outputs", "compile_inductor", "fit_plan_to_cpu"]
@@ -117,8 +118,11 @@ def compile_inductor(
         min_cosine: the least cosine similarity of compiled vs eager int8 output.
         dynamic: compile with dynamic shapes (default: one fixed shape).
         conv_as_gemm: run the CNN encoder's int8 convolutions as int8 GEMMs on unfolded
-            frames (:class:`~sq_pt2e.passes.conv1d_as_gemm.QuantizedConv1dAsGemmPass`); the
-            others always go through the conv2d rewrite. Results are identical either way.
+            frames (:class:`~sq_pt2e.passes.conv1d_as_gemm.QuantizedConv1dAsGemmPass`), and a
+            float first conv as a float GEMM on waveform windows
+            (:class:`~sq_pt2e.passes.waveform_conv_as_gemm.WaveformConvAsGemmPass`); the other
+            int8 convs always go through the conv2d rewrite. Int8 results are identical either
+            way; the float GEMM differs from the float conv by summation order only.
 
     Raises:
         Int8NotUsedError: fewer int8 kernels in the generated code than int8 layers.
@@ -137,6 +141,7 @@ def compile_inductor(
     graph = copy.deepcopy(converted)
     if conv_as_gemm:
         QuantizedConv1dAsGemmPass()(graph)
+        WaveformConvAsGemmPass()(graph)
     QuantizedConv1dAsConv2dPass()(graph)
     start = time.perf_counter()
     try:

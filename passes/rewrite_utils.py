@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import torch
 from torch.fx import GraphModule, Node
 
-__all__ = ["QuantizedConv1d", "add_constant", "match_quantized_conv1d", "replace_node"]
+__all__ = ["QuantizedConv1d", "add_constant", "conv1d_arguments", "get_constant", "match_quantized_conv1d", "replace_node"]
 
 _KEPT_META = ("nn_module_stack", "stack_trace")
 _DQ_TENSOR = (
@@ -49,9 +49,23 @@ def match_quantized_conv1d(node: Node) -> QuantizedConv1d | None:
     w_int = w_dq.args[0]
     if not isinstance(w_int, Node) or w_int.op != "get_attr":
         return None
+    return QuantizedConv1d(x_dq, w_dq, w_int, *conv1d_arguments(node))
+
+
+def conv1d_arguments(node: Node) -> tuple[Node | None, int, int, int, int]:
+    """``(bias, stride, padding, dilation, groups)`` of an ``aten.conv1d`` node, defaults filled in."""
     args = tuple(node.args) + _CONV1D_DEFAULTS[len(node.args) :]
-    return QuantizedConv1d(x_dq, w_dq, w_int, args[2], _single(args[3]), _single(args[4]), _single(args[5]),
-                           int(args[6]))
+    return args[2], _single(args[3]), _single(args[4]), _single(args[5]), int(args[6])
+
+
+def get_constant(graph_module: GraphModule, target: str) -> torch.Tensor:
+    """The tensor a ``get_attr`` target names (dotted paths into submodules included)."""
+    value: object = graph_module
+    for atom in target.split("."):
+        value = getattr(value, atom)
+    if not isinstance(value, torch.Tensor):
+        raise TypeError(f"get_attr target {target!r} is a {type(value).__name__}, not a tensor")
+    return value
 
 
 def add_constant(graph_module: GraphModule, prefix: str, value: torch.Tensor) -> str:

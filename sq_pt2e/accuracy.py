@@ -8,7 +8,7 @@ marked. StableQuant searches its plan per bit width on the dev set, never on an
 evaluation set: ``stablequant`` with the default :class:`SearchConfig` (logit-KL criterion,
 affine grids for one-sided inputs, groups searched from MSE ranges, CNN inputs smoothed),
 ``stablequant-paper`` with the plain reading of the paper (WER criterion, symmetric grids,
-groups searched from max ranges, no smoothing).
+groups searched once each from max ranges, no smoothing).
 """
 
 from __future__ import annotations
@@ -29,10 +29,10 @@ from sq_pt2e.stablequant import Evaluator, SearchConfig, collect_statistics, sea
 __all__ = ["SEARCHED_METHODS", "AccuracyCell", "AccuracyTable", "build_accuracy_table", "transcribe",
            "wer_against_float"]
 
-SEARCHED_METHODS: dict[str, dict[str, str]] = {
+SEARCHED_METHODS: dict[str, dict[str, object]] = {
     "stablequant": {},
     "stablequant-paper": {"act_scheme": "symmetric", "start": "max", "smooth_alpha": 0.0, "criterion": "wer",
-                          "keep_float": ()},
+                          "keep_float": (), "passes": 1},
 }
 """Methods whose plan is searched, with the ``SearchConfig`` fields they override (``criterion="wer"``
 falls back to ``"kl"`` when the dev set has no transcripts)."""
@@ -175,7 +175,7 @@ def build_accuracy_table(
                 table.search[f"{bits} {method}"] = {
                     "evaluations": report.evaluations, "seconds": report.seconds,
                     "sensitive_groups": report.sensitive_groups, "chosen_percentiles": report.chosen_percentiles,
-                    "kept_mse": sorted(report.kept_mse)}
+                    "kept_mse": sorted(report.kept_mse), "refinements": report.refinements}
             forward = build_method("stablequant" if plan is not None else method, model, waves, method_statistics,
                                    bits, plan=plan)
             for name, utts in eval_sets.items():

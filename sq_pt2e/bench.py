@@ -254,7 +254,8 @@ def _x86_default_int8(model, wave, calib, _plan, threads) -> Built:
     prepared = prepare_pt2e(export_speech_model(copy.deepcopy(model), wave).module(), quantizer)
     calibrate(prepared, calib)
     converted = convert_pt2e(prepared)
-    compiled = compile_inductor(converted, wave, threads=threads, min_cosine=0.99)
+    # conv_as_gemm=False: the stock flow, without this project's CNN rewrites.
+    compiled = compile_inductor(converted, wave, threads=threads, min_cosine=0.99, conv_as_gemm=False)
     return Built(compiled, graph_constant_bytes(converted), time.perf_counter() - start,
                  compiled.report.int8_kernel_count, "torchao X86InductorQuantizer defaults (Linear only)")
 

@@ -97,6 +97,10 @@ def add_search_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--smooth-alpha", type=float, default=SearchConfig.smooth_alpha,
                         help="SmoothQuant strength for the CNN encoder's conv inputs: per-channel factors folded into "
                              f"the weights (default {SearchConfig.smooth_alpha}; 0: off)")
+    parser.add_argument("--passes", type=int, default=SearchConfig.passes,
+                        help="passes of the percentile search over the sensitive groups; each pass after the first "
+                             "revisits every group with the others at their chosen ranges, and the search stops "
+                             f"when a pass changes nothing (default {SearchConfig.passes}; 1: the paper's greedy order)")
     parser.add_argument("--gamma", type=float, default=0.25, help="sensitivity threshold in WER points")
     parser.add_argument("--percentiles", type=float, nargs="+", default=list(DEFAULT_PERCENTILES),
                         help="clip percentiles tried for sensitive groups, in order")
@@ -133,7 +137,8 @@ def search_inputs(args: argparse.Namespace) -> tuple[object, object, object]:
                        criterion=args.criterion, on_error=args.on_error)
     config = SearchConfig(gamma=args.gamma, percentiles=tuple(args.percentiles), granularity=args.granularity,
                           reading=args.reading, criterion=sets.criterion, weight_bits=bits.weight, act_bits=bits.act,
-                          act_scheme=args.act_scheme, start=args.start, smooth_alpha=args.smooth_alpha)
+                          act_scheme=args.act_scheme, start=args.start, smooth_alpha=args.smooth_alpha,
+                          passes=args.passes)
     return model, sets, config
 
 
@@ -389,7 +394,8 @@ def _search_summary(report: object, criterion: str) -> str:
         "",
         f"float: {fmt(report.float_score)}; all layers max: {fmt(report.all_max_score)}; "
         f"StableQuant plan: {fmt(report.final_score)}",
-        f"search: {report.evaluations} model evaluations in {report.seconds:.1f} s",
+        f"search: {report.evaluations} model evaluations in {report.seconds:.1f} s; "
+        f"{len(report.refinements)} choice(s) changed by passes after the first",
     ]
     return "\n".join(lines)
 

@@ -179,9 +179,16 @@ def _search_section(search: dict[str, Any]) -> list[str]:
         f"- cost: {search.get('evaluations', '?')} model evaluations in {search.get('seconds', 0.0):.1f} s",
         "- sensitive groups: " + (", ".join(f"`{g}` ({_group_choice(g, chosen, search.get('kept_mse', {}))})"
                                             for g in search.get("sensitive_groups", [])) or "none"),
+        f"- passes over the sensitive groups: up to {config.get('passes', 1)}; later passes changed "
+        + (", ".join(f"`{r['group']}` in pass {r['pass']} ({_option(r['from'])} -> {_option(r['to'])})"
+                     for r in search.get("refinements", [])) or "nothing"),
         "",
     ]
     return lines
+
+
+def _option(percentile: float | None) -> str:
+    return "MSE range" if percentile is None else f"p{percentile:g}"
 
 
 def _group_choice(group: str, chosen: dict[str, float], kept_mse: dict[str, Any]) -> str:

@@ -13,6 +13,7 @@ from sq_pt2e.plan import QuantPlan
 from sq_pt2e.simulate import LayerQuant, fake_quantized, plan_layer_quants
 from sq_pt2e.stablequant import (
     Evaluator,
+    Score,
     SearchConfig,
     clip_histogram,
     collect_statistics,
@@ -154,3 +155,65 @@ def test_search_config_rejects_bad_percentiles() -> None:
 def test_evaluator_rejects_mismatched_references() -> None:
     with pytest.raises(ValueError, match="references"):
         Evaluator(build_model("tiny-hubert"), _waves(0, 2), references=["A"])
+
+
+class _CoupledObjective:
+    """A fake evaluator whose KL couples two CNN layers: conv 1's best range follows conv 2's.
+
+    ``kl = 0.001 + 10 (x1 - x2)**2 + 100 (x2 - 0.3)**2`` with ``x = range / max``; every
+    other layer is flat. The greedy first pass fits conv 1 to conv 2's starting (MSE)
+    range, then moves conv 2, so only a second pass can bring conv 1 along.
+    """
+
+    first = "wav2vec2.feature_extractor.conv_layers.1.conv"
+    second = "wav2vec2.feature_extractor.conv_layers.2.conv"
+
+    def __init__(self, statistics: dict[str, AbsHistogram]) -> None:
+        self.statistics = statistics
+        self.float_score = Score(None, 0.0)
+        self.evaluations = 0
+
+    def __call__(self, layers) -> Score:
+        self.evaluations += 1
+        x = {n: layers[n].act_range / self.statistics[n].max_abs for n in (self.first, self.second) if n in layers}
+        kl = 0.001
+        if len(x) == 2:
+            kl += 10 * (x[self.first] - x[self.second]) ** 2
+        if self.second in x:
+            kl += 100 * (x[self.second] - 0.3) ** 2
+        return Score(None, kl)
+
+
+@pytest.fixture(scope="module")
+def coupled_searches(planted_model: torch.nn.Module):
+    statistics = collect_statistics(planted_model, _waves(1, 4))
+    percentiles = (100.0, 99.9, 99.5, 99.0, 98.0, 95.0, 90.0, 80.0)
+    results = {}
+    for passes in (1, 4):
+        config = SearchConfig(criterion="kl", kl_share=0.0, smooth_alpha=0.0, percentiles=percentiles, passes=passes)
+        results[passes] = search_plan(planted_model, statistics, _CoupledObjective(statistics), config)
+    return results
+
+
+def test_later_passes_never_worsen_the_dev_score_and_record_what_they_changed(coupled_searches) -> None:
+    (_, one), (plan, more) = coupled_searches[1], coupled_searches[4]
+    assert one.refinements == []
+    assert more.final_score.kl < one.final_score.kl
+    assert more.refinements and {r["group"] for r in more.refinements} >= {_CoupledObjective.first}
+    assert all(r["pass"] > 1 and r["from"] != r["to"] for r in more.refinements)
+    chosen = more.chosen_percentiles.get(_CoupledObjective.first)
+    assert plan.resolve(_CoupledObjective.first, "conv1d").clip_percentile == chosen
+
+
+def test_a_pass_that_changes_nothing_ends_the_search(coupled_searches) -> None:
+    _, more = coupled_searches[4]
+    passes_run = max(r["pass"] for r in more.refinements) + 1  # the pass after the last change changes nothing
+    assert passes_run < 4
+    per_pass = len(more.sensitive_groups) * (1 + 8)  # the MSE range and 8 percentiles per group
+    sensitivity = 1 + len(more.sensitivity)  # all-max, then each group alone
+    assert more.evaluations == sensitivity + passes_run * per_pass + 1  # + the final score
+
+
+def test_passes_must_be_positive() -> None:
+    with pytest.raises(ValueError, match="passes=0"):
+        SearchConfig(passes=0)
