@@ -53,7 +53,7 @@ from sq_pt2e.passes.fold_weight_norm import folded_copy
 from sq_pt2e.plan import QuantPlan
 from sq_pt2e.recipes import search_shaped_plan
 
-__all__ = ["SPREAD_LIMIT", "VARIANTS", "BenchRow", "BenchResult", "Built", "run_benchmark"]
+__all__ = ["SPREAD_LIMIT", "VARIANTS", "BenchRow", "BenchResult", "Built", "bench_model_and_plan", "run_benchmark"]
 
 SAMPLE_RATE = 16000
 SPREAD_LIMIT = 1.15
@@ -505,11 +505,7 @@ def run_benchmark(
         raise ValueError(f"rounds and runs must be at least 1 (got rounds={rounds}, runs={runs})")
     cpu = cpu_info()
     result = BenchResult(cpu.summary(), torch.__version__, method=_method(rounds, runs, isolate))
-    # folded once (numerically identical) and picklable; the caller's model is left as it is
-    model = shippable_model(folded_copy(model)).eval()
-    if plan is None:
-        one_second = torch.randn(batch, SAMPLE_RATE, generator=torch.Generator().manual_seed(seed))
-        plan = search_shaped_plan(model, [one_second], model_name)
+    model, plan = bench_model_and_plan(model, model_name, plan, batch=batch, seed=seed)
     names = _runnable(list(variants), cpu.flags, result.skipped)
     fp32_bytes = _param_bytes(to_ctc_logits(model))
     generator = torch.Generator().manual_seed(seed)
@@ -524,6 +520,17 @@ def run_benchmark(
                              inputs_path=Path(folder) / "inputs.pt" if isolate else None, result=result,
                              progress=progress, on_update=on_update)
     return result
+
+
+def bench_model_and_plan(model: nn.Module, model_name: str, plan: QuantPlan | None = None, *, batch: int = 1,
+                         seed: int = 0) -> tuple[nn.Module, QuantPlan]:
+    """The model as the variants get it (weight norm folded, picklable; ``model`` is left as it is) and
+    the StableQuant plan (``plan``, else :func:`~sq_pt2e.recipes.search_shaped_plan` on one second of noise)."""
+    model = shippable_model(folded_copy(model)).eval()
+    if plan is None:
+        one_second = torch.randn(batch, SAMPLE_RATE, generator=torch.Generator().manual_seed(seed))
+        plan = search_shaped_plan(model, [one_second], model_name)
+    return model, plan
 
 
 def _run_setting(setting: _Setting, inputs: _Inputs, names: Sequence[str], *, rounds: int, runs: int,

@@ -35,6 +35,24 @@ def _add_model_argument(parser: argparse.ArgumentParser, default: str | None = N
     parser.add_argument("--seed", type=int, default=0, help="seed of random weights and inputs (default 0)")
 
 
+def _cmd_profile(args: argparse.Namespace) -> int:
+    import torch
+
+    from sq_pt2e.atomic import atomic_write_text
+    from sq_pt2e.hardware import cpu_info
+    from sq_pt2e.kernel_profile import profile_variant
+    from sq_pt2e.models import build_model
+
+    result = profile_variant(build_model(args.model, seed=args.seed), args.model, args.variant, seconds=args.seconds,
+                             threads=args.threads, runs=args.runs, seed=args.seed)
+    text = f"CPU: {cpu_info().summary()}; torch {torch.__version__}\n\n" + result.to_markdown(top=args.top)
+    print(text)
+    if args.output is not None:
+        atomic_write_text(args.output, text + "\n")
+        print(f"wrote {args.output}")
+    return EXIT_OK
+
+
 def _cmd_bench(args: argparse.Namespace) -> int:
     from sq_pt2e.bench import BenchResult, run_benchmark
     from sq_pt2e.models import build_model
@@ -431,6 +449,23 @@ def _build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--seed", type=int, default=0)
     bench.add_argument("--output-dir", type=Path, default=None, help="write bench.json, bench.md and a plot here")
     bench.set_defaults(run=_cmd_bench)
+
+    profile = verbs.add_parser(
+        "profile", help="where one benchmark variant spends its time: profiler self time by kernel kind",
+        description="Build one variant as `sq-pt2e bench` does, run it under torch.profiler with inductor's "
+                    "kernel names on, and group the self CPU time: int8 oneDNN kernels, float GEMMs and convs, "
+                    "float attention, inductor's fused kernels, framework overhead. The float kinds of an int8 "
+                    "variant are its float islands.",
+    )
+    profile.add_argument("--model", default="wav2vec2-base", help="architecture name (random weights)")
+    profile.add_argument("--variant", default="stablequant-int8-inductor", choices=list(VARIANTS))
+    profile.add_argument("--seconds", type=float, default=10.0)
+    profile.add_argument("--threads", type=int, default=2)
+    profile.add_argument("--runs", type=int, default=3, help="profiled calls (after one warm-up call)")
+    profile.add_argument("--top", type=int, default=12, help="kernels listed")
+    profile.add_argument("--seed", type=int, default=0)
+    profile.add_argument("--output", type=Path, default=None, help="also write the tables to this Markdown file")
+    profile.set_defaults(run=_cmd_profile)
 
     quantize = verbs.add_parser(
         "quantize", help="search a StableQuant plan for a model (writes plan.json and the search report)",
