@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 
@@ -45,6 +46,14 @@ def test_quantize_verb_writes_a_plan_that_loads(tmp_path) -> None:
     assert not plan.needs_calibration()
     assert [layer.name for layer in plan.layers if layer.skip] == ["hubert.feature_extractor.conv_layers.0.conv"]
     assert (tmp_path / "search_report.json").exists() and (tmp_path / "sensitivity.png").stat().st_size > 1000
+
+
+def test_quantize_verb_passes_its_search_options_to_the_search(tmp_path) -> None:
+    code = main(["quantize", "--model", "tiny-hubert", "--max-calibration", "4", "--passes", "1", "--smooth-alpha",
+                 "0", "--output-dir", str(tmp_path)])
+    assert code == EXIT_OK
+    config = json.loads((tmp_path / "search_report.json").read_text())["config"]
+    assert config["passes"] == 1 and config["smooth_alpha"] == 0.0
 
 
 def test_quantize_verb_reports_a_missing_audio_source(tmp_path, capsys) -> None:
