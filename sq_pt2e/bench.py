@@ -260,16 +260,17 @@ def _x86_default_int8(model, wave, calib, _plan, threads) -> Built:
                  compiled.report.int8_kernel_count, "torchao X86InductorQuantizer defaults (Linear only)")
 
 
-def _stablequant_int8(model, wave, calib, plan, threads) -> Built:
+def _stablequant_int8(model, wave, calib, plan, threads, *, conv_as_gemm: bool = True) -> Built:
     from sq_pt2e.backends.inductor import compile_inductor
     from sq_pt2e.pipeline import quantize_model
 
     start = time.perf_counter()
     quantized = quantize_model(copy.deepcopy(model), wave, calib, plan=plan)
-    compiled = compile_inductor(quantized.converted, wave, threads=threads)
+    compiled = compile_inductor(quantized.converted, wave, threads=threads, conv_as_gemm=conv_as_gemm)
+    convs = "" if conv_as_gemm else "CNN convs as oneDNN convolutions (no GEMM rewrites); "
     return Built(compiled, graph_constant_bytes(quantized.converted), time.perf_counter() - start,
                  compiled.report.int8_kernel_count,
-                 f"{quantized.bit_widths()}; compiled vs eager int8 cosine {compiled.report.cosine:.5f}")
+                 f"{convs}{quantized.bit_widths()}; compiled vs eager int8 cosine {compiled.report.cosine:.5f}")
 
 
 def _executorch(model, wave, calib, plan, threads, *, int8: bool, friendly: bool = True) -> Built:
@@ -295,6 +296,7 @@ VARIANTS: dict[str, Callable[..., Built]] = {
     "dynamic-int8": _dynamic_int8,
     "x86-default-int8-inductor": _x86_default_int8,
     "stablequant-int8-inductor": _stablequant_int8,
+    "stablequant-int8-inductor-convs": functools.partial(_stablequant_int8, conv_as_gemm=False),
     "executorch-fp32": functools.partial(_executorch, int8=False),
     "executorch-int8": functools.partial(_executorch, int8=True),
     "executorch-fp32-stock": functools.partial(_executorch, int8=False, friendly=False),
