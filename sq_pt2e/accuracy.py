@@ -32,7 +32,7 @@ __all__ = ["SEARCHED_METHODS", "AccuracyCell", "AccuracyTable", "build_accuracy_
 SEARCHED_METHODS: dict[str, dict[str, object]] = {
     "stablequant": {},
     "stablequant-paper": {"act_scheme": "symmetric", "start": "max", "smooth_alpha": 0.0, "criterion": "wer",
-                          "keep_float": (), "passes": 1},
+                          "keep_float": (), "passes": 1, "weight_calibration": "max"},
 }
 """Methods whose plan is searched, with the ``SearchConfig`` fields they override (``criterion="wer"``
 falls back to ``"kl"`` when the dev set has no transcripts)."""
@@ -105,6 +105,34 @@ class AccuracyTable:
 
     def to_json(self) -> str:
         return json.dumps({**asdict(self), "cells": [asdict(c) for c in self.cells]}, indent=2, default=float) + "\n"
+
+    @classmethod
+    def from_json(cls, text: str) -> AccuracyTable:
+        data = json.loads(text)
+        return cls(**{**data, "cells": [AccuracyCell(**c) for c in data["cells"]]})
+
+    def updated_with(self, newer: AccuracyTable) -> AccuracyTable:
+        """This table with ``newer``'s cells (and search records) in place of the ones they measure again.
+
+        For rerunning some methods or bit widths after a change without rerunning the rest; the
+        best cells are marked again.
+
+        Raises:
+            ValueError: the tables are of different models, evaluation sets or float WERs.
+        """
+        same_float = self.float_wer.keys() == newer.float_wer.keys() and all(
+            abs(self.float_wer[n] - newer.float_wer[n]) < 1e-9 for n in self.float_wer)
+        if self.model != newer.model or self.utterances != newer.utterances or not same_float:
+            raise ValueError(f"cannot update the accuracy table of {self.model} ({self.utterances}, float WER "
+                             f"{self.float_wer}) with one of {newer.model} ({newer.utterances}, float WER "
+                             f"{newer.float_wer}): rerun the whole table")
+        fresh = {(c.method, c.bits, c.eval_set): c for c in newer.cells}
+        cells = [fresh.pop((c.method, c.bits, c.eval_set), c) for c in self.cells] + list(fresh.values())
+        table = AccuracyTable(self.model, dict(self.float_wer), dict(self.utterances),
+                              [replace(c, best=False) for c in cells], {**self.search, **newer.search},
+                              self.seconds + newer.seconds)
+        _mark_best(table)
+        return table
 
     def to_markdown(self) -> str:
         bits = list(dict.fromkeys(c.bits for c in self.cells))

@@ -242,6 +242,10 @@ def _cmd_accuracy(args: argparse.Namespace) -> int:
         methods=args.methods, search=SearchConfig(gamma=args.gamma),
         progress=lambda line: print(line, file=sys.stderr, flush=True),
     )
+    if args.update is not None:
+        from sq_pt2e.accuracy import AccuracyTable
+
+        table = AccuracyTable.from_json(args.update.read_text()).updated_with(table)
     print(table.to_markdown())
     if args.output_dir is not None:
         atomic_write_text(args.output_dir / "accuracy.json", table.to_json())
@@ -517,6 +521,9 @@ def _build_parser() -> argparse.ArgumentParser:
     accuracy.add_argument("--max-eval", type=int, default=None)
     accuracy.add_argument("--on-error", choices=["raise", "skip"], default="raise",
                           help="skip: leave out (and list) unreadable files instead of stopping")
+    accuracy.add_argument("--update", type=Path, default=None, metavar="ACCURACY_JSON",
+                          help="an earlier accuracy.json of the same model and evaluation sets: keep its cells, "
+                               "replacing those this run measures again (e.g. one method after a change)")
     accuracy.add_argument("--threads", type=int, default=None,
                           help="intra-op threads (default: torch's; use 1 per run when several runs share a machine)")
     accuracy.add_argument("--output-dir", type=Path, default=None)

@@ -58,3 +58,24 @@ def test_wer_against_float_leaves_out_utterances_with_an_empty_float_transcript(
 
     assert wer_against_float(["A B", "", "C D"], ["A B", "X", "C E"]) == pytest.approx(25.0)
     assert math.isnan(wer_against_float(["", " "], ["A", ""]))
+
+
+def test_an_update_replaces_the_cells_it_measures_again_and_keeps_the_rest(table) -> None:
+    from dataclasses import replace
+
+    from sq_pt2e.accuracy import AccuracyTable
+
+    earlier = AccuracyTable.from_json(table.to_json())
+    assert earlier == table
+    rerun = AccuracyTable(table.model, dict(table.float_wer), dict(table.utterances),
+                          [replace(c, wer=-1.0, best=False) for c in table.cells if c.method == "max"],
+                          {"W8A8 max": {"evaluations": 0}}, 1.0)
+    updated = earlier.updated_with(rerun)
+    assert [(c.method, c.bits) for c in updated.cells] == [(c.method, c.bits) for c in table.cells]  # same order
+    for old, new in zip(table.cells, updated.cells, strict=True):
+        assert new.wer == (-1.0 if old.method == "max" else old.wer)
+        assert new.best == (old.method == "max")  # the new lowest WER of both columns
+    assert set(updated.search) == set(table.search) | {"W8A8 max"}
+    other = AccuracyTable("tiny-hubert", dict(table.float_wer), dict(table.utterances))
+    with pytest.raises(ValueError, match="rerun the whole table"):
+        earlier.updated_with(other)

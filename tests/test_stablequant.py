@@ -217,3 +217,21 @@ def test_a_pass_that_changes_nothing_ends_the_search(coupled_searches) -> None:
 def test_passes_must_be_positive() -> None:
     with pytest.raises(ValueError, match="passes=0"):
         SearchConfig(passes=0)
+
+
+def test_weight_ranges_are_mse_at_four_bits_and_max_above_unless_set() -> None:
+    assert SearchConfig(weight_bits=4).resolved_weight_calibration == "mse"
+    assert SearchConfig(weight_bits=6).resolved_weight_calibration == "max"
+    assert SearchConfig(weight_bits=8).resolved_weight_calibration == "max"
+    assert SearchConfig(weight_bits=8, weight_calibration="mse").resolved_weight_calibration == "mse"
+    assert SearchConfig(weight_bits=4, weight_calibration="max").resolved_weight_calibration == "max"
+    with pytest.raises(ValueError, match="weight_calibration='minmax'"):
+        SearchConfig(weight_calibration="minmax")  # type: ignore[arg-type]
+
+
+def test_a_four_bit_plan_records_mse_weight_ranges(planted_model: torch.nn.Module) -> None:
+    statistics = collect_statistics(planted_model, _waves(1, 2))
+    config = SearchConfig(criterion="kl", smooth_alpha=0.0, weight_bits=4, passes=1)
+    plan, _ = search_plan(planted_model, statistics, Evaluator(planted_model, _waves(2, 2)), config)
+    quantized = [layer for layer in plan.layers if not layer.skip]
+    assert quantized and all(layer.weight_calibration == "mse" and layer.weight_bits == 4 for layer in quantized)
