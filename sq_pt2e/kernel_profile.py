@@ -6,9 +6,9 @@ profiling switched on, run a few times under ``torch.profiler``, and every event
 self CPU time is put in one of :data:`KINDS`: int8 oneDNN GEMMs and convolutions,
 float GEMMs and convolutions, float attention, inductor's fused kernels (norms,
 activations, quantize / dequantize, window copies), and the rest. Float kinds next
-to int8 ones are the float islands of an int8 graph. Times are per call and summed
-over both threads' work (profiler self time), so they add up to more than the wall
-time with 2 threads; compare shares, not sums, with the benchmark.
+to int8 ones are the float islands of an int8 graph. Times are per model call. Ops are
+recorded on the calling thread and their intra-op threads work inside them, so the self
+times add up to about the wall time of a call at any thread count.
 """
 
 from __future__ import annotations
