@@ -684,11 +684,15 @@ def search_plan(
         clip = range_percentile(hist[name], percentile)
         return range_mse(clip_histogram(hist[name], clip), qmax, affine=affine) if config.reading == "mse-all" else clip
 
+    def group_ranges(group: str, option: float | None) -> dict[str, float]:
+        """The ranges of ``group``'s layers under one search option (None: their MSE ranges)."""
+        return {n: mse_range[n] if option is None else candidate_range(n, option) for n in groups[group]}
+
     # Step 3 ranges for the non-sensitive layers (and starting point for the rest).
     chosen = dict(mse_range)
     if config.start == "max":
-        for name in {n for g in report.sensitive_groups for n in groups[g]}:
-            chosen[name] = candidate_range(name, 100.0)
+        for group in report.sensitive_groups:
+            chosen |= group_ranges(group, 100.0)
     # Step 2: percentile search per sensitive group, in network order; one batch per group.
     # Later passes revisit every group with all others at their chosen ranges (coordinate descent).
     options: list[float | None] = ([None] if config.start == "mse" else []) + list(config.percentiles)
@@ -700,8 +704,7 @@ def search_plan(
                 order = [current[group]] + [o for o in options if o != current[group]]
             else:
                 order = options
-            batch = [quant(dict(chosen) | {n: mse_range[n] if o is None else candidate_range(n, o)
-                                           for n in groups[group]}) for o in order]
+            batch = [quant(chosen | group_ranges(group, o)) for o in order]
             scores = _score_batch(evaluator, batch, f"pass {pass_number} {group}", progress_bar)
             best_index = min(range(len(order)), key=lambda i: scores[i].key(config.criterion))
             choice, score = order[best_index], scores[best_index]
@@ -714,7 +717,7 @@ def search_plan(
                 report.refinements.append({"pass": pass_number, "group": group, "from": current[group],
                                            "to": choice, "kl": score.kl})
             current[group] = choice
-            chosen |= {n: mse_range[n] if choice is None else candidate_range(n, choice) for n in groups[group]}
+            chosen |= group_ranges(group, choice)
             report.kept_mse.pop(group, None)
             report.chosen_percentiles.pop(group, None)
             if choice is None:
