@@ -114,6 +114,35 @@ def test_resume_from_a_shipped_folder_keeps_the_step_count(tmp_path) -> None:
     assert state["counters"]["rewarm_from"] == 3
 
 
+def test_a_resumed_run_records_its_recipe_changes_and_applies_its_regularization(tmp_path) -> None:
+    utts = _clips(tmp_path, (0.6,))
+    train("ref-hubert", utts, utts, tmp_path / "run", config=_config(), max_steps=2, progress=False)
+    shipped = tmp_path / "shipped"
+    shutil.copytree(tmp_path / "run" / "best", shipped)
+    changed = _config(dropout=0.0, mask_time_prob=0.0, total_steps=80)
+    other_dev = [Utterance("d", utts[0].path, "HI")]  # a new dev set: the first evaluation saves best/
+    train("ref-hubert", utts, other_dev, tmp_path / "more", config=changed, max_steps=1, progress=False,
+          init_from=shipped)
+    config = json.loads((tmp_path / "more" / "best" / "config.json").read_text())
+    assert config["hidden_dropout"] == 0.0 and config["mask_time_prob"] == 0.0
+    state = torch.load(tmp_path / "more" / "state.pt", weights_only=False)
+    assert state["counters"]["recipe_changes"] == [
+        {"step": 2, "changes": {"total_steps": [50, 80], "dropout": [0.05, 0.0], "mask_time_prob": [0.05, 0.0]}}]
+    train("ref-hubert", utts, other_dev, tmp_path / "more", config=changed, max_steps=1, progress=False)
+    resumed = torch.load(tmp_path / "more" / "state.pt", weights_only=False)
+    assert len(resumed["counters"]["recipe_changes"]) == 1  # the same recipe again is no change
+
+
+def test_recipe_changes_ignore_bookkeeping_and_default_missing_fields() -> None:
+    from sq_pt2e.train.trainer import recipe_changes, regularization_overrides
+
+    assert recipe_changes({"lr": 2e-3}, TrainConfig(threads=2, eval_every_s=1.0)) == {}
+    assert recipe_changes({}, TrainConfig(dropout=0.1)) == {"dropout": [0.05, 0.1]}
+    assert regularization_overrides(TrainConfig(dropout=0.1, mask_time_prob=0.0)) == {
+        "hidden_dropout": 0.1, "attention_dropout": 0.1, "activation_dropout": 0.1, "feat_proj_dropout": 0.1,
+        "mask_time_prob": 0.0}
+
+
 def test_model_folder_has_the_hugging_face_layout(tmp_path) -> None:
     from transformers import AutoModelForCTC
 

@@ -32,6 +32,12 @@ def _trajectory(history: list[dict[str, Any]], rows: int = 12) -> str:
     return "\n".join(lines)
 
 
+def _recipe_change_lines(changes: list[dict[str, Any]]) -> list[str]:
+    """One line per resumed run that changed the recipe, e.g. ``From step 7480: dropout 0.05 -> 0.0.``"""
+    return [f"From step {c['step']}: " + ", ".join(f"{k} {old} -> {new}" for k, (old, new) in c["changes"].items())
+            + "." for c in changes]
+
+
 def write_model_card(folder: str | os.PathLike[str], name: str, results: dict[str, dict[str, float]]) -> Path:
     """Write ``README.md`` beside the weights: architecture, data, training so far, WER/CER.
 
@@ -71,7 +77,9 @@ def write_model_card(folder: str | os.PathLike[str], name: str, results: dict[st
         f"{s('total_steps', '?')} steps), batches of about {s('batch_seconds', '?')} s of audio of similar length,",
         f"a length curriculum (longest utterance {s('curriculum_start_s', '?')} s growing to "
         f"{s('max_utterance_seconds', '?')} s over {s('curriculum_steps', '?')} steps), SpecAugment time masking",
-        f"(p = {config.mask_time_prob}), dropout {config.hidden_dropout}, one CPU thread.",
+        f"(p = {s('mask_time_prob', config.mask_time_prob)}), dropout {s('dropout', config.hidden_dropout)}, "
+        "one CPU thread.",
+        *_recipe_change_lines(state.get("recipe_changes", [])),
         "",
         f"This checkpoint: step {state.get('step')}, {state.get('train_seconds', 0.0) / 3600:.2f} h of training "
         f"compute (one thread), {state.get('audio_seconds', 0.0) / 3600:.1f} h of audio seen. Best dev CER",

@@ -66,6 +66,9 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--total-steps", type=int, default=None,
                      help="end the cosine schedule at this step instead of the recipe's (e.g. to anneal the "
                           "learning rate within this run; a later run without it restarts the recipe's schedule)")
+    run.add_argument("--dropout", type=float, default=None, help="model dropout (default: the recipe's)")
+    run.add_argument("--mask-time-prob", type=float, default=None,
+                     help="SpecAugment time-masking probability (default: the recipe's)")
     run.add_argument("--no-init", action="store_true",
                      help="without runs/<model>/state.pt start from scratch, not from the shipped weights")
     ship = verbs.add_parser("ship", help="copy a seeded sample of the dev and test splits into the package")
@@ -132,13 +135,18 @@ def _train(args: argparse.Namespace) -> int:
         source = "real LJ Speech (weighted)" if "#" in utt.id else utt.path.parent.name
         parts[source] = parts.get(source, 0) + 1
     record = train(args.model, utterances, read_split(args.corpus, "dev"), args.runs / args.model,
-                   config=default_config(args.model, threads=args.threads,
-                                         **({"total_steps": args.total_steps} if args.total_steps else {})),
+                   config=default_config(args.model, threads=args.threads, **_recipe_arguments(args)),
                    minutes=args.minutes, init_from=init,
                    data={"training utterances": parts})
     record.pop("losses", None)
     print(json.dumps(record))
     return 0
+
+
+def _recipe_arguments(args: argparse.Namespace) -> dict[str, float]:
+    """The ``TrainConfig`` fields given on the command line."""
+    given = {"total_steps": args.total_steps, "dropout": args.dropout, "mask_time_prob": args.mask_time_prob}
+    return {k: v for k, v in given.items() if v is not None}
 
 
 _SHIPPED_README = """# Synthetic evaluation speech

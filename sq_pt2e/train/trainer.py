@@ -10,7 +10,7 @@ The recipe, chosen for fast convergence on one or two CPU cores:
   utterances first gets CTC past the all-blank phase quickly).
 * AdamW, linear warm-up to a high peak learning rate, then cosine decay; after a resume
   with a fresh optimizer (from shipped weights) a short re-warm-up.
-* SpecAugment time masking (``mask_time_prob`` of the model config), ``ctc_zero_infinity``.
+* SpecAugment time masking and dropout (``TrainConfig.mask_time_prob`` / ``dropout``), ``ctc_zero_infinity``.
 * Dropout and SpecAugment noise are seeded per step, so resuming from the state file
   reproduces the uninterrupted run bit for bit (same thread count).
 
@@ -47,6 +47,8 @@ __all__ = [
     "RECIPES",
     "REFERENCE_MODELS",
     "TrainConfig",
+    "recipe_changes",
+    "regularization_overrides",
     "default_config",
     "build_reference_model",
     "encode_transcript",
@@ -63,8 +65,7 @@ SAMPLE_RATE = 16000
 _SHAPE: dict[str, Any] = {
     "hidden_size": 256, "num_hidden_layers": 4, "num_attention_heads": 4, "intermediate_size": 1024,
     "conv_dim": (32, 64, 96, 128, 192, 256, 256), "num_conv_pos_embeddings": 64,
-    "num_conv_pos_embedding_groups": 16, "mask_time_prob": 0.05, "mask_time_length": 5, "mask_time_min_masks": 1,
-    "hidden_dropout": 0.05, "attention_dropout": 0.05, "activation_dropout": 0.05, "feat_proj_dropout": 0.05,
+    "num_conv_pos_embedding_groups": 16, "mask_time_length": 5, "mask_time_min_masks": 1,
     "final_dropout": 0.0, "layerdrop": 0.0, "ctc_zero_infinity": True, "ctc_loss_reduction": "mean",
 }  # fmt: skip
 REFERENCE_MODELS: dict[str, tuple[str, dict[str, Any]]] = {
@@ -102,6 +103,8 @@ class TrainConfig:
         eval_utterances: dev utterances evaluated (the first ones).
         seed: seeds batches, dropout and masking.
         threads: ``torch.set_num_threads`` for the run.
+        dropout: hidden, attention, activation and feature-projection dropout of the model.
+        mask_time_prob: SpecAugment time-masking probability of the model.
     """
 
     lr: float = 2e-3
@@ -120,6 +123,31 @@ class TrainConfig:
     eval_utterances: int = 80
     seed: int = 0
     threads: int = 1
+    dropout: float = 0.05
+    mask_time_prob: float = 0.05
+
+
+# Fields that change how a run trains (not where or how fast it runs): a resumed run
+# records its changes to these in ``train_state.json`` and the model card.
+_BOOKKEEPING_FIELDS = ("threads", "save_every_s", "eval_every_s")
+
+
+def regularization_overrides(config: TrainConfig) -> dict[str, float]:
+    """The model-config fields that carry ``config``'s dropout and time masking."""
+    return {"hidden_dropout": config.dropout, "attention_dropout": config.dropout,
+            "activation_dropout": config.dropout, "feat_proj_dropout": config.dropout,
+            "mask_time_prob": config.mask_time_prob}
+
+
+def recipe_changes(previous: dict[str, Any], config: TrainConfig) -> dict[str, list[Any]]:
+    """``{field: [old, new]}`` for the recipe fields of ``config`` that differ from ``previous``.
+
+    Fields missing from ``previous`` (recorded by an older version) count as their defaults.
+    """
+    defaults = asdict(TrainConfig())
+    current = asdict(config)
+    return {k: [previous.get(k, defaults[k]), v] for k, v in current.items()
+            if k not in _BOOKKEEPING_FIELDS and previous.get(k, defaults[k]) != v}
 
 
 def default_config(name: str, **changes: Any) -> TrainConfig:
@@ -325,32 +353,52 @@ class _State:
     dev_key: str = ""
     data: dict[str, Any] = field(default_factory=dict)
     history: list[dict[str, Any]] = field(default_factory=list)
+    recipe_changes: list[dict[str, Any]] = field(default_factory=list)
+
+
+def _load_weights(model: PreTrainedModel, weights: dict[str, torch.Tensor]) -> None:
+    """Load ``weights`` into ``model``; the time-mask embedding may be on one side only.
+
+    Transformers creates ``masked_spec_embed`` only when time masking is on, so a run that
+    turns masking off drops it and one that turns it on keeps its fresh initialisation.
+    """
+    own = model.state_dict()
+    kept = {k: v for k, v in weights.items() if k in own or not k.endswith("masked_spec_embed")}
+    missing, unexpected = model.load_state_dict(kept, strict=False)
+    if unexpected or any(not k.endswith("masked_spec_embed") for k in missing):
+        raise ModelError(f"checkpoint does not fit {type(model).__name__}: missing {missing}, unexpected {unexpected}")
 
 
 def _resume(run: Path, name: str, config: TrainConfig, init_from: str | os.PathLike[str] | None,
             ) -> tuple[PreTrainedModel, torch.optim.Optimizer, _State]:
     """Model, optimizer and counters: from ``run/state.pt``, else ``init_from``, else fresh (seeded)."""
     torch.manual_seed(config.seed)
-    model = build_reference_model(name)
+    model = build_reference_model(name, **regularization_overrides(config))
     state = _State()
     state_path = run / "state.pt"
     saved = None
+    previous: dict[str, Any] | None = None
     if state_path.exists():
         saved = torch.load(state_path, weights_only=False, map_location="cpu")
-        model.load_state_dict(saved["model"])
+        _load_weights(model, saved["model"])
         state = _State(**saved["counters"])
+        previous = saved.get("config", {})
     elif init_from is not None:
         from sq_pt2e.models.checkpoint import load_checkpoint
 
         folder = Path(init_from)
         loaded = load_checkpoint(folder)
-        model.load_state_dict(loaded.state_dict())
+        _load_weights(model, loaded.state_dict())
         recorded = json.loads((folder / "train_state.json").read_text(encoding="utf-8"))
         state = _State(step=int(recorded["step"]), best_cer=float(recorded.get("dev_cer", float("inf"))),
                        rewarm_from=int(recorded["step"]), audio_seconds=float(recorded.get("audio_seconds", 0.0)),
                        train_seconds=float(recorded.get("train_seconds", 0.0)),
                        dev_key=str(recorded.get("dev_key", "")), data=dict(recorded.get("data", {})),
-                       history=list(recorded.get("history", [])))
+                       history=list(recorded.get("history", [])),
+                       recipe_changes=list(recorded.get("recipe_changes", [])))
+        previous = recorded.get("config", {})
+    if previous is not None and (changes := recipe_changes(previous, config)):
+        state.recipe_changes.append({"step": state.step, "changes": changes})
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     if saved is not None:
         optimizer.load_state_dict(saved["optimizer"])
@@ -419,7 +467,8 @@ def train(name: str, train_set: Sequence[Utterance], dev_set: Sequence[Utterance
             folder = save_model_folder(model, run / "best", {
                 "model": name, "step": state.step, "dev_cer": record["cer"], "dev_wer": record["wer"],
                 "audio_seconds": state.audio_seconds, "train_seconds": state.train_seconds, "dev_key": state.dev_key,
-                "data": state.data, "config": asdict(config), "history": state.history})
+                "data": state.data, "config": asdict(config), "history": state.history,
+                "recipe_changes": state.recipe_changes})
             if on_best is not None:
                 on_best(folder, record)
         return record
