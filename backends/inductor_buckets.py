@@ -58,6 +58,7 @@ from sq_pt2e.atomic import atomic_write_text
 from sq_pt2e.audio import MIN_SAMPLES, SAMPLE_RATE
 from sq_pt2e.backends.inductor import CompiledInt8, InductorReport, compile_inductor, fit_plan_to_cpu
 from sq_pt2e.errors import AudioError, BackendError, NumericsError
+from sq_pt2e.framing import Geometry, Window, check_overlap, cnn_geometry, frame_count, hop_length, overlapping_windows
 from sq_pt2e.plan import QuantPlan
 
 __all__ = [
@@ -65,57 +66,12 @@ __all__ = [
     "BucketReport",
     "BucketedInt8Model",
     "MaskedCTCLogits",
-    "cnn_geometry",
     "default_cache_dir",
-    "frame_count",
     "pin_activation_ranges",
     "quantize_program",
 ]
 
 DEFAULT_BUCKETS: tuple[float, ...] = (2.0, 5.0, 10.0, 20.0, 30.0)
-Geometry = tuple[tuple[int, int], ...]  # (kernel, stride) of each CNN layer
-
-
-# ------------------------------------------------------------------ frames
-def cnn_geometry(model: nn.Module) -> Geometry:
-    """The ``(kernel, stride)`` of each CNN feature-encoder layer, from the model's config.
-
-    Raises:
-        BackendError: the model has no wav2vec2/HuBERT config.
-    """
-    config = getattr(model, "config", None)
-    if config is None:
-        backbone = getattr(model, getattr(model, "backbone_name", ""), None)
-        config = getattr(backbone, "config", None)
-    if config is None or not hasattr(config, "conv_kernel"):
-        raise BackendError(f"{type(model).__name__} has no wav2vec2/HuBERT config (conv_kernel, conv_stride)")
-    return tuple(zip(config.conv_kernel, config.conv_stride))
-
-
-def frame_count(samples: int, geometry: Geometry) -> int:
-    """Frames the CNN produces from ``samples`` samples: ``L = (L - kernel) // stride + 1`` per layer (0 if too short)."""
-    length = int(samples)
-    for kernel, stride in geometry:
-        if length < kernel:
-            return 0
-        length = (length - kernel) // stride + 1
-    return length
-
-
-def _hop(geometry: Geometry) -> int:
-    hop = 1
-    for _, stride in geometry:
-        hop *= stride
-    return hop
-
-
-def _receptive_field(geometry: Geometry) -> int:
-    field = 1
-    for kernel, stride in reversed(geometry):
-        field = (field - 1) * stride + kernel
-    return field
-
-
 # ------------------------------------------------------------------ the masked program
 def _masked_group_norm(x: torch.Tensor, lengths: torch.Tensor, norm: nn.GroupNorm) -> torch.Tensor:
     """Per-channel group norm of ``(batch, channels, frames)`` over the first ``lengths`` frames only."""
@@ -310,14 +266,11 @@ class BucketedInt8Model:
 
         self._model = folded_copy(to_ctc_logits(model)).eval()
         self.geometry = cnn_geometry(self._model)
-        self.hop = _hop(self.geometry)
+        self.hop = hop_length(self.geometry)
         self.bucket_samples = _check_buckets(buckets)
         self.overlap_samples = int(round(overlap_seconds * SAMPLE_RATE)) // self.hop * self.hop
         self.step_samples = (self.bucket_samples[-1] - 2 * self.overlap_samples) // self.hop * self.hop
-        context = _receptive_field(self.geometry) - self.hop
-        if self.overlap_samples < context:
-            raise AudioError(f"overlap_seconds={overlap_seconds!r} is less than the {context} samples a frame reaches "
-                             "past its hop")
+        check_overlap(self.overlap_samples, self.geometry, name=f"overlap_seconds={overlap_seconds!r}")
         if self.step_samples <= 0:
             raise AudioError(f"overlap_seconds={overlap_seconds!r} on each side leaves no centre in the largest "
                              f"bucket ({self.bucket_samples[-1] / SAMPLE_RATE:g} s)")
@@ -430,26 +383,9 @@ class BucketedInt8Model:
         logits = compiled(padded, torch.tensor([n])) if self.masked else compiled(padded)
         return logits[:, : frame_count(n, self.geometry)]
 
-    def windows(self, samples: int) -> list[tuple[int, int, int, int]]:
-        """Chunking of a long input: ``(window start, window end, first kept frame, end kept frame)``.
-
-        Windows start on frame boundaries (multiples of the CNN hop), so a window's
-        frame ``j`` is global frame ``start // hop + j``; each keeps the frames of its
-        centre (``step`` samples), the first and last also their outer edge.
-        """
-        total = frame_count(samples, self.geometry)
-        spans = []
-        core = 0
-        while core < samples:
-            core_end = min(core + self.step_samples, samples)
-            start = max(0, core - self.overlap_samples)
-            end = min(samples, core_end + self.overlap_samples)
-            first = core // self.hop
-            last = total if core_end >= samples else core_end // self.hop
-            if last > first:
-                spans.append((start, end, first, last))
-            core = core_end
-        return spans
+    def windows(self, samples: int) -> list[Window]:
+        """Chunking of a long input: centres of ``step_samples``, ``overlap_samples`` of context each side."""
+        return overlapping_windows(samples, self.geometry, step=self.step_samples, overlap=self.overlap_samples)
 
     def _run_chunked(self, samples: torch.Tensor) -> torch.Tensor:
         pieces = []

@@ -294,7 +294,8 @@ def _cmd_transcribe(args: argparse.Namespace) -> int:
     if plan is not None and plan.needs_calibration():
         calibration = [u.wave for u in load_source(args.calibration, limit=16)]
     records = [Utterance(str(p), Path(p)) for p in dict.fromkeys(args.audio)]
-    with Transcriber(model, plan, calibration=calibration, chunk_seconds=args.chunk_seconds) as transcriber:
+    with Transcriber(model, plan, calibration=calibration, chunk_seconds=args.chunk_seconds,
+                     overlap_seconds=args.overlap_seconds) as transcriber:
         results = transcribe_dataset(transcriber, records, checkpoint=args.checkpoint, on_error=args.on_error)
     return _print_transcripts(args, [(r.path, r.text, r.error) for r in results])
 
@@ -311,7 +312,8 @@ def _transcribe_inductor(args: argparse.Namespace, model: object, plan: object) 
     if args.checkpoint is not None:
         raise ValueError("--checkpoint is supported with --backend simulate only")
     runner = BucketedInt8Model(model, plan, [u.wave for u in load_source(args.calibration, limit=16)],
-                               buckets=args.buckets, threads=args.threads, cache_dir=args.cache_dir)
+                               buckets=args.buckets, threads=args.threads, cache_dir=args.cache_dir,
+                               overlap_seconds=1.0 if args.overlap_seconds is None else args.overlap_seconds)
     rows = []
     for path in dict.fromkeys(args.audio):
         try:
@@ -554,6 +556,9 @@ def _build_parser() -> argparse.ArgumentParser:
                             help="calibration audio for plans without fixed ranges (default: shipped LibriSpeech)")
     transcribe.add_argument("--chunk-seconds", type=float, default=30.0,
                             help="long files are transcribed in chunks of this length (bounded memory)")
+    transcribe.add_argument("--overlap-seconds", type=float, default=None,
+                            help="context each chunk window takes from its neighbours (default: a quarter of a "
+                                 "chunk, at most 1 s; with --backend inductor: 1 s)")
     transcribe.add_argument("--on-error", choices=["raise", "skip"], default="raise",
                             help="skip: report a bad file, go on with the others, exit 1 at the end")
     transcribe.add_argument("--checkpoint", type=Path, default=None,

@@ -4,8 +4,11 @@
 a plan, its weights fake-quantized once and activation hooks installed), so a call
 changes no state and calls from many threads at once are safe and give the same
 transcripts as sequential calls. Files are decoded in chunks (``chunk_seconds``,
-default 30 s) and each chunk is normalised and decoded on its own, so memory is
-bounded by a chunk, however long the file.
+default 30 s); each chunk runs as one window with ``overlap_seconds`` of its
+neighbours on each side, normalised on its own, and keeps the frames of its own
+samples, so a word across a chunk boundary is seen whole and the stitched logits
+are decoded once. Memory is bounded by a window (plus 6.4 kB of logits per second
+of audio), however long the file.
 
 :func:`transcribe_dataset` runs a transcriber over a dataset and, given a
 checkpoint path, appends every finished utterance to a JSONL file (flushed and
@@ -27,6 +30,8 @@ import contextlib
 import hashlib
 import json
 import os
+import itertools
+import math
 import threading
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass
@@ -41,6 +46,7 @@ from sq_pt2e.asr import ctc_greedy_decode
 from sq_pt2e.audio import MIN_SAMPLES, SAMPLE_RATE, normalize_waveform, stream_audio, validate_waveform
 from sq_pt2e.data import OnError, SkippedFile, check_on_error, log_skipped
 from sq_pt2e.errors import AudioError, NumericsError, PlanError, ResumeError
+from sq_pt2e.framing import check_overlap, cnn_geometry, frame_count, hop_length
 from sq_pt2e.observers import AbsHistogram, check_accumulator
 from sq_pt2e.plan import QuantPlan
 
@@ -77,26 +83,40 @@ class Transcriber:
             without a fixed ``act_range``.
         calibration: ``(1, samples)`` normalised waveforms to collect them from,
             when ``statistics`` is not given.
-        chunk_seconds: files and long waveforms are transcribed in chunks of this length.
+        chunk_seconds: files and long waveforms are transcribed in chunks of this length
+            (rounded down to whole frames).
+        overlap_seconds: context from each neighbouring chunk (default: a quarter of a
+            chunk, at most 1 s); at most ``chunk_seconds``.
         max_seconds: refuse audio longer than this.
 
     Raises:
         PlanError: the plan names layers the model lacks, or needs calibration data
             and none was given.
         QuantizationError: a layer's int32 accumulation could overflow at its bits.
-        AudioError: ``chunk_seconds`` shorter than the model's receptive field.
+        AudioError: ``chunk_seconds`` shorter than the model's receptive field, or
+            ``overlap_seconds`` too short for a frame's context or longer than a chunk.
     """
 
     def __init__(self, model: nn.Module, plan: QuantPlan | None = None, *,
                  statistics: dict[str, AbsHistogram] | None = None,
                  calibration: Sequence[torch.Tensor] | None = None, chunk_seconds: float = 30.0,
-                 max_seconds: float | None = None) -> None:
+                 overlap_seconds: float | None = None, max_seconds: float | None = None) -> None:
         from sq_pt2e.simulate import collect_statistics, fake_quantized, plan_layer_quants, quantizable_modules
 
         if not chunk_seconds * SAMPLE_RATE >= MIN_SAMPLES:
             raise AudioError(f"chunk_seconds={chunk_seconds!r} is shorter than {MIN_SAMPLES} samples")
-        self.plan, self.chunk_seconds, self.max_seconds = plan, float(chunk_seconds), max_seconds
         self._model = _private_copy(model)
+        self._geometry = cnn_geometry(self._model)
+        hop = hop_length(self._geometry)
+        self._chunk = max(int(round(chunk_seconds * SAMPLE_RATE)) // hop, math.ceil(MIN_SAMPLES / hop)) * hop
+        if overlap_seconds is None:
+            overlap_seconds = min(1.0, self._chunk / SAMPLE_RATE / 4)
+        self._overlap = int(round(overlap_seconds * SAMPLE_RATE)) // hop * hop
+        check_overlap(self._overlap, self._geometry, name=f"overlap_seconds={overlap_seconds!r}")
+        if self._overlap > self._chunk:
+            raise AudioError(f"overlap_seconds={overlap_seconds!r} is longer than a chunk ({self._chunk} samples)")
+        self.plan, self.max_seconds = plan, max_seconds
+        self.chunk_seconds, self.overlap_seconds = self._chunk / SAMPLE_RATE, self._overlap / SAMPLE_RATE
         self._stack = contextlib.ExitStack()
         self._forward: nn.Module = self._model
         self._fingerprint: str | None = None
@@ -146,10 +166,7 @@ class Transcriber:
         return out
 
     def transcribe(self, audio: Audio) -> str:
-        """The transcript of an audio file or a raw 16 kHz mono waveform.
-
-        A waveform is validated, cut into ``chunk_seconds`` chunks and each chunk
-        normalised, exactly as a file is; chunk transcripts are joined with spaces.
+        """The transcript of an audio file or a raw 16 kHz mono waveform of any length.
 
         Args:
             audio: a path, or ``(samples,)`` / ``(1, samples)`` float samples at 16 kHz.
@@ -158,15 +175,44 @@ class Transcriber:
             AudioError: the file or waveform cannot be used (named in the message).
             NumericsError: the model produced NaN/Inf logits.
         """
+        return ctc_greedy_decode(self.stitched_logits(audio))[0]
+
+    def stitched_logits(self, audio: Audio) -> torch.Tensor:
+        """``(frames, vocab)`` logits of a file or raw waveform, from overlapping chunk windows.
+
+        A waveform is validated and chunked exactly as a file is. Each chunk runs with
+        ``overlap_seconds`` of its neighbours on each side (the window normalised on its
+        own) and keeps the frames that start in its own samples, so the result has
+        ``frame_count(samples)`` frames, each computed once.
+
+        Raises:
+            AudioError: the file or waveform cannot be used (named in the message).
+            NumericsError: the model produced NaN/Inf logits.
+        """
         if isinstance(audio, (str, os.PathLike)):
             source = str(audio)
-            chunks: Iterator[np.ndarray] = stream_audio(audio, chunk_seconds=self.chunk_seconds,
+            chunks: Iterator[np.ndarray] = stream_audio(audio, chunk_seconds=self._chunk / SAMPLE_RATE,
                                                         max_seconds=self.max_seconds)
         else:
             source = "waveform"
             chunks = self._split(self._samples(audio, source))
-        texts = [ctc_greedy_decode(self.logits(normalize_waveform(c), source=source))[0] for c in chunks]
-        return " ".join(t for t in texts if t)
+        hop, empty = hop_length(self._geometry), np.zeros(0, dtype=np.float32)
+        pieces, before, start = [], empty, 0
+        current = next(chunks)
+        for following in itertools.chain(chunks, [None]):
+            after = empty if following is None else following[: self._overlap]
+            window = np.concatenate([before, current, after])
+            logits = self.logits(normalize_waveform(window), source=source)
+            offset, first = (start - len(before)) // hop, start // hop
+            end = start + len(current)
+            last = frame_count(end, self._geometry) if following is None else end // hop
+            if last - offset > logits.shape[0]:
+                raise AudioError(f"{source}: a window of {len(window)} samples gave {logits.shape[0]} frames, "
+                                 f"{last - offset} needed")
+            pieces.append(logits[first - offset : last - offset])
+            before = current[len(current) - self._overlap :] if self._overlap else empty
+            start, current = end, following
+        return torch.cat(pieces)
 
     def _samples(self, wave: np.ndarray | torch.Tensor, source: str) -> np.ndarray:
         array = wave.detach().cpu().numpy() if isinstance(wave, torch.Tensor) else np.asarray(wave)
@@ -179,7 +225,7 @@ class Transcriber:
         return array
 
     def _split(self, samples: np.ndarray) -> Iterator[np.ndarray]:
-        chunk = int(round(self.chunk_seconds * SAMPLE_RATE))
+        chunk = self._chunk
         start = 0
         while len(samples) - start >= chunk + MIN_SAMPLES:
             yield samples[start:start + chunk]
@@ -197,7 +243,7 @@ class Transcriber:
                     digest.update(name.encode())
                     digest.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
                 digest.update((self.plan.to_json() if self.plan else "float").encode())
-                digest.update(f"chunk={self.chunk_seconds:g} max={self.max_seconds}".encode())
+                digest.update(f"chunk={self._chunk} overlap={self._overlap} max={self.max_seconds}".encode())
                 self._fingerprint = digest.hexdigest()
             return self._fingerprint
 

@@ -16,11 +16,11 @@ from sq_pt2e.backends.inductor import compare_outputs
 from sq_pt2e.backends.inductor_buckets import (
     BucketedInt8Model,
     MaskedCTCLogits,
-    frame_count,
     pin_activation_ranges,
     quantize_program,
 )
 from sq_pt2e.errors import AudioError
+from sq_pt2e.framing import frame_count
 from sq_pt2e.models import build_model
 from sq_pt2e.models.build import to_ctc_logits
 from sq_pt2e.passes.fold_weight_norm import folded_copy

@@ -16,6 +16,7 @@ from sq_pt2e.audio import normalize_waveform
 from sq_pt2e.baselines import build_method
 from sq_pt2e.data import Utterance
 from sq_pt2e.errors import AudioError, NumericsError, PlanError, ResumeError
+from sq_pt2e.framing import cnn_geometry, frame_count
 from sq_pt2e.plan import w8a8_plan
 from sq_pt2e.simulate import collect_statistics
 from sq_pt2e.transcriber import Transcriber, TranscriptRecord, transcribe_dataset
@@ -94,16 +95,30 @@ def test_concurrent_calls_from_threads_equal_sequential_calls(tiny_wav2vec2: tor
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
 
 
-def test_long_audio_is_transcribed_in_chunks_each_normalised(tiny_wav2vec2: torch.nn.Module, tmp_path: Path) -> None:
-    wave = np.concatenate(_waves(5, samples=8000))  # 2.5 s
-    transcriber = Transcriber(tiny_wav2vec2, chunk_seconds=0.5)
-    pieces = [wave[i:i + 8000] for i in range(0, 40000, 8000)]
-    expected = " ".join(t for t in (ctc_greedy_decode(transcriber.logits(normalize_waveform(p)))[0] for p in pieces)
-                        if t)
-    assert transcriber.transcribe(wave) == expected
-    sf.write(tmp_path / "long.flac", wave, 16000, subtype="PCM_24")
-    whole = Transcriber(tiny_wav2vec2, chunk_seconds=0.5).transcribe(tmp_path / "long.flac")
-    assert whole.split()[:2] == expected.split()[:2]  # 24-bit file, same chunks
+def test_long_audio_runs_in_overlapping_windows_that_keep_their_own_frames(tiny_wav2vec2: torch.nn.Module,
+                                                                          tmp_path: Path) -> None:
+    wave = np.concatenate(_waves(5, samples=8000))  # 2.5 s in chunks of 0.5 s, 0.1 s of overlap each side
+    transcriber = Transcriber(tiny_wav2vec2, chunk_seconds=0.5, overlap_seconds=0.1)
+    stitched = transcriber.stitched_logits(wave)
+    assert stitched.shape[0] == frame_count(len(wave), cnn_geometry(tiny_wav2vec2))
+    # the third chunk: samples [16000, 24000) with 1600 samples of context on each side
+    window = transcriber.logits(normalize_waveform(wave[16000 - 1600:24000 + 1600]))
+    torch.testing.assert_close(stitched[50:75], window[5:30])
+    assert transcriber.transcribe(wave) == ctc_greedy_decode(stitched)[0]
+    # a short input is one window: exactly the logits of the whole normalised input
+    short = wave[:7000]
+    torch.testing.assert_close(transcriber.stitched_logits(short), transcriber.logits(normalize_waveform(short)))
+    sf.write(tmp_path / "long.wav", wave, 16000, subtype="FLOAT")
+    torch.testing.assert_close(transcriber.stitched_logits(tmp_path / "long.wav"), stitched)
+
+
+def test_overlap_must_cover_a_frame_and_fit_in_a_chunk(tiny_wav2vec2: torch.nn.Module) -> None:
+    with pytest.raises(AudioError, match="less than the 80 samples a frame reaches past its hop"):
+        Transcriber(tiny_wav2vec2, chunk_seconds=0.5, overlap_seconds=0.0)
+    with pytest.raises(AudioError, match="longer than a chunk"):
+        Transcriber(tiny_wav2vec2, chunk_seconds=0.5, overlap_seconds=0.6)
+    assert Transcriber(tiny_wav2vec2, chunk_seconds=0.5).overlap_seconds == pytest.approx(0.12)
+    assert Transcriber(tiny_wav2vec2).overlap_seconds == 1.0
 
 
 def test_bad_inputs_raise_clear_errors(tiny_wav2vec2: torch.nn.Module, tmp_path: Path) -> None:
