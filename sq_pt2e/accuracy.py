@@ -33,9 +33,12 @@ SEARCHED_METHODS: dict[str, dict[str, object]] = {
     "stablequant": {},
     "stablequant-paper": {"act_scheme": "symmetric", "start": "max", "smooth_alpha": 0.0, "criterion": "wer",
                           "keep_float": (), "passes": 1, "weight_calibration": "max"},
+    "stablequant-mixed": {"promote_weight_bits": 8, "promote_share": 0.25},
 }
 """Methods whose plan is searched, with the ``SearchConfig`` fields they override (``criterion="wer"``
-falls back to ``"kl"`` when the dev set has no transcripts)."""
+falls back to ``"kl"`` when the dev set has no transcripts). ``stablequant-mixed`` is StableQuant
+with mixed precision: up to a quarter of the weights (the groups that gain most) at 8 bits, the
+rest at the column's weight bits; it runs only in columns below 8 weight bits."""
 
 Forward = Callable[[torch.Tensor], torch.Tensor]
 
@@ -185,6 +188,8 @@ def build_accuracy_table(
         for method in methods:
             if method not in SEARCHED_METHODS and not BASELINES[method].any_bits and bits != Bits(8, 8):
                 continue
+            if bits.weight >= int(SEARCHED_METHODS.get(method, {}).get("promote_weight_bits", 99)):
+                continue  # nothing to promote to
             progress(f"{bits} {method} ...")
             plan, method_statistics = None, statistics
             if method in SEARCHED_METHODS:
@@ -203,7 +208,9 @@ def build_accuracy_table(
                 table.search[f"{bits} {method}"] = {
                     "evaluations": report.evaluations, "seconds": report.seconds,
                     "sensitive_groups": report.sensitive_groups, "chosen_percentiles": report.chosen_percentiles,
-                    "kept_mse": sorted(report.kept_mse), "refinements": report.refinements}
+                    "kept_mse": sorted(report.kept_mse), "refinements": report.refinements,
+                    **({"promoted_groups": report.promoted_groups, "promoted_share": report.promoted_share}
+                       if report.promotion_trials else {})}
             forward = build_method("stablequant" if plan is not None else method, model, waves, method_statistics,
                                    bits, plan=plan)
             for name, utts in eval_sets.items():

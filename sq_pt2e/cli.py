@@ -119,6 +119,12 @@ def add_search_arguments(parser: argparse.ArgumentParser) -> None:
                         help="passes of the percentile search over the sensitive groups; each pass after the first "
                              "revisits every group with the others at their chosen ranges, and the search stops "
                              f"when a pass changes nothing (default {SearchConfig.passes}; 1: the paper's greedy order)")
+    parser.add_argument("--promote-bits", type=int, default=None,
+                        help="mixed precision: give the groups whose weights gain most at this width (e.g. 8) these "
+                             "weight bits, within --promote-share of the weights (default: off)")
+    parser.add_argument("--promote-share", type=float, default=SearchConfig.promote_share,
+                        help="with --promote-bits: the largest share of the weights promoted "
+                             f"(default {SearchConfig.promote_share})")
     parser.add_argument("--gamma", type=float, default=0.25, help="sensitivity threshold in WER points")
     parser.add_argument("--percentiles", type=float, nargs="+", default=list(DEFAULT_PERCENTILES),
                         help="clip percentiles tried for sensitive groups, in order")
@@ -156,7 +162,7 @@ def search_inputs(args: argparse.Namespace) -> tuple[object, object, object]:
     config = SearchConfig(gamma=args.gamma, percentiles=tuple(args.percentiles), granularity=args.granularity,
                           reading=args.reading, criterion=sets.criterion, weight_bits=bits.weight, act_bits=bits.act,
                           act_scheme=args.act_scheme, start=args.start, smooth_alpha=args.smooth_alpha,
-                          passes=args.passes)
+                          passes=args.passes, promote_weight_bits=args.promote_bits, promote_share=args.promote_share)
     return model, sets, config
 
 
@@ -421,6 +427,9 @@ def _search_summary(report: object, criterion: str) -> str:
         f"search: {report.evaluations} model evaluations in {report.seconds:.1f} s; "
         f"{len(report.refinements)} choice(s) changed by passes after the first",
     ]
+    if report.promotion_trials:
+        lines.append(f"mixed precision: {', '.join(report.promoted_groups) or 'no group'} promoted "
+                     f"({report.promoted_share:.0%} of the weights)")
     return "\n".join(lines)
 
 
@@ -516,7 +525,7 @@ def _build_parser() -> argparse.ArgumentParser:
     accuracy.add_argument("--bits", nargs="+", default=["W8A8", "W6A6", "W4A8", "W4A4"])
     accuracy.add_argument("--methods", nargs="+",
                           default=["max", "percentile-99.99", "mse", "entropy", "cnn0-2-float", "x86-inductor-default",
-                                   "xnnpack-default", "dynamic-int8", "stablequant-paper", "stablequant"])
+                                   "xnnpack-default", "dynamic-int8", "stablequant-paper", "stablequant", "stablequant-mixed"])
     accuracy.add_argument("--gamma", type=float, default=0.25, help="sensitivity threshold in WER points")
     accuracy.add_argument("--max-calibration", type=int, default=32)
     accuracy.add_argument("--max-dev", type=int, default=100)

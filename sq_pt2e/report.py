@@ -182,9 +182,13 @@ def _search_section(search: dict[str, Any]) -> list[str]:
         f"- passes over the sensitive groups: up to {config.get('passes', 1)}; later passes changed "
         + (", ".join(f"`{r['group']}` in pass {r['pass']} ({_option(r['from'])} -> {_option(r['to'])})"
                      for r in search.get("refinements", [])) or "nothing"),
-        "",
     ]
-    return lines
+    if search.get("promotion_trials"):
+        promoted = ", ".join(f"`{g}`" for g in search.get("promoted_groups", [])) or "no group"
+        lines.append(f"- mixed precision: weights of {promoted} at {config.get('promote_weight_bits')} bits "
+                     f"({search.get('promoted_share', 0.0):.0%} of the weights, at most "
+                     f"{config.get('promote_share', 0.0):.0%})")
+    return lines + [""]
 
 
 def _option(percentile: float | None) -> str:

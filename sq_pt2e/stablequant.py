@@ -136,6 +136,10 @@ class SearchConfig:
             groups after it still at their starting ranges; each later pass revisits every group with
             all others at their chosen ranges (coordinate descent), and the search stops early when a
             pass changes nothing.
+        promote_weight_bits: mixed precision (None: off). After step 3, each group is scored with
+            its weights at these bits and everything else as chosen (one batch); the groups that
+            lower the logit KL most per promoted weight get these bits, within ``promote_share``.
+        promote_share: the largest share of the searched layers' weights that may be promoted.
     """
 
     gamma: float = 0.25
@@ -154,12 +158,18 @@ class SearchConfig:
     smooth_alpha: float = 0.75
     smooth_ops: tuple[OpKind, ...] = ("conv1d",)
     passes: int = 3
+    promote_weight_bits: int | None = None
+    promote_share: float = 0.25
 
     @property
     def resolved_weight_calibration(self) -> Literal["max", "mse"]:
         """The per-channel weight range method ``weight_calibration`` resolves to at ``weight_bits``."""
+        return self.weight_calibration_at(self.weight_bits)
+
+    def weight_calibration_at(self, bits: int) -> Literal["max", "mse"]:
+        """The per-channel weight range method ``weight_calibration`` resolves to at ``bits``."""
         if self.weight_calibration == "auto":
-            return "mse" if self.weight_bits <= 4 else "max"
+            return "mse" if bits <= 4 else "max"
         return self.weight_calibration
 
     def __post_init__(self) -> None:
@@ -179,6 +189,11 @@ class SearchConfig:
             raise ValueError(f"weight_calibration={self.weight_calibration!r} (expected max, mse or auto)")
         if self.passes < 1:
             raise ValueError(f"passes={self.passes} (expected >= 1)")
+        if self.promote_weight_bits is not None and not self.weight_bits < self.promote_weight_bits <= 8:
+            raise ValueError(f"promote_weight_bits={self.promote_weight_bits} (expected more than weight_bits="
+                             f"{self.weight_bits} and at most 8)")
+        if not 0.0 <= self.promote_share <= 1.0:
+            raise ValueError(f"promote_share={self.promote_share} (expected 0..1)")
         if not 0.0 <= self.smooth_alpha <= 1.0:
             raise ValueError(f"smooth_alpha={self.smooth_alpha} (expected 0 <= alpha <= 1; 0 disables smoothing)")
 
@@ -515,6 +530,10 @@ class SearchReport:
     later pass of step 2 changed (``SearchConfig.passes``); ``percentile_trials`` holds
     each group's trials from the last pass that visited it.
 
+    ``promotion_trials`` holds, with mixed precision (``SearchConfig.promote_weight_bits``),
+    each group's score with its weights promoted and its weight count; ``promoted_groups``
+    the groups promoted, in the order chosen, and ``promoted_share`` their share of the weights.
+
     ``evaluations`` counts candidates simulated by this search; ``cached_evaluations``
     those whose score came from the score cache (a resumed search).
     """
@@ -528,6 +547,9 @@ class SearchReport:
     chosen_percentiles: dict[str, float] = field(default_factory=dict)
     kept_mse: dict[str, dict[str, float]] = field(default_factory=dict)
     refinements: list[dict[str, object]] = field(default_factory=list)
+    promotion_trials: dict[str, dict[str, float]] = field(default_factory=dict)
+    promoted_groups: list[str] = field(default_factory=list)
+    promoted_share: float = 0.0
     evaluations: int = 0
     cached_evaluations: int = 0
     seconds: float = 0.0
@@ -659,9 +681,13 @@ def search_plan(
     if unknown:
         raise ValueError(f"input_scales for layers that are not searched: {unknown[:3]}")
 
-    def quant(ranges: dict[str, float]) -> Candidate:
-        return {n: LayerQuant(r, config.act_bits, config.weight_bits, config.resolved_weight_calibration, floor(n, r),
-                              scales.get(n)) for n, r in ranges.items()}
+    def weight_bits(name: str, promoted: set[str]) -> int:
+        return config.promote_weight_bits if name in promoted and config.promote_weight_bits else config.weight_bits
+
+    def quant(ranges: dict[str, float], promoted: set[str] = frozenset()) -> Candidate:
+        return {n: LayerQuant(r, config.act_bits, weight_bits(n, promoted),
+                              config.weight_calibration_at(weight_bits(n, promoted)), floor(n, r), scales.get(n))
+                for n, r in ranges.items()}
 
     # Step 1: sensitivity of each group, quantized alone with max ranges (one batch, with all-max first).
     float_score = evaluator.float_score
@@ -728,16 +754,55 @@ def search_plan(
                                                     else f"p={choice}"))
         if pass_number > 1 and changes == 0:
             break
-    report.final_score = evaluator(quant(chosen))
+    promoted: set[str] = set()
+    if config.promote_weight_bits is not None:
+        promoted = _promote_groups(evaluator, groups, {m.name: m.module.weight.numel() for m in modules},
+                                   quant(chosen), lambda names: quant(chosen, names), config, report, progress_bar)
+        say(f"mixed precision: {len(report.promoted_groups)} group(s) at W{config.promote_weight_bits} "
+            f"({report.promoted_share:.0%} of the weights)")
+    report.final_score = evaluator(quant(chosen, promoted))
     report.evaluations = getattr(evaluator, "evaluations", 0) - evaluations_before
     report.cached_evaluations = getattr(evaluator, "cached", 0) - cached_before
     report.seconds = time.perf_counter() - start
     every = quantizable_modules(model)
     kept_float = [m for m in every if m.op not in config.skip_ops and m.name not in hist]
     plan = _to_plan(modules, groups, {n: (r, floor(n, r)) for n, r in chosen.items()}, report, config, model_name,
-                    scales, kept_float)
+                    scales, kept_float, {n: weight_bits(n, promoted) for n in chosen})
     position = {m.name: i for i, m in enumerate(every)}
     return dataclasses.replace(plan, layers=tuple(sorted(plan.layers, key=lambda la: position[la.name]))), report
+
+
+def _promote_groups(evaluator: Evaluator, groups: dict[str, list[str]], weights: dict[str, int], base: Candidate,
+                    promoted_candidate: Callable[[set[str]], Candidate], config: SearchConfig, report: SearchReport,
+                    progress_bar: bool | None) -> set[str]:
+    """Mixed precision: the layers whose groups get ``config.promote_weight_bits`` weights.
+
+    Each group is scored alone at the promoted width (one batch) against the plan as
+    chosen; groups are taken in order of logit-KL gain per promoted weight while the gain
+    is positive and the weights fit in ``promote_share`` (a group that does not fit is
+    passed over for smaller ones).
+    """
+    base_score = evaluator(base)
+    names = list(groups)
+    scores = _score_batch(evaluator, [promoted_candidate(set(groups[g])) for g in names], "mixed precision",
+                          progress_bar)
+    size = {g: sum(weights[n] for n in groups[g]) for g in names}
+    gain = {g: base_score.kl - score.kl for g, score in zip(names, scores, strict=True)}
+    for g, score in zip(names, scores, strict=True):
+        report.promotion_trials[g] = {"kl": score.kl, "weights": float(size[g]),
+                                      **({"wer": score.wer} if score.wer is not None else {})}
+    total = sum(size.values())
+    budget, used = config.promote_share * total, 0
+    promoted: set[str] = set()
+    for g in sorted(names, key=lambda g: -gain[g] / max(1, size[g])):  # stable: ties keep network order
+        if gain[g] <= 0:
+            break
+        if used + size[g] <= budget:
+            promoted |= set(groups[g])
+            used += size[g]
+            report.promoted_groups.append(g)
+    report.promoted_share = used / max(1, total)
+    return promoted
 
 
 def _to_plan(
@@ -749,6 +814,7 @@ def _to_plan(
     model_name: str,
     input_scales: dict[str, tuple[float, ...]],
     kept_float: list[QuantizableModule],
+    weight_bits: dict[str, int],
 ) -> QuantPlan:
     group_of = {n: g for g, names in groups.items() for n in names}
     layers = [LayerPlan(m.name, op=m.op, skip=True, reason="kept float by the search config (keep_float)")
@@ -772,15 +838,21 @@ def _to_plan(
                               clip_percentile=p if method == "percentile" else None, reason=reason)
         else:
             layer = LayerPlan(m.name, op=m.op, calibration="mse", reason=f"not sensitive ({group}): MSE-optimal range")
+        if group in report.promoted_groups:
+            trial = report.promotion_trials[group]
+            evidence |= {f"promoted_{k}": v for k, v in trial.items()}
+            layer = dataclasses.replace(layer, reason=f"{layer.reason}; weights at {weight_bits[m.name]} bits "
+                                                      f"(mixed precision: group KL {trial['kl']:.3g} promoted)")
         act_range, floor_value = chosen[m.name]
         layers.append(dataclasses.replace(
-            layer, weight_bits=config.weight_bits, act_bits=config.act_bits,
-            weight_calibration=config.resolved_weight_calibration, act_range=float(act_range),
+            layer, weight_bits=weight_bits[m.name], act_bits=config.act_bits,
+            weight_calibration=config.weight_calibration_at(weight_bits[m.name]), act_range=float(act_range),
             act_scheme="symmetric" if floor_value is None else "affine", act_floor=floor_value,
             input_scale=input_scales.get(m.name),
             evidence=tuple(sorted((k, float(v)) for k, v in evidence.items())),
         ))
     skips = tuple(LayerPlan("*", op=op, skip=True, reason="kept float by the search config (skip_ops)")
                   for op in config.skip_ops)
-    default = LayerPlan("*", weight_bits=config.weight_bits, act_bits=config.act_bits)
+    default = LayerPlan("*", weight_bits=config.weight_bits, act_bits=config.act_bits,
+                        weight_calibration=config.resolved_weight_calibration)
     return QuantPlan(default=default, layers=tuple(layers), op_defaults=skips, model=model_name)

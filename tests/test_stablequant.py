@@ -235,3 +235,63 @@ def test_a_four_bit_plan_records_mse_weight_ranges(planted_model: torch.nn.Modul
     plan, _ = search_plan(planted_model, statistics, Evaluator(planted_model, _waves(2, 2)), config)
     quantized = [layer for layer in plan.layers if not layer.skip]
     assert quantized and all(layer.weight_calibration == "mse" and layer.weight_bits == 4 for layer in quantized)
+
+
+class _WeightBitsObjective:
+    """A fake evaluator: each layer adds ``cost[layer]`` to the KL while its weights have fewer than 8 bits."""
+
+    def __init__(self, cost: dict[str, float]) -> None:
+        self.cost, self.float_score, self.evaluations = cost, Score(None, 0.0), 0
+
+    def __call__(self, layers) -> Score:
+        self.evaluations += 1
+        return Score(None, 0.001 + sum(c for n, c in self.cost.items() if n in layers and layers[n].weight_bits < 8))
+
+
+SMALL_GROUP = "wav2vec2.feature_extractor.conv_layers.2.conv"
+LARGE_GROUP = "wav2vec2.encoder.layers.0"
+
+
+def _mixed_search(model: torch.nn.Module, share: float):
+    statistics = collect_statistics(model, _waves(1, 2))
+    modules = quantizable_modules(model)
+    block = [m.name for m in modules if m.name.startswith(LARGE_GROUP + ".")]
+    cost = {SMALL_GROUP: 1.0, **{n: 0.5 / len(block) for n in block}}  # the block gains 0.5 in all
+    config = SearchConfig(criterion="kl", kl_share=1.0, smooth_alpha=0.0, weight_bits=4, promote_weight_bits=8,
+                          promote_share=share)
+    return search_plan(model, statistics, _WeightBitsObjective(cost), config)
+
+
+def test_mixed_precision_promotes_the_best_gain_per_weight_within_the_share(planted_model: torch.nn.Module) -> None:
+    _, report = _mixed_search(planted_model, 1.0)
+    assert report.promoted_groups == [SMALL_GROUP, LARGE_GROUP]  # gain per weight order; zero-gain groups stay
+    sizes = {g: trial["weights"] for g, trial in report.promotion_trials.items()}
+    total = sum(sizes.values())
+    assert report.promoted_share == pytest.approx((sizes[SMALL_GROUP] + sizes[LARGE_GROUP]) / total)
+    assert report.final_score.kl == pytest.approx(0.001)
+    tight = (sizes[SMALL_GROUP] + sizes[LARGE_GROUP] - 1) / total  # both do not fit: the small one goes first
+    plan, report = _mixed_search(planted_model, tight)
+    assert report.promoted_groups == [SMALL_GROUP] and report.final_score.kl == pytest.approx(0.501)
+    promoted = plan.resolve(SMALL_GROUP, "conv1d")
+    assert (promoted.weight_bits, promoted.weight_calibration) == (8, "max") and "mixed precision" in promoted.reason
+    other = next(layer for layer in plan.layers if layer.name.startswith(LARGE_GROUP + "."))
+    assert (other.weight_bits, other.weight_calibration) == (4, "mse")
+
+
+def test_a_mixed_plan_through_pt2e_equals_simulation(planted_model: torch.nn.Module) -> None:
+    plan, report = _mixed_search(planted_model, 1.0)
+    assert {layer.weight_bits for layer in plan.layers if not layer.skip} == {4, 8}
+    wave = _waves(3, 1)[0]
+    converted = quantize_model(planted_model, wave, _waves(1, 1), plan=plan, fit_to_cpu=False).converted
+    with fake_quantized(planted_model, plan_layer_quants(planted_model, plan, {})) as simulated, torch.no_grad():
+        expected = simulated(wave)
+    torch.testing.assert_close(converted(wave), expected, rtol=0, atol=1e-5)
+
+
+def test_mixed_precision_settings_are_checked() -> None:
+    with pytest.raises(ValueError, match="promote_weight_bits=4"):
+        SearchConfig(weight_bits=4, promote_weight_bits=4)
+    with pytest.raises(ValueError, match="promote_weight_bits=9"):
+        SearchConfig(weight_bits=4, promote_weight_bits=9)
+    with pytest.raises(ValueError, match="promote_share=1.5"):
+        SearchConfig(weight_bits=4, promote_weight_bits=8, promote_share=1.5)
