@@ -16,41 +16,32 @@ Runs on the output of ``convert_pt2e`` (int8 weights as constants), before
 from __future__ import annotations
 
 import torch
-from torch.fx import GraphModule
-from torch.fx.passes.infra.pass_base import PassBase, PassResult
+from torch.fx import GraphModule, Node
 
-from sq_pt2e.passes.rewrite_utils import add_constant, match_quantized_conv1d, replace_node
+from sq_pt2e.passes.rewrite_utils import NodeRewritePass, Rewrite, add_constant, match_quantized_conv1d
 
 __all__ = ["QuantizedConv1dAsConv2dPass"]
 
 
-class QuantizedConv1dAsConv2dPass(PassBase):
+class QuantizedConv1dAsConv2dPass(NodeRewritePass):
     """Rewrite ``dq -> conv1d`` patterns as ``dq -> conv2d`` with height-1 tensors."""
 
-    def call(self, graph_module: GraphModule) -> PassResult:
+    def rewrite(self, graph_module: GraphModule, node: Node) -> Rewrite | None:
         graph = graph_module.graph
-        modified = False
-        for node in list(graph.nodes):
-            conv = match_quantized_conv1d(node)
-            if conv is None:
-                continue
-            x_dq, w_dq, w_int = conv.x_dq, conv.w_dq, conv.w_int
-            weight4 = getattr(graph_module, w_int.target).unsqueeze(2).contiguous()
-            attr_name = add_constant(graph_module, f"{w_int.target}_as_conv2d", weight4)
-            with graph.inserting_before(node):
-                x_int4 = graph.call_function(torch.ops.aten.unsqueeze.default, (x_dq.args[0], 2))
-                x_dq4 = graph.call_function(x_dq.target, (x_int4, *x_dq.args[1:]), dict(x_dq.kwargs))
-                w_int4 = graph.get_attr(attr_name)
-                w_dq4 = graph.call_function(w_dq.target, (w_int4, *w_dq.args[1:]), dict(w_dq.kwargs))
-                conv2d = graph.call_function(
-                    torch.ops.aten.conv2d.default,
-                    (x_dq4, w_dq4, conv.bias, [1, conv.stride], [0, conv.padding], [1, conv.dilation], conv.groups),
-                )
-                out = graph.call_function(torch.ops.aten.squeeze.dim, (conv2d, 2))
-            replace_node(graph_module, node, out, also_tag=(x_int4, x_dq4, w_int4, w_dq4, conv2d))
-            modified = True
-        if modified:
-            graph.eliminate_dead_code()
-            graph_module.delete_all_unused_submodules()
-            graph_module.recompile()
-        return PassResult(graph_module, modified)
+        conv = match_quantized_conv1d(node)
+        if conv is None:
+            return None
+        x_dq, w_dq, w_int = conv.x_dq, conv.w_dq, conv.w_int
+        weight4 = getattr(graph_module, w_int.target).unsqueeze(2).contiguous()
+        attr_name = add_constant(graph_module, f"{w_int.target}_as_conv2d", weight4)
+        with graph.inserting_before(node):
+            x_int4 = graph.call_function(torch.ops.aten.unsqueeze.default, (x_dq.args[0], 2))
+            x_dq4 = graph.call_function(x_dq.target, (x_int4, *x_dq.args[1:]), dict(x_dq.kwargs))
+            w_int4 = graph.get_attr(attr_name)
+            w_dq4 = graph.call_function(w_dq.target, (w_int4, *w_dq.args[1:]), dict(w_dq.kwargs))
+            conv2d = graph.call_function(
+                torch.ops.aten.conv2d.default,
+                (x_dq4, w_dq4, conv.bias, [1, conv.stride], [0, conv.padding], [1, conv.dilation], conv.groups),
+            )
+            out = graph.call_function(torch.ops.aten.squeeze.dim, (conv2d, 2))
+        return Rewrite(out, also_tag=(x_int4, x_dq4, w_int4, w_dq4, conv2d))

@@ -18,46 +18,38 @@ keep the conv2d route (``QuantizedConv1dAsConv2dPass``). Runs on the output of
 from __future__ import annotations
 
 import torch
-from torch.fx import GraphModule
-from torch.fx.passes.infra.pass_base import PassBase, PassResult
+from torch.fx import GraphModule, Node
 
-from sq_pt2e.passes.rewrite_utils import add_constant, match_quantized_conv1d, replace_node
+from sq_pt2e.passes.rewrite_utils import NodeRewritePass, Rewrite, add_constant, match_quantized_conv1d
 
 __all__ = ["QuantizedConv1dAsGemmPass"]
 
 aten = torch.ops.aten
 
 
-class QuantizedConv1dAsGemmPass(PassBase):
+class QuantizedConv1dAsGemmPass(NodeRewritePass):
     """Rewrite eligible ``dq -> conv1d`` as ``unfold -> dq -> linear`` in time-major layout."""
 
-    def call(self, graph_module: GraphModule) -> PassResult:
+    def rewrite(self, graph_module: GraphModule, node: Node) -> Rewrite | None:
         graph = graph_module.graph
-        modified = False
-        for node in list(graph.nodes):
-            conv = match_quantized_conv1d(node)
-            if conv is None or conv.groups != 1 or conv.padding != 0 or conv.dilation != 1:
-                continue
-            weight = getattr(graph_module, conv.w_int.target)
-            out_channels, in_channels, kernel = weight.shape
-            if in_channels == 1:
-                continue
-            gemm_weight = weight.permute(0, 2, 1).reshape(out_channels, kernel * in_channels).contiguous()
-            name = add_constant(graph_module, f"{conv.w_int.target}_as_gemm", gemm_weight)
-            with graph.inserting_before(node):
-                frames = graph.call_function(aten.permute.default, (conv.x_dq.args[0], [0, 2, 1]))
-                windows = graph.call_function(aten.unfold.default, (frames, 1, kernel, conv.stride))
-                windows = graph.call_function(aten.permute.default, (windows, [0, 1, 3, 2]))
-                batch = int(node.meta["val"].shape[0])
-                rows = graph.call_function(aten.reshape.default, (windows, [batch, -1, kernel * in_channels]))
-                x_dq = graph.call_function(conv.x_dq.target, (rows, *conv.x_dq.args[1:]), dict(conv.x_dq.kwargs))
-                w_dq = graph.call_function(conv.w_dq.target, (graph.get_attr(name), *conv.w_dq.args[1:]),
-                                           dict(conv.w_dq.kwargs))
-                linear = graph.call_function(aten.linear.default, (x_dq, w_dq, conv.bias))
-                out = graph.call_function(aten.permute.default, (linear, [0, 2, 1]))
-            replace_node(graph_module, node, out, also_tag=(frames, windows, rows, x_dq, w_dq, linear))
-            modified = True
-        if modified:
-            graph.eliminate_dead_code()
-            graph_module.recompile()
-        return PassResult(graph_module, modified)
+        conv = match_quantized_conv1d(node)
+        if conv is None or conv.groups != 1 or conv.padding != 0 or conv.dilation != 1:
+            return None
+        weight = getattr(graph_module, conv.w_int.target)
+        out_channels, in_channels, kernel = weight.shape
+        if in_channels == 1:
+            return None
+        gemm_weight = weight.permute(0, 2, 1).reshape(out_channels, kernel * in_channels).contiguous()
+        name = add_constant(graph_module, f"{conv.w_int.target}_as_gemm", gemm_weight)
+        with graph.inserting_before(node):
+            frames = graph.call_function(aten.permute.default, (conv.x_dq.args[0], [0, 2, 1]))
+            windows = graph.call_function(aten.unfold.default, (frames, 1, kernel, conv.stride))
+            windows = graph.call_function(aten.permute.default, (windows, [0, 1, 3, 2]))
+            batch = int(node.meta["val"].shape[0])
+            rows = graph.call_function(aten.reshape.default, (windows, [batch, -1, kernel * in_channels]))
+            x_dq = graph.call_function(conv.x_dq.target, (rows, *conv.x_dq.args[1:]), dict(conv.x_dq.kwargs))
+            w_dq = graph.call_function(conv.w_dq.target, (graph.get_attr(name), *conv.w_dq.args[1:]),
+                                       dict(conv.w_dq.kwargs))
+            linear = graph.call_function(aten.linear.default, (x_dq, w_dq, conv.bias))
+            out = graph.call_function(aten.permute.default, (linear, [0, 2, 1]))
+        return Rewrite(out, also_tag=(frames, windows, rows, x_dq, w_dq, linear))

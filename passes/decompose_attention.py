@@ -13,51 +13,43 @@ from __future__ import annotations
 import math
 
 import torch
-from torch.fx import GraphModule
-from torch.fx.passes.infra.pass_base import PassBase, PassResult
+from torch.fx import GraphModule, Node
 
-from sq_pt2e.passes.rewrite_utils import add_constant, replace_node
+from sq_pt2e.passes.rewrite_utils import NodeRewritePass, Rewrite, add_constant
 
 __all__ = ["DecomposeAttentionPass"]
 
 aten = torch.ops.aten
 
 
-class DecomposeAttentionPass(PassBase):
+class DecomposeAttentionPass(NodeRewritePass):
     """Rewrite mask-free, dropout-free, non-causal ``aten.scaled_dot_product_attention``."""
 
-    def call(self, graph_module: GraphModule) -> PassResult:
+    def rewrite(self, graph_module: GraphModule, node: Node) -> Rewrite | None:
         graph = graph_module.graph
-        modified = False
-        for node in list(graph.nodes):
-            if node.op != "call_function" or node.target != aten.scaled_dot_product_attention.default:
-                continue
-            args = list(node.args) + [None, 0.0, False][len(node.args) - 3 :] if len(node.args) < 6 else list(node.args)
-            mask = node.kwargs.get("attn_mask", args[3])
-            dropout = node.kwargs.get("dropout_p", args[4])
-            causal = node.kwargs.get("is_causal", args[5])
-            if mask is not None or dropout or causal or node.kwargs.get("enable_gqa"):
-                continue
-            q, k, v = args[:3]
-            q_val, k_val = q.meta.get("val"), k.meta.get("val")
-            if q_val is None or k_val is None or q_val.dim() != 4:
-                continue
-            batch, heads, length, dim = q_val.shape
-            keys = k_val.shape[2]
-            scale = node.kwargs.get("scale") or 1.0 / math.sqrt(dim)
-            name = add_constant(graph_module, "_attention_scale", torch.tensor([scale], dtype=torch.float32))
-            with graph.inserting_before(node):
-                q3 = graph.call_function(aten.reshape.default, (q, [batch * heads, length, dim]))
-                k3 = graph.call_function(aten.reshape.default, (k, [batch * heads, keys, dim]))
-                v3 = graph.call_function(aten.reshape.default, (v, [batch * heads, keys, v.meta["val"].shape[-1]]))
-                scores = graph.call_function(aten.bmm.default, (q3, graph.call_function(aten.transpose.int, (k3, 1, 2))))
-                scores = graph.call_function(aten.mul.Tensor, (scores, graph.get_attr(name)))
-                probs = graph.call_function(aten._softmax.default, (scores, -1, False))
-                out3 = graph.call_function(aten.bmm.default, (probs, v3))
-                out = graph.call_function(aten.reshape.default, (out3, [batch, heads, length, v.meta["val"].shape[-1]]))
-            replace_node(graph_module, node, out)
-            modified = True
-        if modified:
-            graph.eliminate_dead_code()
-            graph_module.recompile()
-        return PassResult(graph_module, modified)
+        if node.op != "call_function" or node.target != aten.scaled_dot_product_attention.default:
+            return None
+        args = list(node.args) + [None, 0.0, False][len(node.args) - 3 :] if len(node.args) < 6 else list(node.args)
+        mask = node.kwargs.get("attn_mask", args[3])
+        dropout = node.kwargs.get("dropout_p", args[4])
+        causal = node.kwargs.get("is_causal", args[5])
+        if mask is not None or dropout or causal or node.kwargs.get("enable_gqa"):
+            return None
+        q, k, v = args[:3]
+        q_val, k_val = q.meta.get("val"), k.meta.get("val")
+        if q_val is None or k_val is None or q_val.dim() != 4:
+            return None
+        batch, heads, length, dim = q_val.shape
+        keys = k_val.shape[2]
+        scale = node.kwargs.get("scale") or 1.0 / math.sqrt(dim)
+        name = add_constant(graph_module, "_attention_scale", torch.tensor([scale], dtype=torch.float32))
+        with graph.inserting_before(node):
+            q3 = graph.call_function(aten.reshape.default, (q, [batch * heads, length, dim]))
+            k3 = graph.call_function(aten.reshape.default, (k, [batch * heads, keys, dim]))
+            v3 = graph.call_function(aten.reshape.default, (v, [batch * heads, keys, v.meta["val"].shape[-1]]))
+            scores = graph.call_function(aten.bmm.default, (q3, graph.call_function(aten.transpose.int, (k3, 1, 2))))
+            scores = graph.call_function(aten.mul.Tensor, (scores, graph.get_attr(name)))
+            probs = graph.call_function(aten._softmax.default, (scores, -1, False))
+            out3 = graph.call_function(aten.bmm.default, (probs, v3))
+            out = graph.call_function(aten.reshape.default, (out3, [batch, heads, length, v.meta["val"].shape[-1]]))
+        return Rewrite(out)

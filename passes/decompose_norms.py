@@ -17,9 +17,8 @@ from __future__ import annotations
 
 import torch
 from torch.fx import GraphModule, Node
-from torch.fx.passes.infra.pass_base import PassBase, PassResult
 
-from sq_pt2e.passes.rewrite_utils import add_constant, replace_node
+from sq_pt2e.passes.rewrite_utils import NodeRewritePass, Rewrite, add_constant
 
 __all__ = ["DecomposeNormsPass"]
 
@@ -55,29 +54,19 @@ def _normalise_4d(gm: GraphModule, x4: Node, eps: float) -> Node:
     return graph.call_function(aten.mul.Tensor, (centred, inverse))
 
 
-class DecomposeNormsPass(PassBase):
+class DecomposeNormsPass(NodeRewritePass):
     """Rewrite ``aten.layer_norm`` (last dim) and ``aten.group_norm`` (one group per channel)."""
 
-    def call(self, graph_module: GraphModule) -> PassResult:
-        graph = graph_module.graph
-        modified = False
-        for node in list(graph.nodes):
-            if node.op != "call_function":
-                continue
-            if node.target == aten.layer_norm.default:
-                replacement = self._layer_norm(graph_module, node)
-            elif node.target == aten.group_norm.default:
-                replacement = self._group_norm(graph_module, node)
-            else:
-                continue
-            if replacement is None:
-                continue
-            replace_node(graph_module, node, replacement)
-            modified = True
-        if modified:
-            graph.eliminate_dead_code()
-            graph_module.recompile()
-        return PassResult(graph_module, modified)
+    def rewrite(self, graph_module: GraphModule, node: Node) -> Rewrite | None:
+        if node.op != "call_function":
+            return None
+        if node.target == aten.layer_norm.default:
+            replacement = self._layer_norm(graph_module, node)
+        elif node.target == aten.group_norm.default:
+            replacement = self._group_norm(graph_module, node)
+        else:
+            return None
+        return None if replacement is None else Rewrite(replacement)
 
     @staticmethod
     def _layer_norm(gm: GraphModule, node: Node) -> Node | None:

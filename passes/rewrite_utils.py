@@ -1,4 +1,4 @@
-"""Small helpers the graph passes share: constants as buffers, node replacement."""
+"""What the graph passes share: constants as buffers, node replacement, the node-rewrite pass."""
 
 from __future__ import annotations
 
@@ -6,8 +6,10 @@ from dataclasses import dataclass
 
 import torch
 from torch.fx import GraphModule, Node
+from torch.fx.passes.infra.pass_base import PassBase, PassResult
 
-__all__ = ["QuantizedConv1d", "add_constant", "conv1d_arguments", "get_constant", "match_quantized_conv1d", "replace_node"]
+__all__ = ["NodeRewritePass", "QuantizedConv1d", "Rewrite", "add_constant", "conv1d_arguments", "get_constant",
+           "match_quantized_conv1d", "replace_node"]
 
 _KEPT_META = ("nn_module_stack", "stack_trace")
 _DQ_TENSOR = (
@@ -84,3 +86,38 @@ def replace_node(graph_module: GraphModule, old: Node, new: Node, *, also_tag: t
         node.meta.update({k: v for k, v in old.meta.items() if k in _KEPT_META})
     old.replace_all_uses_with(new)
     graph_module.graph.erase_node(old)
+
+
+@dataclass(frozen=True)
+class Rewrite:
+    """What a rewrite put in place of a node: the node giving its value, and other new nodes
+    that take its layer meta (for the layer names in kernel reports)."""
+
+    out: Node
+    also_tag: tuple[Node, ...] = ()
+
+
+class NodeRewritePass(PassBase):
+    """A pass that visits every node once and may replace it; subclasses implement :meth:`rewrite`.
+
+    The base class routes the node's uses to the replacement and erases it; when anything
+    changed it then removes dead code and unused submodules and recompiles the module.
+    """
+
+    def rewrite(self, graph_module: GraphModule, node: Node) -> Rewrite | None:
+        """Insert the replacement of ``node`` before it and return it, or ``None`` to leave ``node`` alone."""
+        raise NotImplementedError
+
+    def call(self, graph_module: GraphModule) -> PassResult:
+        modified = False
+        for node in list(graph_module.graph.nodes):
+            done = self.rewrite(graph_module, node)
+            if done is None:
+                continue
+            replace_node(graph_module, node, done.out, also_tag=done.also_tag)
+            modified = True
+        if modified:
+            graph_module.graph.eliminate_dead_code()
+            graph_module.delete_all_unused_submodules()
+            graph_module.recompile()
+        return PassResult(graph_module, modified)

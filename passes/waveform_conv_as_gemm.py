@@ -15,42 +15,34 @@ from __future__ import annotations
 
 import torch
 from torch.fx import GraphModule, Node
-from torch.fx.passes.infra.pass_base import PassBase, PassResult
 
-from sq_pt2e.passes.rewrite_utils import add_constant, conv1d_arguments, get_constant, replace_node
+from sq_pt2e.passes.rewrite_utils import NodeRewritePass, Rewrite, add_constant, conv1d_arguments, get_constant
 
 __all__ = ["WaveformConvAsGemmPass"]
 
 aten = torch.ops.aten
 
 
-class WaveformConvAsGemmPass(PassBase):
+class WaveformConvAsGemmPass(NodeRewritePass):
     """Rewrite float ``conv1d`` with one input channel and a constant weight as ``unfold -> linear``."""
 
-    def call(self, graph_module: GraphModule) -> PassResult:
+    def rewrite(self, graph_module: GraphModule, node: Node) -> Rewrite | None:
         graph = graph_module.graph
-        modified = False
-        for node in list(graph.nodes):
-            if node.op != "call_function" or node.target != aten.conv1d.default:
-                continue
-            weight_node = node.args[1]
-            if not (isinstance(weight_node, Node) and weight_node.op == "get_attr"):
-                continue  # a dequantized (int8) weight: the int8 passes handle it
-            weight = get_constant(graph_module, weight_node.target)
-            bias, stride, padding, dilation, groups = conv1d_arguments(node)
-            out_channels, in_channels, kernel = weight.shape
-            if in_channels != 1 or groups != 1 or padding != 0 or dilation != 1 or weight.dtype != torch.float32:
-                continue
-            name = add_constant(graph_module, f"{weight_node.target.replace('.', '_')}_as_gemm", weight.reshape(out_channels, kernel))
-            batch, samples = int(node.args[0].meta["val"].shape[0]), int(node.args[0].meta["val"].shape[-1])
-            with graph.inserting_before(node):
-                signal = graph.call_function(aten.reshape.default, (node.args[0], [batch, samples]))
-                windows = graph.call_function(aten.unfold.default, (signal, 1, kernel, stride))
-                linear = graph.call_function(aten.linear.default, (windows, graph.get_attr(name), bias))
-                out = graph.call_function(aten.permute.default, (linear, [0, 2, 1]))
-            replace_node(graph_module, node, out, also_tag=(signal, windows, linear))
-            modified = True
-        if modified:
-            graph.eliminate_dead_code()
-            graph_module.recompile()
-        return PassResult(graph_module, modified)
+        if node.op != "call_function" or node.target != aten.conv1d.default:
+            return None
+        weight_node = node.args[1]
+        if not (isinstance(weight_node, Node) and weight_node.op == "get_attr"):
+            return None  # a dequantized (int8) weight: the int8 passes handle it
+        weight = get_constant(graph_module, weight_node.target)
+        bias, stride, padding, dilation, groups = conv1d_arguments(node)
+        out_channels, in_channels, kernel = weight.shape
+        if in_channels != 1 or groups != 1 or padding != 0 or dilation != 1 or weight.dtype != torch.float32:
+            return None
+        name = add_constant(graph_module, f"{weight_node.target.replace('.', '_')}_as_gemm", weight.reshape(out_channels, kernel))
+        batch, samples = int(node.args[0].meta["val"].shape[0]), int(node.args[0].meta["val"].shape[-1])
+        with graph.inserting_before(node):
+            signal = graph.call_function(aten.reshape.default, (node.args[0], [batch, samples]))
+            windows = graph.call_function(aten.unfold.default, (signal, 1, kernel, stride))
+            linear = graph.call_function(aten.linear.default, (windows, graph.get_attr(name), bias))
+            out = graph.call_function(aten.permute.default, (linear, [0, 2, 1]))
+        return Rewrite(out, also_tag=(signal, windows, linear))

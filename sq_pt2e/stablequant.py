@@ -205,6 +205,10 @@ class Score:
     wer: float | None
     kl: float
 
+    def as_dict(self) -> dict[str, float]:
+        """``{"kl": ..., "wer": ...}``, without ``"wer"`` when there is none."""
+        return {"kl": self.kl, **({"wer": self.wer} if self.wer is not None else {})}
+
     def key(self, criterion: str) -> tuple[float, ...]:
         """The sort key of ``criterion`` (lower is better): WER then KL, or KL alone."""
         if criterion == "wer" and self.wer is not None:
@@ -736,7 +740,7 @@ def search_plan(
             choice, score = order[best_index], scores[best_index]
             scored = dict(zip(order, scores, strict=True))
             report.percentile_trials[group] = [  # in the config's order, whatever order they were tried in
-                {"percentile": p, "kl": scored[p].kl, **({"wer": scored[p].wer} if scored[p].wer is not None else {})}
+                {"percentile": p, **scored[p].as_dict()}
                 for p in config.percentiles]
             if group in current and choice != current[group]:
                 changes += 1
@@ -747,7 +751,7 @@ def search_plan(
             report.kept_mse.pop(group, None)
             report.chosen_percentiles.pop(group, None)
             if choice is None:
-                report.kept_mse[group] = {"kl": score.kl, **({"wer": score.wer} if score.wer is not None else {})}
+                report.kept_mse[group] = score.as_dict()
             else:
                 report.chosen_percentiles[group] = choice
             say(f"pass {pass_number} {group}: " + ("MSE range (no percentile beats it)" if choice is None
@@ -789,8 +793,7 @@ def _promote_groups(evaluator: Evaluator, groups: dict[str, list[str]], weights:
     size = {g: sum(weights[n] for n in groups[g]) for g in names}
     gain = {g: base_score.kl - score.kl for g, score in zip(names, scores, strict=True)}
     for g, score in zip(names, scores, strict=True):
-        report.promotion_trials[g] = {"kl": score.kl, "weights": float(size[g]),
-                                      **({"wer": score.wer} if score.wer is not None else {})}
+        report.promotion_trials[g] = {**score.as_dict(), "weights": float(size[g])}
     total = sum(size.values())
     budget, used = config.promote_share * total, 0
     promoted: set[str] = set()
