@@ -15,7 +15,7 @@ import math
 import torch
 from torch.fx import GraphModule, Node
 
-from sq_pt2e.passes.rewrite_utils import NodeRewritePass, Rewrite, add_constant
+from sq_pt2e.passes.rewrite_utils import NodeRewritePass, Rewrite, add_constant, reshape_sizes
 
 __all__ = ["DecomposeAttentionPass"]
 
@@ -39,17 +39,21 @@ class DecomposeAttentionPass(NodeRewritePass):
         q_val, k_val = q.meta.get("val"), k.meta.get("val")
         if q_val is None or k_val is None or q_val.dim() != 4:
             return None
-        batch, heads, length, dim = q_val.shape
-        keys = k_val.shape[2]
+        q_sizes, k_sizes = reshape_sizes(q_val.shape), reshape_sizes(k_val.shape)
+        v_sizes = reshape_sizes(v.meta["val"].shape)
+        if q_sizes is None or k_sizes is None or v_sizes is None or -1 in q_sizes[:2] + q_sizes[3:] + v_sizes[3:]:
+            return None  # only the length may be dynamic: it is the -1 of each reshape
+        batch, heads, length, dim = q_sizes
+        keys, v_dim = k_sizes[2], v_sizes[3]
         scale = node.kwargs.get("scale") or 1.0 / math.sqrt(dim)
         name = add_constant(graph_module, "_attention_scale", torch.tensor([scale], dtype=torch.float32))
         with graph.inserting_before(node):
             q3 = graph.call_function(aten.reshape.default, (q, [batch * heads, length, dim]))
             k3 = graph.call_function(aten.reshape.default, (k, [batch * heads, keys, dim]))
-            v3 = graph.call_function(aten.reshape.default, (v, [batch * heads, keys, v.meta["val"].shape[-1]]))
+            v3 = graph.call_function(aten.reshape.default, (v, [batch * heads, keys, v_dim]))
             scores = graph.call_function(aten.bmm.default, (q3, graph.call_function(aten.transpose.int, (k3, 1, 2))))
             scores = graph.call_function(aten.mul.Tensor, (scores, graph.get_attr(name)))
             probs = graph.call_function(aten._softmax.default, (scores, -1, False))
             out3 = graph.call_function(aten.bmm.default, (probs, v3))
-            out = graph.call_function(aten.reshape.default, (out3, [batch, heads, length, v.meta["val"].shape[-1]]))
+            out = graph.call_function(aten.reshape.default, (out3, [batch, heads, length, v_dim]))
         return Rewrite(out)

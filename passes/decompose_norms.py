@@ -15,10 +15,12 @@ Runs on a ``GraphModule`` with constants as attributes (a ``convert_pt2e`` outpu
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch.fx import GraphModule, Node
 
-from sq_pt2e.passes.rewrite_utils import NodeRewritePass, Rewrite, add_constant
+from sq_pt2e.passes.rewrite_utils import NodeRewritePass, Rewrite, add_constant, reshape_sizes
 
 __all__ = ["DecomposeNormsPass"]
 
@@ -75,9 +77,11 @@ class DecomposeNormsPass(NodeRewritePass):
         value = _shape_source(node, x)
         if value is None or len(shape) != 1 or value.dim() < 2:
             return None
-        full = list(value.shape)
+        full = reshape_sizes(value.shape)
+        if full is None or -1 in full[:-2] or full[-1] == -1:
+            return None  # only the time axis may be dynamic
         with gm.graph.inserting_before(node):
-            x4 = gm.graph.call_function(aten.reshape.default, (x, [-1, full[-2], full[-1], 1]))
+            x4 = gm.graph.call_function(aten.reshape.default, (x, [math.prod(full[:-2]), full[-2], full[-1], 1]))
             out = gm.graph.call_function(aten.reshape.default, (_normalise_4d(gm, x4, eps), full))
             if weight is not None:
                 out = gm.graph.call_function(aten.mul.Tensor, (out, weight))
@@ -92,7 +96,10 @@ class DecomposeNormsPass(NodeRewritePass):
         value = _shape_source(node, x)
         if value is None or value.dim() != 3 or groups != value.shape[1]:
             return None  # only one group per channel, (batch, channels, time)
-        batch, channels, time = value.shape
+        sizes = reshape_sizes(value.shape)
+        if sizes is None or -1 in sizes[:2]:
+            return None  # only the time axis may be dynamic
+        batch, channels, time = sizes
         with gm.graph.inserting_before(node):
             x4 = gm.graph.call_function(aten.reshape.default, (x, [batch, channels, time, 1]))
             out = gm.graph.call_function(aten.reshape.default, (_normalise_4d(gm, x4, eps), [batch, channels, time]))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -9,7 +10,7 @@ from torch.fx import GraphModule, Node
 from torch.fx.passes.infra.pass_base import PassBase, PassResult
 
 __all__ = ["NodeRewritePass", "QuantizedConv1d", "Rewrite", "add_constant", "conv1d_arguments", "get_constant",
-           "match_quantized_conv1d", "replace_node"]
+           "match_quantized_conv1d", "replace_node", "reshape_sizes"]
 
 _KEPT_META = ("nn_module_stack", "stack_trace")
 _DQ_TENSOR = (
@@ -78,6 +79,17 @@ def add_constant(graph_module: GraphModule, prefix: str, value: torch.Tensor) ->
     name = f"{prefix}_{index}"
     graph_module.register_buffer(name, value)
     return name
+
+
+def reshape_sizes(shape: Sequence[object]) -> list[int] | None:
+    """``shape`` as ``reshape`` sizes that hold for every input length: a dynamic size becomes ``-1``.
+
+    Graphs exported with a dynamic length carry symbolic sizes in their shape metadata;
+    written into a new node's arguments they would name symbols the generated code lacks.
+    Returns ``None`` when more than one size is dynamic (no single ``-1`` can stand for them).
+    """
+    sizes = [int(size) if isinstance(size, int) else -1 for size in shape]
+    return sizes if sizes.count(-1) <= 1 else None
 
 
 def replace_node(graph_module: GraphModule, old: Node, new: Node, *, also_tag: tuple[Node, ...] = ()) -> None:

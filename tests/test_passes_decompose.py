@@ -25,6 +25,17 @@ def test_decomposed_graph_computes_the_same_logits(arch: str) -> None:
     torch.testing.assert_close(graph(wave), expected, rtol=0, atol=1e-5)
 
 
+def test_norms_of_a_dynamic_length_export_stay_dynamic() -> None:
+    """Symbolic sizes must not be written into the new nodes: the graph runs at other lengths."""
+    wave = torch.randn(1, 16000)
+    graph = export_speech_model(build_model("tiny-wav2vec2", seed=0), wave, dynamic_time=True).module()
+    other = torch.randn(1, 24000)
+    expected = graph(other)
+    assert DecomposeNormsPass()(graph).modified
+    assert not any(n.target == aten.group_norm.default for n in graph.graph.nodes)
+    torch.testing.assert_close(graph(other), expected, rtol=0, atol=1e-5)
+
+
 def test_masked_attention_is_left_alone() -> None:
     wave = torch.randn(1, 16000)
     graph = export_speech_model(build_model("tiny-hubert", seed=0), wave, dynamic_time=True).module()
