@@ -130,6 +130,7 @@ def apply_input_scales(gm: GraphModule, scales: dict[str, tuple[float, ...]]) ->
     missing = sorted(set(scales) - set(layers))
     if missing:
         raise QuantizationError(f"input_scale for layer(s) not in the graph: {missing[:5]}")
+    replaced: list[str] = []
     for index, (name, scale) in enumerate(sorted(scales.items())):
         node = layers[name].node
         x, weight = node.args[0], node.args[1]
@@ -152,6 +153,17 @@ def apply_input_scales(gm: GraphModule, scales: dict[str, tuple[float, ...]]) ->
             scaled_x.meta["val"] = x.meta["val"]
         node.replace_input_with(weight, new_weight)
         node.replace_input_with(x, scaled_x)
+        replaced.append(weight.target)
     gm.graph.eliminate_dead_code()
+    _drop_unused_attributes(gm, replaced)
     gm.recompile()
     return gm
+
+
+def _drop_unused_attributes(gm: GraphModule, targets: list[str]) -> None:
+    """Delete the attributes ``targets`` names that no ``get_attr`` node reads any more (the unscaled weights)."""
+    used = {n.target for n in gm.graph.nodes if n.op == "get_attr"}
+    for target in targets:
+        if target not in used:
+            owner_path, _, leaf = target.rpartition(".")
+            delattr(gm.get_submodule(owner_path) if owner_path else gm, leaf)

@@ -49,6 +49,7 @@ def test_scaled_graph_computes_the_same_float_function() -> None:
     apply_input_scales(gm, scales)
     muls = [n for n in gm.graph.nodes if n.target == torch.ops.aten.mul.Tensor and "inverse_input_scale" in str(n.args)]
     assert len(muls) == 1
+    assert CONV.format(2) + ".weight" not in gm.state_dict()  # the unscaled weight is gone, not carried along
     with torch.no_grad():
         torch.testing.assert_close(gm(wave), before, rtol=1e-4, atol=1e-5)
 
