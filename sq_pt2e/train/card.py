@@ -24,11 +24,12 @@ def _trajectory(history: list[dict[str, Any]], rows: int = 12) -> str:
         return "(no dev evaluation yet)"
     picked = history if len(history) <= rows else [history[round(i * (len(history) - 1) / (rows - 1))]
                                                    for i in range(rows)]
-    lines = ["| step | training minutes | audio hours seen | train loss | dev WER % | dev CER % |",
-             "|---:|---:|---:|---:|---:|---:|"]
+    lines = ["| step | training minutes (wall) | threads | audio hours seen | train loss | dev WER % | dev CER % |",
+             "|---:|---:|---:|---:|---:|---:|---:|"]
     for r in picked:
-        lines.append(f"| {r['step']} | {r.get('train_minutes', 0.0):.0f} | {r.get('audio_hours', 0.0):.1f} | "
-                     f"{r.get('loss', float('nan')):.3f} | {r['wer']:.1f} | {r['cer']:.1f} |")
+        lines.append(f"| {r['step']} | {r.get('train_minutes', 0.0):.0f} | {r.get('threads', '?')} | "
+                     f"{r.get('audio_hours', 0.0):.1f} | {r.get('loss', float('nan')):.3f} | {r['wer']:.1f} | "
+                     f"{r['cer']:.1f} |")
     return "\n".join(lines)
 
 
@@ -78,11 +79,11 @@ def write_model_card(folder: str | os.PathLike[str], name: str, results: dict[st
         f"a length curriculum (longest utterance {s('curriculum_start_s', '?')} s growing to "
         f"{s('max_utterance_seconds', '?')} s over {s('curriculum_steps', '?')} steps), SpecAugment time masking",
         f"(p = {s('mask_time_prob', config.mask_time_prob)}), dropout {s('dropout', config.hidden_dropout)}, "
-        "one CPU thread.",
+        f"{s('threads', 1)} CPU thread(s) in the latest run.",
         *_recipe_change_lines(state.get("recipe_changes", [])),
         "",
         f"This checkpoint: step {state.get('step')}, {state.get('train_seconds', 0.0) / 3600:.2f} h of training "
-        f"compute (one thread), {state.get('audio_seconds', 0.0) / 3600:.1f} h of audio seen. Best dev CER",
+        f"wall time, {state.get('audio_seconds', 0.0) / 3600:.1f} h of audio seen. Best dev CER",
         f"{state.get('dev_cer', float('nan')):.1f} % (dev WER {state.get('dev_wer', float('nan')):.1f} %, "
         "first 80 dev utterances).",
     ])

@@ -460,7 +460,7 @@ def train(name: str, train_set: Sequence[Utterance], dev_set: Sequence[Utterance
         record = {"step": state.step, "loss": float(np.mean(losses[-50:])) if losses else float("nan"),
                   "lr": config.lr * lr_factor(max(0, state.step - 1), config, state.rewarm_from),
                   **evaluate(model, dev), "audio_hours": state.audio_seconds / 3600.0,
-                  "train_minutes": state.train_seconds / 60.0}
+                  "train_minutes": state.train_seconds / 60.0, "threads": config.threads}
         state.history.append(record)
         if record["cer"] < state.best_cer:
             state.best_cer = record["cer"]
