@@ -761,7 +761,7 @@ def search_plan(
     promoted: set[str] = set()
     if config.promote_weight_bits is not None:
         promoted = _promote_groups(evaluator, groups, {m.name: m.module.weight.numel() for m in modules},
-                                   quant(chosen), lambda names: quant(chosen, names), config, report, progress_bar)
+                                   lambda names: quant(chosen, names), config, report, progress_bar)
         say(f"mixed precision: {len(report.promoted_groups)} group(s) at W{config.promote_weight_bits} "
             f"({report.promoted_share:.0%} of the weights)")
     report.final_score = evaluator(quant(chosen, promoted))
@@ -776,20 +776,20 @@ def search_plan(
     return dataclasses.replace(plan, layers=tuple(sorted(plan.layers, key=lambda la: position[la.name]))), report
 
 
-def _promote_groups(evaluator: Evaluator, groups: dict[str, list[str]], weights: dict[str, int], base: Candidate,
-                    promoted_candidate: Callable[[set[str]], Candidate], config: SearchConfig, report: SearchReport,
+def _promote_groups(evaluator: Evaluator, groups: dict[str, list[str]], weights: dict[str, int],
+                    candidate: Callable[[set[str]], Candidate], config: SearchConfig, report: SearchReport,
                     progress_bar: bool | None) -> set[str]:
     """Mixed precision: the layers whose groups get ``config.promote_weight_bits`` weights.
 
-    Each group is scored alone at the promoted width (one batch) against the plan as
-    chosen; groups are taken in order of logit-KL gain per promoted weight while the gain
-    is positive and the weights fit in ``promote_share`` (a group that does not fit is
-    passed over for smaller ones).
+    ``candidate(promoted)`` is the plan as chosen with the ``promoted`` layers' weights
+    widened. Each group is scored alone at the promoted width (one batch); groups are
+    taken in order of logit-KL gain per promoted weight while the gain is positive and
+    the weights fit in ``promote_share`` (a group that does not fit is passed over for
+    smaller ones).
     """
-    base_score = evaluator(base)
+    base_score = evaluator(candidate(set()))
     names = list(groups)
-    scores = _score_batch(evaluator, [promoted_candidate(set(groups[g])) for g in names], "mixed precision",
-                          progress_bar)
+    scores = _score_batch(evaluator, [candidate(set(groups[g])) for g in names], "mixed precision", progress_bar)
     size = {g: sum(weights[n] for n in groups[g]) for g in names}
     gain = {g: base_score.kl - score.kl for g, score in zip(names, scores, strict=True)}
     for g, score in zip(names, scores, strict=True):

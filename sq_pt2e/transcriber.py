@@ -116,7 +116,6 @@ class Transcriber:
         if self._overlap > self._chunk:
             raise AudioError(f"overlap_seconds={overlap_seconds!r} is longer than a chunk ({self._chunk} samples)")
         self.plan, self.max_seconds = plan, max_seconds
-        self.chunk_seconds, self.overlap_seconds = self._chunk / SAMPLE_RATE, self._overlap / SAMPLE_RATE
         self._stack = contextlib.ExitStack()
         self._forward: nn.Module = self._model
         self._fingerprint: str | None = None
@@ -136,6 +135,16 @@ class Transcriber:
                     check_accumulator(m.name, _reduction_size(m.module), quants[m.name].weight_bits,
                                       quants[m.name].act_bits)
             self._forward = self._stack.enter_context(fake_quantized(self._model, quants))
+
+    @property
+    def chunk_seconds(self) -> float:
+        """Chunk length in seconds, as used (whole frames)."""
+        return self._chunk / SAMPLE_RATE
+
+    @property
+    def overlap_seconds(self) -> float:
+        """Context taken from each neighbouring chunk, in seconds, as used (whole frames)."""
+        return self._overlap / SAMPLE_RATE
 
     # ------------------------------------------------------------------ lifecycle
     def close(self) -> None:
@@ -191,7 +200,7 @@ class Transcriber:
         """
         if isinstance(audio, (str, os.PathLike)):
             source = str(audio)
-            chunks: Iterator[np.ndarray] = stream_audio(audio, chunk_seconds=self._chunk / SAMPLE_RATE,
+            chunks: Iterator[np.ndarray] = stream_audio(audio, chunk_seconds=self.chunk_seconds,
                                                         max_seconds=self.max_seconds)
         else:
             source = "waveform"
