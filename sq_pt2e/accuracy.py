@@ -34,11 +34,14 @@ SEARCHED_METHODS: dict[str, dict[str, object]] = {
     "stablequant-paper": {"act_scheme": "symmetric", "start": "max", "smooth_alpha": 0.0, "criterion": "wer",
                           "keep_float": (), "passes": 1, "weight_calibration": "max"},
     "stablequant-mixed": {"promote_weight_bits": 8, "promote_share": 0.25},
+    "stablequant-fallback": {"float_share": 0.3},
 }
 """Methods whose plan is searched, with the ``SearchConfig`` fields they override (``criterion="wer"``
 falls back to ``"kl"`` when the dev set has no transcripts). ``stablequant-mixed`` is StableQuant
 with mixed precision: up to a quarter of the weights (the groups that gain most) at 8 bits, the
-rest at the column's weight bits; it runs only in columns below 8 weight bits."""
+rest at the column's weight bits; it runs only in columns below 8 weight bits. ``stablequant-fallback``
+is StableQuant with the float fallback: the groups whose int8 error costs most per FLOP stay float,
+up to 30 % of the searched layers' FLOPs (on the reference models the CNN convs 1-6 are 29 % of them)."""
 
 Forward = Callable[[torch.Tensor], torch.Tensor]
 
@@ -210,7 +213,9 @@ def build_accuracy_table(
                     "sensitive_groups": report.sensitive_groups, "chosen_percentiles": report.chosen_percentiles,
                     "kept_mse": sorted(report.kept_mse), "refinements": report.refinements,
                     **({"promoted_groups": report.promoted_groups, "promoted_share": report.promoted_share}
-                       if report.promotion_trials else {})}
+                       if report.promotion_trials else {}),
+                    **({"float_groups": report.float_groups, "kept_float_share": report.kept_float_share}
+                       if report.float_trials else {})}
             forward = build_method("stablequant" if plan is not None else method, model, waves, method_statistics,
                                    bits, plan=plan)
             for name, utts in eval_sets.items():

@@ -125,6 +125,10 @@ def add_search_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--promote-share", type=float, default=SearchConfig.promote_share,
                         help="with --promote-bits: the largest share of the weights promoted "
                              f"(default {SearchConfig.promote_share})")
+    parser.add_argument("--float-share", type=float, default=SearchConfig.float_share,
+                        help="float fallback: keep in float the groups whose int8 error costs most per FLOP, "
+                             "within this share of the searched layers' FLOPs (e.g. 0.3; default "
+                             f"{SearchConfig.float_share}: every searched layer int8)")
     parser.add_argument("--gamma", type=float, default=0.25, help="sensitivity threshold in WER points")
     parser.add_argument("--percentiles", type=float, nargs="+", default=list(DEFAULT_PERCENTILES),
                         help="clip percentiles tried for sensitive groups, in order")
@@ -162,7 +166,8 @@ def search_inputs(args: argparse.Namespace) -> tuple[object, object, object]:
     config = SearchConfig(gamma=args.gamma, percentiles=tuple(args.percentiles), granularity=args.granularity,
                           reading=args.reading, criterion=sets.criterion, weight_bits=bits.weight, act_bits=bits.act,
                           act_scheme=args.act_scheme, start=args.start, smooth_alpha=args.smooth_alpha,
-                          passes=args.passes, promote_weight_bits=args.promote_bits, promote_share=args.promote_share)
+                          passes=args.passes, promote_weight_bits=args.promote_bits, promote_share=args.promote_share,
+                          float_share=args.float_share)
     return model, sets, config
 
 
@@ -430,6 +435,9 @@ def _search_summary(report: object, criterion: str) -> str:
     if report.promotion_trials:
         lines.append(f"mixed precision: {', '.join(report.promoted_groups) or 'no group'} promoted "
                      f"({report.promoted_share:.0%} of the weights)")
+    if report.float_trials:
+        lines.append(f"float fallback: {', '.join(report.float_groups) or 'no group'} kept float "
+                     f"({report.kept_float_share:.0%} of the FLOPs)")
     return "\n".join(lines)
 
 
@@ -525,7 +533,8 @@ def _build_parser() -> argparse.ArgumentParser:
     accuracy.add_argument("--bits", nargs="+", default=["W8A8", "W6A6", "W4A8", "W4A4"])
     accuracy.add_argument("--methods", nargs="+",
                           default=["max", "percentile-99.99", "mse", "entropy", "cnn0-2-float", "x86-inductor-default",
-                                   "xnnpack-default", "dynamic-int8", "stablequant-paper", "stablequant", "stablequant-mixed"])
+                                   "xnnpack-default", "dynamic-int8", "stablequant-paper", "stablequant", "stablequant-mixed",
+                                   "stablequant-fallback"])
     accuracy.add_argument("--gamma", type=float, default=0.25, help="sensitivity threshold in WER points")
     accuracy.add_argument("--max-calibration", type=int, default=32)
     accuracy.add_argument("--max-dev", type=int, default=100)

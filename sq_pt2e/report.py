@@ -188,6 +188,10 @@ def _search_section(search: dict[str, Any]) -> list[str]:
         lines.append(f"- mixed precision: weights of {promoted} at {config.get('promote_weight_bits')} bits "
                      f"({search.get('promoted_share', 0.0):.0%} of the weights, at most "
                      f"{config.get('promote_share', 0.0):.0%})")
+    if search.get("float_trials"):
+        floated = ", ".join(f"`{g}`" for g in search.get("float_groups", [])) or "no group"
+        lines.append(f"- float fallback: {floated} kept float ({search.get('kept_float_share', 0.0):.0%} of the "
+                     f"searched layers' FLOPs, at most {config.get('float_share', 0.0):.0%})")
     return lines + [""]
 
 

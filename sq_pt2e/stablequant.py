@@ -55,6 +55,7 @@ from torch import nn
 
 from sq_pt2e.atomic import atomic_write_text
 from sq_pt2e.errors import SearchStateError
+from sq_pt2e.layer_cost import layer_flops
 from sq_pt2e.models.build import to_ctc_logits
 from sq_pt2e.observers import AbsHistogram, act_floor, range_max, range_mse, range_percentile
 from sq_pt2e.passes.fold_weight_norm import fold_weight_norm
@@ -140,6 +141,11 @@ class SearchConfig:
             its weights at these bits and everything else as chosen (one batch); the groups that
             lower the logit KL most per promoted weight get these bits, within ``promote_share``.
         promote_share: the largest share of the searched layers' weights that may be promoted.
+        float_share: float fallback (0: off, every searched layer int8). Last, each group is scored
+            in float with everything else as chosen (one batch); the groups that lower the logit KL
+            most per FLOP stay float, within this share of the searched layers' FLOPs (counted on
+            1 s of audio). It trades speed for accuracy where a group's int8 error cannot be clipped
+            away: on ref-wav2vec2 at W8A8 the CNN convs 1-6 carry nearly all of the dev KL.
     """
 
     gamma: float = 0.25
@@ -160,6 +166,7 @@ class SearchConfig:
     passes: int = 3
     promote_weight_bits: int | None = None
     promote_share: float = 0.25
+    float_share: float = 0.0
 
     @property
     def resolved_weight_calibration(self) -> Literal["max", "mse"]:
@@ -194,6 +201,8 @@ class SearchConfig:
                              f"{self.weight_bits} and at most 8)")
         if not 0.0 <= self.promote_share <= 1.0:
             raise ValueError(f"promote_share={self.promote_share} (expected 0..1)")
+        if not 0.0 <= self.float_share <= 1.0:
+            raise ValueError(f"float_share={self.float_share} (expected 0..1; 0 disables the float fallback)")
         if not 0.0 <= self.smooth_alpha <= 1.0:
             raise ValueError(f"smooth_alpha={self.smooth_alpha} (expected 0 <= alpha <= 1; 0 disables smoothing)")
 
@@ -537,6 +546,8 @@ class SearchReport:
     ``promotion_trials`` holds, with mixed precision (``SearchConfig.promote_weight_bits``),
     each group's score with its weights promoted and its weight count; ``promoted_groups``
     the groups promoted, in the order chosen, and ``promoted_share`` their share of the weights.
+    ``float_trials``, ``float_groups`` and ``kept_float_share`` are the same for the float
+    fallback (``SearchConfig.float_share``), with FLOPs in place of weights.
 
     ``evaluations`` counts candidates simulated by this search; ``cached_evaluations``
     those whose score came from the score cache (a resumed search).
@@ -554,6 +565,9 @@ class SearchReport:
     promotion_trials: dict[str, dict[str, float]] = field(default_factory=dict)
     promoted_groups: list[str] = field(default_factory=list)
     promoted_share: float = 0.0
+    float_trials: dict[str, dict[str, float]] = field(default_factory=dict)
+    float_groups: list[str] = field(default_factory=list)
+    kept_float_share: float = 0.0
     evaluations: int = 0
     cached_evaluations: int = 0
     seconds: float = 0.0
@@ -760,10 +774,21 @@ def search_plan(
             break
     promoted: set[str] = set()
     if config.promote_weight_bits is not None:
-        promoted = _promote_groups(evaluator, groups, {m.name: m.module.weight.numel() for m in modules},
-                                   lambda names: quant(chosen, names), config, report, progress_bar)
+        report.promoted_groups, report.promotion_trials, report.promoted_share = _upgrade_groups(
+            evaluator, groups, {m.name: m.module.weight.numel() for m in modules},
+            lambda names: quant(chosen, names), config.promote_share, "weights", "mixed precision", progress_bar)
+        promoted = {n for g in report.promoted_groups for n in groups[g]}
         say(f"mixed precision: {len(report.promoted_groups)} group(s) at W{config.promote_weight_bits} "
             f"({report.promoted_share:.0%} of the weights)")
+    if config.float_share > 0:
+        report.float_groups, report.float_trials, report.kept_float_share = _upgrade_groups(
+            evaluator, groups, layer_flops(model, [m.name for m in modules]),
+            lambda names: quant({n: r for n, r in chosen.items() if n not in names}, promoted),
+            config.float_share, "flops", "float fallback", progress_bar)
+        say(f"float fallback: {len(report.float_groups)} group(s) kept float "
+            f"({report.kept_float_share:.0%} of the FLOPs)")
+    floated = {n for g in report.float_groups for n in groups[g]}
+    chosen = {n: r for n, r in chosen.items() if n not in floated}
     report.final_score = evaluator(quant(chosen, promoted))
     report.evaluations = getattr(evaluator, "evaluations", 0) - evaluations_before
     report.cached_evaluations = getattr(evaluator, "cached", 0) - cached_before
@@ -776,36 +801,36 @@ def search_plan(
     return dataclasses.replace(plan, layers=tuple(sorted(plan.layers, key=lambda la: position[la.name]))), report
 
 
-def _promote_groups(evaluator: Evaluator, groups: dict[str, list[str]], weights: dict[str, int],
-                    candidate: Callable[[set[str]], Candidate], config: SearchConfig, report: SearchReport,
-                    progress_bar: bool | None) -> set[str]:
-    """Mixed precision: the layers whose groups get ``config.promote_weight_bits`` weights.
+def _upgrade_groups(evaluator: Evaluator, groups: dict[str, list[str]], cost: dict[str, int],
+                    candidate: Callable[[set[str]], Candidate], share: float, cost_name: str, desc: str,
+                    progress_bar: bool | None) -> tuple[list[str], dict[str, dict[str, float]], float]:
+    """Groups to upgrade (mixed precision, float fallback): best logit-KL gain per unit of cost.
 
-    ``candidate(promoted)`` is the plan as chosen with the ``promoted`` layers' weights
-    widened. Each group is scored alone at the promoted width (one batch); groups are
-    taken in order of logit-KL gain per promoted weight while the gain is positive and
-    the weights fit in ``promote_share`` (a group that does not fit is passed over for
-    smaller ones).
+    ``candidate(names)`` is the plan as chosen with the layers ``names`` upgraded. Each
+    group is scored upgraded alone (one batch); groups are taken in order of KL gain per
+    unit of ``cost`` while the gain is positive and their cost fits in ``share`` of the
+    total (a group that does not fit is passed over for smaller ones).
+
+    Returns:
+        The groups upgraded in the order chosen, each group's trial (its score and cost,
+        under the key ``cost_name``), and the share of the cost they take.
     """
     base_score = evaluator(candidate(set()))
     names = list(groups)
-    scores = _score_batch(evaluator, [candidate(set(groups[g])) for g in names], "mixed precision", progress_bar)
-    size = {g: sum(weights[n] for n in groups[g]) for g in names}
+    scores = _score_batch(evaluator, [candidate(set(groups[g])) for g in names], desc, progress_bar)
+    size = {g: sum(cost[n] for n in groups[g]) for g in names}
     gain = {g: base_score.kl - score.kl for g, score in zip(names, scores, strict=True)}
-    for g, score in zip(names, scores, strict=True):
-        report.promotion_trials[g] = {**score.as_dict(), "weights": float(size[g])}
+    trials = {g: {**score.as_dict(), cost_name: float(size[g])} for g, score in zip(names, scores, strict=True)}
     total = sum(size.values())
-    budget, used = config.promote_share * total, 0
-    promoted: set[str] = set()
+    budget, used = share * total, 0
+    chosen: list[str] = []
     for g in sorted(names, key=lambda g: -gain[g] / max(1, size[g])):  # stable: ties keep network order
         if gain[g] <= 0:
             break
         if used + size[g] <= budget:
-            promoted |= set(groups[g])
+            chosen.append(g)
             used += size[g]
-            report.promoted_groups.append(g)
-    report.promoted_share = used / max(1, total)
-    return promoted
+    return chosen, trials, used / max(1, total)
 
 
 def _to_plan(
@@ -841,6 +866,13 @@ def _to_plan(
                               clip_percentile=p if method == "percentile" else None, reason=reason)
         else:
             layer = LayerPlan(m.name, op=m.op, calibration="mse", reason=f"not sensitive ({group}): MSE-optimal range")
+        if group in report.float_groups:
+            trial = report.float_trials[group]
+            evidence |= {f"float_{k}": v for k, v in trial.items()}
+            layers.append(LayerPlan(m.name, op=m.op, skip=True, evidence=tuple(sorted((k, float(v)) for k, v in evidence.items())),
+                                    reason=f"kept float by the search (float fallback: group {group} in float "
+                                           f"has dev KL {trial['kl']:.3g})"))
+            continue
         if group in report.promoted_groups:
             trial = report.promotion_trials[group]
             evidence |= {f"promoted_{k}": v for k, v in trial.items()}

@@ -13,7 +13,7 @@ from sq_pt2e.bench import BenchResult, BenchRow
 from sq_pt2e.errors import QuantizationError
 from sq_pt2e.observers import AbsHistogram
 from sq_pt2e.plan import LayerPlan, QuantPlan
-from sq_pt2e.report import activation_sqnr_db, clipped_share, layer_rows, write_report
+from sq_pt2e.report import _search_section, activation_sqnr_db, clipped_share, layer_rows, write_report
 from sq_pt2e.stablequant import Score, SearchReport
 from sq_pt2e.stats_file import load_statistics, save_statistics
 
@@ -144,3 +144,12 @@ def test_statistics_file_errors_name_the_file(tmp_path) -> None:
     junk.write_bytes(b"not a zip file")
     with pytest.raises(QuantizationError, match="junk.npz"):
         load_statistics(junk)
+
+
+def test_search_section_lists_the_upgraded_groups() -> None:
+    search = {"float_score": {"kl": 0.0}, "config": {"promote_weight_bits": 8, "promote_share": 0.25, "float_share": 0.3},
+              "promotion_trials": {"g1": {"kl": 0.1}}, "promoted_groups": ["g1"], "promoted_share": 0.12,
+              "float_trials": {"g2": {"kl": 0.1}}, "float_groups": ["g2"], "kept_float_share": 0.29}
+    text = "\n".join(_search_section(search))
+    assert "mixed precision: weights of `g1` at 8 bits (12% of the weights, at most 25%)" in text
+    assert "float fallback: `g2` kept float (29% of the searched layers' FLOPs, at most 30%)" in text

@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from sq_pt2e.layer_cost import layer_flops
 from sq_pt2e.models import build_model
 from sq_pt2e.observers import AbsHistogram, act_floor, range_mse, range_percentile
 from sq_pt2e.pipeline import quantize_model
@@ -288,6 +289,62 @@ def test_a_mixed_plan_through_pt2e_equals_simulation(planted_model: torch.nn.Mod
     torch.testing.assert_close(converted(wave), expected, rtol=0, atol=1e-5)
 
 
+class _QuantizedLayerObjective:
+    """A fake evaluator: each layer adds ``cost[layer]`` to the KL while it is quantized (in the candidate)."""
+
+    def __init__(self, cost: dict[str, float]) -> None:
+        self.cost, self.float_score, self.evaluations = cost, Score(None, 0.0), 0
+
+    def __call__(self, layers) -> Score:
+        self.evaluations += 1
+        return Score(None, 0.001 + sum(c for n, c in self.cost.items() if n in layers))
+
+
+def _fallback_search(model: torch.nn.Module, share: float):
+    statistics = collect_statistics(model, _waves(1, 2))
+    block = [m.name for m in quantizable_modules(model) if m.name.startswith(LARGE_GROUP + ".")]
+    cost = {SMALL_GROUP: 1.0, **{n: 0.5 / len(block) for n in block}}
+    config = SearchConfig(criterion="kl", kl_share=1.0, smooth_alpha=0.0, float_share=share)
+    return search_plan(model, statistics, _QuantizedLayerObjective(cost), config)
+
+
+def test_float_fallback_keeps_the_best_gain_per_flop_in_float_within_the_share(planted_model: torch.nn.Module) -> None:
+    _, report = _fallback_search(planted_model, 1.0)
+    flops = {g: trial["flops"] for g, trial in report.float_trials.items()}
+    gain = {SMALL_GROUP: 1.0, LARGE_GROUP: 0.5}
+    assert report.float_groups == sorted(gain, key=lambda g: -gain[g] / flops[g])  # zero-gain groups stay int8
+    assert report.kept_float_share == pytest.approx(sum(flops[g] for g in gain) / sum(flops.values()))
+    assert report.final_score.kl == pytest.approx(0.001)
+    first, second = report.float_groups
+    plan, report = _fallback_search(planted_model, (flops[first] + flops[second] - 1) / sum(flops.values()))
+    assert report.float_groups == [first] and report.final_score.kl == pytest.approx(0.001 + gain[second])
+    floated = [layer for layer in plan.layers if layer.name == first or layer.name.startswith(first + ".")]
+    assert floated and all(layer.skip and "float fallback" in layer.reason for layer in floated)
+    assert not any(layer.skip for layer in plan.layers if layer.name.startswith(second))
+
+
+def test_a_float_fallback_plan_through_pt2e_leaves_those_layers_float(planted_model: torch.nn.Module) -> None:
+    plan, report = _fallback_search(planted_model, 1.0)
+    wave = _waves(3, 1)[0]
+    quantized = quantize_model(planted_model, wave, _waves(1, 1), plan=plan, fit_to_cpu=False)
+    status = {s.name: s.status for s in quantized.layer_status}
+    assert status[SMALL_GROUP] != "int8" and status[f"{LARGE_GROUP}.attention.q_proj"] != "int8"
+    assert status["wav2vec2.feature_extractor.conv_layers.1.conv"] == "int8"
+    with fake_quantized(planted_model, plan_layer_quants(planted_model, plan, {})) as simulated, torch.no_grad():
+        expected = simulated(wave)
+    torch.testing.assert_close(quantized.converted(wave), expected, rtol=0, atol=1e-5)
+
+
+def test_layer_flops_counts_a_linear_per_frame() -> None:
+    model = build_model("tiny-wav2vec2", seed=0)
+    name = "wav2vec2.encoder.layers.0.feed_forward.intermediate_dense"
+    layer = model.get_submodule(name)
+    frames = model(torch.zeros(1, 16000)).logits.shape[1]
+    assert layer_flops(model, [name]) == {name: 2 * frames * layer.in_features * layer.out_features}
+    with pytest.raises(KeyError, match="no_such_layer"):
+        layer_flops(model, ["no_such_layer"])
+
+
 def test_mixed_precision_settings_are_checked() -> None:
     with pytest.raises(ValueError, match="promote_weight_bits=4"):
         SearchConfig(weight_bits=4, promote_weight_bits=4)
@@ -295,3 +352,5 @@ def test_mixed_precision_settings_are_checked() -> None:
         SearchConfig(weight_bits=4, promote_weight_bits=9)
     with pytest.raises(ValueError, match="promote_share=1.5"):
         SearchConfig(weight_bits=4, promote_weight_bits=8, promote_share=1.5)
+    with pytest.raises(ValueError, match="float_share=-0.1"):
+        SearchConfig(float_share=-0.1)
