@@ -19,6 +19,7 @@ from sq_pt2e.errors import AudioError, BackendError
 __all__ = [
     "Geometry",
     "Window",
+    "centre_window",
     "check_overlap",
     "cnn_geometry",
     "frame_count",
@@ -95,6 +96,18 @@ class Window(NamedTuple):
     last: int
 
 
+def centre_window(core_start: int, core_end: int, geometry: Geometry, *, before: int, after: int,
+                  final: bool) -> Window:
+    """The window around the centre ``[core_start, core_end)`` with ``before``/``after`` samples of context.
+
+    It keeps the frames that start in the centre; the ``final`` centre also keeps the
+    frames its own end completes (a non-final centre leaves them to the next window).
+    """
+    hop = hop_length(geometry)
+    last = frame_count(core_end, geometry) if final else core_end // hop
+    return Window(core_start - before, core_end + after, core_start // hop, last)
+
+
 def overlapping_windows(samples: int, geometry: Geometry, *, step: int, overlap: int) -> list[Window]:
     """Windows over ``samples`` samples: centres of ``step`` samples, ``overlap`` samples of context each side.
 
@@ -115,14 +128,13 @@ def overlapping_windows(samples: int, geometry: Geometry, *, step: int, overlap:
         raise AudioError(f"windows need a positive step and an overlap in multiples of the {hop}-sample hop "
                          f"(got step {step}, overlap {overlap})")
     check_overlap(overlap, geometry)
-    total = frame_count(samples, geometry)
     windows = []
     core = 0
     while core < samples:
         core_end = min(core + step, samples)
-        first = core // hop
-        last = total if core_end >= samples else core_end // hop
-        if last > first:
-            windows.append(Window(max(0, core - overlap), min(samples, core_end + overlap), first, last))
+        window = centre_window(core, core_end, geometry, before=min(overlap, core),
+                               after=min(overlap, samples - core_end), final=core_end >= samples)
+        if window.last > window.first:
+            windows.append(window)
         core = core_end
     return windows

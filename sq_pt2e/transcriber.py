@@ -46,7 +46,7 @@ from sq_pt2e.asr import ctc_greedy_decode
 from sq_pt2e.audio import MIN_SAMPLES, SAMPLE_RATE, normalize_waveform, stream_audio, validate_waveform
 from sq_pt2e.data import OnError, SkippedFile, check_on_error, log_skipped
 from sq_pt2e.errors import AudioError, NumericsError, PlanError, ResumeError
-from sq_pt2e.framing import check_overlap, cnn_geometry, frame_count, hop_length
+from sq_pt2e.framing import centre_window, check_overlap, cnn_geometry, hop_length
 from sq_pt2e.observers import AbsHistogram, check_accumulator
 from sq_pt2e.plan import QuantPlan
 
@@ -212,13 +212,14 @@ class Transcriber:
             after = empty if following is None else following[: self._overlap]
             window = np.concatenate([before, current, after])
             logits = self.logits(normalize_waveform(window), source=source)
-            offset, first = (start - len(before)) // hop, start // hop
             end = start + len(current)
-            last = frame_count(end, self._geometry) if following is None else end // hop
-            if last - offset > logits.shape[0]:
+            frames = centre_window(start, end, self._geometry, before=len(before),
+                                   after=len(after), final=following is None)
+            offset = frames.start // hop
+            if frames.last - offset > logits.shape[0]:
                 raise AudioError(f"{source}: a window of {len(window)} samples gave {logits.shape[0]} frames, "
-                                 f"{last - offset} needed")
-            pieces.append(logits[first - offset : last - offset])
+                                 f"{frames.last - offset} needed")
+            pieces.append(logits[frames.first - offset : frames.last - offset])
             before = current[len(current) - self._overlap :] if self._overlap else empty
             start, current = end, following
         return torch.cat(pieces)
