@@ -133,6 +133,17 @@ def test_a_resumed_run_records_its_recipe_changes_and_applies_its_regularization
     assert len(resumed["counters"]["recipe_changes"]) == 1  # the same recipe again is no change
 
 
+def test_a_resume_that_toggles_time_masking_gets_a_fresh_optimizer(tmp_path) -> None:
+    """The time-mask embedding exists only with masking on: the saved optimizer no longer fits."""
+    utts = _clips(tmp_path, (0.6,))
+    train("ref-hubert", utts, utts, tmp_path / "run", config=_config(mask_time_prob=0.0), max_steps=2, progress=False)
+    with pytest.warns(UserWarning, match="fresh optimizer"):
+        record = train("ref-hubert", utts, utts, tmp_path / "run", config=_config(mask_time_prob=0.05), max_steps=1,
+                       progress=False)
+    assert record["step"] == 3
+    assert torch.load(tmp_path / "run" / "state.pt", weights_only=False)["counters"]["rewarm_from"] == 2
+
+
 def test_recipe_changes_ignore_bookkeeping_and_default_missing_fields() -> None:
     from sq_pt2e.train.trainer import recipe_changes, regularization_overrides
 

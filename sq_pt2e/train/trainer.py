@@ -27,6 +27,7 @@ import json
 import math
 import os
 import time
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -401,7 +402,13 @@ def _resume(run: Path, name: str, config: TrainConfig, init_from: str | os.PathL
         state.recipe_changes.append({"step": state.step, "changes": changes})
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     if saved is not None:
-        optimizer.load_state_dict(saved["optimizer"])
+        try:
+            optimizer.load_state_dict(saved["optimizer"])
+        except ValueError as exc:  # another parameter set, e.g. time masking toggled (masked_spec_embed)
+            state.rewarm_from = state.step
+            warnings.warn(f"{state_path}: the saved optimizer state does not fit this model ({exc}); training goes "
+                          f"on from the saved weights with a fresh optimizer (re-warm-up from step {state.step})",
+                          stacklevel=2)
     return model, optimizer, state
 
 
