@@ -12,13 +12,14 @@ PT2E flow uses, so ranges are identical in both.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
 from sq_pt2e.errors import PlanError
+from sq_pt2e.layer_inputs import watch_layer_inputs
 from sq_pt2e.models.build import to_ctc_logits
 from sq_pt2e.observers import (
     AbsHistogram,
@@ -88,24 +89,14 @@ def collect_statistics(model: nn.Module, waves: Iterable[torch.Tensor],
     if unknown:
         raise PlanError(f"input_scale for layers not in the model: {unknown[:5]}")
 
-    def observe(observer: AbsHistogramObserver, inverse: torch.Tensor | None) -> object:
-        def hook(_module: nn.Module, args: tuple[torch.Tensor, ...]) -> None:
-            observer(args[0] if inverse is None else args[0] * inverse)
+    def watcher(m: QuantizableModule) -> Callable[[torch.Tensor], object]:
+        observer, scale = observers[m.name], scales.get(m.name)
+        if scale is None:
+            return observer
+        inverse = inverse_input_scale(scale, m.module.weight.ndim)
+        return lambda x: observer(x * inverse)
 
-        return hook
-
-    def inverse_of(m: QuantizableModule) -> torch.Tensor | None:
-        scale = scales.get(m.name)
-        return None if scale is None else inverse_input_scale(scale, m.module.weight.ndim)
-
-    handles = [m.module.register_forward_pre_hook(observe(observers[m.name], inverse_of(m)))
-               for m in quantizable_modules(wrapper)]
-    try:
-        for wave in waves:
-            wrapper(wave if wave.ndim == 2 else wave.unsqueeze(0))
-    finally:
-        for handle in handles:
-            handle.remove()
+    watch_layer_inputs(wrapper, {m.module: watcher(m) for m in quantizable_modules(wrapper)}, waves)
     return {name: obs.histogram() for name, obs in observers.items()}
 
 

@@ -18,7 +18,7 @@ functions below, so the simulation, the PT2E graph and the statistics agree exac
 from __future__ import annotations
 
 import operator
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 
 import torch
 from torch import nn
@@ -26,6 +26,7 @@ from torch.fx import GraphModule
 
 from sq_pt2e.errors import PlanError, QuantizationError
 from sq_pt2e.graph import find_quantizable_layers
+from sq_pt2e.layer_inputs import watch_layer_inputs
 from sq_pt2e.models.build import to_ctc_logits
 from sq_pt2e.passes.fold_weight_norm import fold_weight_norm
 
@@ -76,26 +77,18 @@ def channel_maxima(model: nn.Module, waves: Iterable[torch.Tensor], names: Seque
     modules = dict(wrapper.named_modules())
     maxima: dict[str, torch.Tensor] = {}
 
-    def record(name: str) -> object:
-        def hook(_module: nn.Module, args: tuple[torch.Tensor, ...]) -> None:
-            x = args[0].detach()
+    def record(name: str) -> Callable[[torch.Tensor], None]:
+        def watch(x: torch.Tensor) -> None:
+            x = x.detach()
             per_channel = x.abs().amax(dim=(0, 2)) if x.ndim == 3 else x.abs().reshape(-1, x.shape[-1]).amax(dim=0)
             maxima[name] = per_channel if name not in maxima else torch.maximum(maxima[name], per_channel)
 
-        return hook
+        return watch
 
-    handles = []
-    try:
-        for name in names:
-            module = modules.get(name)
-            if not isinstance(module, (nn.Conv1d, nn.Linear)):
-                raise PlanError(f"cannot smooth {name!r}: not a Conv1d / Linear of the model")
-            handles.append(module.register_forward_pre_hook(record(name)))
-        for wave in waves:
-            wrapper(wave if wave.ndim == 2 else wave.unsqueeze(0))
-    finally:
-        for handle in handles:
-            handle.remove()
+    for name in names:
+        if not isinstance(modules.get(name), (nn.Conv1d, nn.Linear)):
+            raise PlanError(f"cannot smooth {name!r}: not a Conv1d / Linear of the model")
+    watch_layer_inputs(wrapper, {modules[name]: record(name) for name in names}, waves)
     return maxima
 
 
