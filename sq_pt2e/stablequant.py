@@ -789,14 +789,14 @@ def search_plan(
             f"({report.kept_float_share:.0%} of the FLOPs)")
     floated = {n for g in report.float_groups for n in groups[g]}
     chosen = {n: r for n, r in chosen.items() if n not in floated}
-    report.final_score = evaluator(quant(chosen, promoted))
+    final = quant(chosen, promoted)
+    report.final_score = evaluator(final)
     report.evaluations = getattr(evaluator, "evaluations", 0) - evaluations_before
     report.cached_evaluations = getattr(evaluator, "cached", 0) - cached_before
     report.seconds = time.perf_counter() - start
     every = quantizable_modules(model)
     kept_float = [m for m in every if m.op not in config.skip_ops and m.name not in hist]
-    plan = _to_plan(modules, groups, {n: (r, floor(n, r)) for n, r in chosen.items()}, report, config, model_name,
-                    scales, kept_float, {n: weight_bits(n, promoted) for n in chosen})
+    plan = _to_plan(modules, groups, final, report, config, model_name, kept_float)
     position = {m.name: i for i, m in enumerate(every)}
     return dataclasses.replace(plan, layers=tuple(sorted(plan.layers, key=lambda la: position[la.name]))), report
 
@@ -833,17 +833,20 @@ def _upgrade_groups(evaluator: Evaluator, groups: dict[str, list[str]], cost: di
     return chosen, trials, used / max(1, total)
 
 
+def _evidence(values: dict[str, float]) -> tuple[tuple[str, float], ...]:
+    return tuple(sorted((k, float(v)) for k, v in values.items()))
+
+
 def _to_plan(
     modules: list[QuantizableModule],
     groups: dict[str, list[str]],
-    chosen: dict[str, tuple[float, float | None]],
+    final: Candidate,
     report: SearchReport,
     config: SearchConfig,
     model_name: str,
-    input_scales: dict[str, tuple[float, ...]],
     kept_float: list[QuantizableModule],
-    weight_bits: dict[str, int],
 ) -> QuantPlan:
+    """The plan of the search's ``final`` candidate, each layer with the evidence behind it."""
     group_of = {n: g for g, names in groups.items() for n in names}
     layers = [LayerPlan(m.name, op=m.op, skip=True, reason="kept float by the search config (keep_float)")
               for m in kept_float]
@@ -869,22 +872,21 @@ def _to_plan(
         if group in report.float_groups:
             trial = report.float_trials[group]
             evidence |= {f"float_{k}": v for k, v in trial.items()}
-            layers.append(LayerPlan(m.name, op=m.op, skip=True, evidence=tuple(sorted((k, float(v)) for k, v in evidence.items())),
+            layers.append(LayerPlan(m.name, op=m.op, skip=True, evidence=_evidence(evidence),
                                     reason=f"kept float by the search (float fallback: group {group} in float "
                                            f"has dev KL {trial['kl']:.3g})"))
             continue
+        quant = final[m.name]
         if group in report.promoted_groups:
             trial = report.promotion_trials[group]
             evidence |= {f"promoted_{k}": v for k, v in trial.items()}
-            layer = dataclasses.replace(layer, reason=f"{layer.reason}; weights at {weight_bits[m.name]} bits "
+            layer = dataclasses.replace(layer, reason=f"{layer.reason}; weights at {quant.weight_bits} bits "
                                                       f"(mixed precision: group KL {trial['kl']:.3g} promoted)")
-        act_range, floor_value = chosen[m.name]
         layers.append(dataclasses.replace(
-            layer, weight_bits=weight_bits[m.name], act_bits=config.act_bits,
-            weight_calibration=config.weight_calibration_at(weight_bits[m.name]), act_range=float(act_range),
-            act_scheme="symmetric" if floor_value is None else "affine", act_floor=floor_value,
-            input_scale=input_scales.get(m.name),
-            evidence=tuple(sorted((k, float(v)) for k, v in evidence.items())),
+            layer, weight_bits=quant.weight_bits, act_bits=quant.act_bits, weight_calibration=quant.weight_calibration,
+            act_range=float(quant.act_range), act_scheme="symmetric" if quant.act_floor is None else "affine",
+            act_floor=quant.act_floor, input_scale=quant.input_scale,
+            evidence=_evidence(evidence),
         ))
     skips = tuple(LayerPlan("*", op=op, skip=True, reason="kept float by the search config (skip_ops)")
                   for op in config.skip_ops)
