@@ -58,6 +58,9 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     from sq_pt2e.models import build_model
     from sq_pt2e.plots import plot_latency_vs_length
 
+    if args.plan is not None and len(args.models) != 1:
+        raise ValueError(f"--plan {args.plan} belongs to one model; got --models {' '.join(args.models)}")
+    plan = load_plan_for_model(args.plan, args.models[0])
     merged = None
 
     def combined(result: BenchResult) -> BenchResult:
@@ -73,7 +76,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     for name in args.models:
         result = run_benchmark(build_model(name, seed=args.seed), name, seconds=args.seconds, threads=args.threads,
                                batch=args.batch, runs=args.runs, rounds=args.rounds, isolate=not args.in_process,
-                               variants=args.variants, seed=args.seed,
+                               variants=args.variants, seed=args.seed, plan=plan,
                                progress=lambda line: print(line, file=sys.stderr, flush=True),
                                on_update=save_partial)
         merged = combined(result)
@@ -470,6 +473,9 @@ def _build_parser() -> argparse.ArgumentParser:
                        help="build and time every variant in this process (debugging; numbers can interfere)")
     bench.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
     bench.add_argument("--seed", type=int, default=0)
+    bench.add_argument("--plan", type=Path, default=None,
+                       help="time the StableQuant variants with this plan (one model only; default: the graph a "
+                            "W8A8 search produces, with max ranges), e.g. to see what a float fallback costs")
     bench.add_argument("--output-dir", type=Path, default=None, help="write bench.json, bench.md and a plot here")
     bench.set_defaults(run=_cmd_bench)
 

@@ -30,6 +30,16 @@ def test_bench_verb_writes_json_and_markdown(tmp_path) -> None:
     assert (tmp_path / "bench.json").exists() and (tmp_path / "bench.md").exists()
 
 
+def test_bench_plan_must_belong_to_the_one_benchmarked_model(tmp_path, capsys) -> None:
+    from sq_pt2e.plan import QuantPlan
+
+    path = QuantPlan(model="tiny-hubert").save(tmp_path / "plan.json")
+    assert main(["bench", "--models", "tiny-hubert", "tiny-wav2vec2", "--plan", str(path)]) == EXIT_FAILED
+    assert "belongs to one model" in capsys.readouterr().err
+    assert main(["bench", "--models", "tiny-wav2vec2", "--plan", str(path), "--threads", "1"]) == EXIT_FAILED
+    assert "tiny-hubert" in capsys.readouterr().err
+
+
 def test_console_script_runs_in_a_subprocess() -> None:
     done = subprocess.run([sys.executable, "-m", "sq_pt2e.cli", "--help"], capture_output=True, text=True,
                           timeout=120, check=False)
