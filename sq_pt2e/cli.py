@@ -55,7 +55,7 @@ def _cmd_profile(args: argparse.Namespace) -> int:
 
 def _cmd_bench(args: argparse.Namespace) -> int:
     from sq_pt2e.bench import BenchResult, run_benchmark
-    from sq_pt2e.models import build_model
+    from sq_pt2e.models import load_model
     from sq_pt2e.plots import plot_latency_vs_length
 
     if args.plan is not None and len(args.models) != 1:
@@ -74,7 +74,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
             combined(result).save(args.output_dir)
 
     for name in args.models:
-        result = run_benchmark(build_model(name, seed=args.seed), name, seconds=args.seconds, threads=args.threads,
+        result = run_benchmark(load_model(name, seed=args.seed), name, seconds=args.seconds, threads=args.threads,
                                batch=args.batch, runs=args.runs, rounds=args.rounds, isolate=not args.in_process,
                                variants=args.variants, seed=args.seed, plan=plan,
                                progress=lambda line: print(line, file=sys.stderr, flush=True),
@@ -150,6 +150,13 @@ def load_plan_for_model(path: str | Path | None, model: str) -> QuantPlan | None
     plan = QuantPlan.load(path)
     plan.check_model(model, source=str(path))
     return plan
+
+
+def calibration_waves(source: str | None, limit: int) -> list:
+    """At most ``limit`` waveforms of a ``--calibration`` source (None: the shipped calibration audio)."""
+    from sq_pt2e.inputs import load_source
+
+    return [u.wave for u in load_source(source, limit=limit)]
 
 
 def search_inputs(args: argparse.Namespace) -> tuple[object, object, object]:
@@ -272,14 +279,14 @@ def _cmd_export(args: argparse.Namespace) -> int:
     from sq_pt2e.backends.executorch_xnnpack import PteRunner, check_pte, lower_to_xnnpack, save_pte
     from sq_pt2e.models import load_model
     from sq_pt2e.pipeline import quantize_model
-    from sq_pt2e.inputs import fixed_length, load_source
+    from sq_pt2e.inputs import fixed_length
 
     import torch
 
     model = load_model(args.model, seed=args.seed)
     plan = load_plan_for_model(args.plan, args.model)
     samples = int(args.seconds * 16000)
-    calibration = [fixed_length(u.wave, samples) for u in load_source(args.calibration, limit=args.max_calibration)]
+    calibration = [fixed_length(wave, samples) for wave in calibration_waves(args.calibration, args.max_calibration)]
     example = calibration[0]
     quantized = quantize_model(model, example, calibration, plan=plan, target="xnnpack")
     data, report = lower_to_xnnpack(quantized.converted, example)
@@ -296,7 +303,6 @@ def _cmd_export(args: argparse.Namespace) -> int:
 
 def _cmd_transcribe(args: argparse.Namespace) -> int:
     from sq_pt2e.data import Utterance
-    from sq_pt2e.inputs import load_source
     from sq_pt2e.models import load_model
     from sq_pt2e.transcriber import Transcriber, transcribe_dataset
 
@@ -306,7 +312,7 @@ def _cmd_transcribe(args: argparse.Namespace) -> int:
         return _transcribe_inductor(args, model, plan)
     calibration = None
     if plan is not None and plan.needs_calibration():
-        calibration = [u.wave for u in load_source(args.calibration, limit=16)]
+        calibration = calibration_waves(args.calibration, 16)
     records = [Utterance(str(p), Path(p)) for p in dict.fromkeys(args.audio)]
     with Transcriber(model, plan, calibration=calibration, chunk_seconds=args.chunk_seconds,
                      overlap_seconds=args.overlap_seconds) as transcriber:
@@ -321,11 +327,10 @@ def _transcribe_inductor(args: argparse.Namespace, model: object, plan: object) 
     from sq_pt2e.audio import load_audio, normalize_waveform
     from sq_pt2e.backends.inductor_buckets import BucketedInt8Model
     from sq_pt2e.errors import AudioError
-    from sq_pt2e.inputs import load_source
 
     if args.checkpoint is not None:
         raise ValueError("--checkpoint is supported with --backend simulate only")
-    runner = BucketedInt8Model(model, plan, [u.wave for u in load_source(args.calibration, limit=16)],
+    runner = BucketedInt8Model(model, plan, calibration_waves(args.calibration, 16),
                                buckets=args.buckets, threads=args.threads, cache_dir=args.cache_dir,
                                overlap_seconds=1.0 if args.overlap_seconds is None else args.overlap_seconds)
     rows = []
@@ -375,7 +380,6 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     from sq_pt2e.asr import cer, paired_bootstrap_delta, wer
     from sq_pt2e.atomic import atomic_write_text
     from sq_pt2e.baselines import build_method
-    from sq_pt2e.inputs import load_source
     from sq_pt2e.models import load_model
     from sq_pt2e.simulate import collect_statistics
 
@@ -386,7 +390,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     if args.plan is not None:
         plan = load_plan_for_model(args.plan, args.model)
         needs_stats = plan.needs_calibration()
-        statistics = collect_statistics(model, [u.wave for u in load_source(args.calibration, limit=32)],
+        statistics = collect_statistics(model, calibration_waves(args.calibration, 32),
                                         input_scales=plan.input_scales()) \
             if needs_stats else {}
         int8_forward = build_method("stablequant", model, [], statistics, plan=plan)
@@ -458,10 +462,11 @@ def _build_parser() -> argparse.ArgumentParser:
         "bench", help="time float vs int8 variants (inductor, ExecuTorch) of full-size models",
         description="Median latency of float and int8 variants, each built and timed in a fresh process, in "
                     "rounds with the variant order rotated; the spread of the round medians says whether a ratio "
-                    "is trustworthy. Also sizes, build time and peak memory. Weights are random: latency does not "
+                    "is trustworthy. Also sizes, build time and peak memory. Architecture names get random weights: latency does not "
                     "depend on them.",
     )
-    bench.add_argument("--models", nargs="+", default=["wav2vec2-base"], help="architecture names")
+    bench.add_argument("--models", nargs="+", default=["wav2vec2-base"],
+                       help="architecture names (random weights), reference models or checkpoint folders")
     bench.add_argument("--seconds", nargs="+", type=float, default=[10.0], help="audio lengths (a sweep if several)")
     bench.add_argument("--threads", nargs="+", type=int, default=[1, 2], help="intra-op thread counts")
     bench.add_argument("--batch", type=int, default=1)

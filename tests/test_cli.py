@@ -20,7 +20,7 @@ def test_unknown_verb_is_a_usage_error() -> None:
 
 def test_bad_model_name_fails_with_a_named_error(capsys) -> None:
     assert main(["bench", "--models", "nope", "--threads", "1"]) == EXIT_FAILED
-    assert "unknown architecture 'nope'" in capsys.readouterr().err
+    assert "unknown model 'nope': not an architecture (" in capsys.readouterr().err
 
 
 def test_bench_verb_writes_json_and_markdown(tmp_path) -> None:

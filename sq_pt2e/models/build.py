@@ -79,4 +79,7 @@ def load_model(spec: str, *, seed: int = 0) -> PreTrainedModel:
         if folder is None:
             raise ModelError(f"the reference model {spec!r} is not shipped with this installation")
         return load_checkpoint(folder).eval()
+    if not Path(spec).exists():
+        raise ModelError(f"unknown model {spec!r}: not an architecture ({', '.join(ARCHITECTURES)}), a reference "
+                         f"model ({', '.join(REFERENCE_MODEL_NAMES)}) or an existing checkpoint path")
     return load_checkpoint(spec).eval()
