@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import operator
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -63,9 +64,7 @@ def conv1d_arguments(node: Node) -> tuple[Node | None, int, int, int, int]:
 
 def get_constant(graph_module: GraphModule, target: str) -> torch.Tensor:
     """The tensor a ``get_attr`` target names (dotted paths into submodules included)."""
-    value: object = graph_module
-    for atom in target.split("."):
-        value = getattr(value, atom)
+    value = operator.attrgetter(target)(graph_module)
     if not isinstance(value, torch.Tensor):
         raise TypeError(f"get_attr target {target!r} is a {type(value).__name__}, not a tensor")
     return value

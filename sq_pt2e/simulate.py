@@ -146,7 +146,9 @@ def _fake_quant_weight(weight: torch.Tensor, bits: int, calibration: str, layer:
 def fake_quantized(model: nn.Module, layers: dict[str, LayerQuant]) -> Iterator[nn.Module]:
     """Temporarily fake-quantize the named layers of ``model``; yields the waveform->logits module.
 
-    Weights are restored and hooks removed on exit, also on error.
+    Weights are restored and hooks removed on exit, also on error. The positional conv's
+    weight norm is folded into a plain weight first and stays folded (in place, as
+    :func:`~sq_pt2e.export.export_speech_model` does; the outputs are the same).
     """
     wrapper = to_ctc_logits(model).eval()
     fold_weight_norm(wrapper)
