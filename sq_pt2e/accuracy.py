@@ -26,7 +26,7 @@ from sq_pt2e.baselines import BASELINES, Bits, build_method
 from sq_pt2e.inputs import LoadedUtterance
 from sq_pt2e.stablequant import Evaluator, SearchConfig, collect_statistics, search_input_scales, search_plan
 
-__all__ = ["SEARCHED_METHODS", "AccuracyCell", "AccuracyTable", "build_accuracy_table", "transcribe",
+__all__ = ["SEARCHED_METHODS", "AccuracyCell", "AccuracyTable", "build_accuracy_table", "method_applies", "transcribe",
            "wer_against_float"]
 
 SEARCHED_METHODS: dict[str, dict[str, object]] = {
@@ -164,6 +164,15 @@ class AccuracyTable:
         return "\n".join(lines)
 
 
+def method_applies(method: str, bits: Bits) -> bool:
+    """Whether ``method`` has a cell at ``bits``: fixed-width baselines only at W8A8, mixed
+    precision only below the width it promotes to."""
+    if method in SEARCHED_METHODS:
+        promote_to = SEARCHED_METHODS[method].get("promote_weight_bits")
+        return promote_to is None or bits.weight < int(promote_to)
+    return BASELINES[method].any_bits or bits == Bits(8, 8)
+
+
 def build_accuracy_table(
     model: nn.Module,
     model_name: str,
@@ -189,10 +198,8 @@ def build_accuracy_table(
     smoothed: dict[tuple[object, ...], tuple[dict, dict]] = {}  # one calibration pass per smoothing setting
     for bits in bit_widths:
         for method in methods:
-            if method not in SEARCHED_METHODS and not BASELINES[method].any_bits and bits != Bits(8, 8):
+            if not method_applies(method, bits):
                 continue
-            if bits.weight >= int(SEARCHED_METHODS.get(method, {}).get("promote_weight_bits", 99)):
-                continue  # nothing to promote to
             progress(f"{bits} {method} ...")
             plan, method_statistics = None, statistics
             if method in SEARCHED_METHODS:

@@ -79,3 +79,13 @@ def test_an_update_replaces_the_cells_it_measures_again_and_keeps_the_rest(table
     other = AccuracyTable("tiny-hubert", dict(table.float_wer), dict(table.utterances))
     with pytest.raises(ValueError, match="rerun the whole table"):
         earlier.updated_with(other)
+
+
+def test_each_method_runs_only_where_it_has_a_cell() -> None:
+    from sq_pt2e.accuracy import method_applies
+    from sq_pt2e.baselines import Bits
+
+    assert method_applies("stablequant", Bits(4, 8)) and method_applies("stablequant-fallback", Bits(8, 8))
+    assert method_applies("stablequant-mixed", Bits(4, 8)) and not method_applies("stablequant-mixed", Bits(8, 8))
+    assert method_applies("max", Bits(6, 6)) and method_applies("dynamic-int8", Bits(8, 8))
+    assert not method_applies("dynamic-int8", Bits(4, 8))
