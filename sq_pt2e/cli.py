@@ -462,8 +462,8 @@ def _build_parser() -> argparse.ArgumentParser:
         "bench", help="time float vs int8 variants (inductor, ExecuTorch) of full-size models",
         description="Median latency of float and int8 variants, each built and timed in a fresh process, in "
                     "rounds with the variant order rotated; the spread of the round medians says whether a ratio "
-                    "is trustworthy. Also sizes, build time and peak memory. Architecture names get random weights: latency does not "
-                    "depend on them.",
+                    "is trustworthy. Also sizes, build time and peak memory. Architecture names get random "
+                    "weights: latency does not depend on them.",
     )
     bench.add_argument("--models", nargs="+", default=["wav2vec2-base"],
                        help="architecture names (random weights), reference models or checkpoint folders")

@@ -780,16 +780,18 @@ def search_plan(
         promoted = {n for g in report.promoted_groups for n in groups[g]}
         say(f"mixed precision: {len(report.promoted_groups)} group(s) at W{config.promote_weight_bits} "
             f"({report.promoted_share:.0%} of the weights)")
+
+    def without(floated: set[str]) -> Candidate:
+        """The plan as chosen, with the ``floated`` layers left in float."""
+        return quant({n: r for n, r in chosen.items() if n not in floated}, promoted)
+
     if config.float_share > 0:
         report.float_groups, report.float_trials, report.kept_float_share = _upgrade_groups(
-            evaluator, groups, layer_flops(model, [m.name for m in modules]),
-            lambda names: quant({n: r for n, r in chosen.items() if n not in names}, promoted),
-            config.float_share, "flops", "float fallback", progress_bar)
+            evaluator, groups, layer_flops(model, [m.name for m in modules]), without, config.float_share,
+            "flops", "float fallback", progress_bar)
         say(f"float fallback: {len(report.float_groups)} group(s) kept float "
             f"({report.kept_float_share:.0%} of the FLOPs)")
-    floated = {n for g in report.float_groups for n in groups[g]}
-    chosen = {n: r for n, r in chosen.items() if n not in floated}
-    final = quant(chosen, promoted)
+    final = without({n for g in report.float_groups for n in groups[g]})
     report.final_score = evaluator(final)
     report.evaluations = getattr(evaluator, "evaluations", 0) - evaluations_before
     report.cached_evaluations = getattr(evaluator, "cached", 0) - cached_before
