@@ -1,10 +1,15 @@
 """Lower a converted int8 graph to an ExecuTorch ``.pte`` with the XNNPACK delegate.
 
-The program is exported at one fixed waveform length (the example's): a ``.pte``
-exported from a 5 s example only accepts 5 s, so :class:`PteRunner` checks the
-input length and raises instead of failing obscurely on device. The lowering
-report says how much of the graph XNNPACK took (delegate calls, nodes left to
-ExecuTorch's portable kernels, by op) and compares the ``.pte`` output with eager.
+By default the program is exported at one fixed waveform length (the example's): a
+``.pte`` exported from a 5 s example only accepts 5 s, so :class:`PteRunner` checks the
+input length and raises instead of failing obscurely on device. With a
+:class:`~sq_pt2e.framing.LengthRange` the program takes any frame-aligned length up to
+a maximum; its int8 CNN convolutions then run as int8 GEMMs over windows
+(:class:`~sq_pt2e.passes.conv1d_as_window_gemm.QuantizedConv1dAsWindowGemmPass`),
+because executorch 1.5.1's XNNPACK runtime crashes on a quantized convolution of
+dynamic length. The lowering report says how much of the graph XNNPACK took (delegate
+calls, nodes left to ExecuTorch's portable kernels, by op) and compares the ``.pte``
+output with eager.
 """
 
 from __future__ import annotations
@@ -20,7 +25,8 @@ import torch
 from torch.fx import GraphModule
 
 from sq_pt2e.atomic import atomic_write_bytes
-from sq_pt2e.errors import BackendError, NumericsMismatchError
+from sq_pt2e.errors import AudioError, BackendError, NumericsMismatchError
+from sq_pt2e.framing import LengthRange
 
 __all__ = ["LoweringReport", "PteRunner", "check_pte", "lower_to_xnnpack", "save_pte", "xnnpack_friendly"]
 
@@ -58,7 +64,8 @@ def _split_report(graph_module: GraphModule) -> tuple[int, dict[str, int]]:
     return delegates, dict(sorted(portable.items()))
 
 
-def xnnpack_friendly(model: torch.nn.Module, example: torch.Tensor) -> GraphModule:
+def xnnpack_friendly(model: torch.nn.Module, example: torch.Tensor, lengths: LengthRange | None = None
+                     ) -> GraphModule:
     """A copy of ``model`` as a GraphModule with norms and attention in XNNPACK-delegated ops.
 
     Applies :class:`~sq_pt2e.passes.decompose_norms.DecomposeNormsPass` and
@@ -73,23 +80,26 @@ def xnnpack_friendly(model: torch.nn.Module, example: torch.Tensor) -> GraphModu
         graph = copy.deepcopy(model)
     else:
         with torch.no_grad():
-            graph = torch.export.export(model, (example,)).module()
+            graph = torch.export.export(model, (example,), dynamic_shapes=_dynamic_shapes(lengths)).module()
     for graph_pass in (RemoveTrivialAttentionMaskPass(), DecomposeNormsPass(), DecomposeAttentionPass()):
         graph_pass(graph)
     return graph
 
 
 def lower_to_xnnpack(
-    model: torch.nn.Module, example: torch.Tensor, *, friendly: bool = True
+    model: torch.nn.Module, example: torch.Tensor, *, friendly: bool = True, lengths: LengthRange | None = None
 ) -> tuple[bytes, LoweringReport]:
-    """Export ``model`` at ``example``'s shape and lower it with the XNNPACK partitioner.
+    """Export ``model`` at ``example``'s shape (or over ``lengths``) and lower it with the XNNPACK partitioner.
 
     Args:
         model: an int8 ``convert_pt2e`` graph (quantized with ``target="xnnpack"``) or a
             float model.
-        example: the ``(batch, samples)`` waveform that fixes the program's input shape.
+        example: the ``(batch, samples)`` waveform that fixes the program's input shape
+            (with ``lengths``: one of the lengths, to trace with).
         friendly: first rewrite norms and attention into ops XNNPACK runs
             (:func:`xnnpack_friendly`), so fewer ops fall back to portable kernels.
+        lengths: make the program take every length of this range (export the int8 model
+            with the same range: ``quantize_model(..., lengths=lengths)``).
 
     Returns:
         The ``.pte`` bytes and the lowering report (without numerics; see :class:`PteRunner`).
@@ -98,11 +108,16 @@ def lower_to_xnnpack(
     from executorch.exir import to_edge_transform_and_lower
     from executorch.kernels import quantized  # noqa: F401  (out variants of q/dq ops left outside XNNPACK)
 
+    from sq_pt2e.passes.conv1d_as_window_gemm import QuantizedConv1dAsWindowGemmPass
+
     start = time.perf_counter()
     try:
-        program = xnnpack_friendly(model, example) if friendly else model
+        program = xnnpack_friendly(model, example, lengths) if friendly else model
+        if lengths is not None and isinstance(program, GraphModule):
+            program = copy.deepcopy(program) if program is model else program
+            QuantizedConv1dAsWindowGemmPass()(program)
         with torch.no_grad():
-            exported = torch.export.export(program, (example,))
+            exported = torch.export.export(program, (example,), dynamic_shapes=_dynamic_shapes(lengths))
             edge = to_edge_transform_and_lower(exported, partitioner=[XnnpackPartitioner()])
             delegates, portable = _split_report(edge.exported_program().graph_module)
             program = edge.to_executorch()
@@ -112,11 +127,15 @@ def lower_to_xnnpack(
     report = LoweringReport(
         delegate_calls=delegates,
         portable_ops=portable,
-        input_samples=int(example.shape[-1]),
+        input_samples=int(example.shape[-1]) if lengths is None else lengths.max_samples,
         pte_bytes=len(data),
         lower_seconds=time.perf_counter() - start,
     )
     return data, report
+
+
+def _dynamic_shapes(lengths: LengthRange | None) -> tuple[dict[int, object]] | None:
+    return None if lengths is None else ({1: lengths.export_dim()},)
 
 
 def save_pte(data: bytes, path: str | os.PathLike[str]) -> Path:
@@ -129,11 +148,15 @@ class PteRunner:
 
     Args:
         program: ``.pte`` bytes or a path to a ``.pte`` file.
-        input_samples: the waveform length the program was exported for.
+        input_samples: the waveform length the program was exported for (its maximum, with ``lengths``).
         threads: XNNPACK thread pool size.
+        lengths: the range a dynamic-length program was exported over; a waveform in it is
+            cut to :meth:`~sq_pt2e.framing.LengthRange.aligned` length (the dropped trailing
+            samples, fewer than a hop, complete no frame).
     """
 
-    def __init__(self, program: bytes | str | os.PathLike[str], input_samples: int, threads: int | None = None) -> None:
+    def __init__(self, program: bytes | str | os.PathLike[str], input_samples: int, threads: int | None = None,
+                 *, lengths: LengthRange | None = None) -> None:
         from executorch.runtime import Runtime
 
         if threads is not None:
@@ -142,11 +165,17 @@ class PteRunner:
         # bytes and the Program alive as long as the Method (freeing them crashes).
         self._data = program if isinstance(program, bytes) else Path(program).read_bytes()
         self.input_samples = input_samples
+        self.lengths = lengths
         self._program = Runtime.get().load_program(self._data)
         self._method = self._program.load_method("forward")
 
     def __call__(self, wave: torch.Tensor) -> torch.Tensor:
-        if wave.ndim != 2 or wave.shape[-1] != self.input_samples:
+        if wave.ndim == 2 and self.lengths is not None:
+            try:
+                wave = wave[:, : self.lengths.aligned(wave.shape[-1])]
+            except AudioError as exc:
+                raise BackendError(str(exc)) from exc
+        elif wave.ndim != 2 or wave.shape[-1] != self.input_samples:
             msg = (
                 f"this .pte was exported for waveforms of shape (1, {self.input_samples}); got "
                 f"{tuple(wave.shape)}: pad/chunk the audio or export at the length you need"

@@ -277,6 +277,7 @@ def _cmd_accuracy(args: argparse.Namespace) -> int:
 
 def _cmd_export(args: argparse.Namespace) -> int:
     from sq_pt2e.backends.executorch_xnnpack import PteRunner, check_pte, lower_to_xnnpack, save_pte
+    from sq_pt2e.framing import LengthRange, cnn_geometry
     from sq_pt2e.models import load_model
     from sq_pt2e.pipeline import quantize_model
     from sq_pt2e.inputs import fixed_length
@@ -286,18 +287,24 @@ def _cmd_export(args: argparse.Namespace) -> int:
     model = load_model(args.model, seed=args.seed)
     plan = load_plan_for_model(args.plan, args.model)
     samples = int(args.seconds * 16000)
+    lengths = LengthRange.up_to(samples, cnn_geometry(model)) if args.dynamic else None
+    if lengths is not None:
+        samples = lengths.max_samples
     calibration = [fixed_length(wave, samples) for wave in calibration_waves(args.calibration, args.max_calibration)]
     example = calibration[0]
-    quantized = quantize_model(model, example, calibration, plan=plan, target="xnnpack")
-    data, report = lower_to_xnnpack(quantized.converted, example)
-    runner = PteRunner(data, samples, threads=args.threads)
-    with torch.no_grad():
-        report = check_pte(runner, quantized.converted(example), example, report)
+    quantized = quantize_model(model, example, calibration, plan=plan, target="xnnpack", lengths=lengths)
+    data, report = lower_to_xnnpack(quantized.converted, example, lengths=lengths)
+    runner = PteRunner(data, samples, threads=args.threads, lengths=lengths)
+    checks = [example] if lengths is None else [example[:, : lengths.aligned(n)] for n in (samples, samples // 3)]
+    with torch.no_grad():  # the worst of the checked lengths goes in the report
+        report = min((check_pte(runner, quantized.converted(w), w, report) for w in checks), key=lambda r: r.cosine)
     path = save_pte(data, args.output)
-    print(f"wrote {path} ({report.pte_bytes / 2**20:.1f} MiB) for inputs of exactly {samples} samples "
-          f"({args.seconds:g} s at 16 kHz): {report.delegate_calls} XNNPACK partition(s), "
-          f"{report.portable_op_count} portable op(s) {report.portable_ops or ''}; .pte vs eager int8 cosine "
-          f"{report.cosine:.5f}")
+    accepted = (f"exactly {samples} samples ({args.seconds:g} s at 16 kHz)" if lengths is None else
+                f"{lengths.min_samples} to {lengths.max_samples} samples ({lengths.max_samples / 16000:g} s at most; "
+                f"longer audio in chunks)")
+    print(f"wrote {path} ({report.pte_bytes / 2**20:.1f} MiB) for inputs of {accepted}: "
+          f"{report.delegate_calls} XNNPACK partition(s), {report.portable_op_count} portable op(s) "
+          f"{report.portable_ops or ''}; .pte vs eager int8 cosine {report.cosine:.5f}")
     return EXIT_OK
 
 
@@ -562,12 +569,16 @@ def _build_parser() -> argparse.ArgumentParser:
 
     export = verbs.add_parser(
         "export", help="quantize with a plan and write an ExecuTorch .pte (XNNPACK)",
-        description="Export at a fixed input length (a .pte only accepts that length), lower to XNNPACK with "
-                    "norms and attention rewritten into delegated ops, check the .pte against eager int8.",
+        description="Export at a fixed input length (a .pte only accepts that length) or, with --dynamic, any "
+                    "length up to it; lower to XNNPACK with norms and attention rewritten into delegated ops; "
+                    "check the .pte against eager int8.",
     )
     _add_model_argument(export)
     export.add_argument("--plan", default=None, help="plan.json (default: W8A8, max calibration)")
-    export.add_argument("--seconds", type=float, default=10.0, help="the program's input length")
+    export.add_argument("--seconds", type=float, default=10.0, help="the program's input length (its maximum with "
+                        "--dynamic)")
+    export.add_argument("--dynamic", action="store_true",
+                        help="accept every length up to --seconds (int8 CNN convs run as int8 GEMMs over windows)")
     export.add_argument("--calibration", default=None, help="calibration audio (default: shipped LibriSpeech)")
     export.add_argument("--max-calibration", type=int, default=16)
     export.add_argument("--threads", type=int, default=2)

@@ -11,6 +11,7 @@ import transformers.masking_utils as masking_utils
 from torch import nn
 from torch.export import Dim, ExportedProgram
 
+from sq_pt2e.framing import LengthRange
 from sq_pt2e.models.build import to_ctc_logits
 from sq_pt2e.passes.fold_weight_norm import fold_weight_norm
 from sq_pt2e.passes.remove_trivial_attention_mask import RemoveTrivialAttentionMaskPass
@@ -22,7 +23,12 @@ MIN_SAMPLES = 400
 
 
 def export_speech_model(
-    model: nn.Module, example: torch.Tensor, *, dynamic_time: bool = False, unpadded: bool = True
+    model: nn.Module,
+    example: torch.Tensor,
+    *,
+    dynamic_time: bool = False,
+    lengths: LengthRange | None = None,
+    unpadded: bool = True,
 ) -> ExportedProgram:
     """Export ``model`` (a ``*ForCTC`` model or a waveform->logits module) for PT2E.
 
@@ -41,6 +47,8 @@ def export_speech_model(
         example: a ``(batch, samples)`` float32 waveform.
         dynamic_time: export the time axis as dynamic (any length >= ``MIN_SAMPLES``); the default
             is the fixed length of ``example``, the safe route for int8 under inductor and ExecuTorch.
+        lengths: export the lengths of this range instead (frame-aligned, bounded; what a
+            dynamic-length ExecuTorch program needs: ``LengthRange.up_to(max_samples, cnn_geometry(model))``).
         unpadded: export attention without a mask (False: keep transformers' mask ops, as a
             graph for padded batches would have them).
 
@@ -52,10 +60,12 @@ def export_speech_model(
         raise ValueError(msg)
     wrapper = to_ctc_logits(model).eval()
     fold_weight_norm(wrapper)
+    if dynamic_time and lengths is not None:
+        raise ValueError("export_speech_model: pass dynamic_time or lengths, not both")
     dynamic_shapes = None
-    if dynamic_time:
+    if dynamic_time or lengths is not None:
         (name,) = _forward_argument_names(wrapper)
-        dynamic_shapes = {name: {1: Dim.DYNAMIC}}
+        dynamic_shapes = {name: {1: Dim.DYNAMIC if lengths is None else lengths.export_dim()}}
     masks = no_mask_for_unpadded_input() if unpadded else contextlib.nullcontext()
     with torch.no_grad(), masks:
         exported = torch.export.export(wrapper, (example,), dynamic_shapes=dynamic_shapes)

@@ -10,7 +10,8 @@ word that straddles a window boundary is still seen whole.
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from dataclasses import dataclass
+from typing import Any, NamedTuple
 
 from torch import nn
 
@@ -18,6 +19,7 @@ from sq_pt2e.errors import AudioError, BackendError
 
 __all__ = [
     "Geometry",
+    "LengthRange",
     "Window",
     "centre_window",
     "check_overlap",
@@ -82,6 +84,62 @@ def check_overlap(overlap_samples: int, geometry: Geometry, *, name: str = "over
     if overlap_samples < context:
         raise AudioError(f"{name}: an overlap of {overlap_samples} samples is less than the {context} samples a "
                          "frame reaches past its hop")
+
+
+@dataclass(frozen=True)
+class LengthRange:
+    """The input lengths a dynamic-length program accepts: ``hop * frames + context`` samples.
+
+    Those are the lengths whose last samples complete a frame (``context`` is the receptive
+    field minus the hop), for ``min_frames <= frames <= max_frames``. A program exported over
+    them runs any length in between after :meth:`aligned` drops the trailing samples (fewer
+    than a hop) that no output frame sees.
+    """
+
+    hop: int
+    context: int
+    min_frames: int
+    max_frames: int
+
+    @classmethod
+    def up_to(cls, max_samples: int, geometry: Geometry, *, min_frames: int = 2) -> LengthRange:
+        """Every aligned length of at least ``min_frames`` frames and at most ``max_samples`` samples.
+
+        Raises:
+            AudioError: ``max_samples`` gives fewer than ``min_frames`` frames.
+        """
+        frames = frame_count(max_samples, geometry)
+        if frames < min_frames:
+            raise AudioError(f"a maximum length of {max_samples} samples gives {frames} frame(s); a dynamic-length "
+                             f"program needs at least {min_frames}")
+        hop = hop_length(geometry)
+        return cls(hop, receptive_field(geometry) - hop, min_frames, frames)
+
+    @property
+    def min_samples(self) -> int:
+        return self.hop * self.min_frames + self.context
+
+    @property
+    def max_samples(self) -> int:
+        return self.hop * self.max_frames + self.context
+
+    def aligned(self, samples: int) -> int:
+        """The longest accepted length not above ``samples``.
+
+        Raises:
+            AudioError: ``samples`` is outside ``[min_samples, max_samples + hop)``.
+        """
+        if not self.min_samples <= samples < self.max_samples + self.hop:
+            raise AudioError(f"this program takes {self.min_samples} to {self.max_samples} samples "
+                             f"({self.min_samples / 16000:.2f} to {self.max_samples / 16000:.2f} s at 16 kHz); got "
+                             f"{samples}: chunk longer audio or export with a larger maximum")
+        return self.hop * ((samples - self.context) // self.hop) + self.context
+
+    def export_dim(self) -> Any:
+        """The ``torch.export`` dynamic size of the samples axis: ``hop * Dim("frames") + context``."""
+        from torch.export import Dim
+
+        return self.hop * Dim("frames", min=self.min_frames, max=self.max_frames) + self.context
 
 
 class Window(NamedTuple):

@@ -22,6 +22,7 @@ from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
 
 from sq_pt2e.errors import QuantizationError
 from sq_pt2e.export import export_speech_model
+from sq_pt2e.framing import LengthRange
 from sq_pt2e.passes.verify_quantization import QuantizedGraphSummary, require_int8_layers
 from sq_pt2e.plan import QuantPlan
 from sq_pt2e.quantizer import LayerStatus, StableQuantQuantizer, Target
@@ -110,13 +111,16 @@ def quantize_model(
     target: Target = "x86_inductor",
     fit_to_cpu: bool = True,
     dynamic_time: bool = False,
+    lengths: LengthRange | None = None,
 ) -> QuantizedModel:
     """Export ``model`` and quantize it with ``plan`` (see :func:`quantize_exported`).
 
     ``dynamic_time=False`` (default) exports one fixed length, ``example``'s: the safe
-    route for inductor's int8 convolutions and for ExecuTorch.
+    route for inductor's int8 convolutions. ``lengths`` exports a bounded range of
+    frame-aligned lengths instead, for a dynamic-length ExecuTorch program
+    (:func:`~sq_pt2e.backends.executorch_xnnpack.lower_to_xnnpack`).
     """
-    exported = export_speech_model(model, example, dynamic_time=dynamic_time)
+    exported = export_speech_model(model, example, dynamic_time=dynamic_time, lengths=lengths)
     return quantize_exported(exported, calibration, plan=plan, target=target, fit_to_cpu=fit_to_cpu)
 
 

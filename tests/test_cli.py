@@ -88,6 +88,9 @@ def test_transcribe_and_export_verbs(tmp_path, capsys) -> None:
     assert main(["export", "--model", "tiny-hubert", "--plan", str(tmp_path / "plan.json"), "--seconds", "1",
                  "--max-calibration", "2", "--threads", "1", "--output", str(pte)]) == 0
     assert pte.stat().st_size > 10_000 and "exactly 16000 samples" in capsys.readouterr().out
+    assert main(["export", "--model", "tiny-hubert", "--plan", str(tmp_path / "plan.json"), "--seconds", "1",
+                 "--dynamic", "--max-calibration", "2", "--threads", "1", "--output", str(pte)]) == 0
+    assert "720 to 15760 samples" in capsys.readouterr().out
 
 
 def test_a_plan_from_another_model_is_refused_before_work(tmp_path, capsys) -> None:

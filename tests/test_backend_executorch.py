@@ -1,0 +1,50 @@
+"""ExecuTorch/XNNPACK lowering: a dynamic-length int8 program matches eager int8 at every length."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from sq_pt2e.errors import AudioError, BackendError
+from sq_pt2e.framing import LengthRange, cnn_geometry
+from sq_pt2e.models import build_model
+from sq_pt2e.pipeline import quantize_model
+from sq_pt2e.recipes import default_plan
+
+
+def test_length_range_accepts_aligned_lengths_and_names_the_bounds() -> None:
+    lengths = LengthRange.up_to(16000, cnn_geometry(build_model("tiny-wav2vec2", seed=0)))
+    assert (lengths.hop, lengths.context, lengths.max_frames) == (320, 80, 49)
+    assert lengths.max_samples == 320 * 49 + 80 <= 16000
+    assert lengths.aligned(lengths.max_samples + 319) == lengths.max_samples
+    assert lengths.aligned(1000) == 720
+    with pytest.raises(AudioError, match=r"720 to 15760 samples .* got 16080"):
+        lengths.aligned(16080)
+    with pytest.raises(AudioError, match="got 719"):
+        lengths.aligned(719)
+    with pytest.raises(AudioError, match="at least 2"):
+        LengthRange.up_to(500, cnn_geometry(build_model("tiny-wav2vec2", seed=0)))
+
+
+@pytest.mark.parametrize("name", ["tiny-wav2vec2", "tiny-hubert"])
+def test_dynamic_length_int8_pte_matches_eager_int8_at_every_length(name: str, single_thread) -> None:
+    from sq_pt2e.backends.executorch_xnnpack import PteRunner, lower_to_xnnpack
+
+    model = build_model(name, seed=0)
+    lengths = LengthRange.up_to(48000, cnn_geometry(model))
+    generator = torch.Generator().manual_seed(0)
+    example = torch.randn(1, lengths.hop * 40 + lengths.context, generator=generator)
+    calibration = [torch.randn(1, lengths.hop * f + lengths.context, generator=generator) for f in (30, 60)]
+    quantized = quantize_model(model, example, calibration, plan=default_plan(), target="xnnpack", lengths=lengths)
+    data, report = lower_to_xnnpack(quantized.converted, example, lengths=lengths)
+    assert report.input_samples == lengths.max_samples
+    runner = PteRunner(data, lengths.max_samples, threads=1, lengths=lengths)
+    for frames in (3, 77, lengths.max_frames):
+        wave = torch.randn(1, lengths.hop * frames + lengths.context + 100, generator=generator)
+        output = runner(wave)  # the 100 trailing samples complete no frame: dropped
+        expected = quantized.converted(wave[:, : lengths.aligned(wave.shape[1])])
+        assert output.shape == expected.shape == (1, frames, 32)
+        cosine = torch.nn.functional.cosine_similarity(output.flatten(), expected.flatten(), dim=0)
+        assert cosine > 0.999, (frames, float(cosine))
+    with pytest.raises(BackendError, match=f"{lengths.max_samples} samples"):
+        runner(torch.zeros(1, lengths.max_samples + lengths.hop))
