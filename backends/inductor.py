@@ -10,7 +10,12 @@ rather than return a model that silently runs in float or computes wrong values.
 
 CPUs without VNNI (AVX2 only) multiply u8*s8 pairs into saturating int16
 (``vpmaddubsw``): W8A8 then differs from the eager int8 model. ``fit_plan_to_cpu``
-narrows such layers to 7-bit weights, which cannot saturate.
+narrows such layers to 7-bit weights, which cannot saturate. On AMX-INT8 CPUs, oneDNN's
+int8 grouped convolution computes wrong values with 8 to 28 input channels per group and
+kernels of 8 or more (torch 2.13; measured: compiled vs eager cosine 0.01-0.04, right
+with AMX disabled, with 2-7 or 32-64 channels per group and with kernels of 3-5);
+``fit_plan_to_cpu`` keeps grouped convs with :data:`AMX_UNSAFE_GROUP_CHANNELS` channels
+per group in float there.
 """
 
 from __future__ import annotations
@@ -19,7 +24,7 @@ import copy
 import dataclasses
 import re
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 import torch
@@ -33,15 +38,35 @@ from sq_pt2e.passes.verify_quantization import summarize_quantized_graph
 from sq_pt2e.passes.waveform_conv_as_gemm import WaveformConvAsGemmPass
 from sq_pt2e.plan import LayerPlan, QuantPlan
 
-__all__ = ["CompiledInt8", "InductorReport", "compare_outputs", "compile_inductor", "fit_plan_to_cpu"]
+__all__ = [
+    "AMX_GROUPED_CONV_REASON",
+    "AMX_UNSAFE_GROUP_CHANNELS",
+    "CompiledInt8",
+    "InductorReport",
+    "compare_outputs",
+    "compile_inductor",
+    "fit_plan_to_cpu",
+]
 
 _INT8_KERNEL = re.compile(r"torch\.ops\.onednn\.(qconv\w*|qlinear\w*)\.")
 SATURATION_REASON = "7-bit weights: this CPU has no VNNI, so W8A8 u8*s8 pairs would saturate int16"
+AMX_UNSAFE_GROUP_CHANNELS = range(8, 32)
+AMX_GROUPED_CONV_REASON = ("float: oneDNN's AMX int8 grouped convolution computes wrong values with "
+                           f"{AMX_UNSAFE_GROUP_CHANNELS.start} to {AMX_UNSAFE_GROUP_CHANNELS.stop - 1} channels per group")
 
 
-def fit_plan_to_cpu(plan: QuantPlan, cpu: CpuInfo | None = None) -> tuple[QuantPlan, bool]:
-    """Narrow W8A8 layers to W7A8 on CPUs without VNNI; returns ``(plan, changed)``."""
+def fit_plan_to_cpu(plan: QuantPlan, cpu: CpuInfo | None = None, *,
+                    group_channels: Mapping[str, int] | None = None) -> tuple[QuantPlan, bool]:
+    """Fit a plan to what this CPU's int8 kernels compute exactly; returns ``(plan, changed)``.
+
+    Without VNNI, W8A8 layers are narrowed to W7A8. With AMX-INT8, the grouped convs of
+    ``group_channels`` (layer name -> input channels per group, e.g. from
+    :func:`sq_pt2e.graph.group_channels`) with :data:`AMX_UNSAFE_GROUP_CHANNELS` channels
+    per group are kept float. Each change is recorded in the layer's reason.
+    """
     cpu = cpu or cpu_info()
+    if cpu.has_amx_int8:
+        return _float_small_groups(plan, group_channels or {})
     if cpu.has_vnni:
         return plan, False
 
@@ -58,6 +83,20 @@ def fit_plan_to_cpu(plan: QuantPlan, cpu: CpuInfo | None = None) -> tuple[QuantP
         layers=tuple(fit(layer) for layer in plan.layers),
     )
     return fitted, fitted != plan
+
+
+def _float_small_groups(plan: QuantPlan, group_channels: Mapping[str, int]) -> tuple[QuantPlan, bool]:
+    listed = {layer.name: layer for layer in plan.layers}
+    changes = {}
+    for name, channels in group_channels.items():
+        layer = listed.get(name) or plan.resolve(name, "grouped_conv1d")
+        if channels in AMX_UNSAFE_GROUP_CHANNELS and not layer.skip:
+            reason = f"{AMX_GROUPED_CONV_REASON} ({channels})"
+            changes[name] = dataclasses.replace(layer, name=name, op="grouped_conv1d", skip=True, reason=reason)
+    if not changes:
+        return plan, False
+    layers = tuple(changes.pop(layer.name, layer) for layer in plan.layers) + tuple(changes.values())
+    return dataclasses.replace(plan, layers=layers), True
 
 
 @dataclass(frozen=True)

@@ -276,7 +276,11 @@ class BucketedInt8Model:
                              f"bucket ({self.bucket_samples[-1] / SAMPLE_RATE:g} s)")
         self.threads = threads if threads is not None else torch.get_num_threads()
         self.masked, self.min_cosine = masked, min_cosine
-        fitted, _ = fit_plan_to_cpu(plan if plan is not None else QuantPlan())
+        from sq_pt2e.simulate import quantizable_modules
+
+        grouped = {m.name: m.module.in_channels // m.module.groups
+                   for m in quantizable_modules(self._model) if m.op == "grouped_conv1d"}
+        fitted, _ = fit_plan_to_cpu(plan if plan is not None else QuantPlan(), group_channels=grouped)
         self.plan = pin_activation_ranges(self._model, fitted, calibration)
         self._program = MaskedCTCLogits(self._model).eval() if masked else self._model
         self._fingerprint = _fingerprint(self._model, self.plan, masked)

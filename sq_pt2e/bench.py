@@ -56,6 +56,8 @@ from sq_pt2e.recipes import search_shaped_plan
 __all__ = ["SPREAD_LIMIT", "VARIANTS", "BenchRow", "BenchResult", "Built", "bench_model_and_plan", "run_benchmark"]
 
 SAMPLE_RATE = 16000
+DYNAMIC_MAX_SECONDS = 30
+"""The longest input of the dynamic-length ``.pte`` variant (``executorch-int8-dynamic``)."""
 SPREAD_LIMIT = 1.15
 """Largest trusted spread (max / min of a cell's per-round medians); above it the table flags the cell."""
 
@@ -273,18 +275,27 @@ def _stablequant_int8(model, wave, calib, plan, threads, *, conv_as_gemm: bool =
                  f"{convs}{quantized.bit_widths()}; compiled vs eager int8 cosine {compiled.report.cosine:.5f}")
 
 
-def _executorch(model, wave, calib, plan, threads, *, int8: bool, friendly: bool = True) -> Built:
+def _executorch(model, wave, calib, plan, threads, *, int8: bool, friendly: bool = True,
+                dynamic: bool = False) -> Built:
     from sq_pt2e.backends.executorch_xnnpack import PteRunner, lower_to_xnnpack
+    from sq_pt2e.framing import LengthRange, cnn_geometry
     from sq_pt2e.pipeline import quantize_model
 
     start = time.perf_counter()
+    lengths = None
+    if dynamic:  # any length up to 30 s (or the benchmark's length), timed at the benchmark's length
+        lengths = LengthRange.up_to(max(DYNAMIC_MAX_SECONDS * SAMPLE_RATE, wave.shape[-1]), cnn_geometry(model))
+        wave, calib = wave[:, : lengths.aligned(wave.shape[-1])], [c[:, : lengths.aligned(c.shape[-1])] for c in calib]
     if int8:
-        program = quantize_model(copy.deepcopy(model), wave, calib, plan=plan, target="xnnpack").converted
+        program = quantize_model(copy.deepcopy(model), wave, calib, plan=plan, target="xnnpack",
+                                 lengths=lengths).converted
     else:
         program = copy.deepcopy(to_ctc_logits(model)).eval()
-    data, report = lower_to_xnnpack(program, wave, friendly=friendly)
-    runner = PteRunner(data, int(wave.shape[-1]), threads=threads)
+    data, report = lower_to_xnnpack(program, wave, friendly=friendly, lengths=lengths)
+    runner = PteRunner(data, report.input_samples, threads=threads, lengths=lengths)
     lowering = "norms/attention rewritten for XNNPACK" if friendly else "stock lowering"
+    if lengths is not None:
+        lowering += f"; any length up to {lengths.max_samples / SAMPLE_RATE:.1f} s"
     return Built(runner, report.pte_bytes, time.perf_counter() - start, None,
                  f"{lowering}; {report.delegate_calls} XNNPACK partitions, {report.portable_op_count} portable ops")
 
@@ -299,6 +310,7 @@ VARIANTS: dict[str, Callable[..., Built]] = {
     "stablequant-int8-inductor-convs": functools.partial(_stablequant_int8, conv_as_gemm=False),
     "executorch-fp32": functools.partial(_executorch, int8=False),
     "executorch-int8": functools.partial(_executorch, int8=True),
+    "executorch-int8-dynamic": functools.partial(_executorch, int8=True, dynamic=True),
     "executorch-fp32-stock": functools.partial(_executorch, int8=False, friendly=False),
     "executorch-int8-stock": functools.partial(_executorch, int8=True, friendly=False),
 }

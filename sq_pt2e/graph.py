@@ -13,7 +13,7 @@ from torch.fx import GraphModule, Node
 
 from sq_pt2e.plan import OpKind
 
-__all__ = ["QuantizableLayer", "find_quantizable_layers", "layer_name", "op_kind"]
+__all__ = ["QuantizableLayer", "find_quantizable_layers", "group_channels", "layer_name", "op_kind"]
 
 _CONV1D = (torch.ops.aten.conv1d.default, torch.ops.aten.conv1d.padding)
 _LINEAR = (torch.ops.aten.linear.default,)
@@ -57,3 +57,20 @@ def find_quantizable_layers(gm: GraphModule) -> list[QuantizableLayer]:
         if kind is not None:
             layers.append(QuantizableLayer(layer_name(node) or node.name, kind, node))
     return layers
+
+
+def group_channels(gm: GraphModule) -> dict[str, int]:
+    """Input channels per group of every grouped conv1d of ``gm``, by layer name (from the weight's shape)."""
+    import operator
+
+    channels = {}
+    for layer in find_quantizable_layers(gm):
+        if layer.op != "grouped_conv1d":
+            continue
+        weight = layer.node.args[1]
+        value = weight.meta.get("val") if isinstance(weight, Node) else None
+        if value is None and isinstance(weight, Node) and weight.op == "get_attr":
+            value = operator.attrgetter(weight.target)(gm)
+        if value is not None:
+            channels[layer.name] = int(value.shape[1])
+    return channels

@@ -25,6 +25,11 @@ class CpuInfo:
         """True when u8*s8 dot products accumulate in int32 without int16 saturation."""
         return any(f in self.flags for f in ("avx512_vnni", "avx_vnni", "amx_int8"))
 
+    @property
+    def has_amx_int8(self) -> bool:
+        """True when oneDNN runs int8 kernels on AMX tiles (Intel Sapphire Rapids and later)."""
+        return "amx_int8" in self.flags
+
     def summary(self) -> str:
         return f"{self.model} ({self.logical_cpus} CPUs; {' '.join(self.flags) or 'no AVX2'})"
 

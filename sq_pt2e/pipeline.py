@@ -23,6 +23,7 @@ from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
 from sq_pt2e.errors import QuantizationError
 from sq_pt2e.export import export_speech_model
 from sq_pt2e.framing import LengthRange
+from sq_pt2e.graph import group_channels
 from sq_pt2e.passes.verify_quantization import QuantizedGraphSummary, require_int8_layers
 from sq_pt2e.plan import QuantPlan
 from sq_pt2e.quantizer import LayerStatus, StableQuantQuantizer, Target
@@ -80,9 +81,9 @@ def quantize_exported(
             of arguments for programs with several inputs).
         plan: per-layer decisions (default: W8A8, max calibration everywhere).
         target: ``"x86_inductor"`` or ``"xnnpack"``.
-        fit_to_cpu: for x86, narrow W8A8 layers to W7A8 on CPUs without VNNI, where
-            8x8-bit products saturate (see ``sq_pt2e.backends.inductor``); the
-            returned ``plan`` records it.
+        fit_to_cpu: for x86, fit the plan to the CPU's int8 kernels (W7A8 without VNNI,
+            where 8x8-bit products saturate; small-group grouped convs in float on AMX;
+            see ``sq_pt2e.backends.inductor.fit_plan_to_cpu``); the returned ``plan`` records it.
 
     Raises:
         PlanError: the plan names layers the graph does not have.
@@ -92,7 +93,7 @@ def quantize_exported(
     if target == "x86_inductor" and fit_to_cpu:
         from sq_pt2e.backends.inductor import fit_plan_to_cpu
 
-        plan, _ = fit_plan_to_cpu(plan)
+        plan, _ = fit_plan_to_cpu(plan, group_channels=group_channels(exported.graph_module))
     quantizer = StableQuantQuantizer(plan, target=target)
     prepared = prepare_pt2e(exported.module(), quantizer)
     calibrate(prepared, calibration)

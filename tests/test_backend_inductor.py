@@ -7,7 +7,13 @@ import dataclasses
 import pytest
 import torch
 
-from sq_pt2e.backends.inductor import SATURATION_REASON, compare_outputs, compile_inductor, fit_plan_to_cpu
+from sq_pt2e.backends.inductor import (
+    AMX_GROUPED_CONV_REASON,
+    SATURATION_REASON,
+    compare_outputs,
+    compile_inductor,
+    fit_plan_to_cpu,
+)
 from sq_pt2e.errors import NumericsMismatchError
 from sq_pt2e.hardware import CpuInfo
 from sq_pt2e.plan import LayerPlan, QuantPlan
@@ -18,6 +24,8 @@ pytestmark = pytest.mark.usefixtures("single_thread")
 
 AVX2_ONLY = CpuInfo("Test CPU without VNNI", ("avx2",), 2)
 WITH_VNNI = CpuInfo("Test CPU with VNNI", ("avx2", "avx512f", "avx512_vnni"), 2)
+WITH_AMX = CpuInfo("Test CPU with AMX", ("avx2", "avx512f", "avx512_vnni", "amx_int8", "amx_tile"), 2)
+POS_CONV = "wav2vec2.encoder.pos_conv_embed.conv"
 FC1 = "wav2vec2.encoder.layers.0.feed_forward.intermediate_dense"
 
 
@@ -47,6 +55,31 @@ def test_fit_plan_leaves_plans_alone_with_vnni() -> None:
     assert not changed
 
 
+def test_fit_plan_keeps_small_group_convs_float_on_amx() -> None:
+    plan = default_plan("tiny-wav2vec2")
+    fitted, changed = fit_plan_to_cpu(plan, WITH_AMX, group_channels={POS_CONV: 16, "other.conv": 48, "small.conv": 4})
+    assert changed
+    pos = fitted.resolve(POS_CONV, "grouped_conv1d")
+    assert pos.skip and pos.reason == f"{AMX_GROUPED_CONV_REASON} (16)"
+    # 48 and 4 channels per group compute right
+    assert not fitted.resolve("other.conv", "grouped_conv1d").skip and not fitted.resolve("small.conv", "grouped_conv1d").skip
+    assert fitted.default == plan.default  # W8A8 stays W8A8: AMX has VNNI
+    assert fit_plan_to_cpu(plan, WITH_VNNI, group_channels={POS_CONV: 16}) == (plan, False)
+    listed = dataclasses.replace(plan, layers=(LayerPlan(POS_CONV, op="grouped_conv1d", act_bits=6),))
+    (only,) = fit_plan_to_cpu(listed, WITH_AMX, group_channels={POS_CONV: 8})[0].layers
+    assert (only.skip, only.act_bits) == (True, 6)
+    floated = dataclasses.replace(plan, layers=(LayerPlan(POS_CONV, op="grouped_conv1d", skip=True, reason="mine"),))
+    assert fit_plan_to_cpu(floated, WITH_AMX, group_channels={POS_CONV: 8}) == (floated, False)
+
+
+def test_quantize_model_reads_group_channels_from_the_graph(tiny_wav2vec2, example_wave) -> None:
+    from sq_pt2e.export import export_speech_model
+    from sq_pt2e.graph import group_channels
+
+    graph = export_speech_model(tiny_wav2vec2, example_wave).graph_module
+    assert group_channels(graph) == {POS_CONV: 32 // 8}
+
+
 def test_fit_plan_reports_no_change_when_nothing_is_w8a8() -> None:
     plan = default_plan(weight_bits=6)
     assert fit_plan_to_cpu(plan, AVX2_ONLY) == (plan, False)
@@ -71,6 +104,33 @@ def test_compare_outputs_rejects_different_shapes() -> None:
         compare_outputs(torch.zeros(2, 2), torch.zeros(4))
 
 
+class _GroupedConv(torch.nn.Module):
+    """A positional-conv-like layer: (B, T, C) -> grouped conv1d over time -> (B, T, C)."""
+
+    def __init__(self, channels: int, kernel: int, groups: int) -> None:
+        super().__init__()
+        self.conv = torch.nn.Conv1d(channels, channels, kernel, padding=kernel // 2, groups=groups)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(x.transpose(1, 2)).transpose(1, 2)
+
+
+def test_a_grouped_conv_with_16_channels_per_group_compiles_right_on_this_cpu(single_thread) -> None:
+    """16 channels per group (the reference models' positional conv): oneDNN's AMX kernel gets it wrong,
+    so on AMX CPUs quantize_model keeps it float; elsewhere it is int8. Either way compiled == eager."""
+    from sq_pt2e.hardware import cpu_info
+    from sq_pt2e.pipeline import quantize_exported
+
+    torch.manual_seed(0)
+    x = torch.randn(1, 49, 256)
+    exported = torch.export.export(_GroupedConv(256, 16, 16).eval(), (x,))
+    quantized = quantize_exported(exported, [(x,)], plan=default_plan())
+    assert quantized.plan.resolve("conv", "grouped_conv1d").skip is cpu_info().has_amx_int8
+    if not cpu_info().has_amx_int8:
+        compiled = compile_inductor(quantized.converted, x, threads=1)  # raises if compiled != eager int8
+        assert compiled.report.int8_kernel_count == 1
+
+
 # ------------------------------------------------------------------ compile (about 20 s each)
 @pytest.fixture(scope="module")
 def tiny() -> TinyQuantized:
@@ -83,13 +143,14 @@ def test_compiled_model_runs_one_int8_kernel_per_int8_layer_and_matches_eager(ti
     compiled = compile_inductor(tiny.quantized.converted, tiny.example, threads=1)
     report = compiled.report
     int8_layers = len(tiny.quantized.summary.int8_layers)
-    assert int8_layers == 22  # every conv1d / linear, the grouped positional conv included
+    # every conv1d / linear, and the grouped positional conv unless fit_plan_to_cpu kept it float (AMX CPUs)
+    pos_int8 = int(not tiny.quantized.plan.resolve(POS_CONV, "grouped_conv1d").skip)
+    assert int8_layers == 21 + pos_int8
     assert report.int8_layers_in_graph == int8_layers
     assert report.int8_kernel_count == int8_layers
-    assert set(report.int8_kernels) == {"qconv_pointwise", "qlinear_pointwise"}
     # conv0 (one input channel) and the grouped positional conv stay convolutions; CNN convs 1-6
     # run as int8 GEMMs (QuantizedConv1dAsGemmPass) beside the 14 Linears.
-    assert report.int8_kernels == {"qconv_pointwise": 2, "qlinear_pointwise": 20}
+    assert report.int8_kernels == {"qconv_pointwise": 1 + pos_int8, "qlinear_pointwise": 20}
     assert report.cosine >= 0.999
     assert report.threads == 1
     output = compiled(tiny.example)

@@ -26,7 +26,7 @@ def result():
     return run_benchmark(build_model("tiny-hubert"), "tiny-hubert", seconds=(1.0,), threads=(1,), runs=2, rounds=1,
                          isolate=False,
                          variants=("fp32-eager", "dynamic-int8", "stablequant-int8-inductor",
-                                   "stablequant-int8-inductor-convs", "executorch-int8"),
+                                   "stablequant-int8-inductor-convs", "executorch-int8", "executorch-int8-dynamic"),
                          progress=lambda _line: None)
 
 
@@ -45,7 +45,9 @@ def isolated():
 
 def test_every_requested_variant_has_a_row(result) -> None:
     assert [r.variant for r in result.rows] == ["fp32-eager", "dynamic-int8", "stablequant-int8-inductor",
-                                                "stablequant-int8-inductor-convs", "executorch-int8"], result.skipped
+                                                "stablequant-int8-inductor-convs", "executorch-int8",
+                                                "executorch-int8-dynamic"], result.skipped
+    assert "any length up to 30.0 s" in result.rows[-1].notes
 
 
 def test_ratios_are_relative_to_fp32_eager_of_the_same_run(result) -> None:

@@ -50,8 +50,8 @@ def _transformer(hidden: int, layers: int, heads: int, ffn: int, cnn: int, pos_k
 
 # name -> (config class, keyword arguments)
 ARCHITECTURES: dict[str, tuple[type[PretrainedConfig], dict[str, Any]]] = {
-    "tiny-wav2vec2": (Wav2Vec2Config, {**_WAV2VEC2_STYLE, **_transformer(32, 2, 2, 64, 32, 16, 4)}),
-    "tiny-hubert": (HubertConfig, {**_STABLE_LAYER_NORM_STYLE, **_transformer(32, 2, 2, 64, 32, 16, 4)}),
+    "tiny-wav2vec2": (Wav2Vec2Config, {**_WAV2VEC2_STYLE, **_transformer(32, 2, 2, 64, 32, 16, 8)}),
+    "tiny-hubert": (HubertConfig, {**_STABLE_LAYER_NORM_STYLE, **_transformer(32, 2, 2, 64, 32, 16, 8)}),
     "small-wav2vec2": (Wav2Vec2Config, {**_WAV2VEC2_STYLE, **_transformer(256, 4, 4, 1024, 256, 64, 16)}),
     "small-hubert": (HubertConfig, {**_STABLE_LAYER_NORM_STYLE, **_transformer(256, 4, 4, 1024, 256, 64, 16)}),
     "wav2vec2-base": (Wav2Vec2Config, {**_WAV2VEC2_STYLE, **_transformer(768, 12, 12, 3072, 512, 128, 16)}),
