@@ -59,6 +59,7 @@ from sq_pt2e.audio import MIN_SAMPLES, SAMPLE_RATE
 from sq_pt2e.backends.inductor import CompiledInt8, InductorReport, compile_inductor, fit_plan_to_cpu
 from sq_pt2e.errors import AudioError, BackendError, NumericsError
 from sq_pt2e.framing import Geometry, Window, check_overlap, cnn_geometry, frame_count, hop_length, overlapping_windows
+from sq_pt2e.graph import group_channels
 from sq_pt2e.plan import QuantPlan
 
 __all__ = [
@@ -276,11 +277,8 @@ class BucketedInt8Model:
                              f"bucket ({self.bucket_samples[-1] / SAMPLE_RATE:g} s)")
         self.threads = threads if threads is not None else torch.get_num_threads()
         self.masked, self.min_cosine = masked, min_cosine
-        from sq_pt2e.simulate import quantizable_modules
-
-        grouped = {m.name: m.module.in_channels // m.module.groups
-                   for m in quantizable_modules(self._model) if m.op == "grouped_conv1d"}
-        fitted, _ = fit_plan_to_cpu(plan if plan is not None else QuantPlan(), group_channels=grouped)
+        fitted, _ = fit_plan_to_cpu(plan if plan is not None else QuantPlan(),
+                                    group_channels=group_channels(self._model))
         self.plan = pin_activation_ranges(self._model, fitted, calibration)
         self._program = MaskedCTCLogits(self._model).eval() if masked else self._model
         self._fingerprint = _fingerprint(self._model, self.plan, masked)

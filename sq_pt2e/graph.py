@@ -6,9 +6,11 @@ last entry of ``node.meta["nn_module_stack"]`` of each conv/linear node.
 
 from __future__ import annotations
 
+import operator
 from dataclasses import dataclass
 
 import torch
+from torch import nn
 from torch.fx import GraphModule, Node
 
 from sq_pt2e.plan import OpKind
@@ -59,18 +61,25 @@ def find_quantizable_layers(gm: GraphModule) -> list[QuantizableLayer]:
     return layers
 
 
-def group_channels(gm: GraphModule) -> dict[str, int]:
-    """Input channels per group of every grouped conv1d of ``gm``, by layer name (from the weight's shape)."""
-    import operator
+def group_channels(model: nn.Module) -> dict[str, int]:
+    """Input channels per group of every grouped conv1d, by layer name.
 
+    ``model`` is an exported graph (read from each conv's weight shape) or the float model
+    (read from its ``Conv1d`` modules); the names are the same either way.
+    """
+    if not isinstance(model, GraphModule):
+        from sq_pt2e.simulate import quantizable_modules
+
+        return {m.name: m.module.in_channels // m.module.groups
+                for m in quantizable_modules(model) if m.op == "grouped_conv1d"}
     channels = {}
-    for layer in find_quantizable_layers(gm):
+    for layer in find_quantizable_layers(model):
         if layer.op != "grouped_conv1d":
             continue
         weight = layer.node.args[1]
         value = weight.meta.get("val") if isinstance(weight, Node) else None
         if value is None and isinstance(weight, Node) and weight.op == "get_attr":
-            value = operator.attrgetter(weight.target)(gm)
+            value = operator.attrgetter(weight.target)(model)
         if value is not None:
             channels[layer.name] = int(value.shape[1])
     return channels

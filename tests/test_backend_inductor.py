@@ -72,12 +72,12 @@ def test_fit_plan_keeps_small_group_convs_float_on_amx() -> None:
     assert fit_plan_to_cpu(floated, WITH_AMX, group_channels={POS_CONV: 8}) == (floated, False)
 
 
-def test_quantize_model_reads_group_channels_from_the_graph(tiny_wav2vec2, example_wave) -> None:
+def test_group_channels_read_from_the_graph_or_the_model(tiny_wav2vec2, example_wave) -> None:
     from sq_pt2e.export import export_speech_model
     from sq_pt2e.graph import group_channels
 
     graph = export_speech_model(tiny_wav2vec2, example_wave).graph_module
-    assert group_channels(graph) == {POS_CONV: 32 // 8}
+    assert group_channels(graph) == group_channels(tiny_wav2vec2) == {POS_CONV: 32 // 8}
 
 
 def test_fit_plan_reports_no_change_when_nothing_is_w8a8() -> None:

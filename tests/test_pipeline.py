@@ -79,9 +79,10 @@ def test_fit_to_cpu_is_recorded_in_the_returned_plan(
     tiny_wav2vec2: torch.nn.Module, example_wave: torch.Tensor
 ) -> None:
     from sq_pt2e.backends.inductor import fit_plan_to_cpu
+    from sq_pt2e.graph import group_channels
 
     result = quantize_model(tiny_wav2vec2, example_wave, [example_wave], plan=QuantPlan(), fit_to_cpu=True)
-    assert result.plan == fit_plan_to_cpu(QuantPlan())[0]
+    assert result.plan == fit_plan_to_cpu(QuantPlan(), group_channels=group_channels(tiny_wav2vec2))[0]
     bits = {node.args[5] for node in result.converted.graph.nodes if node.target == DQ_PER_CHANNEL}
     assert bits == {2 ** (result.plan.default.weight_bits - 1) - 1}
 
