@@ -3,15 +3,15 @@
 from __future__ import annotations
 
 import operator
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 import torch
 from torch.fx import GraphModule, Node
 from torch.fx.passes.infra.pass_base import PassBase, PassResult
 
-__all__ = ["NodeRewritePass", "QuantizedConv1d", "Rewrite", "add_constant", "conv1d_arguments", "get_constant",
-           "match_quantized_conv1d", "replace_node", "reshape_sizes"]
+__all__ = ["NodeRewritePass", "QuantizedConv1d", "Rewrite", "add_constant", "conv1d_arguments",
+           "drop_unused_attributes", "get_constant", "match_quantized_conv1d", "replace_node", "reshape_sizes"]
 
 _KEPT_META = ("nn_module_stack", "stack_trace")
 _DQ_TENSOR = (
@@ -80,6 +80,17 @@ def add_constant(graph_module: GraphModule, prefix: str, value: torch.Tensor) ->
     return name
 
 
+def drop_unused_attributes(graph_module: GraphModule, targets: Iterable[str]) -> None:
+    """Delete the tensors ``targets`` names that no ``get_attr`` node reads any more (replaced weights),
+    so they do not travel into an exported program."""
+    used = {n.target for n in graph_module.graph.nodes if n.op == "get_attr"}
+    for target in set(targets) - used:
+        owner_path, _, leaf = str(target).rpartition(".")
+        owner = graph_module.get_submodule(owner_path) if owner_path else graph_module
+        if isinstance(getattr(owner, leaf, None), torch.Tensor):
+            delattr(owner, leaf)
+
+
 def reshape_sizes(shape: Sequence[object]) -> list[int] | None:
     """``shape`` as ``reshape`` sizes that hold for every input length: a dynamic size becomes ``-1``.
 
@@ -112,7 +123,8 @@ class NodeRewritePass(PassBase):
     """A pass that visits every node once and may replace it; subclasses implement :meth:`rewrite`.
 
     The base class routes the node's uses to the replacement and erases it; when anything
-    changed it then removes dead code and unused submodules and recompiles the module.
+    changed it then removes dead code, the constants no node reads any more and unused
+    submodules, and recompiles the module.
     """
 
     def rewrite(self, graph_module: GraphModule, node: Node) -> Rewrite | None:
@@ -120,6 +132,7 @@ class NodeRewritePass(PassBase):
         raise NotImplementedError
 
     def call(self, graph_module: GraphModule) -> PassResult:
+        read_before = [n.target for n in graph_module.graph.nodes if n.op == "get_attr"]
         modified = False
         for node in list(graph_module.graph.nodes):
             done = self.rewrite(graph_module, node)
@@ -129,6 +142,7 @@ class NodeRewritePass(PassBase):
             modified = True
         if modified:
             graph_module.graph.eliminate_dead_code()
+            drop_unused_attributes(graph_module, read_before)
             graph_module.delete_all_unused_submodules()
             graph_module.recompile()
         return PassResult(graph_module, modified)

@@ -29,6 +29,7 @@ from sq_pt2e.graph import find_quantizable_layers
 from sq_pt2e.layer_inputs import watch_layer_inputs
 from sq_pt2e.models.build import to_ctc_logits
 from sq_pt2e.passes.fold_weight_norm import fold_weight_norm
+from sq_pt2e.passes.rewrite_utils import drop_unused_attributes
 
 __all__ = [
     "apply_input_scales",
@@ -148,15 +149,6 @@ def apply_input_scales(gm: GraphModule, scales: dict[str, tuple[float, ...]]) ->
         node.replace_input_with(x, scaled_x)
         replaced.append(weight.target)
     gm.graph.eliminate_dead_code()
-    _drop_unused_attributes(gm, replaced)
+    drop_unused_attributes(gm, replaced)
     gm.recompile()
     return gm
-
-
-def _drop_unused_attributes(gm: GraphModule, targets: list[str]) -> None:
-    """Delete the attributes ``targets`` names that no ``get_attr`` node reads any more (the unscaled weights)."""
-    used = {n.target for n in gm.graph.nodes if n.op == "get_attr"}
-    for target in targets:
-        if target not in used:
-            owner_path, _, leaf = target.rpartition(".")
-            delattr(gm.get_submodule(owner_path) if owner_path else gm, leaf)

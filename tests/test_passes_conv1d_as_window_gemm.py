@@ -10,6 +10,7 @@ from sq_pt2e.export import export_speech_model
 from sq_pt2e.framing import LengthRange, cnn_geometry
 from sq_pt2e.models import build_model
 from sq_pt2e.passes.conv1d_as_window_gemm import QuantizedConv1dAsWindowGemmPass
+from sq_pt2e.passes.rewrite_utils import match_quantized_conv1d
 from sq_pt2e.pipeline import quantize_model
 from sq_pt2e.recipes import default_plan
 
@@ -33,6 +34,11 @@ def test_dense_convs_become_linears_without_unfold_and_outputs_match(single_thre
     assert len(linears) == 14 + 7
     names = {list(n.meta["nn_module_stack"].values())[-1][0] for n in linears}
     assert {"wav2vec2.feature_extractor.conv_layers.0.conv", "wav2vec2.feature_extractor.conv_layers.3.conv"} <= names
+    # the int8 conv weights no node reads any more are gone (they would travel into an exported program)
+    constants = {name for name, _ in graph.named_buffers()} | {name for name, _ in graph.named_parameters()}
+    matches = [match_quantized_conv1d(n) for n in converted.graph.nodes]
+    conv_weights = {m.w_int.target for m in matches if m is not None and m.groups == 1}
+    assert len(conv_weights) == 7 and not conv_weights & constants
     assert _cosine(graph(wave), converted(wave)) > 0.9999  # float sums in another order
 
 
