@@ -20,7 +20,13 @@ from __future__ import annotations
 import torch
 from torch.fx import GraphModule, Node
 
-from sq_pt2e.passes.rewrite_utils import NodeRewritePass, Rewrite, add_constant, match_quantized_conv1d
+from sq_pt2e.passes.rewrite_utils import (
+    NodeRewritePass,
+    Rewrite,
+    add_constant,
+    frame_major_weight,
+    match_dense_quantized_conv1d,
+)
 
 __all__ = ["QuantizedConv1dAsGemmPass"]
 
@@ -32,15 +38,13 @@ class QuantizedConv1dAsGemmPass(NodeRewritePass):
 
     def rewrite(self, graph_module: GraphModule, node: Node) -> Rewrite | None:
         graph = graph_module.graph
-        conv = match_quantized_conv1d(node)
-        if conv is None or conv.groups != 1 or conv.padding != 0 or conv.dilation != 1:
+        conv = match_dense_quantized_conv1d(node)
+        if conv is None:
             return None
-        weight = getattr(graph_module, conv.w_int.target)
-        out_channels, in_channels, kernel = weight.shape
+        _, in_channels, kernel = getattr(graph_module, conv.w_int.target).shape
         if in_channels == 1:
             return None
-        gemm_weight = weight.permute(0, 2, 1).reshape(out_channels, kernel * in_channels).contiguous()
-        name = add_constant(graph_module, f"{conv.w_int.target}_as_gemm", gemm_weight)
+        name = add_constant(graph_module, f"{conv.w_int.target}_as_gemm", frame_major_weight(graph_module, conv))
         with graph.inserting_before(node):
             frames = graph.call_function(aten.permute.default, (conv.x_dq.args[0], [0, 2, 1]))
             windows = graph.call_function(aten.unfold.default, (frames, 1, kernel, conv.stride))

@@ -29,7 +29,13 @@ from typing import Any
 import torch
 from torch.fx import GraphModule, Node
 
-from sq_pt2e.passes.rewrite_utils import NodeRewritePass, Rewrite, add_constant, match_quantized_conv1d
+from sq_pt2e.passes.rewrite_utils import (
+    NodeRewritePass,
+    Rewrite,
+    add_constant,
+    frame_major_weight,
+    match_dense_quantized_conv1d,
+)
 
 __all__ = ["QuantizedConv1dAsWindowGemmPass"]
 
@@ -45,19 +51,15 @@ class QuantizedConv1dAsWindowGemmPass(NodeRewritePass):
 
     def rewrite(self, graph_module: GraphModule, node: Node) -> Rewrite | None:
         graph = graph_module.graph
-        conv = match_quantized_conv1d(node)
-        if conv is None or conv.groups != 1 or conv.padding != 0 or conv.dilation != 1:
-            return None
-        x_q = conv.x_dq.args[0]
+        conv = match_dense_quantized_conv1d(node)
+        x_q = conv.x_dq.args[0] if conv is not None else None
         if not (isinstance(x_q, Node) and x_q.op == "call_function" and x_q.target in _QUANTIZE):
             return None
-        weight = getattr(graph_module, conv.w_int.target)
-        out_channels, channels, kernel = weight.shape
+        _, channels, kernel = getattr(graph_module, conv.w_int.target).shape
         stride = conv.stride
         if not stride <= kernel <= 2 * stride:
             return None
-        gemm_weight = weight.permute(0, 2, 1).reshape(out_channels, kernel * channels).contiguous()
-        name = add_constant(graph_module, f"{conv.w_int.target}_as_window_gemm", gemm_weight)
+        name = add_constant(graph_module, f"{conv.w_int.target}_as_window_gemm", frame_major_weight(graph_module, conv))
         batch = int(node.meta["val"].shape[0])
         rest = kernel - stride
         with graph.inserting_before(node):

@@ -11,7 +11,8 @@ from torch.fx import GraphModule, Node
 from torch.fx.passes.infra.pass_base import PassBase, PassResult
 
 __all__ = ["NodeRewritePass", "QuantizedConv1d", "Rewrite", "add_constant", "conv1d_arguments",
-           "drop_unused_attributes", "get_constant", "match_quantized_conv1d", "replace_node", "reshape_sizes"]
+           "drop_unused_attributes", "frame_major_weight", "get_constant", "match_dense_quantized_conv1d",
+           "match_quantized_conv1d", "replace_node", "reshape_sizes"]
 
 _KEPT_META = ("nn_module_stack", "stack_trace")
 _DQ_TENSOR = (
@@ -54,6 +55,19 @@ def match_quantized_conv1d(node: Node) -> QuantizedConv1d | None:
     if not isinstance(w_int, Node) or w_int.op != "get_attr":
         return None
     return QuantizedConv1d(x_dq, w_dq, w_int, *conv1d_arguments(node))
+
+
+def match_dense_quantized_conv1d(node: Node) -> QuantizedConv1d | None:
+    """An int8 conv1d at ``node`` that is one GEMM per output frame: groups 1, no padding, no dilation."""
+    conv = match_quantized_conv1d(node)
+    return conv if conv is not None and (conv.groups, conv.padding, conv.dilation) == (1, 0, 1) else None
+
+
+def frame_major_weight(graph_module: GraphModule, conv: QuantizedConv1d) -> torch.Tensor:
+    """The conv's int8 weight ``(C_out, C, K)`` as a GEMM weight ``(C_out, K*C)`` for time-major windows."""
+    weight = get_constant(graph_module, str(conv.w_int.target))
+    out_channels, channels, kernel = weight.shape
+    return weight.permute(0, 2, 1).reshape(out_channels, kernel * channels).contiguous()
 
 
 def conv1d_arguments(node: Node) -> tuple[Node | None, int, int, int, int]:
