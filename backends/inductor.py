@@ -51,8 +51,10 @@ __all__ = [
 _INT8_KERNEL = re.compile(r"torch\.ops\.onednn\.(qconv\w*|qlinear\w*)\.")
 SATURATION_REASON = "7-bit weights: this CPU has no VNNI, so W8A8 u8*s8 pairs would saturate int16"
 AMX_UNSAFE_GROUP_CHANNELS = range(8, 32)
-AMX_GROUPED_CONV_REASON = ("float: oneDNN's AMX int8 grouped convolution computes wrong values with "
-                           f"{AMX_UNSAFE_GROUP_CHANNELS.start} to {AMX_UNSAFE_GROUP_CHANNELS.stop - 1} channels per group")
+AMX_GROUPED_CONV_REASON = (
+    "float: oneDNN's AMX int8 grouped convolution computes wrong values with "
+    f"{AMX_UNSAFE_GROUP_CHANNELS.start} to {AMX_UNSAFE_GROUP_CHANNELS.stop - 1} channels per group"
+)
 
 
 def fit_plan_to_cpu(plan: QuantPlan, cpu: CpuInfo | None = None, *,

@@ -71,7 +71,8 @@ class QuantizedConv1dAsWindowGemmPass(NodeRewritePass):
             first = graph.call_function(aten.reshape.default, (first, [batch, -1, stride * channels]))
             parts = [first]
             if rest:
-                second = graph.call_function(aten.slice.Tensor, (frames, 1, rest, _symbolic(graph, operator.add, span, rest)))
+                end = _symbolic(graph, operator.add, span, rest)
+                second = graph.call_function(aten.slice.Tensor, (frames, 1, rest, end))
                 second = graph.call_function(aten.reshape.default, (second, [batch, -1, stride * channels]))
                 second = graph.call_function(aten.slice.Tensor, (second, 2, (stride - rest) * channels,
                                                                   stride * channels))
