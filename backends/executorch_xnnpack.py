@@ -170,15 +170,18 @@ class PteRunner:
         self._method = self._program.load_method("forward")
 
     def __call__(self, wave: torch.Tensor) -> torch.Tensor:
-        if wave.ndim == 2 and self.lengths is not None:
+        if wave.ndim != 2:
+            raise BackendError(f"this .pte takes a (1, samples) waveform; got shape {tuple(wave.shape)}")
+        if self.lengths is not None:
             try:
                 wave = wave[:, : self.lengths.aligned(wave.shape[-1])]
             except AudioError as exc:
                 raise BackendError(str(exc)) from exc
-        elif wave.ndim != 2 or wave.shape[-1] != self.input_samples:
+        elif wave.shape[-1] != self.input_samples:
             msg = (
                 f"this .pte was exported for waveforms of shape (1, {self.input_samples}); got "
-                f"{tuple(wave.shape)}: pad/chunk the audio or export at the length you need"
+                f"{tuple(wave.shape)}: pad/chunk the audio, export at the length you need or export with a "
+                "range of lengths (lower_to_xnnpack(..., lengths=...), sq-pt2e export --dynamic)"
             )
             raise BackendError(msg)
         (output,) = self._method.execute([wave.contiguous()])

@@ -48,3 +48,21 @@ def test_dynamic_length_int8_pte_matches_eager_int8_at_every_length(name: str, s
         assert cosine > 0.999, (frames, float(cosine))
     with pytest.raises(BackendError, match=f"{lengths.max_samples} samples"):
         runner(torch.zeros(1, lengths.max_samples + lengths.hop))
+
+
+def test_fixed_length_pte_refuses_other_lengths_and_shapes(single_thread) -> None:
+    from sq_pt2e.backends.executorch_xnnpack import PteRunner, lower_to_xnnpack
+    from sq_pt2e.models.build import to_ctc_logits
+
+    model = to_ctc_logits(build_model("tiny-hubert", seed=0)).eval()
+    wave = torch.randn(1, 8000, generator=torch.Generator().manual_seed(0))
+    data, report = lower_to_xnnpack(model, wave)
+    runner = PteRunner(data, report.input_samples, threads=1)
+    with torch.no_grad():
+        expected = model(wave)
+    cosine = torch.nn.functional.cosine_similarity(runner(wave).flatten(), expected.flatten(), dim=0)
+    assert cosine > 0.9999
+    with pytest.raises(BackendError, match=r"exported for waveforms of shape \(1, 8000\); got \(1, 8320\).*--dynamic"):
+        runner(torch.zeros(1, 8320))
+    with pytest.raises(BackendError, match=r"takes a \(1, samples\) waveform; got shape \(8000,\)"):
+        runner(torch.zeros(8000))
