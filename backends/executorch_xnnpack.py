@@ -174,7 +174,7 @@ class PteRunner:
             raise BackendError(f"this .pte takes a (1, samples) waveform; got shape {tuple(wave.shape)}")
         if self.lengths is not None:
             try:
-                wave = wave[:, : self.lengths.aligned(wave.shape[-1])]
+                wave = self.lengths.cut(wave)
             except AudioError as exc:
                 raise BackendError(str(exc)) from exc
         elif wave.shape[-1] != self.input_samples:

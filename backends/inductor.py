@@ -88,13 +88,11 @@ def fit_plan_to_cpu(plan: QuantPlan, cpu: CpuInfo | None = None, *,
 
 
 def _float_small_groups(plan: QuantPlan, group_channels: Mapping[str, int]) -> tuple[QuantPlan, bool]:
-    listed = {layer.name: layer for layer in plan.layers}
     changes = {}
     for name, channels in group_channels.items():
-        layer = listed.get(name) or plan.resolve(name, "grouped_conv1d")
+        layer = plan.resolve(name, "grouped_conv1d")  # the listed entry, or the default it falls under
         if channels in AMX_UNSAFE_GROUP_CHANNELS and not layer.skip:
-            reason = f"{AMX_GROUPED_CONV_REASON} ({channels})"
-            changes[name] = dataclasses.replace(layer, name=name, op="grouped_conv1d", skip=True, reason=reason)
+            changes[name] = dataclasses.replace(layer, skip=True, reason=f"{AMX_GROUPED_CONV_REASON} ({channels})")
     if not changes:
         return plan, False
     layers = tuple(changes.pop(layer.name, layer) for layer in plan.layers) + tuple(changes.values())

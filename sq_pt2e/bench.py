@@ -285,7 +285,7 @@ def _executorch(model, wave, calib, plan, threads, *, int8: bool, friendly: bool
     lengths = None
     if dynamic:  # any length up to 30 s (or the benchmark's length), timed at the benchmark's length
         lengths = LengthRange.up_to(max(DYNAMIC_MAX_SECONDS * SAMPLE_RATE, wave.shape[-1]), cnn_geometry(model))
-        wave, calib = wave[:, : lengths.aligned(wave.shape[-1])], [c[:, : lengths.aligned(c.shape[-1])] for c in calib]
+        wave, calib = lengths.cut(wave), [lengths.cut(c) for c in calib]
     if int8:
         program = quantize_model(copy.deepcopy(model), wave, calib, plan=plan, target="xnnpack",
                                  lengths=lengths).converted

@@ -295,7 +295,7 @@ def _cmd_export(args: argparse.Namespace) -> int:
     quantized = quantize_model(model, example, calibration, plan=plan, target="xnnpack", lengths=lengths)
     data, report = lower_to_xnnpack(quantized.converted, example, lengths=lengths)
     runner = PteRunner(data, samples, threads=args.threads, lengths=lengths)
-    checks = [example] if lengths is None else [example[:, : lengths.aligned(n)] for n in (samples, samples // 3)]
+    checks = [example] if lengths is None else [lengths.cut(example[:, :n]) for n in (samples, samples // 3)]
     with torch.no_grad():  # the worst of the checked lengths goes in the report
         report = min((check_pte(runner, quantized.converted(w), w, report) for w in checks), key=lambda r: r.cosine)
     path = save_pte(data, args.output)

@@ -13,6 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
+import torch
 from torch import nn
 
 from sq_pt2e.errors import AudioError, BackendError
@@ -134,6 +135,10 @@ class LengthRange:
                              f"({self.min_samples / 16000:.2f} to {self.max_samples / 16000:.2f} s at 16 kHz); got "
                              f"{samples}: chunk longer audio or export with a larger maximum")
         return self.hop * ((samples - self.context) // self.hop) + self.context
+
+    def cut(self, wave: torch.Tensor) -> torch.Tensor:
+        """``wave`` (``(..., samples)``) without the trailing samples beyond :meth:`aligned` length."""
+        return wave[..., : self.aligned(wave.shape[-1])]
 
     def export_dim(self) -> Any:
         """The ``torch.export`` dynamic size of the samples axis: ``hop * Dim("frames") + context``."""

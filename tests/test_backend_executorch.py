@@ -18,6 +18,7 @@ def test_length_range_accepts_aligned_lengths_and_names_the_bounds() -> None:
     assert lengths.max_samples == 320 * 49 + 80 <= 16000
     assert lengths.aligned(lengths.max_samples + 319) == lengths.max_samples
     assert lengths.aligned(1000) == 720
+    assert lengths.cut(torch.zeros(1, 1000)).shape == (1, 720)
     with pytest.raises(AudioError, match=r"720 to 15760 samples .* got 16080"):
         lengths.aligned(16080)
     with pytest.raises(AudioError, match="got 719"):
