@@ -18,6 +18,7 @@ from sq_pt2e.train.trainer import (
     TrainConfig,
     _batch_for_step,
     _Clips,
+    _contiguous_norm_conv_outputs,
     build_reference_model,
     encode_transcript,
     lr_factor,
@@ -86,6 +87,30 @@ def test_training_steps_decrease_the_loss(tmp_path) -> None:
     assert record["step"] == 6 and record["losses"][-1] < 0.8 * record["losses"][0]
     assert (tmp_path / "run" / "best" / "model.safetensors").exists()
     assert json.loads((tmp_path / "run" / "best" / "train_state.json").read_text())["step"] == 6
+
+
+def test_bf16_autocast_training_decreases_the_loss_and_keeps_float32_weights(tmp_path) -> None:
+    utts = _clips(tmp_path, (0.6,))
+    record = train("ref-wav2vec2", utts, utts, tmp_path / "run", config=_config(bf16=True), max_steps=6,
+                   progress=False)
+    assert record["losses"][-1] < 0.8 * record["losses"][0]
+    state = torch.load(tmp_path / "run" / "state.pt", weights_only=False)
+    assert state["config"]["bf16"] and all(v.dtype == torch.float32 for v in state["model"].values())
+
+
+def test_layer_norm_conv_outputs_are_laid_out_contiguously_without_changing_values() -> None:
+    torch.manual_seed(0)
+    model = build_reference_model("ref-hubert").eval()
+    wave = torch.randn(2, 4000)
+    layer = model.hubert.feature_extractor.conv_layers[1]
+    with torch.no_grad():
+        before = model(wave).logits
+        handles = _contiguous_norm_conv_outputs(model)
+        after = model(wave).logits
+        assert layer(torch.randn(2, 32, 50)).is_contiguous()
+    assert len(handles) == 7
+    torch.testing.assert_close(after, before)
+    assert _contiguous_norm_conv_outputs(build_reference_model("ref-wav2vec2")) == []  # group norm, first layer only
 
 
 def test_resume_from_the_state_file_reproduces_the_uninterrupted_run(tmp_path) -> None:

@@ -79,7 +79,7 @@ def write_model_card(folder: str | os.PathLike[str], name: str, results: dict[st
         f"a length curriculum (longest utterance {s('curriculum_start_s', '?')} s growing to "
         f"{s('max_utterance_seconds', '?')} s over {s('curriculum_steps', '?')} steps), SpecAugment time masking",
         f"(p = {s('mask_time_prob', config.mask_time_prob)}), dropout {s('dropout', config.hidden_dropout)}, "
-        f"{s('threads', 1)} CPU thread(s) in the latest run.",
+        f"{s('threads', 1)} CPU thread(s){' with bfloat16 autocast' if s('bf16', False) else ''} in the latest run.",
         *_recipe_change_lines(state.get("recipe_changes", [])),
         "",
         f"This checkpoint: step {state.get('step')}, {state.get('train_seconds', 0.0) / 3600:.2f} h of training "

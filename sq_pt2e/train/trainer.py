@@ -106,6 +106,8 @@ class TrainConfig:
         threads: ``torch.set_num_threads`` for the run.
         dropout: hidden, attention, activation and feature-projection dropout of the model.
         mask_time_prob: SpecAugment time-masking probability of the model.
+        bf16: run the training forward pass under bfloat16 autocast (weights, optimizer and
+            loss stay float32); about twice as fast on CPUs with AMX-BF16 or AVX512-BF16.
     """
 
     lr: float = 2e-3
@@ -126,6 +128,7 @@ class TrainConfig:
     threads: int = 1
     dropout: float = 0.05
     mask_time_prob: float = 0.05
+    bf16: bool = False
 
 
 # Fields that change how a run trains (not where or how fast it runs): a resumed run
@@ -412,6 +415,22 @@ def _resume(run: Path, name: str, config: TrainConfig, init_from: str | os.PathL
     return model, optimizer, state
 
 
+def _contiguous_norm_conv_outputs(model: torch.nn.Module) -> list[torch.utils.hooks.RemovableHandle]:
+    """Make the layer-norm CNN layers hand their activation a contiguous ``(B, C, T)`` tensor.
+
+    ``*LayerNormConvLayer`` normalises ``conv(x).transpose(-2, -1)`` and transposes back, so
+    GELU and its backward run on a strided view: a third of a HuBERT-style training step on
+    one CPU thread. Laying the norm's output out as ``(B, C, T)`` changes values by rounding only
+    (vectorised instead of strided GELU).
+    """
+
+    def relayout(module: torch.nn.Module, inputs: Any, output: torch.Tensor) -> torch.Tensor:
+        return output.transpose(-2, -1).contiguous().transpose(-2, -1)
+
+    return [layer.layer_norm.register_forward_hook(relayout) for layer in model.modules()
+            if isinstance(getattr(layer, "layer_norm", None), torch.nn.LayerNorm) and hasattr(layer, "conv")]
+
+
 def train(name: str, train_set: Sequence[Utterance], dev_set: Sequence[Utterance], run_dir: str | os.PathLike[str],
           *, config: TrainConfig = TrainConfig(), minutes: float = 60.0,
           init_from: str | os.PathLike[str] | None = None, progress: bool = True, max_steps: int | None = None,
@@ -445,6 +464,7 @@ def train(name: str, train_set: Sequence[Utterance], dev_set: Sequence[Utterance
     run.mkdir(parents=True, exist_ok=True)
     state_path = run / "state.pt"
     model, optimizer, state = _resume(run, name, config, init_from)
+    _contiguous_norm_conv_outputs(model)
     clips = _Clips(train_set, config.max_utterance_seconds)
     dev = list(dev_set)[: config.eval_utterances]
     dev_key = hashlib.sha256("\n".join(f"{u.id}\t{u.text}" for u in dev).encode()).hexdigest()[:16]
@@ -494,7 +514,8 @@ def train(name: str, train_set: Sequence[Utterance], dev_set: Sequence[Utterance
         for group in optimizer.param_groups:
             group["lr"] = config.lr * lr_factor(state.step, config, state.rewarm_from)
         model.train()
-        loss = model(**inputs).loss
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=config.bf16):
+            loss = model(**inputs).loss
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
