@@ -24,6 +24,7 @@ import copy
 import dataclasses
 import re
 import time
+import warnings
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
@@ -31,6 +32,12 @@ import torch
 from torch.fx import GraphModule
 
 from sq_pt2e.errors import BackendError, Int8NotUsedError, NumericsMismatchError
+from sq_pt2e.backends.int8_attention import (
+    attention_kernel_calls,
+    int8_attention_patterns,
+    int8_attention_supported,
+    quantized_attention_count,
+)
 from sq_pt2e.hardware import CpuInfo, cpu_info
 from sq_pt2e.passes.conv1d_as_conv2d import QuantizedConv1dAsConv2dPass
 from sq_pt2e.passes.conv1d_as_gemm import QuantizedConv1dAsGemmPass
@@ -64,39 +71,47 @@ def fit_plan_to_cpu(plan: QuantPlan, cpu: CpuInfo | None = None, *,
     Without VNNI, W8A8 layers are narrowed to W7A8. With AMX-INT8, the grouped convs of
     ``group_channels`` (layer name -> input channels per group, e.g. from
     :func:`sq_pt2e.graph.group_channels`) with :data:`AMX_UNSAFE_GROUP_CHANNELS` channels
-    per group are kept float. Each change is recorded in the layer's reason.
+    per group are kept float. Each change is recorded in the layer's reason. Without
+    AMX-INT8, int8 attention (``plan.attention``) falls back to float, with a warning.
     """
     cpu = cpu or cpu_info()
+    fitted = plan
+    if plan.attention == "int8" and not int8_attention_supported(cpu):
+        warnings.warn(f"int8 attention needs an AMX-INT8 CPU ({cpu.summary()}): attention stays float",
+                      stacklevel=2)
+        fitted = dataclasses.replace(plan, attention="float")
     if cpu.has_amx_int8:
-        return _float_small_groups(plan, group_channels or {})
-    if cpu.has_vnni:
-        return plan, False
+        fitted = _float_small_groups(fitted, group_channels or {})
+    elif not cpu.has_vnni:
+        fitted = _narrow_to_w7(fitted)
+    return fitted, fitted != plan
 
+
+def _narrow_to_w7(plan: QuantPlan) -> QuantPlan:
     def fit(layer: LayerPlan) -> LayerPlan:
         if layer.skip or layer.weight_bits < 8 or layer.act_bits < 8:
             return layer
         reason = f"{layer.reason}; {SATURATION_REASON}" if layer.reason else SATURATION_REASON
         return dataclasses.replace(layer, weight_bits=7, reason=reason)
 
-    fitted = dataclasses.replace(
+    return dataclasses.replace(
         plan,
         default=fit(plan.default),
         op_defaults=tuple(fit(d) for d in plan.op_defaults),
         layers=tuple(fit(layer) for layer in plan.layers),
     )
-    return fitted, fitted != plan
 
 
-def _float_small_groups(plan: QuantPlan, group_channels: Mapping[str, int]) -> tuple[QuantPlan, bool]:
+def _float_small_groups(plan: QuantPlan, group_channels: Mapping[str, int]) -> QuantPlan:
     changes = {}
     for name, channels in group_channels.items():
         layer = plan.resolve(name, "grouped_conv1d")  # the listed entry, or the default it falls under
         if channels in AMX_UNSAFE_GROUP_CHANNELS and not layer.skip:
             changes[name] = dataclasses.replace(layer, skip=True, reason=f"{AMX_GROUPED_CONV_REASON} ({channels})")
     if not changes:
-        return plan, False
+        return plan
     layers = tuple(changes.pop(layer.name, layer) for layer in plan.layers) + tuple(changes.values())
-    return dataclasses.replace(plan, layers=layers), True
+    return dataclasses.replace(plan, layers=layers)
 
 
 @dataclass(frozen=True)
@@ -110,6 +125,8 @@ class InductorReport:
     cosine: float
     max_abs_diff: float
     cpu: str
+    int8_attention_kernels: int = 0
+    int8_attention_in_graph: int = 0
 
     @property
     def int8_kernel_count(self) -> int:
@@ -163,10 +180,15 @@ def compile_inductor(
             int8 convs always go through the conv2d rewrite. Int8 results are identical either
             way; the float GEMM differs from the float conv by summation order only.
 
+    Int8 attention (a plan with ``attention="int8"``) compiles to torchao's fused int8
+    attention kernel (:mod:`sq_pt2e.backends.int8_attention`); its calls are counted too.
+
     Raises:
-        Int8NotUsedError: fewer int8 kernels in the generated code than int8 layers.
+        Int8NotUsedError: fewer int8 kernels in the generated code than int8 layers (or
+            fused int8 attention kernels than quantized attention blocks).
         NumericsMismatchError: compiled output disagrees with eager int8.
-        BackendError: inductor failed to compile.
+        BackendError: inductor failed to compile, or the graph has int8 attention and this
+            CPU has no AMX-INT8.
     """
     import torch._inductor.config as inductor_config
     from torch._inductor.utils import run_and_get_code
@@ -174,6 +196,13 @@ def compile_inductor(
     if threads is not None:
         torch.set_num_threads(threads)
     expected = len(summarize_quantized_graph(converted).int8_layers)
+    attention = quantized_attention_count(converted)
+    patches: dict[str, object] = {"freezing": True}
+    if attention:
+        if not int8_attention_supported():
+            raise BackendError(f"the graph has {attention} int8 attention blocks, but int8 attention needs an AMX-INT8 "
+                               f"CPU ({cpu_info().summary()}): quantize with the plan's attention='float'")
+        patches["post_grad_custom_pre_pass"] = int8_attention_patterns()
     inputs = example if isinstance(example, tuple) else (example,)
     with torch.no_grad():
         eager = converted(*inputs)
@@ -184,7 +213,7 @@ def compile_inductor(
     QuantizedConv1dAsConv2dPass()(graph)
     start = time.perf_counter()
     try:
-        with inductor_config.patch(freezing=True), torch.no_grad():
+        with inductor_config.patch(patches), torch.no_grad():
             compiled = torch.compile(graph, dynamic=dynamic)
             output, sources = run_and_get_code(compiled, *inputs)
     except Exception as exc:  # inductor raises many types; keep the cause
@@ -203,7 +232,13 @@ def compile_inductor(
         cosine=cosine,
         max_abs_diff=max_diff,
         cpu=cpu_info().summary(),
+        int8_attention_kernels=attention_kernel_calls(sources),
+        int8_attention_in_graph=attention,
     )
+    if report.int8_attention_kernels < attention:
+        msg = (f"inductor fused {report.int8_attention_kernels} of {attention} int8 attention blocks into the int8 "
+               "attention kernel (the rest would run as float q/dq reference math)")
+        raise Int8NotUsedError(msg)
     if report.int8_kernel_count < expected:
         msg = (
             f"inductor generated {report.int8_kernel_count} int8 conv/linear kernels for {expected} int8 layers "

@@ -13,14 +13,22 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
+import torch
 from torch.fx import GraphModule, Node
-from torchao.quantization.pt2e.quantizer import QuantizationAnnotation, QuantizationSpec
+from torchao.quantization.pt2e.observer import HistogramObserver
+from torchao.quantization.pt2e.quantizer import (
+    FixedQParamsQuantizationSpec,
+    QuantizationAnnotation,
+    QuantizationSpec,
+)
 from torchao.quantization.pt2e.quantizer.quantizer import Q_ANNOTATION_KEY
 
 from sq_pt2e.graph import op_kind
+from sq_pt2e.passes.sdpa_as_matmuls import attention_matmuls
 
 __all__ = [
     "ANNOTATORS",
+    "annotate_attention",
     "Annotator",
     "LayerQSpecs",
     "SUPPORTED_PATTERNS",
@@ -111,3 +119,35 @@ def annotate_grouped_conv1d(gm: GraphModule, specs_for: SpecsFor) -> list[list[N
 def annotate_linear(gm: GraphModule, specs_for: SpecsFor) -> list[list[Node]]:
     """Annotate ``aten.linear``: input and weight; float output."""
     return _annotate_weighted(gm, specs_for, ("linear",))
+
+
+# The int8 attention kernel takes uint8 q, k, v and probabilities on the full 0..255 grid
+# (it ignores quant_min/quant_max). Probabilities lie in [0, 1]: a fixed 1/255 step with
+# zero point 0 covers them exactly, where a calibrated range would clip rare peaks.
+_ATTENTION_OPERAND = QuantizationSpec(
+    dtype=torch.uint8, quant_min=0, quant_max=255, qscheme=torch.per_tensor_affine,
+    observer_or_fake_quant_ctr=HistogramObserver.with_args(eps=2**-12),
+)
+_ATTENTION_PROBABILITIES = FixedQParamsQuantizationSpec(
+    dtype=torch.uint8, scale=1.0 / 255, zero_point=0, quant_min=0, quant_max=255, qscheme=torch.per_tensor_affine,
+)
+
+
+def annotate_attention(gm: GraphModule) -> list[list[Node]]:
+    """Annotate the two matmuls of each attention block for uint8 (x86 int8 attention).
+
+    ``q @ k^T``: both operands calibrated (histogram observer, affine); ``probs @ v``: the
+    probabilities on a fixed 1/255 grid, ``v`` calibrated. The outputs stay float; the
+    output projection's input quantization follows.
+    """
+    annotated: list[list[Node]] = []
+    for scores, context in attention_matmuls(gm):
+        if is_annotated(scores) or is_annotated(context):
+            continue
+        scores.meta[Q_ANNOTATION_KEY] = QuantizationAnnotation(
+            input_qspec_map={scores.args[0]: _ATTENTION_OPERAND, scores.args[1]: _ATTENTION_OPERAND}, _annotated=True)
+        context.meta[Q_ANNOTATION_KEY] = QuantizationAnnotation(
+            input_qspec_map={context.args[0]: _ATTENTION_PROBABILITIES, context.args[1]: _ATTENTION_OPERAND},
+            _annotated=True)
+        annotated.append([scores, context])
+    return annotated

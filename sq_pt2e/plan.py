@@ -23,6 +23,7 @@ from sq_pt2e.atomic import atomic_write_text
 from sq_pt2e.errors import PlanError
 
 __all__ = [
+    "ATTENTION_MODES",
     "SCHEMA_VERSION",
     "OpKind",
     "Calibration",
@@ -43,6 +44,7 @@ _CALIBRATIONS: tuple[str, ...] = get_args(Calibration)
 _WEIGHT_CALIBRATIONS: tuple[str, ...] = get_args(WeightCalibration)
 _ACT_SCHEMES: tuple[str, ...] = get_args(ActScheme)
 DEFAULT_NAME = "*"
+ATTENTION_MODES: tuple[str, ...] = ("float", "int8")
 
 
 @dataclass(frozen=True)
@@ -224,6 +226,9 @@ class QuantPlan:
         layers: explicit per-layer decisions; names must exist in the model.
         op_defaults: per-op-kind defaults (e.g. all ``linear`` at 4 bits).
         model: free-form identity of the model the plan was made for (architecture).
+        attention: ``"float"`` (default) or ``"int8"``: quantize the attention matmuls too
+            (q, k, v and the attention probabilities, 8-bit), for inductor's int8 attention
+            kernel on AMX CPUs (:mod:`sq_pt2e.backends.int8_attention`).
         schema_version: format version; plans of another version are rejected.
     """
 
@@ -231,6 +236,7 @@ class QuantPlan:
     layers: tuple[LayerPlan, ...] = ()
     op_defaults: tuple[LayerPlan, ...] = ()
     model: str = ""
+    attention: Literal["float", "int8"] = "float"
     schema_version: int = SCHEMA_VERSION
 
     def __post_init__(self) -> None:
@@ -240,6 +246,8 @@ class QuantPlan:
             )
         if self.default.name != DEFAULT_NAME:
             raise PlanError(f"the default layer plan must be named '*', got {self.default.name!r}")
+        if self.attention not in ATTENTION_MODES:
+            raise PlanError(f"attention={self.attention!r} (expected one of {ATTENTION_MODES})")
         names = [layer.name for layer in self.layers]
         duplicates = sorted({n for n in names if names.count(n) > 1})
         if duplicates:
@@ -335,6 +343,7 @@ class QuantPlan:
         return {
             "schema_version": self.schema_version,
             "model": self.model,
+            "attention": self.attention,
             "default": self.default.to_dict(),
             "op_defaults": [d.to_dict() for d in self.op_defaults],
             "layers": [layer.to_dict() for layer in self.layers],
@@ -355,7 +364,7 @@ class QuantPlan:
             hint = "; it was written by a newer sq-pt2e: upgrade to read it" if newer else ""
             msg = f"{source}: schema_version={version!r} is not supported (this sq-pt2e reads {SCHEMA_VERSION}{hint})"
             raise PlanError(msg)
-        unknown = sorted(set(data) - {"schema_version", "model", "default", "op_defaults", "layers"})
+        unknown = sorted(set(data) - {"schema_version", "model", "attention", "default", "op_defaults", "layers"})
         if unknown:
             raise PlanError(f"{source}: unknown top-level field(s) {unknown}")
         for key in ("op_defaults", "layers"):
@@ -375,6 +384,7 @@ class QuantPlan:
             op_defaults=tuple(LayerPlan.from_dict(d, where=source) for d in data.get("op_defaults", [])),
             layers=tuple(LayerPlan.from_dict(d, where=source) for d in data.get("layers", [])),
             model=str(data.get("model", "")),
+            attention=data.get("attention", "float"),
             schema_version=version,
         )
 

@@ -26,7 +26,7 @@ from torchao.quantization.pt2e.observer import HistogramObserver, PerChannelMinM
 from torchao.quantization.pt2e.quantizer import QuantizationSpec, Quantizer
 from torchao.quantization.pt2e.quantizer.quantizer import Q_ANNOTATION_KEY, EdgeOrNode
 
-from sq_pt2e.annotators import ANNOTATORS, SUPPORTED_PATTERNS, LayerQSpecs, is_annotated
+from sq_pt2e.annotators import ANNOTATORS, SUPPORTED_PATTERNS, LayerQSpecs, annotate_attention, is_annotated
 from sq_pt2e.errors import QuantizationError
 from sq_pt2e.graph import QuantizableLayer, find_quantizable_layers, layer_name
 from sq_pt2e.observers import AbsHistogramObserver, PerChannelMseWeightObserver
@@ -146,6 +146,10 @@ class StableQuantQuantizer(Quantizer):
             raise QuantizationError(msg)
         self.target = target
         self.plan = plan if plan is not None else QuantPlan()
+        if self.plan.attention == "int8" and target != "x86_inductor":
+            raise QuantizationError(f"the plan's attention='int8' is for the x86_inductor target (inductor's int8 "
+                                    f"attention kernel), not {target!r}: set attention='float'")
+        self.attention_blocks = 0
         self.module_filter = module_filter
         self.layer_status: tuple[LayerStatus, ...] = ()
         self.search_report: SearchReport | None = None
@@ -198,13 +202,18 @@ class StableQuantQuantizer(Quantizer):
         return self.plan.resolve(layer.name, layer.op)
 
     def transform_for_annotation(self, model: GraphModule) -> GraphModule:
-        """Apply the plan's per-channel input scales (``LayerPlan.input_scale``) to the graph."""
+        """Apply the plan's per-channel input scales (``LayerPlan.input_scale``) to the graph;
+        with int8 attention, write scaled-dot-product attention as matmuls that can be quantized."""
+        from sq_pt2e.passes.sdpa_as_matmuls import SdpaAsMatmulsPass
         from sq_pt2e.smoothing import apply_input_scales
 
         scales = self.plan.input_scales()
         if self.module_filter is not None:
             scales = {name: s for name, s in scales.items() if self.module_filter(name)}
-        return apply_input_scales(model, scales)
+        model = apply_input_scales(model, scales)
+        if self.plan.attention == "int8":
+            SdpaAsMatmulsPass()(model)
+        return model
 
     def annotate(self, model: GraphModule) -> GraphModule:
         """Annotate every planned layer; skipped layers are claimed and kept float."""
@@ -218,6 +227,11 @@ class StableQuantQuantizer(Quantizer):
 
         for pattern in SUPPORTED_PATTERNS:
             ANNOTATORS[pattern](model, specs_for)
+        if self.plan.attention == "int8":
+            self.attention_blocks = len(annotate_attention(model))
+            if not self.attention_blocks:
+                raise QuantizationError("the plan asks for int8 attention but the graph has no attention "
+                                        "(scaled-dot-product or matmul-softmax-matmul) without dropout or boolean mask")
         self.layer_status = tuple(self._status(layer) for layer in layers)
         return model
 

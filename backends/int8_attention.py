@@ -1,0 +1,117 @@
+"""Int8 attention under inductor: torchao's fused quantized attention kernel (AMX CPUs).
+
+With ``QuantPlan.attention == "int8"`` the quantizer writes attention as two matmuls
+(:class:`~sq_pt2e.passes.sdpa_as_matmuls.SdpaAsMatmulsPass`) and quantizes ``q``, ``k``,
+``v`` and the attention probabilities to uint8. Inductor then sees
+``dq -> matmul -> softmax -> q/dq -> matmul -> q``, which torchao's pattern
+(``torchao.prototype.inductor.fx_passes.qsdpa_fusion``) replaces by one fused kernel,
+``torchao::qscaled_dot_product``: a C++ template built on AMX tiles. Without AMX the op
+has no CPU kernel, so int8 attention is offered on AMX-INT8 CPUs only.
+
+torch 2.13's joint-graph pass rewrites ``softmax(x * s)`` into
+``where(all(isfinite(x * s)), (x - amax(x)) * s, x * s - amax(x * s))``, and torchao's
+pattern, written for the stable branch alone, then matches nothing. The scores of a
+dequantized int8 ``q @ k^T`` are finite, so there the stable branch is exact:
+:class:`Int8AttentionPatterns` keeps it before matching.
+"""
+
+from __future__ import annotations
+
+import functools
+import re
+
+import torch
+from torch._inductor.custom_graph_pass import CustomGraphPass, get_hash_for_files
+from torch._inductor.pattern_matcher import PatternMatcherPass
+from torch.fx import Graph, GraphModule, Node
+
+from sq_pt2e.hardware import CpuInfo, cpu_info
+from sq_pt2e.passes.sdpa_as_matmuls import attention_matmuls
+
+__all__ = ["Int8AttentionPatterns", "attention_kernel_calls", "int8_attention_patterns", "int8_attention_supported",
+           "quantized_attention_count"]
+
+aten = torch.ops.aten
+_DEQUANTIZE = (torch.ops.quantized_decomposed.dequantize_per_tensor.default,
+               torch.ops.quantized_decomposed.dequantize_per_tensor.tensor)
+_KERNEL_DEFINITION = re.compile(r"(\w+) = async_compile\.cpp_pybinding\((.*?)'''\)", re.DOTALL)
+_ATTENTION_SIGNATURE = "kernel(const uint8_t* query, const uint8_t* key, const uint8_t* value"
+
+
+def int8_attention_supported(cpu: CpuInfo | None = None) -> bool:
+    """Whether this CPU runs torchao's int8 attention kernel (it needs AMX-INT8 tiles)."""
+    return (cpu or cpu_info()).has_amx_int8 and torch.cpu._is_amx_tile_supported()
+
+
+def quantized_attention_count(graph_module: GraphModule) -> int:
+    """Attention blocks of a converted graph whose ``q @ k^T`` reads dequantized int8 ``q`` and ``k``."""
+    return sum(1 for scores, _ in attention_matmuls(graph_module)
+               if all(isinstance(a, Node) and a.target in _DEQUANTIZE for a in scores.args[:2]))
+
+
+def attention_kernel_calls(sources: list[str]) -> int:
+    """Calls of the fused int8 attention kernel in inductor's generated code."""
+    calls = 0
+    for source in sources:
+        for name, body in _KERNEL_DEFINITION.findall(source):
+            if _ATTENTION_SIGNATURE in body:
+                calls += len(re.findall(rf"(?<![\w.]){re.escape(name)}\(", source))
+    return calls
+
+
+def _reads_dequantized_matmul(node: Node) -> bool:
+    """Whether ``node`` is ``(bmm(dq(a), dq(b)) viewed) * c``, the scores of int8 attention."""
+    while node.target in (aten.mul.Tensor, aten.div.Tensor, aten.reshape.default, aten.view.default,
+                          aten.expand.default):
+        node = node.args[0]
+    if node.target != aten.bmm.default:
+        return False
+    for operand in node.args:
+        while operand.target in (aten.reshape.default, aten.view.default, aten.expand.default, aten.clone.default):
+            operand = operand.args[0]
+        if operand.target not in _DEQUANTIZE:
+            return False
+    return True
+
+
+def _keep_stable_softmax(graph: Graph) -> int:
+    """Replace the finiteness guard of int8 attention's scaled softmax by its stable branch; returns the count."""
+    kept = 0
+    for node in list(graph.nodes):
+        if node.target != aten.where.self:
+            continue
+        condition, stable, original = node.args
+        guarded = (isinstance(condition, Node) and condition.target == aten.logical_not.default
+                   and condition.args[0].target == aten.any.dims)
+        if guarded and original.target == aten.sub.Tensor and _reads_dequantized_matmul(original.args[0]):
+            node.replace_all_uses_with(stable)
+            graph.erase_node(node)
+            kept += 1
+    if kept:
+        graph.eliminate_dead_code()
+    return kept
+
+
+class Int8AttentionPatterns(PatternMatcherPass, CustomGraphPass):
+    """Inductor post-grad pass: torchao's quantized-attention patterns, after :func:`_keep_stable_softmax`."""
+
+    def __init__(self) -> None:
+        from torchao.prototype.inductor.fx_passes.qsdpa_fusion import _register_qsdpa_lowerings
+
+        super().__init__()
+        _register_qsdpa_lowerings(self)
+
+    def __call__(self, graph: Graph) -> None:
+        _keep_stable_softmax(graph)
+        self.apply(graph)
+
+    def uuid(self) -> bytes:
+        from torchao.prototype.inductor.fx_passes import qsdpa_fusion
+
+        return get_hash_for_files((__file__, qsdpa_fusion.__file__))
+
+
+@functools.lru_cache(maxsize=None)
+def int8_attention_patterns() -> Int8AttentionPatterns:
+    """The pass to set as ``torch._inductor.config.post_grad_custom_pre_pass`` (one instance per process)."""
+    return Int8AttentionPatterns()

@@ -1,0 +1,125 @@
+"""Int8 attention: the matmul rewrite, its quantization, the plan flag, inductor's fused kernel (AMX)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from sq_pt2e.backends import inductor as inductor_backend
+from sq_pt2e.backends.inductor import compile_inductor, fit_plan_to_cpu
+from sq_pt2e.backends.int8_attention import (
+    attention_kernel_calls,
+    int8_attention_supported,
+    quantized_attention_count,
+)
+from sq_pt2e.errors import BackendError, PlanError, QuantizationError
+from sq_pt2e.export import export_speech_model
+from sq_pt2e.hardware import CpuInfo
+from sq_pt2e.passes.sdpa_as_matmuls import SdpaAsMatmulsPass, attention_matmuls
+from sq_pt2e.plan import QuantPlan
+from sq_pt2e.quantizer import StableQuantQuantizer
+from sq_pt2e.testing import tiny_quantized_model
+
+pytestmark = pytest.mark.usefixtures("single_thread")
+
+aten = torch.ops.aten
+INT8_ATTENTION = QuantPlan(attention="int8")
+WITH_VNNI = CpuInfo("Test CPU with VNNI", ("avx2", "avx512f", "avx512_vnni"), 2)
+
+
+@pytest.mark.parametrize("name", ["tiny_wav2vec2", "tiny_hubert"])
+def test_sdpa_as_matmuls_keeps_the_float_output(name, request, example_wave) -> None:
+    model = request.getfixturevalue(name)
+    graph = export_speech_model(model, example_wave).module()
+    reference = graph(example_wave)
+    assert SdpaAsMatmulsPass()(graph).modified
+    targets = [n.target for n in graph.graph.nodes]
+    assert aten.scaled_dot_product_attention.default not in targets
+    assert len(attention_matmuls(graph)) == 2 == targets.count(aten.softmax.int)
+    assert targets.count(aten.clone.default) >= 2  # the head transpose is made contiguous before the output proj
+    torch.testing.assert_close(graph(example_wave), reference, rtol=1e-5, atol=1e-5)
+
+
+def test_attention_with_a_boolean_mask_or_dropout_is_left_alone() -> None:
+    class Attention(torch.nn.Module):
+        def forward(self, q, k, v, mask):
+            masked = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+            return masked + torch.nn.functional.scaled_dot_product_attention(q, k, v, dropout_p=0.5)
+
+    q = torch.randn(1, 2, 5, 4)
+    graph = torch.export.export(Attention(), (q, q, q, torch.ones(5, 5, dtype=torch.bool))).module()
+    assert not SdpaAsMatmulsPass()(graph).modified
+
+
+def test_plan_attention_round_trips_and_is_validated() -> None:
+    assert QuantPlan.from_dict(INT8_ATTENTION.to_dict()).attention == "int8"
+    legacy = QuantPlan().to_dict()
+    del legacy["attention"]
+    assert QuantPlan.from_dict(legacy).attention == "float"
+    with pytest.raises(PlanError, match="attention='int4'"):
+        QuantPlan(attention="int4")
+
+
+def test_int8_attention_quantizes_q_k_v_and_probabilities() -> None:
+    tiny = tiny_quantized_model("tiny-hubert", INT8_ATTENTION)
+    graph = tiny.quantized.converted
+    assert quantized_attention_count(graph) == 2
+    for _, context in attention_matmuls(graph):
+        probabilities = context.args[0]
+        assert probabilities.args[1:3] == (pytest.approx(1 / 255), 0)  # fixed 1/255 grid, zero point 0
+    with torch.no_grad():
+        int8 = graph(tiny.example)
+    assert torch.nn.functional.cosine_similarity(int8.flatten(), tiny.float_logits().flatten(), dim=0) > 0.99
+    assert quantized_attention_count(tiny_quantized_model("tiny-hubert").quantized.converted) == 0
+
+
+def test_int8_attention_is_refused_for_xnnpack_and_for_graphs_without_attention() -> None:
+    with pytest.raises(QuantizationError, match="x86_inductor"):
+        StableQuantQuantizer(INT8_ATTENTION, target="xnnpack")
+
+    class NoAttention(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.proj = torch.nn.Linear(4, 4)
+
+        def forward(self, x):
+            return self.proj(x)
+
+    from torchao.quantization.pt2e.quantize_pt2e import prepare_pt2e
+
+    graph = torch.export.export(NoAttention(), (torch.randn(2, 4),)).module()
+    with pytest.raises(QuantizationError, match="no attention"):
+        prepare_pt2e(graph, StableQuantQuantizer(INT8_ATTENTION))
+
+
+def test_fit_plan_keeps_attention_float_without_amx() -> None:
+    with pytest.warns(UserWarning, match="AMX-INT8"):
+        fitted, changed = fit_plan_to_cpu(INT8_ATTENTION, WITH_VNNI)
+    assert changed and fitted.attention == "float"
+
+
+def test_compiling_int8_attention_without_amx_is_a_clear_error(monkeypatch) -> None:
+    tiny = tiny_quantized_model("tiny-wav2vec2", INT8_ATTENTION)
+    monkeypatch.setattr(inductor_backend, "int8_attention_supported", lambda: False)
+    with pytest.raises(BackendError, match="2 int8 attention blocks.*AMX-INT8"):
+        compile_inductor(tiny.quantized.converted, tiny.example)
+
+
+def test_attention_kernel_calls_count_call_sites_of_the_fused_kernel() -> None:
+    source = (
+        "cpp_fused_a_1 = async_compile.cpp_pybinding(['const uint8_t*'], r'''\n"
+        "void kernel(const uint8_t* query, const uint8_t* key, const uint8_t* value, uint8_t* output)\n{}\n''')\n"
+        "cpp_fused_b_2 = async_compile.cpp_pybinding(['const float*'], r'''\nvoid kernel(const float* in_ptr0)\n''')\n"
+        "def call(args):\n    cpp_fused_a_1(buf0, buf1)\n    cpp_fused_b_2(buf2)\n    cpp_fused_a_1(buf3, buf4)\n"
+    )
+    assert attention_kernel_calls([source]) == 2
+    assert attention_kernel_calls([source.replace("uint8_t* query", "float* query")]) == 0
+
+
+@pytest.mark.skipif(not int8_attention_supported(), reason="torchao's int8 attention kernel needs an AMX-INT8 CPU")
+def test_int8_attention_compiles_to_the_fused_kernel_and_matches_eager() -> None:
+    tiny = tiny_quantized_model("tiny-wav2vec2", INT8_ATTENTION)
+    compiled = compile_inductor(tiny.quantized.converted, tiny.example)
+    assert compiled.report.int8_attention_in_graph == 2
+    assert compiled.report.int8_attention_kernels == 2
+    assert compiled.report.cosine > 0.999
