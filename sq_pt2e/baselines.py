@@ -106,7 +106,8 @@ class _Simulated:
             return run(wave)
 
 
-def _stock_pt2e(model: nn.Module, calibration: Sequence[torch.Tensor], quantizer: object) -> Forward:
+def _converted_pt2e(model: nn.Module, calibration: Sequence[torch.Tensor], quantizer: object) -> Forward:
+    """The eager ``convert_pt2e`` graph of ``model`` under ``quantizer``, exported for any length."""
     from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
 
     from sq_pt2e.export import export_speech_model
@@ -137,11 +138,19 @@ def build_method(
         calibration: calibration waveforms (for the stock quantizers).
         statistics: histograms from ``collect_statistics`` (for plan-based methods).
         bits: bit widths; methods with ``any_bits=False`` accept only W8A8.
-        plan: the plan of ``"stablequant"``.
+        plan: the plan of ``"stablequant"``. A plan with int8 attention runs as the eager
+            ``convert_pt2e`` graph (the simulation models conv/linear inputs only), calibrated
+            on ``calibration``.
     """
     if name == "stablequant":
         if plan is None:
             raise ValueError("method 'stablequant' needs its plan")
+        if plan.attention == "int8":
+            if not calibration:
+                raise ValueError("a plan with int8 attention needs calibration audio (for q, k and v)")
+            from sq_pt2e.quantizer import StableQuantQuantizer
+
+            return _converted_pt2e(model, calibration, StableQuantQuantizer(plan))
         return _Simulated(model, plan_layer_quants(model, plan, statistics))
     if name not in BASELINES:
         raise KeyError(f"unknown method {name!r} (known: stablequant, {', '.join(BASELINES)})")
@@ -157,7 +166,7 @@ def build_method(
         )
 
         quantizer = X86InductorQuantizer().set_global(get_default_x86_inductor_quantization_config())
-        return _stock_pt2e(model, calibration, quantizer)
+        return _converted_pt2e(model, calibration, quantizer)
     if name == "xnnpack-default":
         from executorch.backends.xnnpack.quantizer.xnnpack_quantizer import (
             XNNPACKQuantizer,
@@ -165,7 +174,7 @@ def build_method(
         )
 
         quantizer = XNNPACKQuantizer().set_global(get_symmetric_quantization_config(is_per_channel=True))
-        return _stock_pt2e(model, calibration, quantizer)
+        return _converted_pt2e(model, calibration, quantizer)
     if name == "dynamic-int8":
         from torch.ao.quantization import quantize_dynamic
 

@@ -26,6 +26,7 @@ and debugging, not for numbers.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import functools
 import gc
 import io
@@ -262,17 +263,27 @@ def _x86_default_int8(model, wave, calib, _plan, threads) -> Built:
                  compiled.report.int8_kernel_count, "torchao X86InductorQuantizer defaults (Linear only)")
 
 
-def _stablequant_int8(model, wave, calib, plan, threads, *, conv_as_gemm: bool = True) -> Built:
+def _stablequant_int8(model, wave, calib, plan, threads, *, conv_as_gemm: bool = True,
+                      int8_attention: bool = False) -> Built:
     from sq_pt2e.backends.inductor import compile_inductor
+    from sq_pt2e.backends.int8_attention import int8_attention_supported
+    from sq_pt2e.errors import BackendError
     from sq_pt2e.pipeline import quantize_model
 
     start = time.perf_counter()
+    if int8_attention:
+        if not int8_attention_supported():
+            raise BackendError("int8 attention needs an AMX-INT8 CPU (torchao's fused int8 attention kernel)")
+        plan = dataclasses.replace(plan or QuantPlan(), attention="int8")
     quantized = quantize_model(copy.deepcopy(model), wave, calib, plan=plan)
     compiled = compile_inductor(quantized.converted, wave, threads=threads, conv_as_gemm=conv_as_gemm)
     convs = "" if conv_as_gemm else "CNN convs as oneDNN convolutions (no GEMM rewrites); "
+    attention = (f"int8 attention ({compiled.report.int8_attention_kernels} fused kernels); "
+                 if compiled.report.int8_attention_kernels else "")
     return Built(compiled, graph_constant_bytes(quantized.converted), time.perf_counter() - start,
                  compiled.report.int8_kernel_count,
-                 f"{convs}{quantized.bit_widths()}; compiled vs eager int8 cosine {compiled.report.cosine:.5f}")
+                 f"{convs}{attention}{quantized.bit_widths()}; compiled vs eager int8 cosine "
+                 f"{compiled.report.cosine:.5f}")
 
 
 def _executorch(model, wave, calib, plan, threads, *, int8: bool, friendly: bool = True,
@@ -308,6 +319,7 @@ VARIANTS: dict[str, Callable[..., Built]] = {
     "x86-default-int8-inductor": _x86_default_int8,
     "stablequant-int8-inductor": _stablequant_int8,
     "stablequant-int8-inductor-convs": functools.partial(_stablequant_int8, conv_as_gemm=False),
+    "stablequant-int8-attention-inductor": functools.partial(_stablequant_int8, int8_attention=True),
     "executorch-fp32": functools.partial(_executorch, int8=False),
     "executorch-int8": functools.partial(_executorch, int8=True),
     "executorch-int8-dynamic": functools.partial(_executorch, int8=True, dynamic=True),

@@ -8,6 +8,7 @@ on a usage error.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 from collections.abc import Sequence
@@ -195,6 +196,8 @@ def _cmd_quantize(args: argparse.Namespace) -> int:
     evaluator = Evaluator(model, [u.wave for u in dev], references)  # WER is reported with either criterion
     plan, report = search_plan(model, statistics, evaluator, config, model_name=args.model,
                                progress=lambda line: print(line, file=sys.stderr, flush=True), input_scales=input_scales)
+    if args.int8_attention:
+        plan = dataclasses.replace(plan, attention="int8")
     out = args.output_dir
     written = [plan.save(out / "plan.json"), save_statistics(out / "statistics.npz", statistics),
                atomic_write_text(out / "search_report.json", json.dumps(report.to_dict(), indent=2, default=float) + "\n")]
@@ -396,11 +399,11 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     int8_forward = None
     if args.plan is not None:
         plan = load_plan_for_model(args.plan, args.model)
-        needs_stats = plan.needs_calibration()
-        statistics = collect_statistics(model, calibration_waves(args.calibration, 32),
-                                        input_scales=plan.input_scales()) \
-            if needs_stats else {}
-        int8_forward = build_method("stablequant", model, [], statistics, plan=plan)
+        needs_waves = plan.needs_calibration() or plan.attention == "int8"
+        waves = calibration_waves(args.calibration, 32) if needs_waves else []
+        statistics = collect_statistics(model, waves, input_scales=plan.input_scales()) \
+            if plan.needs_calibration() else {}
+        int8_forward = build_method("stablequant", model, waves, statistics, plan=plan)
     lines = ["| set | utterances | float32 WER | float32 CER |" + (" int8 WER | int8 CER | difference [95% CI] |"
                                                                    if int8_forward else ""),
              "|---|---:|---:|---:|" + ("---:|---:|---:|" if int8_forward else "")]
@@ -519,6 +522,9 @@ def _build_parser() -> argparse.ArgumentParser:
     quantize.add_argument("--program-seconds", type=float, default=10.0,
                           help="input length of the saved int8 program model_int8.pt2 (torch.export; x86/inductor "
                                "target; 0: do not write it)")
+    quantize.add_argument("--int8-attention", action="store_true",
+                          help="also quantize the attention matmuls (plan attention='int8'): inductor fuses them "
+                               "into torchao's int8 attention kernel, on AMX-INT8 CPUs only")
     quantize.add_argument("--output-dir", type=Path, required=True)
     quantize.set_defaults(run=_cmd_quantize)
 

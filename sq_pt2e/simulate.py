@@ -189,7 +189,14 @@ def plan_layer_quants(model: nn.Module, plan: QuantPlan, statistics: dict[str, A
     A layer's activation range is its plan's fixed ``act_range`` if set, otherwise
     computed from its histogram with the plan's calibration method, exactly as the
     PT2E observer would; likewise the floor of an affine grid.
+
+    Raises:
+        PlanError: the plan names layers the model lacks, or quantizes attention (which
+            the simulation does not model: run the ``convert_pt2e`` graph instead).
     """
+    if plan.attention == "int8":
+        raise PlanError("the plan quantizes attention (attention='int8'), which the int8 simulation does not model: "
+                        "evaluate the convert_pt2e graph (sq-pt2e eval does) or set attention='float'")
     modules = quantizable_modules(model)
     plan.check_names([m.name for m in modules])
     quants = {}

@@ -92,6 +92,18 @@ def test_int8_attention_is_refused_for_xnnpack_and_for_graphs_without_attention(
         prepare_pt2e(graph, StableQuantQuantizer(INT8_ATTENTION))
 
 
+def test_the_simulation_refuses_int8_attention_and_eval_runs_the_converted_graph(tiny_hubert, example_wave,
+                                                                               calibration_waves) -> None:
+    from sq_pt2e.baselines import build_method
+    from sq_pt2e.simulate import plan_layer_quants
+
+    with pytest.raises(PlanError, match="does not model"):
+        plan_layer_quants(tiny_hubert, INT8_ATTENTION, {})
+    forward = build_method("stablequant", tiny_hubert, calibration_waves, {}, plan=INT8_ATTENTION)
+    longer = torch.cat([example_wave, example_wave], dim=1)  # exported for any length
+    assert forward(longer).shape[1] > forward(example_wave).shape[1]
+
+
 def test_fit_plan_keeps_attention_float_without_amx() -> None:
     with pytest.warns(UserWarning, match="AMX-INT8"):
         fitted, changed = fit_plan_to_cpu(INT8_ATTENTION, WITH_VNNI)
