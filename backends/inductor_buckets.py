@@ -45,6 +45,7 @@ import json
 import os
 import threading
 import time
+import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -279,6 +280,11 @@ class BucketedInt8Model:
         self.masked, self.min_cosine = masked, min_cosine
         fitted, _ = fit_plan_to_cpu(plan if plan is not None else QuantPlan(),
                                     group_channels=group_channels(self._model))
+        if fitted.attention == "int8":
+            warnings.warn("bucketed int8 graphs keep attention float: their padding mask is boolean, which the int8 "
+                          "attention rewrite leaves alone, and activation ranges are pinned per conv/linear layer",
+                          stacklevel=2)
+            fitted = dataclasses.replace(fitted, attention="float")
         self.plan = pin_activation_ranges(self._model, fitted, calibration)
         self._program = MaskedCTCLogits(self._model).eval() if masked else self._model
         self._fingerprint = _fingerprint(self._model, self.plan, masked)

@@ -256,6 +256,10 @@ def write_report(
              f"{len(quantized)} layer(s) quantized, {len(rows) - len(quantized)} kept in float; bit widths: "
              + ", ".join(f"{b} x{sum(r.bits == b for r in rows)}" for b in dict.fromkeys(r.bits for r in rows)) + ".",
              ""]
+    if plan.attention == "int8":
+        lines += ["Attention is quantized too (q, k, v and the probabilities, uint8): inductor runs it as one fused "
+                  "int8 attention kernel on AMX-INT8 CPUs. The search scored float attention; measure its WER with "
+                  "`sq-pt2e eval --plan`.", ""]
     for op_default in plan.op_defaults:
         if op_default.skip:
             lines.append(f"Every `{op_default.op}` layer is kept in float: {op_default.reason}.")

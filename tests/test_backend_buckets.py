@@ -114,6 +114,13 @@ def test_pinned_plan_fixes_every_quantized_layer_range() -> None:
     assert pin_activation_ranges(model, pinned, ()) == pinned  # already pinned: no calibration needed
 
 
+def test_bucketed_graphs_keep_attention_float() -> None:
+    with pytest.warns(UserWarning, match="attention (stays|float)"):  # no AMX: fit_plan_to_cpu says it first
+        runner = BucketedInt8Model(build_model("tiny-wav2vec2"), QuantPlan(attention="int8"), CALIBRATION,
+                                   buckets=(0.5,), threads=1, overlap_seconds=0.1, cache=False)
+    assert runner.plan.attention == "float"
+
+
 # ------------------------------------------------------------------ compiled (one tiny bucket, ~30 s)
 # Bucket choice is tested above without compiling; one compiled bucket keeps the default run short.
 @pytest.fixture(scope="module")

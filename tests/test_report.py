@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import json
 import math
 
@@ -117,6 +119,9 @@ def test_report_without_statistics_or_search_still_lists_every_layer(tmp_path) -
     (report,) = write_report(tmp_path, _plan())
     text = report.read_text()
     assert all(name in text for name in (CONV, FC, "lm_head")) and "No calibration statistics" in text
+    assert "Attention is quantized" not in text
+    (report,) = write_report(tmp_path, dataclasses.replace(_plan(), attention="int8"))
+    assert "Attention is quantized too" in report.read_text()
 
 
 def test_report_names_a_missing_input(tmp_path) -> None:
