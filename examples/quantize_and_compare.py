@@ -6,7 +6,8 @@
 3. WER of float32 vs the StableQuant int8 model (eager int8, which compiled int8 is
    checked against) on the shipped synthetic test set and real LibriSpeech test-other.
 4. Compile int8 with inductor and lower it to an ExecuTorch .pte (XNNPACK); compare
-   agreement, size and latency with float, all measured in this run.
+   agreement, size and latency with float, all measured in this run. On AMX-INT8 CPUs
+   also with int8 attention (torchao's fused int8 attention kernel).
 
 Usage:
     python examples/quantize_and_compare.py
@@ -16,6 +17,7 @@ Usage:
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 from pathlib import Path
 
@@ -26,6 +28,7 @@ from sq_pt2e.asr import paired_bootstrap_delta, wer
 from sq_pt2e.assets import reference_model
 from sq_pt2e.atomic import atomic_write_text
 from sq_pt2e.backends.inductor import fit_plan_to_cpu
+from sq_pt2e.backends.int8_attention import int8_attention_supported
 from sq_pt2e.graph import group_channels
 from sq_pt2e.baselines import Bits, build_method
 from sq_pt2e.compare import compare_backends
@@ -70,6 +73,10 @@ def main(argv: list[str] | None = None) -> int:
     fitted, changed = fit_plan_to_cpu(plan, group_channels=group_channels(model))
     if changed:  # what inductor really runs on this CPU (no VNNI: 7-bit weights; AMX: small-group convs float)
         variants["StableQuant as compiled on this CPU"] = fitted
+    int8_attention = int8_attention_supported() and bits.act == 8  # the fused kernel is 8-bit, AMX only
+    if int8_attention:
+        variants["StableQuant + int8 attention (AMX)"] = dataclasses.replace(fitted, attention="int8")
+    calibration_waves = [u.wave for u in calibration]
     float_forward = build_method("float32", model, [], statistics)
     lines = ["| evaluation set | utterances | model | WER % | difference to float [95% CI] |",
              "|---|---:|---|---:|---:|"]
@@ -80,7 +87,8 @@ def main(argv: list[str] | None = None) -> int:
         accuracy[name] = {"utterances": len(utts), "float32": wer(refs, float_texts)}
         lines.append(f"| {name} | {len(utts)} | float32 | {accuracy[name]['float32']:.2f} | |")
         for label, variant_plan in variants.items():
-            texts, _ = transcribe(build_method("stablequant", model, [], statistics, plan=variant_plan), utts)
+            forward = build_method("stablequant", model, calibration_waves, statistics, plan=variant_plan)
+            texts, _ = transcribe(forward, utts)
             delta = paired_bootstrap_delta(refs, float_texts, texts)
             accuracy[name][label] = {"wer": wer(refs, texts), "delta": delta.delta, "low": delta.low, "high": delta.high}
             lines.append(f"| {name} | {len(utts)} | {label} | {wer(refs, texts):.2f} | {delta} |")
@@ -89,7 +97,8 @@ def main(argv: list[str] | None = None) -> int:
     samples = int(args.seconds * 16000)
     evaluation = [fixed_length(u.wave, samples) for u in eval_sets["test-other"][:4]]
     result = compare_backends(model, [fixed_length(u.wave, samples) for u in calibration[:8]], evaluation, plan=plan,
-                              threads=args.threads, runs=args.runs, executorch=not args.no_executorch)
+                              threads=args.threads, runs=args.runs, executorch=not args.no_executorch,
+                              int8_attention=int8_attention)
     print("\n" + result.to_markdown())
     if args.output_dir is not None:
         plan.save(args.output_dir / "plan.json")

@@ -6,6 +6,8 @@ the same run on the same machine; the CPU model and ISA flags are reported with 
 
 from __future__ import annotations
 
+import dataclasses
+
 import statistics
 import time
 from collections.abc import Callable, Sequence
@@ -128,11 +130,14 @@ def compare_backends(
     threads: int = 1,
     runs: int = 10,
     executorch: bool = True,
+    int8_attention: bool = False,
     progress: Callable[[str], None] = print,
 ) -> Comparison:
     """Quantize ``model`` with ``plan`` and compare float eager, int8 inductor and int8 .pte.
 
     All waveforms must have the same length (the exported programs are fixed-length).
+    ``int8_attention`` adds a row for inductor with int8 attention too (AMX-INT8 CPUs only:
+    :func:`sq_pt2e.backends.int8_attention.int8_attention_supported`).
     """
     from sq_pt2e.backends.executorch_xnnpack import PteRunner, check_pte, lower_to_xnnpack
     from sq_pt2e.backends.inductor import compile_inductor
@@ -167,6 +172,20 @@ def compare_backends(
         rep.int8_kernel_count,
         f"{x86.bit_widths()}; compiled vs eager int8 cosine {rep.cosine:.6f}, compile {rep.compile_seconds:.0f} s",
     ))
+    if int8_attention:
+        progress("compiling int8 with int8 attention (AMX) ...")
+        attention = quantize_model(model, example, calibration, plan=dataclasses.replace(plan, attention="int8"))
+        fused = compile_inductor(attention.converted, example, threads=threads)
+        with torch.no_grad():
+            cosine, agree = _agreement(reference, [fused(w) for w in evaluation])
+        fused_ms = median_latency_ms(fused, example, runs=runs)
+        rep = fused.report
+        rows.append(ComparisonRow(
+            "int8 inductor, int8 attention", fused_ms, base_ms / fused_ms, x86_bytes, x86_bytes / float_bytes, cosine,
+            agree, rep.int8_kernel_count + rep.int8_attention_kernels,
+            f"{rep.int8_attention_kernels} fused int8 attention kernels; compiled vs eager int8 cosine "
+            f"{rep.cosine:.6f}, compile {rep.compile_seconds:.0f} s",
+        ))
     if executorch:
         progress("lowering int8 to ExecuTorch/XNNPACK ...")
         xnn = quantize_model(model, example, calibration, plan=plan, target="xnnpack")

@@ -23,8 +23,14 @@ def test_quantize_and_compare_runs_and_writes_results(tmp_path) -> None:
     assert code == 0
     results = json.loads((tmp_path / "results.json").read_text())
     assert set(results["accuracy"]) == {"synthetic-test", "test-other"}
+    from sq_pt2e.backends.int8_attention import int8_attention_supported
+
     variants = [row["variant"] for row in results["backends"]["rows"]]
-    assert variants == ["float32 eager", "int8 eager (q/dq reference)", "int8 inductor"]
+    amx = ["int8 inductor, int8 attention"] if int8_attention_supported() else []
+    assert variants == ["float32 eager", "int8 eager (q/dq reference)", "int8 inductor", *amx]
+    if amx:
+        assert "StableQuant + int8 attention (AMX)" in results["accuracy"]["synthetic-test"]
+        assert results["backends"]["rows"][-1]["notes"].startswith("2 fused int8 attention kernels")
     assert (tmp_path / "plan.json").exists()
 
 
