@@ -89,6 +89,8 @@ Candidate = dict[str, LayerQuant]
 """A candidate plan as simulated: layer name -> its activation range and bit widths."""
 
 DEFAULT_PERCENTILES: tuple[float, ...] = (100.0, 99.999, 99.99, 99.9, 99.8, 99.5, 99.0)
+# Name of the float-fallback candidate that floats several sensitive groups together.
+JOINT = " + "
 FIRST_CONV = r"feature_extractor\.conv_layers\.0\.conv$"
 """Name pattern of the CNN encoder's first convolution (its input is the waveform)."""
 _BLOCK = re.compile(r"^(.*\.layers\.\d+)\.")
@@ -145,7 +147,10 @@ class SearchConfig:
             in float with everything else as chosen (one batch); the groups that lower the logit KL
             most per FLOP stay float, within this share of the searched layers' FLOPs (counted on
             1 s of audio). It trades speed for accuracy where a group's int8 error cannot be clipped
-            away: on ref-wav2vec2 at W8A8 the CNN convs 1-6 carry nearly all of the dev KL.
+            away: on ref-wav2vec2 at W8A8 the CNN convs 1-6 carry nearly all of the dev KL. The
+            sensitive groups no clip percentile helped are also scored together, as one candidate
+            (``"a + b"``): their int8 errors can offset each other, so that floating one of them
+            alone makes the output worse (ref-wav2vec2, CNN convs 1-3).
     """
 
     gamma: float = 0.25
@@ -785,13 +790,17 @@ def search_plan(
         """The plan as chosen, with the ``floated`` layers left in float."""
         return quant({n: r for n, r in chosen.items() if n not in floated}, promoted)
 
+    fallback_groups = dict(groups)
+    stuck = [g for g in groups if g in report.kept_mse]
+    if len(stuck) > 1:  # their errors may offset each other: floating one alone can make things worse
+        fallback_groups[JOINT.join(stuck)] = [n for g in stuck for n in groups[g]]
     if config.float_share > 0:
         report.float_groups, report.float_trials, report.kept_float_share = _upgrade_groups(
-            evaluator, groups, layer_flops(model, [m.name for m in modules]), without, config.float_share,
+            evaluator, fallback_groups, layer_flops(model, [m.name for m in modules]), without, config.float_share,
             "flops", "float fallback", progress_bar)
         say(f"float fallback: {len(report.float_groups)} group(s) kept float "
             f"({report.kept_float_share:.0%} of the FLOPs)")
-    final = without({n for g in report.float_groups for n in groups[g]})
+    final = without({n for g in report.float_groups for n in fallback_groups[g]})
     report.final_score = evaluator(final)
     report.evaluations = getattr(evaluator, "evaluations", 0) - evaluations_before
     report.cached_evaluations = getattr(evaluator, "cached", 0) - cached_before
@@ -811,7 +820,8 @@ def _upgrade_groups(evaluator: Evaluator, groups: dict[str, list[str]], cost: di
     ``candidate(names)`` is the plan as chosen with the layers ``names`` upgraded. Each
     group is scored upgraded alone (one batch); groups are taken in order of KL gain per
     unit of ``cost`` while the gain is positive and their cost fits in ``share`` of the
-    total (a group that does not fit is passed over for smaller ones).
+    total (a group that does not fit, or shares layers with one already taken, is passed
+    over). ``total`` counts every layer once even when ``groups`` overlap.
 
     Returns:
         The groups upgraded in the order chosen, each group's trial (its score and cost,
@@ -823,15 +833,17 @@ def _upgrade_groups(evaluator: Evaluator, groups: dict[str, list[str]], cost: di
     size = {g: sum(cost[n] for n in groups[g]) for g in names}
     gain = {g: base_score.kl - score.kl for g, score in zip(names, scores, strict=True)}
     trials = {g: {**score.as_dict(), cost_name: float(size[g])} for g, score in zip(names, scores, strict=True)}
-    total = sum(size.values())
+    total = sum(cost[n] for n in {n for members in groups.values() for n in members})
     budget, used = share * total, 0
     chosen: list[str] = []
+    taken: set[str] = set()
     for g in sorted(names, key=lambda g: -gain[g] / max(1, size[g])):  # stable: ties keep network order
         if gain[g] <= 0:
             break
-        if used + size[g] <= budget:
+        if used + size[g] <= budget and not taken & set(groups[g]):
             chosen.append(g)
             used += size[g]
+            taken |= set(groups[g])
     return chosen, trials, used / max(1, total)
 
 
@@ -850,6 +862,7 @@ def _to_plan(
 ) -> QuantPlan:
     """The plan of the search's ``final`` candidate, each layer with the evidence behind it."""
     group_of = {n: g for g, names in groups.items() for n in names}
+    floated = {member: g for g in report.float_groups for member in g.split(JOINT)}
     layers = [LayerPlan(m.name, op=m.op, skip=True, reason="kept float by the search config (keep_float)")
               for m in kept_float]
     for m in modules:
@@ -871,12 +884,12 @@ def _to_plan(
                               clip_percentile=p if method == "percentile" else None, reason=reason)
         else:
             layer = LayerPlan(m.name, op=m.op, calibration="mse", reason=f"not sensitive ({group}): MSE-optimal range")
-        if group in report.float_groups:
-            trial = report.float_trials[group]
+        if group in floated:
+            trial = report.float_trials[floated[group]]
             evidence |= {f"float_{k}": v for k, v in trial.items()}
             layers.append(LayerPlan(m.name, op=m.op, skip=True, evidence=_evidence(evidence),
-                                    reason=f"kept float by the search (float fallback: group {group} in float "
-                                           f"has dev KL {trial['kl']:.3g})"))
+                                    reason=f"kept float by the search (float fallback: group {floated[group]} in "
+                                           f"float has dev KL {trial['kl']:.3g})"))
             continue
         quant = final[m.name]
         if group in report.promoted_groups:

@@ -323,6 +323,32 @@ def test_float_fallback_keeps_the_best_gain_per_flop_in_float_within_the_share(p
     assert not any(layer.skip for layer in plan.layers if layer.name.startswith(second))
 
 
+class _OffsettingObjective:
+    """Two groups whose int8 errors offset each other: either quantized alone costs 1.0, both 0.3."""
+
+    def __init__(self, first: list[str], second: list[str]) -> None:
+        self.first, self.second, self.float_score, self.evaluations = first, second, Score(None, 0.0), 0
+
+    def __call__(self, layers) -> Score:
+        self.evaluations += 1
+        first, second = any(n in layers for n in self.first), any(n in layers for n in self.second)
+        return Score(None, 0.001 + (0.3 if first and second else 1.0 if first or second else 0.0))
+
+
+def test_float_fallback_floats_offsetting_sensitive_groups_together(planted_model: torch.nn.Module) -> None:
+    statistics = collect_statistics(planted_model, _waves(1, 2))
+    block = [m.name for m in quantizable_modules(planted_model) if m.name.startswith(LARGE_GROUP + ".")]
+    config = SearchConfig(criterion="kl", kl_share=0.2, smooth_alpha=0.0, float_share=1.0)
+    plan, report = search_plan(planted_model, statistics, _OffsettingObjective([SMALL_GROUP], block), config)
+    joint = f"{SMALL_GROUP} + {LARGE_GROUP}"
+    assert set(report.kept_mse) == {SMALL_GROUP, LARGE_GROUP}  # no clip percentile helps either
+    assert report.float_trials[SMALL_GROUP]["kl"] > 0.3  # floating one alone makes it worse
+    assert report.float_groups == [joint] and report.final_score.kl == pytest.approx(0.001)
+    floated = [layer for layer in plan.layers if layer.skip and "float fallback" in layer.reason]
+    assert {layer.name for layer in floated} == {SMALL_GROUP, *block}
+    assert all(joint in layer.reason for layer in floated)
+
+
 def test_a_float_fallback_plan_through_pt2e_leaves_those_layers_float(planted_model: torch.nn.Module) -> None:
     plan, report = _fallback_search(planted_model, 1.0)
     wave = _waves(3, 1)[0]
