@@ -26,14 +26,13 @@ from torch._inductor.pattern_matcher import PatternMatcherPass
 from torch.fx import Graph, GraphModule, Node
 
 from sq_pt2e.hardware import CpuInfo, cpu_info
+from sq_pt2e.passes.rewrite_utils import DEQUANTIZE_PER_TENSOR
 from sq_pt2e.passes.sdpa_as_matmuls import attention_matmuls
 
 __all__ = ["Int8AttentionPatterns", "attention_kernel_calls", "int8_attention_patterns", "int8_attention_supported",
            "quantized_attention_count"]
 
 aten = torch.ops.aten
-_DEQUANTIZE = (torch.ops.quantized_decomposed.dequantize_per_tensor.default,
-               torch.ops.quantized_decomposed.dequantize_per_tensor.tensor)
 _KERNEL_DEFINITION = re.compile(r"(\w+) = async_compile\.cpp_pybinding\((.*?)'''\)", re.DOTALL)
 _ATTENTION_SIGNATURE = "kernel(const uint8_t* query, const uint8_t* key, const uint8_t* value"
 
@@ -46,7 +45,7 @@ def int8_attention_supported(cpu: CpuInfo | None = None) -> bool:
 def quantized_attention_count(graph_module: GraphModule) -> int:
     """Attention blocks of a converted graph whose ``q @ k^T`` reads dequantized int8 ``q`` and ``k``."""
     return sum(1 for scores, _ in attention_matmuls(graph_module)
-               if all(isinstance(a, Node) and a.target in _DEQUANTIZE for a in scores.args[:2]))
+               if all(isinstance(a, Node) and a.target in DEQUANTIZE_PER_TENSOR for a in scores.args[:2]))
 
 
 def attention_kernel_calls(sources: list[str]) -> int:
@@ -69,7 +68,7 @@ def _reads_dequantized_matmul(node: Node) -> bool:
     for operand in node.args:
         while operand.target in (aten.reshape.default, aten.view.default, aten.expand.default, aten.clone.default):
             operand = operand.args[0]
-        if operand.target not in _DEQUANTIZE:
+        if operand.target not in DEQUANTIZE_PER_TENSOR:
             return False
     return True
 

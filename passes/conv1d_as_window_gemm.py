@@ -30,6 +30,7 @@ import torch
 from torch.fx import GraphModule, Node
 
 from sq_pt2e.passes.rewrite_utils import (
+    QUANTIZE_PER_TENSOR,
     NodeRewritePass,
     Rewrite,
     add_constant,
@@ -40,10 +41,6 @@ from sq_pt2e.passes.rewrite_utils import (
 __all__ = ["QuantizedConv1dAsWindowGemmPass"]
 
 aten = torch.ops.aten
-_QUANTIZE = (
-    torch.ops.quantized_decomposed.quantize_per_tensor.default,
-    torch.ops.quantized_decomposed.quantize_per_tensor.tensor,
-)
 
 
 class QuantizedConv1dAsWindowGemmPass(NodeRewritePass):
@@ -53,7 +50,7 @@ class QuantizedConv1dAsWindowGemmPass(NodeRewritePass):
         graph = graph_module.graph
         conv = match_dense_quantized_conv1d(node)
         x_q = conv.x_dq.args[0] if conv is not None else None
-        if not (isinstance(x_q, Node) and x_q.op == "call_function" and x_q.target in _QUANTIZE):
+        if not (isinstance(x_q, Node) and x_q.op == "call_function" and x_q.target in QUANTIZE_PER_TENSOR):
             return None
         _, channels, kernel = getattr(graph_module, conv.w_int.target).shape
         stride = conv.stride
@@ -95,7 +92,7 @@ def _requantized(graph: torch.fx.Graph, conv: Node, linear: Node) -> Node:
     conv's own output quantize then re-quantizes exact grid values (no change).
     """
     users = list(conv.users)
-    if len(users) != 1 or users[0].target not in _QUANTIZE or len(list(users[0].users)) != 1:
+    if len(users) != 1 or users[0].target not in QUANTIZE_PER_TENSOR or len(list(users[0].users)) != 1:
         return linear
     quantize = users[0]
     (dequantize,) = quantize.users

@@ -15,7 +15,7 @@ import math
 import torch
 from torch.fx import GraphModule, Node
 
-from sq_pt2e.passes.rewrite_utils import NodeRewritePass, Rewrite, add_constant, reshape_sizes
+from sq_pt2e.passes.rewrite_utils import NodeRewritePass, Rewrite, add_constant, reshape_sizes, sdpa_arguments
 
 __all__ = ["DecomposeAttentionPass"]
 
@@ -29,13 +29,10 @@ class DecomposeAttentionPass(NodeRewritePass):
         graph = graph_module.graph
         if node.op != "call_function" or node.target != aten.scaled_dot_product_attention.default:
             return None
-        args = list(node.args) + [None, 0.0, False][len(node.args) - 3 :] if len(node.args) < 6 else list(node.args)
-        mask = node.kwargs.get("attn_mask", args[3])
-        dropout = node.kwargs.get("dropout_p", args[4])
-        causal = node.kwargs.get("is_causal", args[5])
-        if mask is not None or dropout or causal or node.kwargs.get("enable_gqa"):
+        arguments = sdpa_arguments(node)
+        if arguments["attn_mask"] is not None or any(arguments[k] for k in ("dropout_p", "is_causal", "enable_gqa")):
             return None
-        q, k, v = args[:3]
+        q, k, v = arguments["query"], arguments["key"], arguments["value"]
         q_val, k_val = q.meta.get("val"), k.meta.get("val")
         if q_val is None or k_val is None or q_val.dim() != 4:
             return None
@@ -45,7 +42,7 @@ class DecomposeAttentionPass(NodeRewritePass):
             return None  # only the length may be dynamic: it is the -1 of each reshape
         batch, heads, length, dim = q_sizes
         keys, v_dim = k_sizes[2], v_sizes[3]
-        scale = node.kwargs.get("scale") or 1.0 / math.sqrt(dim)
+        scale = arguments["scale"] or 1.0 / math.sqrt(dim)
         name = add_constant(graph_module, "_attention_scale", torch.tensor([scale], dtype=torch.float32))
         with graph.inserting_before(node):
             q3 = graph.call_function(aten.reshape.default, (q, [batch * heads, length, dim]))

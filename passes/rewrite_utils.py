@@ -10,16 +10,23 @@ import torch
 from torch.fx import GraphModule, Node
 from torch.fx.passes.infra.pass_base import PassBase, PassResult
 
-__all__ = ["NodeRewritePass", "QuantizedConv1d", "Rewrite", "add_constant", "conv1d_arguments",
-           "drop_unused_attributes", "frame_major_weight", "get_constant", "match_dense_quantized_conv1d",
-           "match_quantized_conv1d", "replace_node", "reshape_sizes"]
+__all__ = ["DEQUANTIZE_PER_TENSOR", "NodeRewritePass", "QUANTIZE_PER_TENSOR", "QuantizedConv1d", "Rewrite",
+           "add_constant", "conv1d_arguments", "drop_unused_attributes", "frame_major_weight", "get_constant",
+           "match_dense_quantized_conv1d", "match_quantized_conv1d", "replace_node", "reshape_sizes",
+           "sdpa_arguments"]
 
 _KEPT_META = ("nn_module_stack", "stack_trace")
-_DQ_TENSOR = (
+QUANTIZE_PER_TENSOR = (
+    torch.ops.quantized_decomposed.quantize_per_tensor.default,
+    torch.ops.quantized_decomposed.quantize_per_tensor.tensor,
+)
+DEQUANTIZE_PER_TENSOR = (
     torch.ops.quantized_decomposed.dequantize_per_tensor.default,
     torch.ops.quantized_decomposed.dequantize_per_tensor.tensor,
 )
 _DQ_CHANNEL = torch.ops.quantized_decomposed.dequantize_per_channel.default
+_SDPA_ARGS = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa")
+_SDPA_DEFAULTS = (None, None, None, None, 0.0, False, None, False)
 # aten.conv1d(input, weight, bias=None, stride=1, padding=0, dilation=1, groups=1)
 _CONV1D_DEFAULTS: tuple[object, ...] = (None, None, None, [1], [0], [1], 1)
 
@@ -47,7 +54,7 @@ def match_quantized_conv1d(node: Node) -> QuantizedConv1d | None:
     if node.op != "call_function" or node.target != torch.ops.aten.conv1d.default:
         return None
     x_dq, w_dq = node.args[0], node.args[1]
-    if not (isinstance(x_dq, Node) and x_dq.op == "call_function" and x_dq.target in _DQ_TENSOR):
+    if not (isinstance(x_dq, Node) and x_dq.op == "call_function" and x_dq.target in DEQUANTIZE_PER_TENSOR):
         return None
     if not (isinstance(w_dq, Node) and w_dq.op == "call_function" and w_dq.target == _DQ_CHANNEL):
         return None
@@ -68,6 +75,14 @@ def frame_major_weight(graph_module: GraphModule, conv: QuantizedConv1d) -> torc
     weight = get_constant(graph_module, str(conv.w_int.target))
     out_channels, channels, kernel = weight.shape
     return weight.permute(0, 2, 1).reshape(out_channels, kernel * channels).contiguous()
+
+
+def sdpa_arguments(node: Node) -> dict[str, object]:
+    """The arguments of an ``aten.scaled_dot_product_attention`` node by name, defaults filled in."""
+    values = dict(zip(_SDPA_ARGS, _SDPA_DEFAULTS, strict=True))
+    values.update(zip(_SDPA_ARGS, node.args, strict=False))
+    values.update(node.kwargs)
+    return values
 
 
 def conv1d_arguments(node: Node) -> tuple[Node | None, int, int, int, int]:

@@ -17,22 +17,18 @@ import math
 import torch
 from torch.fx import GraphModule, Node
 
-from sq_pt2e.passes.rewrite_utils import NodeRewritePass, Rewrite
+from sq_pt2e.passes.rewrite_utils import (
+    DEQUANTIZE_PER_TENSOR,
+    QUANTIZE_PER_TENSOR,
+    NodeRewritePass,
+    Rewrite,
+    sdpa_arguments,
+)
 
 __all__ = ["SdpaAsMatmulsPass", "attention_matmuls"]
 
 aten = torch.ops.aten
-_SDPA_ARGS = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa")
-_SDPA_DEFAULTS = (None, None, None, None, 0.0, False, None, False)
-_QDQ = (torch.ops.quantized_decomposed.quantize_per_tensor.default,
-        torch.ops.quantized_decomposed.dequantize_per_tensor.default)
-
-
-def _sdpa_arguments(node: Node) -> dict[str, object]:
-    values = dict(zip(_SDPA_ARGS, _SDPA_DEFAULTS, strict=True))
-    values.update(zip(_SDPA_ARGS, node.args, strict=False))
-    values.update(node.kwargs)
-    return values
+_QDQ = QUANTIZE_PER_TENSOR + DEQUANTIZE_PER_TENSOR
 
 
 class SdpaAsMatmulsPass(NodeRewritePass):
@@ -41,9 +37,9 @@ class SdpaAsMatmulsPass(NodeRewritePass):
     def rewrite(self, graph_module: GraphModule, node: Node) -> Rewrite | None:
         if node.op != "call_function" or node.target != aten.scaled_dot_product_attention.default:
             return None
-        arguments = _sdpa_arguments(node)
+        arguments = sdpa_arguments(node)
         mask = arguments["attn_mask"]
-        if arguments["dropout_p"] or arguments["is_causal"] or arguments["enable_gqa"]:
+        if any(arguments[k] for k in ("dropout_p", "is_causal", "enable_gqa")):
             return None
         if isinstance(mask, Node) and mask.meta["val"].dtype == torch.bool:
             return None

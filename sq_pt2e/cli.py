@@ -399,10 +399,9 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     int8_forward = None
     if args.plan is not None:
         plan = load_plan_for_model(args.plan, args.model)
-        needs_waves = plan.needs_calibration() or plan.attention == "int8"
-        waves = calibration_waves(args.calibration, 32) if needs_waves else []
-        statistics = collect_statistics(model, waves, input_scales=plan.input_scales()) \
-            if plan.needs_calibration() else {}
+        needs_statistics = plan.needs_calibration()
+        waves = calibration_waves(args.calibration, 32) if needs_statistics or plan.attention == "int8" else []
+        statistics = collect_statistics(model, waves, input_scales=plan.input_scales()) if needs_statistics else {}
         int8_forward = build_method("stablequant", model, waves, statistics, plan=plan)
     lines = ["| set | utterances | float32 WER | float32 CER |" + (" int8 WER | int8 CER | difference [95% CI] |"
                                                                    if int8_forward else ""),

@@ -154,38 +154,34 @@ def compare_backends(
                           1.0, 1.0)]
     base_ms = rows[0].latency_ms
 
+    def inductor_row(label: str, converted: GraphModule, size: int) -> ComparisonRow:
+        compiled = compile_inductor(converted, example, threads=threads)
+        with torch.no_grad():
+            cosine, agree = _agreement(reference, [compiled(w) for w in evaluation])
+        ms = median_latency_ms(compiled, example, runs=runs)
+        rep = compiled.report
+        attention = f"{rep.int8_attention_kernels} fused int8 attention kernels; " if rep.int8_attention_kernels else ""
+        return ComparisonRow(
+            label, ms, base_ms / ms, size, size / float_bytes, cosine, agree,
+            rep.int8_kernel_count + rep.int8_attention_kernels,
+            f"{attention}{x86.bit_widths()}; compiled vs eager int8 cosine {rep.cosine:.6f}, "
+            f"compile {rep.compile_seconds:.0f} s",
+        )
+
     progress("quantizing for x86 (inductor) ...")
     x86 = quantize_model(model, example, calibration, plan=plan, target="x86_inductor")
-    progress("compiling int8 with inductor ...")
-    compiled = compile_inductor(x86.converted, example, threads=threads)
-    with torch.no_grad():
-        cosine, agree = _agreement(reference, [compiled(w) for w in evaluation])
-        eager_cos, eager_agree = _agreement(reference, [x86.converted(w) for w in evaluation])
     x86_bytes = graph_constant_bytes(x86.converted)
+    with torch.no_grad():
+        eager_cos, eager_agree = _agreement(reference, [x86.converted(w) for w in evaluation])
     eager_ms = median_latency_ms(x86.converted, example, runs=max(3, runs // 3))
     rows.append(ComparisonRow("int8 eager (q/dq reference)", eager_ms, base_ms / eager_ms, x86_bytes,
                               x86_bytes / float_bytes, eager_cos, eager_agree))
-    int8_ms = median_latency_ms(compiled, example, runs=runs)
-    rep = compiled.report
-    rows.append(ComparisonRow(
-        "int8 inductor", int8_ms, base_ms / int8_ms, x86_bytes, x86_bytes / float_bytes, cosine, agree,
-        rep.int8_kernel_count,
-        f"{x86.bit_widths()}; compiled vs eager int8 cosine {rep.cosine:.6f}, compile {rep.compile_seconds:.0f} s",
-    ))
+    progress("compiling int8 with inductor ...")
+    rows.append(inductor_row("int8 inductor", x86.converted, x86_bytes))
     if int8_attention:
         progress("compiling int8 with int8 attention (AMX) ...")
         attention = quantize_model(model, example, calibration, plan=dataclasses.replace(plan, attention="int8"))
-        fused = compile_inductor(attention.converted, example, threads=threads)
-        with torch.no_grad():
-            cosine, agree = _agreement(reference, [fused(w) for w in evaluation])
-        fused_ms = median_latency_ms(fused, example, runs=runs)
-        rep = fused.report
-        rows.append(ComparisonRow(
-            "int8 inductor, int8 attention", fused_ms, base_ms / fused_ms, x86_bytes, x86_bytes / float_bytes, cosine,
-            agree, rep.int8_kernel_count + rep.int8_attention_kernels,
-            f"{rep.int8_attention_kernels} fused int8 attention kernels; compiled vs eager int8 cosine "
-            f"{rep.cosine:.6f}, compile {rep.compile_seconds:.0f} s",
-        ))
+        rows.append(inductor_row("int8 inductor, int8 attention", attention.converted, x86_bytes))
     if executorch:
         progress("lowering int8 to ExecuTorch/XNNPACK ...")
         xnn = quantize_model(model, example, calibration, plan=plan, target="xnnpack")

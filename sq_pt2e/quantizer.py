@@ -149,7 +149,6 @@ class StableQuantQuantizer(Quantizer):
         if self.plan.attention == "int8" and target != "x86_inductor":
             raise QuantizationError(f"the plan's attention='int8' is for the x86_inductor target (inductor's int8 "
                                     f"attention kernel), not {target!r}: set attention='float'")
-        self.attention_blocks = 0
         self.module_filter = module_filter
         self.layer_status: tuple[LayerStatus, ...] = ()
         self.search_report: SearchReport | None = None
@@ -227,11 +226,9 @@ class StableQuantQuantizer(Quantizer):
 
         for pattern in SUPPORTED_PATTERNS:
             ANNOTATORS[pattern](model, specs_for)
-        if self.plan.attention == "int8":
-            self.attention_blocks = len(annotate_attention(model))
-            if not self.attention_blocks:
-                raise QuantizationError("the plan asks for int8 attention but the graph has no attention "
-                                        "(scaled-dot-product or matmul-softmax-matmul) without dropout or boolean mask")
+        if self.plan.attention == "int8" and not annotate_attention(model):
+            raise QuantizationError("the plan asks for int8 attention but the graph has no attention "
+                                    "(scaled-dot-product or matmul-softmax-matmul) without dropout or boolean mask")
         self.layer_status = tuple(self._status(layer) for layer in layers)
         return model
 
