@@ -95,7 +95,7 @@ def _run(backend: str, args: argparse.Namespace, calibration: list, dev: list) -
         evaluator: Evaluator = Evaluator(model, waves, references)
         shards, describe = 1, "one process, 1 thread"
         plan, report = search_plan(model, statistics, evaluator, config, model_name=args.model, progress_bar=False,
-                                   input_scales=input_scales)
+                                   input_scales=input_scales, calibration=[u.wave for u in calibration])
     else:
         with make_runner(backend, address=args.ray_address, workers=args.workers, threads=1) as runner:
             input_scales = search_input_scales(model, [u.wave for u in calibration], config)
@@ -105,7 +105,8 @@ def _run(backend: str, args: argparse.Namespace, calibration: list, dev: list) -
             evaluator = DistributedEvaluator(model, waves, references, runner=runner, shards=args.shards)
             shards, describe = len(evaluator.bounds), runner.describe()
             plan, report = search_plan(model, statistics, evaluator, config, model_name=args.model,
-                                       progress_bar=False, input_scales=input_scales)
+                                       progress_bar=False, input_scales=input_scales,
+                                       calibration=[u.wave for u in calibration])
     total = time.perf_counter() - start
     search = total - (calibrated - start)
     return {

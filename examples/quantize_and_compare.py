@@ -34,7 +34,7 @@ from sq_pt2e.baselines import Bits, build_method
 from sq_pt2e.compare import compare_backends
 from sq_pt2e.inputs import fixed_length, load_source
 from sq_pt2e.models import load_model
-from sq_pt2e.stablequant import Evaluator, SearchConfig, search_plan, search_statistics
+from sq_pt2e.stablequant import Evaluator, SearchConfig, run_search
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -63,9 +63,10 @@ def main(argv: list[str] | None = None) -> int:
 
     print(f"model: {args.model}\nsearching the StableQuant {bits} plan on {len(dev)} synthetic dev utterances ...")
     config = SearchConfig(weight_bits=bits.weight, act_bits=bits.act)
-    statistics, input_scales = search_statistics(model, [u.wave for u in calibration], config)
-    plan, report = search_plan(model, statistics, Evaluator(model, [u.wave for u in dev], [u.text for u in dev]),
-                               config, model_name=args.model, input_scales=input_scales)
+    plan, report, calibrated = run_search(model, [u.wave for u in calibration],
+                                          Evaluator(model, [u.wave for u in dev], [u.text for u in dev]), config,
+                                          model_name=args.model)
+    statistics = calibrated.statistics
     print(f"  {report.evaluations} evaluations in {report.seconds:.0f} s; sensitive groups: "
           f"{report.sensitive_groups or 'none'}; clip percentiles: {report.chosen_percentiles or '-'}")
 

@@ -24,7 +24,7 @@ from torch import nn
 from sq_pt2e.asr import ctc_greedy_decode, logit_agreement, paired_bootstrap_delta, wer
 from sq_pt2e.baselines import BASELINES, Bits, build_method
 from sq_pt2e.inputs import LoadedUtterance
-from sq_pt2e.stablequant import Evaluator, SearchConfig, collect_statistics, search_input_scales, search_plan
+from sq_pt2e.stablequant import CalibrationCache, Evaluator, SearchConfig, collect_statistics, run_search
 
 __all__ = ["SEARCHED_METHODS", "AccuracyCell", "AccuracyTable", "build_accuracy_table", "method_applies", "transcribe",
            "wer_against_float"]
@@ -32,7 +32,8 @@ __all__ = ["SEARCHED_METHODS", "AccuracyCell", "AccuracyTable", "build_accuracy_
 SEARCHED_METHODS: dict[str, dict[str, object]] = {
     "stablequant": {},
     "stablequant-paper": {"act_scheme": "symmetric", "start": "max", "smooth_alpha": 0.0, "criterion": "wer",
-                          "keep_float": (), "passes": 1, "weight_calibration": "max"},
+                          "keep_float": (), "passes": 1, "weight_calibration": "max", "refit_ops": (),
+                          "smooth_alphas": ()},
     "stablequant-mixed": {"promote_weight_bits": 8, "promote_share": 0.25},
     "stablequant-fallback": {"float_share": 0.3},
 }
@@ -195,7 +196,7 @@ def build_accuracy_table(
                           {n: len(u) for n, u in eval_sets.items()})
     references = [u.text for u in dev]
     evaluator = Evaluator(model, [u.wave for u in dev], references if all(references) else None)
-    smoothed: dict[tuple[object, ...], tuple[dict, dict]] = {}  # one calibration pass per smoothing setting
+    calibrations: CalibrationCache = {}  # one calibration pass per smoothing setting
     for bits in bit_widths:
         for method in methods:
             if not method_applies(method, bits):
@@ -207,14 +208,9 @@ def build_accuracy_table(
                                          "act_bits": bits.act, **SEARCHED_METHODS[method]})
                 if evaluator.references is None:
                     config = replace(config, criterion="kl")
-                setting = (config.smooth_alpha, config.smooth_ops, config.skip_ops, config.keep_float)
-                if setting not in smoothed:
-                    scales = search_input_scales(model, waves, config)
-                    smoothed[setting] = (collect_statistics(model, waves, input_scales=scales) if scales
-                                         else statistics, scales)
-                method_statistics, input_scales = smoothed[setting]
-                plan, report = search_plan(model, method_statistics, evaluator, config, model_name=model_name,
-                                           input_scales=input_scales)
+                plan, report, calibrated = run_search(model, waves, evaluator, config, model_name=model_name,
+                                                      cache=calibrations)
+                method_statistics = calibrated.statistics
                 table.search[f"{bits} {method}"] = {
                     "evaluations": report.evaluations, "seconds": report.seconds,
                     "sensitive_groups": report.sensitive_groups, "chosen_percentiles": report.chosen_percentiles,
@@ -222,7 +218,11 @@ def build_accuracy_table(
                     **({"promoted_groups": report.promoted_groups, "promoted_share": report.promoted_share}
                        if report.promotion_trials else {}),
                     **({"float_groups": report.float_groups, "kept_float_share": report.kept_float_share}
-                       if report.float_trials else {})}
+                       if report.float_trials else {}),
+                    **({"smoothing_trials": report.smoothing_trials, "smooth_alpha": calibrated.smooth_alpha}
+                       if report.smoothing_trials else {}),
+                    **({"refit_layers": report.refit_layers, "refit_kept": report.refit_kept,
+                        "refit_trial": report.refit_trial} if report.refit_layers else {})}
             forward = build_method("stablequant" if plan is not None else method, model, waves, method_statistics,
                                    bits, plan=plan)
             for name, utts in eval_sets.items():

@@ -116,9 +116,11 @@ def add_search_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--start", choices=["mse", "max"], default="mse",
                         help="ranges of sensitive groups before their percentile search; mse (default) also lets "
                              "the MSE range win over every percentile")
-    parser.add_argument("--smooth-alpha", type=float, default=SearchConfig.smooth_alpha,
+    parser.add_argument("--smooth-alpha", type=float, nargs="+", default=list(SearchConfig.smooth_alphas),
                         help="SmoothQuant strength for the CNN encoder's conv inputs: per-channel factors folded into "
-                             f"the weights (default {SearchConfig.smooth_alpha}; 0: off)")
+                             "the weights; several values: the search calibrates at each and keeps the one whose "
+                             "all-MSE plan scores best on dev (default "
+                             f"{' '.join(f'{a:g}' for a in SearchConfig.smooth_alphas)}; 0: off)")
     parser.add_argument("--passes", type=int, default=SearchConfig.passes,
                         help="passes of the percentile search over the sensitive groups; each pass after the first "
                              "revisits every group with the others at their chosen ranges, and the search stops "
@@ -133,6 +135,9 @@ def add_search_arguments(parser: argparse.ArgumentParser) -> None:
                         help="float fallback: keep in float the groups whose int8 error costs most per FLOP, "
                              "within this share of the searched layers' FLOPs (e.g. 0.3; default "
                              f"{SearchConfig.float_share}: every searched layer int8)")
+    parser.add_argument("--no-refit", action="store_true",
+                        help="keep every layer's own weights (default: the quantized CNN convs get weights refit by "
+                             "least squares to their int8 inputs, kept when that lowers the dev score)")
     parser.add_argument("--gamma", type=float, default=0.25, help="sensitivity threshold in WER points")
     parser.add_argument("--percentiles", type=float, nargs="+", default=list(DEFAULT_PERCENTILES),
                         help="clip percentiles tried for sensitive groups, in order")
@@ -176,30 +181,34 @@ def search_inputs(args: argparse.Namespace) -> tuple[object, object, object]:
                        criterion=args.criterion, on_error=args.on_error)
     config = SearchConfig(gamma=args.gamma, percentiles=tuple(args.percentiles), granularity=args.granularity,
                           reading=args.reading, criterion=sets.criterion, weight_bits=bits.weight, act_bits=bits.act,
-                          act_scheme=args.act_scheme, start=args.start, smooth_alpha=args.smooth_alpha,
+                          act_scheme=args.act_scheme, start=args.start, smooth_alpha=args.smooth_alpha[0],
+                          smooth_alphas=tuple(args.smooth_alpha),
                           passes=args.passes, promote_weight_bits=args.promote_bits, promote_share=args.promote_share,
-                          float_share=args.float_share)
+                          float_share=args.float_share, refit_ops=() if args.no_refit else SearchConfig.refit_ops)
     return model, sets, config
 
 
 def _cmd_quantize(args: argparse.Namespace) -> int:
     from sq_pt2e.atomic import atomic_write_text
+    from sq_pt2e.plan import refit_file
     from sq_pt2e.report import write_report
-    from sq_pt2e.stablequant import Evaluator, search_plan, search_statistics
+    from sq_pt2e.stablequant import Evaluator, run_search
     from sq_pt2e.stats_file import save_statistics
 
     model, sets, config = search_inputs(args)
     calibration, dev, references, criterion = sets.calibration, sets.dev, sets.references, sets.criterion
     print(f"calibrating on {len(calibration)} utterance(s), searching on {len(dev)} ({criterion}) ...",
           file=sys.stderr, flush=True)
-    statistics, input_scales = search_statistics(model, [u.wave for u in calibration], config)
     evaluator = Evaluator(model, [u.wave for u in dev], references)  # WER is reported with either criterion
-    plan, report = search_plan(model, statistics, evaluator, config, model_name=args.model,
-                               progress=lambda line: print(line, file=sys.stderr, flush=True), input_scales=input_scales)
+    plan, report, calibrated = run_search(model, [u.wave for u in calibration], evaluator, config,
+                                          model_name=args.model,
+                                          progress=lambda line: print(line, file=sys.stderr, flush=True))
+    statistics = calibrated.statistics
     if args.int8_attention:
         plan = dataclasses.replace(plan, attention="int8")
     out = args.output_dir
-    written = [plan.save(out / "plan.json"), save_statistics(out / "statistics.npz", statistics),
+    written = [plan.save(out / "plan.json"), *([refit_file(out / "plan.json")] if plan.refits else []),
+               save_statistics(out / "statistics.npz", statistics),
                atomic_write_text(out / "search_report.json", json.dumps(report.to_dict(), indent=2, default=float) + "\n")]
     if args.program_seconds > 0:
         written.append(_write_program(model, plan, calibration, args.program_seconds, out / "model_int8.pt2"))
@@ -428,8 +437,11 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 
 def _search_summary(report: object, criterion: str) -> str:
     def fmt(score: object) -> str:
-        wer = "" if score.wer is None else f"WER {score.wer:.2f}%, "
-        return f"{wer}KL {score.kl:.3g}"
+        return fmt_dict(score.as_dict())
+
+    def fmt_dict(score: dict[str, float]) -> str:
+        wer = "" if score.get("wer") is None else f"WER {score['wer']:.2f}%, "
+        return f"{wer}KL {score['kl']:.3g}"
 
     lines = [
         "| group | sensitivity | sensitive | clip percentile |",
@@ -454,6 +466,15 @@ def _search_summary(report: object, criterion: str) -> str:
     if report.float_trials:
         lines.append(f"float fallback: {', '.join(report.float_groups) or 'no group'} kept float "
                      f"({report.kept_float_share:.0%} of the FLOPs)")
+    if report.smoothing_trials:
+        lines.append("smoothing strength: " + ", ".join(f"alpha {a}: {fmt_dict(t)}"
+                                                         for a, t in report.smoothing_trials.items())
+                     + f"; chose {report.config['smooth_alpha']:g}")
+    if report.refit_layers:
+        trial = report.refit_trial
+        lines.append(f"weight reconstruction of {len(report.refit_layers)} layer(s) in {trial['seconds']:.1f} s: "
+                     f"{fmt_dict(trial['before'])} -> {fmt_dict(trial['after'])}, "
+                     + ("kept" if report.refit_kept else "not kept (no better on dev)"))
     return "\n".join(lines)
 
 

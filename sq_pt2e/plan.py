@@ -2,7 +2,9 @@
 
 A ``QuantPlan`` is what the StableQuant search produces and what
 ``StableQuantQuantizer`` consumes. It can be saved, read, edited by hand and
-re-applied without searching again. This module holds data only (no torch).
+re-applied without searching again. This module holds data only (no torch at import);
+a plan whose layers carry reconstructed weights (:mod:`sq_pt2e.reconstruct`) keeps
+them in ``QuantPlan.refits`` and saves them next to its JSON file.
 
 Precedence is decided in one place, :meth:`QuantPlan.resolve`: an exact layer
 name wins over the per-op default, which wins over the global default.
@@ -15,6 +17,7 @@ import difflib
 import json
 import math
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, get_args
@@ -29,6 +32,7 @@ __all__ = [
     "Calibration",
     "LayerPlan",
     "QuantPlan",
+    "refit_file",
     "w8a8_plan",
 ]
 
@@ -71,6 +75,8 @@ class LayerPlan:
         input_scale: per-input-channel factors ``s`` (SmoothQuant-style smoothing, see
             :mod:`sq_pt2e.smoothing`): the layer computes ``(W * s)(x / s)``, and its
             activation range is that of ``x / s``. None: no scaling.
+        refit: digest of the layer's reconstructed weight and bias (:mod:`sq_pt2e.reconstruct`),
+            held in ``QuantPlan.refits``; None: the model's own weights. Ignored when skipped.
         skip: keep this layer in float.
         reason: why this choice, or why skipped; goes into the report.
         evidence: numbers behind the decision (sensitivity, WER per candidate, ...).
@@ -87,6 +93,7 @@ class LayerPlan:
     act_scheme: ActScheme = "symmetric"
     act_floor: float | None = None
     input_scale: tuple[float, ...] | None = None
+    refit: str | None = None
     skip: bool = False
     reason: str = ""
     evidence: tuple[tuple[str, float], ...] = ()
@@ -123,6 +130,11 @@ class LayerPlan:
             raise PlanError(f"act_range={self.act_range!r} {where} (expected a finite value > 0)")
         self._check_act_grid(where)
         self._check_input_scale(where)
+        if self.refit is not None and (not isinstance(self.refit, str) or len(self.refit) != 16
+                                       or any(c not in "0123456789abcdef" for c in self.refit)):
+            raise PlanError(f"refit={self.refit!r} {where} (expected the 16-hex-digit digest of its weights, or null)")
+        if self.refit is not None and self.name == DEFAULT_NAME:
+            raise PlanError(f"refit {where}: reconstructed weights belong to one named layer, not a default")
         if not isinstance(self.skip, bool):
             raise PlanError(f"skip={self.skip!r} {where} (expected true or false)")
         if not isinstance(self.evidence, tuple) or any(
@@ -230,6 +242,9 @@ class QuantPlan:
             (q, k, v and the attention probabilities, 8-bit), for inductor's int8 attention
             kernel on AMX CPUs (:mod:`sq_pt2e.backends.int8_attention`).
         schema_version: format version; plans of another version are rejected.
+        refits: ``{layer: RefitWeights}``, the reconstructed weights the layers' ``refit``
+            digests name (not part of the JSON: :meth:`save` writes them to
+            :func:`refit_file` and :meth:`load` reads them back).
     """
 
     default: LayerPlan = field(default_factory=lambda: LayerPlan(DEFAULT_NAME))
@@ -238,6 +253,7 @@ class QuantPlan:
     model: str = ""
     attention: Literal["float", "int8"] = "float"
     schema_version: int = SCHEMA_VERSION
+    refits: Mapping[str, Any] = field(default_factory=dict, compare=False, repr=False)
 
     def __post_init__(self) -> None:
         if self.schema_version != SCHEMA_VERSION:
@@ -261,6 +277,11 @@ class QuantPlan:
                 raise PlanError(f"op default must have name '*' and an op, got name={d.name!r} op={d.op!r}")
             if ops.count(d.op) > 1:
                 raise PlanError(f"op default for {d.op!r} listed more than once")
+        digests = {layer.name: layer.refit for layer in self.layers if layer.refit is not None}
+        stray = sorted(n for n, refit in self.refits.items() if digests.get(n) != refit.digest)
+        if stray:
+            raise PlanError(f"reconstructed weights for layer(s) {stray[:3]} that the plan does not name with that "
+                            "digest (LayerPlan.refit)")
 
     # ----------------------------------------------------------------- lookup
     def resolve(self, name: str, op: OpKind) -> LayerPlan:
@@ -288,6 +309,24 @@ class QuantPlan:
         """``{layer: input_scale}`` of the quantized layers that carry one (see :mod:`sq_pt2e.smoothing`)."""
         return {layer.name: layer.input_scale for layer in self.layers
                 if layer.input_scale is not None and not layer.skip}
+
+    def refit_weights(self) -> dict[str, Any]:
+        """``{layer: RefitWeights}`` of the quantized layers that carry reconstructed weights.
+
+        Raises:
+            PlanError: a layer names a refit the plan does not hold (a plan read from JSON
+                without its weights file).
+        """
+        refits = {}
+        for layer in self.layers:
+            if layer.refit is None or layer.skip:
+                continue
+            if layer.name not in self.refits:
+                raise PlanError(f"layer {layer.name!r} computes with reconstructed weights (digest {layer.refit}) "
+                                "that this plan does not hold: read the plan with QuantPlan.load(path), which "
+                                "loads them from the .refit.safetensors file saved next to it")
+            refits[layer.name] = self.refits[layer.name]
+        return refits
 
     def explicit_names(self) -> tuple[str, ...]:
         """Names of the layers given explicitly, in plan order."""
@@ -324,13 +363,16 @@ class QuantPlan:
         """Copy with ``layers`` added, replacing existing entries of the same name."""
         new = {layer.name: layer for layer in layers}
         kept = tuple(layer for layer in self.layers if layer.name not in new)
-        return dataclasses.replace(self, layers=kept + tuple(layers))
+        merged = kept + tuple(layers)
+        digests = {layer.name: layer.refit for layer in merged}
+        refits = {n: r for n, r in self.refits.items() if digests.get(n) == r.digest}
+        return dataclasses.replace(self, layers=merged, refits=refits)
 
     def with_skipped(self, names: list[str] | tuple[str, ...], reason: str) -> QuantPlan:
         """Copy with the named layers kept in float, for ``reason``."""
         existing = {layer.name: layer for layer in self.layers}
         skipped = [
-            dataclasses.replace(existing[n], skip=True, reason=reason)
+            dataclasses.replace(existing[n], skip=True, reason=reason, refit=None)
             if n in existing
             else LayerPlan(n, skip=True, reason=reason)
             for n in names
@@ -389,7 +431,11 @@ class QuantPlan:
         )
 
     def save(self, path: str | os.PathLike[str]) -> Path:
-        """Write the plan as JSON, atomically."""
+        """Write the plan as JSON, atomically; reconstructed weights go to :func:`refit_file` first."""
+        if self.refits:
+            from sq_pt2e.reconstruct import save_refits
+
+            save_refits(refit_file(path), self.refits)
         return atomic_write_text(path, self.to_json())
 
     @classmethod
@@ -406,7 +452,19 @@ class QuantPlan:
             data = json.loads(text)
         except json.JSONDecodeError as exc:
             raise PlanError(f"{source} is not valid JSON: {exc}") from exc
-        return cls.from_dict(data, source=source)
+        plan = cls.from_dict(data, source=source)
+        digests = {layer.name: layer.refit for layer in plan.layers if layer.refit is not None}
+        if not digests:
+            return plan
+        from sq_pt2e.reconstruct import load_refits
+
+        return dataclasses.replace(plan, refits=load_refits(refit_file(path), digests, plan=source))
+
+
+def refit_file(plan_path: str | os.PathLike[str]) -> Path:
+    """Where the reconstructed weights of the plan saved at ``plan_path`` live: ``<stem>.refit.safetensors``."""
+    path = Path(plan_path)
+    return path.with_name(f"{path.stem}.refit.safetensors")
 
 
 def w8a8_plan(model: str = "", *, skip: dict[str, str] | None = None) -> QuantPlan:

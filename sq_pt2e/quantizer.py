@@ -184,13 +184,10 @@ class StableQuantQuantizer(Quantizer):
             >>> quantizer = StableQuantQuantizer.search(model, calib_waves, dev_waves, dev_texts)
             >>> prepared = prepare_pt2e(export_speech_model(model, wave).module(), quantizer)
         """
-        from sq_pt2e.stablequant import Evaluator, SearchConfig, search_plan, search_statistics
+        from sq_pt2e.stablequant import Evaluator, run_search
 
-        config = config or SearchConfig()
-        statistics, input_scales = search_statistics(model, calibration, config)
-        evaluator = Evaluator(model, dev, references)
-        plan, report = search_plan(model, statistics, evaluator, config, model_name=model_name,
-                                   input_scales=input_scales)
+        plan, report, _ = run_search(model, calibration, Evaluator(model, dev, references), config,
+                                     model_name=model_name)
         quantizer = cls(plan, target=target)
         quantizer.search_report = report
         return quantizer
@@ -201,14 +198,18 @@ class StableQuantQuantizer(Quantizer):
         return self.plan.resolve(layer.name, layer.op)
 
     def transform_for_annotation(self, model: GraphModule) -> GraphModule:
-        """Apply the plan's per-channel input scales (``LayerPlan.input_scale``) to the graph;
-        with int8 attention, write scaled-dot-product attention as matmuls that can be quantized."""
+        """Swap in the plan's reconstructed weights (``LayerPlan.refit``), then apply its per-channel
+        input scales (``LayerPlan.input_scale``) to the graph; with int8 attention, write
+        scaled-dot-product attention as matmuls that can be quantized."""
         from sq_pt2e.passes.sdpa_as_matmuls import SdpaAsMatmulsPass
+        from sq_pt2e.reconstruct import apply_refit_weights
         from sq_pt2e.smoothing import apply_input_scales
 
-        scales = self.plan.input_scales()
+        refits, scales = self.plan.refit_weights(), self.plan.input_scales()
         if self.module_filter is not None:
+            refits = {name: r for name, r in refits.items() if self.module_filter(name)}
             scales = {name: s for name, s in scales.items() if self.module_filter(name)}
+        model = apply_refit_weights(model, refits)
         model = apply_input_scales(model, scales)
         if self.plan.attention == "int8":
             SdpaAsMatmulsPass()(model)

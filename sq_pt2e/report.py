@@ -117,6 +117,8 @@ def _row(layer: LayerPlan, hist: AbsHistogram | None, sensitivity: float | None,
     calibration += f", affine from {layer.act_floor:.3g}" if layer.act_floor is not None else ""
     if layer.input_scale is not None:
         calibration += f", smoothed (x / s, s {min(layer.input_scale):.3g}..{max(layer.input_scale):.3g})"
+    if layer.refit is not None:
+        calibration += ", weights refit"
     clip = layer.act_range
     usable = hist is not None and hist.total > 0 and hist.max_abs > 0
     if clip is None and usable and layer.calibration == "max":
@@ -192,6 +194,16 @@ def _search_section(search: dict[str, Any]) -> list[str]:
         floated = ", ".join(f"`{g}`" for g in search.get("float_groups", [])) or "no group"
         lines.append(f"- float fallback: {floated} kept float ({search.get('kept_float_share', 0.0):.0%} of the "
                      f"searched layers' FLOPs, at most {config.get('float_share', 0.0):.0%})")
+    if search.get("smoothing_trials"):
+        trials = ", ".join(f"{alpha}: KL {t['kl']:.3g}" for alpha, t in search["smoothing_trials"].items())
+        lines.append(f"- smoothing strength: searched at each alpha ({trials}); chose {config.get('smooth_alpha')}")
+    if search.get("refit_layers"):
+        trial = search.get("refit_trial", {})
+        before, after = trial.get("before", {}), trial.get("after", {})
+        lines.append(f"- weight reconstruction: {len(search['refit_layers'])} layer(s) refit to their int8 inputs "
+                     f"in {trial.get('seconds', 0.0):.1f} s, dev logit KL {before.get('kl', float('nan')):.3g} -> "
+                     f"{after.get('kl', float('nan')):.3g}: "
+                     + ("kept" if search.get("refit_kept") else "not kept (no better on dev)"))
     return lines + [""]
 
 

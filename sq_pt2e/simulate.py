@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable, Iterable, Iterator, Sequence
+import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -33,6 +34,7 @@ from sq_pt2e.observers import (
 )
 from sq_pt2e.passes.fold_weight_norm import fold_weight_norm
 from sq_pt2e.plan import LayerPlan, OpKind, QuantPlan
+from sq_pt2e.reconstruct import RefitWeights
 from sq_pt2e.smoothing import inverse_input_scale, scaled_weight
 
 __all__ = [
@@ -119,7 +121,8 @@ class LayerQuant:
     """A resolved layer decision for simulation: the activation grid and bit widths.
 
     ``act_floor`` is the lower end of an affine input grid (None: symmetric ``[-r, r]``);
-    ``input_scale`` the per-channel factors of :mod:`sq_pt2e.smoothing` (None: none).
+    ``input_scale`` the per-channel factors of :mod:`sq_pt2e.smoothing` (None: none);
+    ``refit`` the layer's reconstructed weight and bias (:mod:`sq_pt2e.reconstruct`; None: its own).
     """
 
     act_range: float
@@ -128,11 +131,17 @@ class LayerQuant:
     weight_calibration: str = "max"
     act_floor: float | None = None
     input_scale: tuple[float, ...] | None = None
+    refit: RefitWeights | None = None
 
     @classmethod
-    def from_plan(cls, layer: LayerPlan, act_range: float, act_floor: float | None = None) -> LayerQuant:
+    def from_plan(cls, layer: LayerPlan, act_range: float, act_floor: float | None = None,
+                  refit: RefitWeights | None = None) -> LayerQuant:
         return cls(act_range, layer.act_bits, layer.weight_bits, layer.weight_calibration, act_floor,
-                   layer.input_scale)
+                   layer.input_scale, refit)
+
+    def with_refit(self, refit: RefitWeights | None) -> LayerQuant:
+        """The same quantization computing with ``refit``'s weight and bias."""
+        return dataclasses.replace(self, refit=refit)
 
 
 def _fake_quant_weight(weight: torch.Tensor, bits: int, calibration: str, layer: str) -> torch.Tensor:
@@ -156,12 +165,17 @@ def fake_quantized(model: nn.Module, layers: dict[str, LayerQuant]) -> Iterator[
     unknown = sorted(set(layers) - set(modules))
     if unknown:
         raise PlanError(f"layers not in the model: {unknown[:5]}")
-    saved, handles = {}, []
+    saved, saved_bias, handles = {}, {}, []
     try:
         for name, quant in layers.items():
             module = modules[name]
             saved[name] = module.weight.data
             weight = module.weight.data
+            if quant.refit is not None:
+                quant.refit.check_source(weight, module.bias, layer=name)
+                saved_bias[name] = module.bias
+                weight = quant.refit.weight
+                module.bias = nn.Parameter(quant.refit.bias.clone(), requires_grad=False)
             inverse = None
             if quant.input_scale is not None:
                 weight = scaled_weight(weight, quant.input_scale, layer=name)
@@ -181,6 +195,8 @@ def fake_quantized(model: nn.Module, layers: dict[str, LayerQuant]) -> Iterator[
             handle.remove()
         for name, weight in saved.items():
             modules[name].weight.data = weight
+        for name, bias in saved_bias.items():
+            modules[name].bias = bias
 
 
 def plan_layer_quants(model: nn.Module, plan: QuantPlan, statistics: dict[str, AbsHistogram]) -> dict[str, LayerQuant]:
@@ -199,6 +215,7 @@ def plan_layer_quants(model: nn.Module, plan: QuantPlan, statistics: dict[str, A
                         "evaluate the convert_pt2e graph (sq-pt2e eval does) or set attention='float'")
     modules = quantizable_modules(model)
     plan.check_names([m.name for m in modules])
+    refits = plan.refit_weights()
     quants = {}
     for m in modules:
         layer = plan.resolve(m.name, m.op)
@@ -213,5 +230,5 @@ def plan_layer_quants(model: nn.Module, plan: QuantPlan, statistics: dict[str, A
             act_range = range_for(statistics[m.name], layer.calibration, qmax, layer.clip_percentile, layer=m.name)
         floor = grid_floor(layer.act_scheme == "affine", layer.act_floor, statistics.get(m.name), act_range,
                            layer=m.name)
-        quants[m.name] = LayerQuant.from_plan(layer, act_range, floor)
+        quants[m.name] = LayerQuant.from_plan(layer, act_range, floor, refits.get(m.name))
     return quants

@@ -32,6 +32,10 @@ Our reading of the paper (arXiv 2504.14915), each choice configurable in
    weights (:mod:`sq_pt2e.smoothing`); every candidate and the plan carry them.
    Ours: layers matching ``keep_float`` (default the CNN encoder's first conv, which
    reads the waveform) are left in float.
+   Ours, last (``refit_ops``, default the CNN convolutions): the quantized layers of
+   those kinds get reconstructed weights, fitted by least squares in network order to
+   reproduce the float model's outputs from their int8 inputs (:mod:`sq_pt2e.reconstruct`);
+   kept only when that lowers the dev score.
 4. The result is a :class:`~sq_pt2e.plan.QuantPlan` with fixed ranges, applied
    through ``StableQuantQuantizer`` -> ``prepare_pt2e`` / ``convert_pt2e``.
 """
@@ -60,6 +64,7 @@ from sq_pt2e.models.build import to_ctc_logits
 from sq_pt2e.observers import AbsHistogram, act_floor, range_max, range_mse, range_percentile
 from sq_pt2e.passes.fold_weight_norm import fold_weight_norm
 from sq_pt2e.plan import LayerPlan, OpKind, QuantPlan
+from sq_pt2e.reconstruct import reconstruct_layers
 from sq_pt2e.simulate import LayerQuant, QuantizableModule, collect_statistics, fake_quantized, quantizable_modules
 
 __all__ = [
@@ -132,6 +137,13 @@ class SearchConfig:
             (two-sided ones stay symmetric); ``"symmetric"``: every grid is ``[-r, r]``.
         start: ranges of sensitive groups before their percentile search, ``"mse"`` or
             ``"max"`` (see the module docstring).
+        smooth_alphas: migration strengths :func:`run_search` chooses ``smooth_alpha`` from: it
+            calibrates and searches at each and keeps the plan with the lowest final dev score
+            (empty: ``smooth_alpha`` as given). The best one moves with the checkpoint: on ref-wav2vec2
+            0.75 was best of 0.5 / 0.75 / 0.9 / 1.0, and after more training 0.5, where clipping CNN
+            convs 1-3 at p99.5-99.8 took the dev KL to 0.021 (0.75: no clip helped, 0.122 before
+            weight reconstruction, 0.024 after). The score of the plain MSE plan at each alpha did
+            not predict this (0.127 / 0.122 / 0.129), so each alpha gets the whole search.
         smooth_alpha: SmoothQuant migration strength for the inputs of ``smooth_ops``
             layers (0: no smoothing; see :mod:`sq_pt2e.smoothing`).
         smooth_ops: op kinds whose inputs are smoothed (layers with one input channel are left alone).
@@ -151,6 +163,11 @@ class SearchConfig:
             sensitive groups no clip percentile helped are also scored together, as one candidate
             (``"a + b"``): their int8 errors can offset each other, so that floating one of them
             alone makes the output worse (ref-wav2vec2, CNN convs 1-3).
+        refit_ops: op kinds whose quantized layers get reconstructed weights, last, after the
+            float fallback (:mod:`sq_pt2e.reconstruct`; empty: off). Needs the calibration audio
+            (``search_plan(..., calibration=waves)``); kept only if it lowers the dev score. On
+            ref-wav2vec2 W8A8 refitting the CNN convs took the dev KL from 0.122 to 0.023; refitting
+            the Linear layers too overfit the calibration set (dev KL rose).
     """
 
     gamma: float = 0.25
@@ -167,11 +184,13 @@ class SearchConfig:
     act_scheme: Literal["symmetric", "affine"] = "affine"
     start: Literal["mse", "max"] = "mse"
     smooth_alpha: float = 0.75
+    smooth_alphas: tuple[float, ...] = (0.5, 0.75, 1.0)
     smooth_ops: tuple[OpKind, ...] = ("conv1d",)
     passes: int = 3
     promote_weight_bits: int | None = None
     promote_share: float = 0.25
     float_share: float = 0.0
+    refit_ops: tuple[OpKind, ...] = ("conv1d",)
 
     @property
     def resolved_weight_calibration(self) -> Literal["max", "mse"]:
@@ -208,6 +227,8 @@ class SearchConfig:
             raise ValueError(f"promote_share={self.promote_share} (expected 0..1)")
         if not 0.0 <= self.float_share <= 1.0:
             raise ValueError(f"float_share={self.float_share} (expected 0..1; 0 disables the float fallback)")
+        if any(not 0.0 <= a <= 1.0 for a in self.smooth_alphas):
+            raise ValueError(f"smooth_alphas={self.smooth_alphas} (expected values 0 <= alpha <= 1)")
         if not 0.0 <= self.smooth_alpha <= 1.0:
             raise ValueError(f"smooth_alpha={self.smooth_alpha} (expected 0 <= alpha <= 1; 0 disables smoothing)")
 
@@ -323,7 +344,8 @@ def candidate_key(layers: Candidate | None) -> str:
     items = sorted((layers or {}).items())
     payload = [[name, float(q.act_range).hex(), q.act_bits, q.weight_bits, q.weight_calibration]
                + ([float(q.act_floor).hex()] if q.act_floor is not None else [])
-               + ([[float(v).hex() for v in q.input_scale]] if q.input_scale is not None else []) for name, q in items]
+               + ([[float(v).hex() for v in q.input_scale]] if q.input_scale is not None else [])
+               + ([q.refit.digest, q.refit.source] if q.refit is not None else []) for name, q in items]
     return hashlib.sha256(json.dumps(payload, separators=(",", ":")).encode()).hexdigest()
 
 
@@ -554,6 +576,14 @@ class SearchReport:
     ``float_trials``, ``float_groups`` and ``kept_float_share`` are the same for the float
     fallback (``SearchConfig.float_share``), with FLOPs in place of weights.
 
+    ``smoothing_trials`` holds, when :func:`run_search` chose the smoothing strength, the final
+    dev score, evaluations and seconds of the search at each ``SearchConfig.smooth_alphas``
+    value (keyed by alpha); ``evaluations`` and ``seconds`` then count all those searches.
+
+    ``refit_layers`` are the layers given reconstructed weights (``SearchConfig.refit_ops``),
+    ``refit_trial`` the dev scores without (``"before"``) and with (``"after"``) them and
+    the seconds the fit took; ``refit_kept`` whether the plan keeps them.
+
     ``evaluations`` counts candidates simulated by this search; ``cached_evaluations``
     those whose score came from the score cache (a resumed search).
     """
@@ -573,6 +603,10 @@ class SearchReport:
     float_trials: dict[str, dict[str, float]] = field(default_factory=dict)
     float_groups: list[str] = field(default_factory=list)
     kept_float_share: float = 0.0
+    smoothing_trials: dict[str, dict[str, float]] = field(default_factory=dict)
+    refit_layers: list[str] = field(default_factory=list)
+    refit_trial: dict[str, object] = field(default_factory=dict)
+    refit_kept: bool = False
     evaluations: int = 0
     cached_evaluations: int = 0
     seconds: float = 0.0
@@ -624,6 +658,74 @@ def search_input_scales(model: nn.Module, waves: Sequence[torch.Tensor], config:
     return {n: smoothing_scales(maxima[n], modules[n].weight, config.smooth_alpha) for n in names}
 
 
+@dataclass(frozen=True)
+class SearchCalibration:
+    """The calibration a search ran on: histograms, smoothing factors, and the alpha they were made with."""
+
+    statistics: dict[str, AbsHistogram]
+    input_scales: dict[str, tuple[float, ...]]
+    smooth_alpha: float
+
+
+CalibrationCache = dict[tuple[object, ...], tuple[dict[str, AbsHistogram], dict[str, tuple[float, ...]]]]
+
+
+def run_search(model: nn.Module, calibration: Sequence[torch.Tensor], evaluator: Evaluator,
+               config: SearchConfig | None = None, *, model_name: str = "",
+               progress: Callable[[str], None] | None = None, progress_bar: bool | None = None,
+               cache: CalibrationCache | None = None) -> tuple[QuantPlan, SearchReport, SearchCalibration]:
+    """The whole search: calibrate, then :func:`search_plan`, once per smoothing strength to choose from.
+
+    With several ``config.smooth_alphas`` (and layers to smooth) the model is calibrated and
+    searched at each; the plan with the lowest final dev score (``config.criterion``) wins,
+    ties going to the earlier alpha. Its report lists every alpha's final score in
+    ``smoothing_trials`` and counts the evaluations and seconds of all the searches.
+
+    Args:
+        model: the float model.
+        calibration: calibration waveforms (histograms, smoothing factors, weight reconstruction).
+        evaluator: scores candidates on the dev set.
+        config: search settings.
+        model_name: recorded in the plan.
+        progress: called with a short line per step.
+        progress_bar: as in :func:`search_plan`.
+        cache: a dict kept by the caller: the calibration of each smoothing setting, reused
+            by later searches on the same model and audio (e.g. at other bit widths).
+
+    Returns:
+        ``(plan, report, calibration)`` of the chosen alpha.
+    """
+    config = config or SearchConfig()
+    say = progress or (lambda _line: None)
+    cache = {} if cache is None else cache
+    alphas = list(dict.fromkeys(config.smooth_alphas))
+    if len(alphas) < 2 or not smoothed_layers(model, dataclasses.replace(config, smooth_alpha=1.0)):
+        alphas = alphas[:1] if alphas else [config.smooth_alpha]
+    results = []
+    for alpha in alphas:
+        at = dataclasses.replace(config, smooth_alpha=alpha)
+        key = (alpha if smoothed_layers(model, at) else 0.0, config.smooth_ops, config.skip_ops, config.keep_float)
+        if key not in cache:
+            cache[key] = search_statistics(model, calibration, at)
+        statistics, scales = cache[key]
+        if len(alphas) > 1:
+            say(f"smoothing alpha {alpha:g}:")
+        plan, report = search_plan(model, statistics, evaluator, at, model_name=model_name, progress=progress,
+                                   progress_bar=progress_bar, input_scales=scales, calibration=calibration)
+        results.append((plan, report, SearchCalibration(statistics, scales, alpha)))
+    best = min(range(len(results)), key=lambda i: results[i][1].final_score.key(config.criterion))
+    plan, report, calibrated = results[best]
+    if len(results) > 1:
+        report.smoothing_trials = {f"{c.smooth_alpha:g}": {**r.final_score.as_dict(), "evaluations": r.evaluations,
+                                                            "seconds": r.seconds} for _, r, c in results}
+        report.evaluations = sum(r.evaluations for _, r, _ in results)
+        report.cached_evaluations = sum(r.cached_evaluations for _, r, _ in results)
+        report.seconds = sum(r.seconds for _, r, _ in results)
+        say("smoothing: " + ", ".join(f"alpha {a}: KL {t['kl']:.3g}" for a, t in report.smoothing_trials.items())
+            + f"; chose {calibrated.smooth_alpha:g}")
+    return plan, report, calibrated
+
+
 def search_statistics(model: nn.Module, waves: Sequence[torch.Tensor], config: SearchConfig | None = None,
                       ) -> tuple[dict[str, AbsHistogram], dict[str, tuple[float, ...]]]:
     """The search's calibration: smoothing factors (when configured), then histograms of the scaled inputs.
@@ -645,6 +747,7 @@ def search_plan(
     progress: Callable[[str], None] | None = None,
     progress_bar: bool | None = None,
     input_scales: dict[str, tuple[float, ...]] | None = None,
+    calibration: Sequence[torch.Tensor] | None = None,
 ) -> tuple[QuantPlan, SearchReport]:
     """Run StableQuant steps 1-3 and return the plan with its report.
 
@@ -666,6 +769,8 @@ def search_plan(
         input_scales: the smoothing factors ``statistics`` were collected with
             (:func:`search_statistics`); every candidate and the plan carry them. Required
             (``{}`` allowed) when ``config`` smooths any layer.
+        calibration: the calibration waveforms, for the weight reconstruction of the
+            ``config.refit_ops`` layers; required when there are such layers.
 
     Returns:
         ``(plan, report)``; the plan has a fixed range for every quantized layer.
@@ -673,7 +778,7 @@ def search_plan(
     Example:
         >>> evaluator = Evaluator(model, dev_waves, cache="out/scores.json")  # resumable
         >>> statistics, scales = search_statistics(model, calib)
-        >>> plan, report = search_plan(model, statistics, evaluator, input_scales=scales, progress_bar=True)
+        >>> plan, report = search_plan(model, statistics, evaluator, input_scales=scales, calibration=calib)
     """
     config = config or SearchConfig()
     say = progress or (lambda _line: None)
@@ -691,15 +796,16 @@ def search_plan(
     groups = layer_groups(modules, config.granularity)
     report = SearchReport(evaluator.float_score, config=dataclasses.asdict(config))
 
-    def floor(name: str, act_range: float) -> float | None:
-        return act_floor(hist[name], act_range) if affine else None
-
     smoothed = smoothed_layers(model, config) if input_scales is None else []
     if smoothed:
         raise ValueError(f"smooth_alpha={config.smooth_alpha} smooths the inputs of {len(smoothed)} "
                          "layer(s), but no input_scales were given: calibrate with search_statistics(model, waves, "
                          "config) and pass both, or set smooth_alpha=0")
     scales = input_scales or {}
+    refit_names = [m.name for m in modules if m.op in config.refit_ops]
+    if refit_names and calibration is None:
+        raise ValueError(f"refit_ops={config.refit_ops} refits {len(refit_names)} layer(s), but no calibration "
+                         "audio was given: pass calibration=waves, or set refit_ops=()")
     unknown = sorted(set(scales) - set(hist))
     if unknown:
         raise ValueError(f"input_scales for layers that are not searched: {unknown[:3]}")
@@ -708,9 +814,7 @@ def search_plan(
         return config.promote_weight_bits if name in promoted and config.promote_weight_bits else config.weight_bits
 
     def quant(ranges: dict[str, float], promoted: set[str] = frozenset()) -> Candidate:
-        return {n: LayerQuant(r, config.act_bits, weight_bits(n, promoted),
-                              config.weight_calibration_at(weight_bits(n, promoted)), floor(n, r), scales.get(n))
-                for n, r in ranges.items()}
+        return _candidate(ranges, hist, scales, config, {n: weight_bits(n, promoted) for n in ranges})
 
     # Step 1: sensitivity of each group, quantized alone with max ranges (one batch, with all-max first).
     float_score = evaluator.float_score
@@ -801,6 +905,8 @@ def search_plan(
         say(f"float fallback: {len(report.float_groups)} group(s) kept float "
             f"({report.kept_float_share:.0%} of the FLOPs)")
     final = without({n for g in report.float_groups for n in fallback_groups[g]})
+    final = _refit_step(model, final, [n for n in refit_names if n in final], calibration or [], evaluator, config,
+                        report, say)
     report.final_score = evaluator(final)
     report.evaluations = getattr(evaluator, "evaluations", 0) - evaluations_before
     report.cached_evaluations = getattr(evaluator, "cached", 0) - cached_before
@@ -808,8 +914,40 @@ def search_plan(
     every = quantizable_modules(model)
     kept_float = [m for m in every if m.op not in config.skip_ops and m.name not in hist]
     plan = _to_plan(modules, groups, final, report, config, model_name, kept_float)
+    plan = dataclasses.replace(plan, refits={n: q.refit for n, q in final.items() if q.refit is not None})
     position = {m.name: i for i, m in enumerate(every)}
     return dataclasses.replace(plan, layers=tuple(sorted(plan.layers, key=lambda la: position[la.name]))), report
+
+
+def _candidate(ranges: dict[str, float], hist: dict[str, AbsHistogram], scales: dict[str, tuple[float, ...]],
+               config: SearchConfig, weight_bits: dict[str, int] | None = None) -> Candidate:
+    """Layers at ``ranges`` with the config's bits, weight ranges and grids (affine floors from ``hist``)."""
+    affine = config.act_scheme == "affine"
+    candidate = {}
+    for name, act_range in ranges.items():
+        bits = (weight_bits or {}).get(name, config.weight_bits)
+        candidate[name] = LayerQuant(act_range, config.act_bits, bits, config.weight_calibration_at(bits),
+                                     act_floor(hist[name], act_range) if affine else None, scales.get(name))
+    return candidate
+
+
+def _refit_step(model: nn.Module, final: Candidate, names: list[str], calibration: Sequence[torch.Tensor],
+                evaluator: Evaluator, config: SearchConfig, report: SearchReport,
+                say: Callable[[str], None]) -> Candidate:
+    """The final candidate with reconstructed weights for ``names``, if that lowers the dev score."""
+    if not names:
+        return final
+    start = time.perf_counter()
+    refits = reconstruct_layers(model, final, names, calibration)
+    seconds = time.perf_counter() - start
+    refit = {n: q.with_refit(refits[n]) if n in refits else q for n, q in final.items()}
+    before, after = evaluator(final), evaluator(refit)
+    report.refit_layers = list(refits)
+    report.refit_trial = {"before": before.as_dict(), "after": after.as_dict(), "seconds": seconds}
+    report.refit_kept = after.key(config.criterion) < before.key(config.criterion)
+    say(f"weight reconstruction of {len(refits)} layer(s): dev KL {before.kl:.3g} -> {after.kl:.3g}, "
+        + ("kept" if report.refit_kept else "not kept"))
+    return refit if report.refit_kept else final
 
 
 def _upgrade_groups(evaluator: Evaluator, groups: dict[str, list[str]], cost: dict[str, int],
@@ -901,7 +1039,10 @@ def _to_plan(
             layer, weight_bits=quant.weight_bits, act_bits=quant.act_bits, weight_calibration=quant.weight_calibration,
             act_range=float(quant.act_range), act_scheme="symmetric" if quant.act_floor is None else "affine",
             act_floor=quant.act_floor, input_scale=quant.input_scale,
-            evidence=_evidence(evidence),
+            refit=None if quant.refit is None else quant.refit.digest,
+            reason=layer.reason + ("; weights reconstructed for its int8 input" if quant.refit is not None else ""),
+            evidence=_evidence(evidence | ({f"refit_{k}": v for k, v in report.refit_trial["after"].items()}
+                                           if quant.refit is not None else {})),
         ))
     skips = tuple(LayerPlan("*", op=op, skip=True, reason="kept float by the search config (skip_ops)")
                   for op in config.skip_ops)

@@ -36,7 +36,8 @@ from sq_pt2e.stablequant import Candidate, Evaluator, Score, SearchConfig, candi
 
 TESTS = Path(__file__).resolve().parent
 PLANTED = "wav2vec2.feature_extractor.conv_layers.1.conv"
-KL = SearchConfig(criterion="kl", percentiles=(100.0, 99.9, 99.0), smooth_alpha=0.0)  # a short grid: fast tests
+# A short grid: fast tests.
+KL = SearchConfig(criterion="kl", percentiles=(100.0, 99.9, 99.0), smooth_alpha=0.0, refit_ops=())
 
 
 def _waves(seed: int, count: int, samples: int = 16000) -> list[torch.Tensor]:

@@ -112,7 +112,7 @@ def test_search_with_smoothing_puts_the_factors_in_the_plan_and_is_deterministic
     torch.set_num_threads(1)
     model = build_model("tiny-wav2vec2", seed=0)
     calibration, dev = example_waves(0, 2, 8000), example_waves(5, 2, 8000)
-    config = SearchConfig(criterion="kl", smooth_alpha=0.5)
+    config = SearchConfig(criterion="kl", smooth_alpha=0.5, refit_ops=())
     plans = []
     for _ in range(2):
         statistics, scales = search_statistics(model, calibration, config)
@@ -188,3 +188,49 @@ def test_search_refuses_a_smoothing_config_without_the_scales_it_calibrated_with
     calibration, dev = example_waves(0, 1, 4000), example_waves(5, 1, 4000)
     with pytest.raises(ValueError, match="no input_scales were given: calibrate with search_statistics"):
         search_plan(model, collect_statistics(model, calibration), Evaluator(model, dev), SearchConfig())
+
+
+class _PrefersScales:
+    """A fake evaluator: KL 0.1 for candidates whose CNN conv 1 carries ``preferred`` factors, else 0.2."""
+
+    def __init__(self, preferred: tuple[float, ...] | None) -> None:
+        from sq_pt2e.stablequant import Score
+
+        self.score = Score
+        self.preferred = preferred
+        self.float_score = Score(None, 0.0)
+
+    def __call__(self, layers: dict[str, LayerQuant]) -> object:
+        conv = layers.get(CONV.format(1))
+        return self.score(None, 0.1 if conv is not None and conv.input_scale == self.preferred else 0.2)
+
+
+@pytest.mark.parametrize(("preferred", "chosen"), [(0.75, 0.75), (None, 0.5)])
+def test_search_chooses_the_smoothing_strength_whose_plan_scores_best(preferred: float | None,
+                                                                      chosen: float) -> None:
+    from sq_pt2e.stablequant import run_search
+
+    torch.set_num_threads(1)
+    model = build_model("tiny-wav2vec2", seed=0)
+    calibration = example_waves(0, 2, 8000)
+    config = SearchConfig(criterion="kl", smooth_alphas=(0.5, 0.75, 1.0), refit_ops=(), percentiles=(100.0,))
+    scales = {a: search_statistics(model, calibration, dataclasses.replace(config, smooth_alpha=a))[1]
+              for a in config.smooth_alphas}
+    target = scales[preferred][CONV.format(1)] if preferred is not None else None
+    plan, report, calibrated = run_search(model, calibration, _PrefersScales(target), config)
+    assert calibrated.smooth_alpha == chosen  # ties go to the earlier alpha
+    assert calibrated.input_scales == scales[chosen]
+    assert plan.resolve(CONV.format(1), "conv1d").input_scale == scales[chosen][CONV.format(1)]
+    assert list(report.smoothing_trials) == ["0.5", "0.75", "1"]
+    assert report.evaluations == sum(t["evaluations"] for t in report.smoothing_trials.values())
+
+
+def test_search_with_one_smoothing_strength_runs_once() -> None:
+    from sq_pt2e.stablequant import run_search
+
+    model = build_model("tiny-wav2vec2", seed=0)
+    calibration = example_waves(0, 2, 8000)
+    config = SearchConfig(criterion="kl", smooth_alphas=(0.5,), refit_ops=(), percentiles=(100.0,))
+    _, report, calibrated = run_search(model, calibration, _PrefersScales(None), config)
+    assert calibrated.smooth_alpha == 0.5 and report.smoothing_trials == {}
+    assert calibrated.input_scales == search_statistics(model, calibration, SearchConfig(smooth_alpha=0.5))[1]

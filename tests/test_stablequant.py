@@ -49,7 +49,8 @@ def planted_model() -> torch.nn.Module:
 def planted_search(planted_model: torch.nn.Module):
     statistics = collect_statistics(planted_model, _waves(1, 4))
     evaluator = Evaluator(planted_model, _waves(2, 3))
-    plan, report = search_plan(planted_model, statistics, evaluator, SearchConfig(criterion="kl", smooth_alpha=0.0), model_name="t")
+    config = SearchConfig(criterion="kl", smooth_alpha=0.0, refit_ops=())
+    plan, report = search_plan(planted_model, statistics, evaluator, config, model_name="t")
     return statistics, plan, report
 
 
@@ -81,7 +82,7 @@ def test_plan_is_never_worse_on_dev_than_mse_ranges_everywhere(planted_model, pl
 
 def test_paper_reading_starts_from_max_ranges_and_always_clips(planted_model) -> None:
     statistics = collect_statistics(planted_model, _waves(1, 4))
-    config = SearchConfig(criterion="kl", act_scheme="symmetric", start="max", smooth_alpha=0.0)
+    config = SearchConfig(criterion="kl", act_scheme="symmetric", start="max", smooth_alpha=0.0, refit_ops=())
     plan, report = search_plan(planted_model, statistics, Evaluator(planted_model, _waves(2, 3)), config)
     assert not report.kept_mse and set(report.chosen_percentiles) == set(report.sensitive_groups)
     assert all(layer.act_scheme == "symmetric" and layer.act_floor is None for layer in plan.layers)
@@ -105,7 +106,7 @@ def test_search_is_deterministic_byte_for_byte(planted_model: torch.nn.Module, p
     _, plan, _ = planted_search
     statistics = collect_statistics(planted_model, _waves(1, 4))
     again, _ = search_plan(planted_model, statistics, Evaluator(planted_model, _waves(2, 3)),
-                           SearchConfig(criterion="kl", smooth_alpha=0.0), model_name="t")
+                           SearchConfig(criterion="kl", smooth_alpha=0.0, refit_ops=()), model_name="t")
     assert again.to_json() == plan.to_json()
 
 
@@ -191,7 +192,8 @@ def coupled_searches(planted_model: torch.nn.Module):
     percentiles = (100.0, 99.9, 99.5, 99.0, 98.0, 95.0, 90.0, 80.0)
     results = {}
     for passes in (1, 4):
-        config = SearchConfig(criterion="kl", kl_share=0.0, smooth_alpha=0.0, percentiles=percentiles, passes=passes)
+        config = SearchConfig(criterion="kl", kl_share=0.0, smooth_alpha=0.0, refit_ops=(), percentiles=percentiles,
+                              passes=passes)
         results[passes] = search_plan(planted_model, statistics, _CoupledObjective(statistics), config)
     return results
 
@@ -232,7 +234,7 @@ def test_weight_ranges_are_mse_at_four_bits_and_max_above_unless_set() -> None:
 
 def test_a_four_bit_plan_records_mse_weight_ranges(planted_model: torch.nn.Module) -> None:
     statistics = collect_statistics(planted_model, _waves(1, 2))
-    config = SearchConfig(criterion="kl", smooth_alpha=0.0, weight_bits=4, passes=1)
+    config = SearchConfig(criterion="kl", smooth_alpha=0.0, refit_ops=(), weight_bits=4, passes=1)
     plan, _ = search_plan(planted_model, statistics, Evaluator(planted_model, _waves(2, 2)), config)
     quantized = [layer for layer in plan.layers if not layer.skip]
     assert quantized and all(layer.weight_calibration == "mse" and layer.weight_bits == 4 for layer in quantized)
@@ -258,8 +260,8 @@ def _mixed_search(model: torch.nn.Module, share: float):
     modules = quantizable_modules(model)
     block = [m.name for m in modules if m.name.startswith(LARGE_GROUP + ".")]
     cost = {SMALL_GROUP: 1.0, **{n: 0.5 / len(block) for n in block}}  # the block gains 0.5 in all
-    config = SearchConfig(criterion="kl", kl_share=1.0, smooth_alpha=0.0, weight_bits=4, promote_weight_bits=8,
-                          promote_share=share)
+    config = SearchConfig(criterion="kl", kl_share=1.0, smooth_alpha=0.0, refit_ops=(), weight_bits=4,
+                          promote_weight_bits=8, promote_share=share)
     return search_plan(model, statistics, _WeightBitsObjective(cost), config)
 
 
@@ -304,7 +306,7 @@ def _fallback_search(model: torch.nn.Module, share: float):
     statistics = collect_statistics(model, _waves(1, 2))
     block = [m.name for m in quantizable_modules(model) if m.name.startswith(LARGE_GROUP + ".")]
     cost = {SMALL_GROUP: 1.0, **{n: 0.5 / len(block) for n in block}}
-    config = SearchConfig(criterion="kl", kl_share=1.0, smooth_alpha=0.0, float_share=share)
+    config = SearchConfig(criterion="kl", kl_share=1.0, smooth_alpha=0.0, refit_ops=(), float_share=share)
     return search_plan(model, statistics, _QuantizedLayerObjective(cost), config)
 
 
@@ -338,7 +340,7 @@ class _OffsettingObjective:
 def test_float_fallback_floats_offsetting_sensitive_groups_together(planted_model: torch.nn.Module) -> None:
     statistics = collect_statistics(planted_model, _waves(1, 2))
     block = [m.name for m in quantizable_modules(planted_model) if m.name.startswith(LARGE_GROUP + ".")]
-    config = SearchConfig(criterion="kl", kl_share=0.2, smooth_alpha=0.0, float_share=1.0)
+    config = SearchConfig(criterion="kl", kl_share=0.2, smooth_alpha=0.0, refit_ops=(), float_share=1.0)
     plan, report = search_plan(planted_model, statistics, _OffsettingObjective([SMALL_GROUP], block), config)
     joint = f"{SMALL_GROUP} + {LARGE_GROUP}"
     assert set(report.kept_mse) == {SMALL_GROUP, LARGE_GROUP}  # no clip percentile helps either

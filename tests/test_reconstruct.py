@@ -1,0 +1,232 @@
+"""Weight reconstruction: the least-squares refit, its place in the search, the plan file and the graph."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import pytest
+import torch
+
+from sq_pt2e.baselines import Bits, uniform_plan
+from sq_pt2e.errors import PlanError, QuantizationError
+from sq_pt2e.models import build_model
+from sq_pt2e.pipeline import quantize_model
+from sq_pt2e.plan import LayerPlan, QuantPlan, refit_file
+from sq_pt2e.reconstruct import _columns, reconstruct_layers
+from sq_pt2e.simulate import collect_statistics, fake_quantized, plan_layer_quants, quantizable_modules
+from sq_pt2e.stablequant import Evaluator, Score, SearchConfig, search_plan, search_statistics
+from sq_pt2e.testing import example_waves
+
+CONV = "wav2vec2.feature_extractor.conv_layers.{}.conv"
+# A coarse grid, so the int8 input error is large enough to correct.
+COARSE = Bits(8, 4)
+
+
+def _refit_setup(arch: str = "tiny-wav2vec2") -> tuple[torch.nn.Module, dict, list[torch.Tensor]]:
+    torch.set_num_threads(1)
+    model = build_model(arch, seed=0)
+    calibration = example_waves(0, 3, 8000)
+    quants = plan_layer_quants(model, uniform_plan("max", COARSE), collect_statistics(model, calibration))
+    return model, quants, calibration
+
+
+def _layer_error(model: torch.nn.Module, quants: dict, name: str, waves: list[torch.Tensor]) -> float:
+    """Squared error of layer ``name``'s output in the simulated model against the float model's."""
+    module = {m.name: m.module for m in quantizable_modules(model)}[name]
+    outputs: list[torch.Tensor] = []
+    handle = module.register_forward_hook(lambda _m, _a, out: outputs.append(out.detach()))
+    try:
+        with torch.no_grad():
+            for wave in waves:
+                model(wave)
+            with fake_quantized(model, quants) as simulated:
+                for wave in waves:
+                    simulated(wave)
+    finally:
+        handle.remove()
+    half = len(outputs) // 2
+    return sum(float(((a - b) ** 2).sum()) for a, b in zip(outputs[:half], outputs[half:], strict=True))
+
+
+def test_refit_lowers_the_layer_output_error_it_minimises() -> None:
+    model, quants, calibration = _refit_setup()
+    name = CONV.format(1)
+    before = _layer_error(model, quants, name, calibration)
+    refits = reconstruct_layers(model, quants, [name], calibration, ridge=1e-9)
+    after = _layer_error(model, {**quants, name: quants[name].with_refit(refits[name])}, name, calibration)
+    assert after < 0.9 * before, (before, after)
+
+
+def test_refit_with_an_exact_input_gives_back_the_float_weights() -> None:
+    # With no quantization upstream and the layer's own input grid fine enough to be nearly
+    # exact, the least-squares solution is the float weight itself (and a zero bias).
+    model, quants, calibration = _refit_setup()
+    name = CONV.format(1)
+    exact = {name: dataclasses.replace(quants[name], act_bits=8, act_range=quants[name].act_range)}
+    refit = reconstruct_layers(model, exact, [name], calibration, ridge=1e-12)[name]
+    weight = {m.name: m.module for m in quantizable_modules(model)}[name].weight
+    tolerance = 0.05 * float(weight.detach().abs().max())
+    assert torch.allclose(refit.weight, weight.detach(), atol=tolerance)
+    assert float(refit.bias.abs().max()) < tolerance
+
+
+def test_columns_reproduce_the_convolution() -> None:
+    conv = torch.nn.Conv1d(3, 4, kernel_size=3, stride=2, padding=1, bias=True)
+    x = torch.randn(2, 3, 11)
+    cols = _columns(conv, x)
+    weight = torch.cat([conv.weight.reshape(4, -1), conv.bias[:, None]], 1).double()
+    expected = conv(x).permute(1, 0, 2).reshape(4, -1).double()
+    torch.testing.assert_close(weight @ cols, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_refit_leaves_the_model_unchanged_and_rejects_unknown_layers() -> None:
+    model, quants, calibration = _refit_setup()
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    reconstruct_layers(model, quants, [CONV.format(1), CONV.format(2)], calibration)
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, state[key]), key
+    with pytest.raises(PlanError, match="not quantized layers"):
+        reconstruct_layers(model, quants, ["wav2vec2.nope"], calibration)
+    with pytest.raises(PlanError, match="calibration audio"):
+        reconstruct_layers(model, quants, [CONV.format(1)], [])
+
+
+class _RefitObjective:
+    """A fake evaluator: a candidate's KL is 1, halved when its layers compute with refit weights."""
+
+    def __init__(self, rewards_refit: bool) -> None:
+        self.rewards_refit = rewards_refit
+        self.float_score = Score(None, 0.0)
+
+    def __call__(self, layers) -> Score:
+        refit = any(q.refit is not None for q in layers.values())
+        return Score(None, 0.5 if refit == self.rewards_refit else 1.0)
+
+
+def _search(rewards_refit: bool = True) -> tuple[torch.nn.Module, QuantPlan, object, list[torch.Tensor]]:
+    torch.set_num_threads(1)
+    model = build_model("tiny-wav2vec2", seed=0)
+    calibration = example_waves(0, 3, 8000)
+    config = SearchConfig(criterion="kl", act_bits=4, percentiles=(100.0, 99.9))
+    statistics, scales = search_statistics(model, calibration, config)
+    plan, report = search_plan(model, statistics, _RefitObjective(rewards_refit), config, input_scales=scales,
+                               calibration=calibration)
+    return model, plan, report, calibration
+
+
+@pytest.fixture(scope="module")
+def searched() -> tuple[torch.nn.Module, QuantPlan, object, list[torch.Tensor]]:
+    return _search()
+
+
+def test_search_refits_the_cnn_convs_and_keeps_them_when_they_help(searched) -> None:
+    model, plan, report, _ = searched
+    convs = [m.name for m in quantizable_modules(model) if m.op == "conv1d" and m.name != CONV.format(0)]
+    assert report.refit_layers == convs
+    assert report.refit_kept and report.refit_trial["after"]["kl"] < report.refit_trial["before"]["kl"]
+    assert sorted(plan.refit_weights()) == sorted(convs)
+    assert all("weights reconstructed" in la.reason for la in plan.layers if la.refit is not None)
+    assert report.final_score.kl == pytest.approx(0.5)
+
+
+def test_search_drops_a_refit_that_does_not_help() -> None:
+    _, plan, report, _ = _search(rewards_refit=False)
+    assert report.refit_layers and not report.refit_kept
+    assert plan.refits == {} and all(la.refit is None for la in plan.layers)
+
+
+def test_search_with_refit_is_deterministic(searched) -> None:
+    _, plan, _, _ = searched
+    again = _search()[1]
+    assert again == plan
+    assert {n: r.digest for n, r in again.refits.items()} == {n: r.digest for n, r in plan.refits.items()}
+
+
+def test_search_without_calibration_audio_names_the_remedy() -> None:
+    model = build_model("tiny-wav2vec2", seed=0)
+    calibration = example_waves(0, 2, 8000)
+    config = SearchConfig(criterion="kl")
+    statistics, scales = search_statistics(model, calibration, config)
+    with pytest.raises(ValueError, match="calibration=waves, or set refit_ops"):
+        search_plan(model, statistics, Evaluator(model, calibration), config, input_scales=scales)
+
+
+def test_refit_halves_the_dev_kl_of_the_shipped_ref_wav2vec2() -> None:
+    # The case it is for: a trained wav2vec2 whose CNN convs 1-6 see int8 GELU outputs.
+    from sq_pt2e.inputs import load_source
+    from sq_pt2e.models import load_model
+
+    torch.set_num_threads(1)
+    model = load_model("ref-wav2vec2")
+    calibration = [u.wave for u in load_source(None, limit=3)]
+    dev = Evaluator(model, [u.wave for u in load_source(None, shipped="synthetic-dev", limit=3)])
+    plan = QuantPlan(default=LayerPlan("*", calibration="mse", act_scheme="affine")).with_skipped([CONV.format(0)],
+                                                                                                  "reads the waveform")
+    quants = plan_layer_quants(model, plan, collect_statistics(model, calibration))
+    convs = [m.name for m in quantizable_modules(model) if m.op == "conv1d" and m.name in quants]
+    refits = reconstruct_layers(model, quants, convs, calibration)
+    before = dev(quants).kl
+    after = dev({n: q.with_refit(refits.get(n)) for n, q in quants.items()}).kl
+    assert after < 0.5 * before, (before, after)
+
+
+def test_converted_graph_computes_with_the_refit_weights(searched) -> None:
+    model, plan, _, calibration = searched
+    wave = example_waves(9, 1, 8000)[0]
+    converted = quantize_model(model, wave, calibration, plan=plan, fit_to_cpu=False).converted
+    with fake_quantized(model, plan_layer_quants(model, plan, {})) as simulated, torch.no_grad():
+        expected = simulated(wave)
+    torch.testing.assert_close(converted(wave), expected, rtol=0, atol=1e-5)
+    without = dataclasses.replace(plan, layers=tuple(dataclasses.replace(la, refit=None) for la in plan.layers),
+                                  refits={})
+    with fake_quantized(model, plan_layer_quants(model, without, {})) as simulated, torch.no_grad():
+        assert not torch.allclose(simulated(wave), expected, atol=1e-4)
+
+
+def test_plan_file_round_trip_keeps_the_refit_weights(searched, tmp_path) -> None:
+    _, plan, _, _ = searched
+    path = plan.save(tmp_path / "plan.json")
+    assert refit_file(path).is_file()
+    loaded = QuantPlan.load(path)
+    assert loaded == plan
+    for name, refit in plan.refits.items():
+        assert torch.equal(loaded.refits[name].weight, refit.weight)
+        assert torch.equal(loaded.refits[name].bias, refit.bias)
+
+
+def test_plan_without_its_weights_file_is_refused_clearly(searched, tmp_path) -> None:
+    _, plan, _, _ = searched
+    path = plan.save(tmp_path / "plan.json")
+    refit_file(path).unlink()
+    with pytest.raises(PlanError, match="refit.safetensors, which does not exist"):
+        QuantPlan.load(path)
+    from_json = QuantPlan.from_dict(json.loads(path.read_text()))
+    with pytest.raises(PlanError, match="does not hold"):
+        from_json.refit_weights()
+
+
+def test_plan_with_another_weights_file_is_refused(searched, tmp_path) -> None:
+    _, plan, _, _ = searched
+    path = plan.save(tmp_path / "plan.json")
+    data = json.loads(path.read_text())
+    refit_layer = next(la for la in data["layers"] if la["refit"])
+    refit_layer["refit"] = "0" * 16
+    path.write_text(json.dumps(data))
+    with pytest.raises(PlanError, match="do not belong together"):
+        QuantPlan.load(path)
+
+
+def test_refit_plan_on_another_checkpoint_is_refused(searched) -> None:
+    _, plan, _, calibration = searched
+    other = build_model("tiny-wav2vec2", seed=1)
+    with pytest.raises(QuantizationError, match="another checkpoint"):
+        quantize_model(other, calibration[0], calibration, plan=plan, fit_to_cpu=False)
+
+
+def test_skipping_a_refit_layer_drops_its_weights(searched) -> None:
+    _, plan, _, _ = searched
+    name = next(iter(plan.refits))
+    skipped = plan.with_skipped([name], "by hand")
+    assert name not in skipped.refits and name not in skipped.refit_weights()
+    assert len(skipped.refits) == len(plan.refits) - 1
