@@ -44,6 +44,7 @@ from torch.fx import GraphModule, Node
 
 from sq_pt2e.errors import PlanError, QuantizationError
 from sq_pt2e.graph import find_quantizable_layers
+from sq_pt2e.observers import act_qparams
 from sq_pt2e.passes.rewrite_utils import drop_unused_attributes
 
 __all__ = [
@@ -166,6 +167,7 @@ def reconstruct_layers(
     waves: Iterable[torch.Tensor],
     *,
     ridge: float = DEFAULT_RIDGE,
+    clip_target: bool = True,
     on_layer: Callable[[str], None] | None = None,
 ) -> dict[str, RefitWeights]:
     """Refit the ``names`` layers of ``model`` under the simulated quantization ``layers``, in network order.
@@ -177,6 +179,9 @@ def reconstruct_layers(
         names: the layers to refit; refit in the model's order whatever order they are given in.
         waves: calibration audio, ``(1, samples)`` each (iterated once per layer).
         ridge: regularisation, as a share of the mean diagonal of the normal equations.
+        clip_target: fit to the float input clipped to the layer's grid (the rounding error
+            only), not the raw float input: the squared error of the rare clipped outliers
+            would otherwise dominate the fit and undo the clipping the search chose.
         on_layer: called with each layer's name once it is refit (progress).
 
     Returns:
@@ -208,12 +213,18 @@ def reconstruct_layers(
         scale = torch.ones(module.weight.shape[1], dtype=torch.float64)
         if quant.input_scale is not None:
             scale = torch.as_tensor(quant.input_scale, dtype=torch.float64)
+        grid_scale, zero, qmin, qmax = act_qparams(quant.act_range, quant.act_bits, quant.act_floor)
+        low, high = (qmin - zero) * grid_scale, (qmax - zero) * grid_scale
+        channel = (scale if isinstance(module, nn.Linear) else scale.view(1, -1, 1)).float()
         features = module.weight[0].numel() + 1
         gram = torch.zeros(features, features, dtype=torch.float64)
         cross = torch.zeros(features, features, dtype=torch.float64)
         with fake_quantized(model, current) as quantized:
             for wave in waves:
-                target = _columns(module, _input_of(reference, float_modules[name], wave))
+                x = _input_of(reference, float_modules[name], wave)
+                if clip_target:  # what the grid keeps of the float input: the search chose the clipping
+                    x = (x / channel).clamp(low, high) * channel
+                target = _columns(module, x)
                 seen = _columns(module, _input_of(quantized, module, wave))
                 gram += seen @ seen.T
                 cross += target @ seen.T

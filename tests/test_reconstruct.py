@@ -71,6 +71,21 @@ def test_refit_with_an_exact_input_gives_back_the_float_weights() -> None:
     assert float(refit.bias.abs().max()) < tolerance
 
 
+def test_refit_fits_the_rounding_error_not_the_clipping_the_plan_chose() -> None:
+    # A grid clipping the input at a third of its range: fitting the clipped input (the default)
+    # only corrects rounding and stays near the float weights; fitting the raw input would
+    # chase the clipping error of the outliers.
+    model, quants, calibration = _refit_setup()
+    name = CONV.format(1)
+    clipped = {name: dataclasses.replace(quants[name], act_bits=8, act_range=quants[name].act_range / 3)}
+    weight = {m.name: m.module for m in quantizable_modules(model)}[name].weight.detach()
+    change = {}
+    for clip_target in (True, False):
+        refit = reconstruct_layers(model, clipped, [name], calibration, clip_target=clip_target)[name]
+        change[clip_target] = float((refit.weight - weight).norm() / weight.norm())
+    assert change[True] < 0.05 < change[False], change
+
+
 def test_columns_reproduce_the_convolution() -> None:
     conv = torch.nn.Conv1d(3, 4, kernel_size=3, stride=2, padding=1, bias=True)
     x = torch.randn(2, 3, 11)
