@@ -7,6 +7,7 @@ last entry of ``node.meta["nn_module_stack"]`` of each conv/linear node.
 from __future__ import annotations
 
 import operator
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import torch
@@ -15,7 +16,7 @@ from torch.fx import GraphModule, Node
 
 from sq_pt2e.plan import OpKind
 
-__all__ = ["QuantizableLayer", "find_quantizable_layers", "group_channels", "layer_name", "op_kind"]
+__all__ = ["QuantizableLayer", "find_quantizable_layers", "group_channels", "layer_name", "named_layers", "op_kind"]
 
 _CONV1D = (torch.ops.aten.conv1d.default, torch.ops.aten.conv1d.padding)
 _LINEAR = (torch.ops.aten.linear.default,)
@@ -58,6 +59,21 @@ def find_quantizable_layers(gm: GraphModule) -> list[QuantizableLayer]:
         kind = op_kind(node)
         if kind is not None:
             layers.append(QuantizableLayer(layer_name(node) or node.name, kind, node))
+    return layers
+
+
+def named_layers(gm: GraphModule, names: Iterable[str], what: str) -> dict[str, QuantizableLayer]:
+    """The quantizable layers of ``gm`` by name, for a rewrite of the named ones.
+
+    Raises:
+        QuantizationError: a name is not a layer of the graph (``what`` says what was asked for it).
+    """
+    from sq_pt2e.errors import QuantizationError
+
+    layers = {layer.name: layer for layer in find_quantizable_layers(gm)}
+    missing = sorted(set(names) - set(layers))
+    if missing:
+        raise QuantizationError(f"{what} for layer(s) not in the graph: {missing[:5]}")
     return layers
 
 

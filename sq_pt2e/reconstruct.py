@@ -43,7 +43,7 @@ from torch import nn
 from torch.fx import GraphModule, Node
 
 from sq_pt2e.errors import PlanError, QuantizationError
-from sq_pt2e.graph import find_quantizable_layers
+from sq_pt2e.graph import named_layers
 from sq_pt2e.observers import act_qparams
 from sq_pt2e.passes.rewrite_utils import drop_unused_attributes
 
@@ -253,10 +253,7 @@ def apply_refit_weights(gm: GraphModule, refits: Mapping[str, RefitWeights]) -> 
     """
     if not refits:
         return gm
-    layers = {layer.name: layer for layer in find_quantizable_layers(gm)}
-    missing = sorted(set(refits) - set(layers))
-    if missing:
-        raise QuantizationError(f"reconstructed weights for layer(s) not in the graph: {missing[:5]}")
+    layers = named_layers(gm, refits, "reconstructed weights")
     replaced: list[str] = []
     for index, (name, refit) in enumerate(sorted(refits.items())):
         node = layers[name].node

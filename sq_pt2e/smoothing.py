@@ -25,7 +25,7 @@ from torch import nn
 from torch.fx import GraphModule
 
 from sq_pt2e.errors import PlanError, QuantizationError
-from sq_pt2e.graph import find_quantizable_layers
+from sq_pt2e.graph import named_layers
 from sq_pt2e.layer_inputs import watch_layer_inputs
 from sq_pt2e.models.build import to_ctc_logits
 from sq_pt2e.passes.fold_weight_norm import fold_weight_norm
@@ -120,10 +120,7 @@ def apply_input_scales(gm: GraphModule, scales: dict[str, tuple[float, ...]]) ->
     """
     if not scales:
         return gm
-    layers = {layer.name: layer for layer in find_quantizable_layers(gm)}
-    missing = sorted(set(scales) - set(layers))
-    if missing:
-        raise QuantizationError(f"input_scale for layer(s) not in the graph: {missing[:5]}")
+    layers = named_layers(gm, scales, "input_scale")
     replaced: list[str] = []
     for index, (name, scale) in enumerate(sorted(scales.items())):
         node = layers[name].node
