@@ -33,7 +33,7 @@ import copy
 import hashlib
 import operator
 import os
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -168,7 +168,6 @@ def reconstruct_layers(
     *,
     ridge: float = DEFAULT_RIDGE,
     clip_target: bool = True,
-    on_layer: Callable[[str], None] | None = None,
 ) -> dict[str, RefitWeights]:
     """Refit the ``names`` layers of ``model`` under the simulated quantization ``layers``, in network order.
 
@@ -182,7 +181,6 @@ def reconstruct_layers(
         clip_target: fit to the float input clipped to the layer's grid (the rounding error
             only), not the raw float input: the squared error of the rare clipped outliers
             would otherwise dominate the fit and undo the clipping the search chose.
-        on_layer: called with each layer's name once it is refit (progress).
 
     Returns:
         ``{name: RefitWeights}``.
@@ -239,8 +237,6 @@ def reconstruct_layers(
         refit = RefitWeights(new_weight, solved[:, -1], source_digest(module.weight, module.bias))
         refits[name] = refit
         current[name] = quant.with_refit(refit)
-        if on_layer is not None:
-            on_layer(name)
     return refits
 
 
