@@ -152,6 +152,24 @@ def _columns(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return torch.cat([cols, torch.ones(1, cols.shape[1], dtype=torch.float64)])
 
 
+def _clip_inputs(modules: Mapping[str, nn.Module], layers: Mapping[str, object]) -> None:
+    """Clamp the input of each of ``layers`` (``LayerQuant``) to its grid's interval, with forward pre-hooks."""
+    for name, quant in layers.items():
+        step, zero, qmin, qmax = act_qparams(quant.act_range, quant.act_bits, quant.act_floor)
+        low, high = (qmin - zero) * step, (qmax - zero) * step
+        module = modules[name]
+        channel = torch.ones(module.weight.shape[1])
+        if quant.input_scale is not None:
+            channel = torch.as_tensor(quant.input_scale, dtype=torch.float32)
+
+        def clamp(_module: nn.Module, args: tuple[torch.Tensor, ...], low: float = low, high: float = high,
+                  channel: torch.Tensor = channel) -> tuple[torch.Tensor, ...]:
+            view = channel if args[0].ndim != 3 else channel.view(1, -1, 1)
+            return ((args[0] / view).clamp(low, high) * view, *args[1:])
+
+        module.register_forward_pre_hook(clamp)
+
+
 def _check_refittable(name: str, module: nn.Module) -> None:
     if isinstance(module, nn.Conv1d) and (module.groups != 1 or not isinstance(module.padding, tuple)):
         raise PlanError(f"cannot refit {name!r}: only dense conv1d with numeric padding and linear layers")
@@ -178,9 +196,10 @@ def reconstruct_layers(
         names: the layers to refit; refit in the model's order whatever order they are given in.
         waves: calibration audio, ``(1, samples)`` each (iterated once per layer).
         ridge: regularisation, as a share of the mean diagonal of the normal equations.
-        clip_target: fit to the float input clipped to the layer's grid (the rounding error
-            only), not the raw float input: the squared error of the rare clipped outliers
-            would otherwise dominate the fit and undo the clipping the search chose.
+        clip_target: fit to the float model with every quantized layer's input clipped to its
+            grid (so the refit corrects rounding error only), not the raw float model: the
+            squared error of the rare clipped outliers would otherwise dominate the fit and
+            undo the clipping the search chose.
 
     Returns:
         ``{name: RefitWeights}``.
@@ -204,6 +223,8 @@ def reconstruct_layers(
     float_modules = {m.name: m.module for m in quantizable_modules(reference)}
     current = dict(layers)
     refits: dict[str, RefitWeights] = {}
+    if clip_target:  # the reference clips every quantized input to its grid, without rounding
+        _clip_inputs(float_modules, layers)
     for name in sorted(set(names), key=order.index):
         module = modules[name]
         _check_refittable(name, module)
@@ -211,18 +232,12 @@ def reconstruct_layers(
         scale = torch.ones(module.weight.shape[1], dtype=torch.float64)
         if quant.input_scale is not None:
             scale = torch.as_tensor(quant.input_scale, dtype=torch.float64)
-        grid_scale, zero, qmin, qmax = act_qparams(quant.act_range, quant.act_bits, quant.act_floor)
-        low, high = (qmin - zero) * grid_scale, (qmax - zero) * grid_scale
-        channel = (scale if isinstance(module, nn.Linear) else scale.view(1, -1, 1)).float()
         features = module.weight[0].numel() + 1
         gram = torch.zeros(features, features, dtype=torch.float64)
         cross = torch.zeros(features, features, dtype=torch.float64)
         with fake_quantized(model, current) as quantized:
             for wave in waves:
-                x = _input_of(reference, float_modules[name], wave)
-                if clip_target:  # what the grid keeps of the float input: the search chose the clipping
-                    x = (x / channel).clamp(low, high) * channel
-                target = _columns(module, x)
+                target = _columns(module, _input_of(reference, float_modules[name], wave))
                 seen = _columns(module, _input_of(quantized, module, wave))
                 gram += seen @ seen.T
                 cross += target @ seen.T
