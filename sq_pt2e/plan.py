@@ -277,7 +277,7 @@ class QuantPlan:
                 raise PlanError(f"op default must have name '*' and an op, got name={d.name!r} op={d.op!r}")
             if ops.count(d.op) > 1:
                 raise PlanError(f"op default for {d.op!r} listed more than once")
-        digests = {layer.name: layer.refit for layer in self.layers if layer.refit is not None}
+        digests = self.refit_digests()
         stray = sorted(n for n, refit in self.refits.items() if digests.get(n) != refit.digest)
         if stray:
             raise PlanError(f"reconstructed weights for layer(s) {stray[:3]} that the plan does not name with that "
@@ -309,6 +309,10 @@ class QuantPlan:
         """``{layer: input_scale}`` of the quantized layers that carry one (see :mod:`sq_pt2e.smoothing`)."""
         return {layer.name: layer.input_scale for layer in self.layers
                 if layer.input_scale is not None and not layer.skip}
+
+    def refit_digests(self) -> dict[str, str]:
+        """``{layer: digest}`` of the layers that name reconstructed weights (``LayerPlan.refit``)."""
+        return {layer.name: layer.refit for layer in self.layers if layer.refit is not None}
 
     def refit_weights(self) -> dict[str, Any]:
         """``{layer: RefitWeights}`` of the quantized layers that carry reconstructed weights.
@@ -363,10 +367,9 @@ class QuantPlan:
         """Copy with ``layers`` added, replacing existing entries of the same name."""
         new = {layer.name: layer for layer in layers}
         kept = tuple(layer for layer in self.layers if layer.name not in new)
-        merged = kept + tuple(layers)
-        digests = {layer.name: layer.refit for layer in merged}
-        refits = {n: r for n, r in self.refits.items() if digests.get(n) == r.digest}
-        return dataclasses.replace(self, layers=merged, refits=refits)
+        merged = dataclasses.replace(self, layers=kept + tuple(layers), refits={})
+        digests = merged.refit_digests()
+        return dataclasses.replace(merged, refits={n: r for n, r in self.refits.items() if digests.get(n) == r.digest})
 
     def with_skipped(self, names: list[str] | tuple[str, ...], reason: str) -> QuantPlan:
         """Copy with the named layers kept in float, for ``reason``."""
@@ -453,7 +456,7 @@ class QuantPlan:
         except json.JSONDecodeError as exc:
             raise PlanError(f"{source} is not valid JSON: {exc}") from exc
         plan = cls.from_dict(data, source=source)
-        digests = {layer.name: layer.refit for layer in plan.layers if layer.refit is not None}
+        digests = plan.refit_digests()
         if not digests:
             return plan
         from sq_pt2e.reconstruct import load_refits

@@ -55,6 +55,7 @@ from sq_pt2e.passes.rewrite_utils import drop_unused_attributes
 __all__ = [
     "RefitWeights",
     "apply_refit_weights",
+    "hash_tensor",
     "load_refits",
     "reconstruct_layers",
     "save_refits",
@@ -65,13 +66,18 @@ DEFAULT_RIDGE = 1e-3
 REFIT_FORMAT = "sq-pt2e-refit/1"
 
 
+def hash_tensor(digest: hashlib._Hash, tensor: torch.Tensor, label: str = "") -> None:
+    """Feed ``label``, ``tensor``'s dtype and shape, then its bytes into ``digest``."""
+    flat = tensor.detach().cpu().contiguous().reshape(-1)
+    digest.update(f"{label}{flat.dtype}:{tuple(tensor.shape)};".encode())
+    digest.update(flat.view(torch.uint8).numpy().tobytes())
+
+
 def tensor_digest(*tensors: torch.Tensor) -> str:
     """A short hex digest of the tensors' dtypes, shapes and bytes."""
     digest = hashlib.sha256()
     for tensor in tensors:
-        flat = tensor.detach().cpu().contiguous().reshape(-1)
-        digest.update(f"{flat.dtype}:{tuple(tensor.shape)};".encode())
-        digest.update(flat.view(torch.uint8).numpy().tobytes())
+        hash_tensor(digest, tensor)
     return digest.hexdigest()[:16]
 
 

@@ -64,7 +64,7 @@ from sq_pt2e.models.build import to_ctc_logits
 from sq_pt2e.observers import AbsHistogram, act_floor, range_max, range_mse, range_percentile
 from sq_pt2e.passes.fold_weight_norm import fold_weight_norm
 from sq_pt2e.plan import LayerPlan, OpKind, QuantPlan
-from sq_pt2e.reconstruct import reconstruct_layers
+from sq_pt2e.reconstruct import hash_tensor, reconstruct_layers
 from sq_pt2e.simulate import LayerQuant, QuantizableModule, collect_statistics, fake_quantized, quantizable_modules
 
 __all__ = [
@@ -465,9 +465,9 @@ class Evaluator:
         """A hash of everything a score depends on besides the candidate."""
         digest = hashlib.sha256(_CACHE_FORMAT.encode())
         for name, tensor in sorted(to_ctc_logits(self.model).state_dict().items()):
-            _hash_tensor(digest, name, tensor)
+            hash_tensor(digest, tensor, f"{name}:")
         for i, wave in enumerate(self.waves):
-            _hash_tensor(digest, f"wave{i}", wave)
+            hash_tensor(digest, wave, f"wave{i}:")
         digest.update(json.dumps(self.references).encode())
         digest.update(f"{getattr(self.decode, '__module__', '')}.{getattr(self.decode, '__qualname__', '')}".encode())
         return digest.hexdigest()
@@ -525,12 +525,6 @@ class Evaluator:
         for j, layers in enumerate(candidates):
             yield j, score_utterances(self.model, self.waves, self.float_log_probs, self.references, self.decode,
                                       layers).score()
-
-
-def _hash_tensor(digest: hashlib._Hash, name: str, tensor: torch.Tensor) -> None:
-    flat = tensor.detach().cpu().contiguous().reshape(-1)
-    digest.update(f"{name}:{flat.dtype}:{tuple(tensor.shape)};".encode())
-    digest.update(flat.view(torch.uint8).numpy().tobytes())
 
 
 def _greedy_decode(logits: torch.Tensor) -> str:
