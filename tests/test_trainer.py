@@ -18,10 +18,12 @@ from sq_pt2e.train.trainer import (
     TrainConfig,
     _batch_for_step,
     _Clips,
+    _speed_factors,
     _contiguous_norm_conv_outputs,
     build_reference_model,
     encode_transcript,
     lr_factor,
+    perturb_speed,
     save_model_folder,
     train,
 )
@@ -87,6 +89,28 @@ def test_training_steps_decrease_the_loss(tmp_path) -> None:
     assert record["step"] == 6 and record["losses"][-1] < 0.8 * record["losses"][0]
     assert (tmp_path / "run" / "best" / "model.safetensors").exists()
     assert json.loads((tmp_path / "run" / "best" / "train_state.json").read_text())["step"] == 6
+
+
+def test_speed_perturbation_shortens_and_raises_the_pitch_by_its_factor() -> None:
+    t = np.arange(16000) / 16000
+    tone = np.sin(2 * np.pi * 200 * t).astype(np.float32)
+    faster = perturb_speed(tone, 1.25)
+    assert abs(len(faster) - 16000 / 1.25) <= 2
+    assert abs(np.argmax(np.abs(np.fft.rfft(faster))) * 16000 / len(faster) - 250) <= 2
+    assert abs(float(faster.std()) - 1.0) < 1e-3 and perturb_speed(tone, 1.0) is tone
+    config = TrainConfig(speed_perturb=0.15)
+    factors = _speed_factors(64, 7, config)
+    assert np.array_equal(factors, _speed_factors(64, 7, config))
+    assert not np.array_equal(factors, _speed_factors(64, 8, config))
+    assert factors.min() >= 0.85 and factors.max() <= 1.15 and factors.std() > 0.05
+    assert np.array_equal(_speed_factors(5, 7, TrainConfig()), np.ones(5))
+
+
+def test_speed_perturbed_training_decreases_the_loss(tmp_path) -> None:
+    utts = _clips(tmp_path, (0.6,))
+    record = train("ref-wav2vec2", utts, utts, tmp_path / "run", config=_config(speed_perturb=0.1), max_steps=6,
+                   progress=False)
+    assert record["losses"][-1] < 0.8 * record["losses"][0]
 
 
 def test_bf16_autocast_training_decreases_the_loss_and_keeps_float32_weights(tmp_path) -> None:

@@ -79,6 +79,7 @@ def write_model_card(folder: str | os.PathLike[str], name: str, results: dict[st
         f"a length curriculum (longest utterance {s('curriculum_start_s', '?')} s growing to "
         f"{s('max_utterance_seconds', '?')} s over {s('curriculum_steps', '?')} steps), SpecAugment time masking",
         f"(p = {s('mask_time_prob', config.mask_time_prob)}), dropout {s('dropout', config.hidden_dropout)}, "
+        f"speed perturbation +-{s('speed_perturb', 0.0):g}, "
         f"{s('threads', 1)} CPU thread(s){' with bfloat16 autocast' if s('bf16', False) else ''} in the latest run.",
         *_recipe_change_lines(state.get("recipe_changes", [])),
         "",
@@ -106,7 +107,7 @@ sq-pt2e: quantization accuracy (WER) is measured on it.
 Synthetic English speech of LJ Speech sentences (public domain), normalised to A-Z,
 apostrophe and space: espeak-ng ({voices_line}, random rate 130-200 wpm and
 pitch), flite (awb, rms, kal16) and festival (kal_diphone) with
-random rate and pitch; 30 % with white noise (SNR 10-30 dB), 20 % of the flite/festival
+random rate and pitch (mean F0 80-230 Hz); 30 % with white noise (SNR 10-30 dB), 20 % of the flite/festival
 utterances with synthetic reverberation. Plus 345 real LJ Speech clips (one speaker),
 weighted 3x. Dev and test sentences and voices are unseen in training (test voices:
 espeak-ng m4, f3, klatt3, david, linda, victor and flite slt); 40 real LJ Speech clips

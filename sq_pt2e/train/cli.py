@@ -69,6 +69,8 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--dropout", type=float, default=None, help="model dropout (default: the recipe's)")
     run.add_argument("--mask-time-prob", type=float, default=None,
                      help="SpecAugment time-masking probability (default: the recipe's)")
+    run.add_argument("--speed-perturb", type=float, default=None,
+                     help="resample each training clip by a random factor in [1-S, 1+S] (default: the recipe's)")
     run.add_argument("--bf16", action="store_true", default=None,
                      help="bfloat16 autocast in the training forward pass (fast on CPUs with AMX-BF16)")
     run.add_argument("--no-init", action="store_true",
@@ -148,7 +150,7 @@ def _train(args: argparse.Namespace) -> int:
 def _recipe_arguments(args: argparse.Namespace) -> dict[str, float | bool]:
     """The ``TrainConfig`` fields given on the command line."""
     given = {"total_steps": args.total_steps, "dropout": args.dropout, "mask_time_prob": args.mask_time_prob,
-             "bf16": args.bf16}
+             "bf16": args.bf16, "speed_perturb": args.speed_perturb}
     return {k: v for k, v in given.items() if v is not None}
 
 

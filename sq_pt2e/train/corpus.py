@@ -77,6 +77,9 @@ SPLIT_VARIANTS: dict[str, tuple[str, ...]] = {
 # flite voices per split (disjoint); festival (kal_diphone) is used for training only
 FLITE_SPLIT_VOICES: dict[str, tuple[str, ...]] = {"train": ("awb", "rms", "kal16"), "dev": ("kal",), "test": ("slt",)}
 _FEMALE = {"slt"}
+# mean F0 (Hz) of flite / festival voices: the female test voice speaks in the upper range; the
+# (male) training voices span both ranges, so that pitch alone is no unseen condition at test time
+_PITCH_HZ = {"male": (80, 150), "female": (160, 230), "train": (80, 230)}
 
 
 @dataclass(frozen=True)
@@ -297,7 +300,8 @@ def _other_engine_jobs(out: Path, splits: dict[str, list[str]], spec: CorpusSpec
         jobs[split] = []
         for index, text in enumerate(texts):
             variant = rng.choice(voices[split])
-            pitch = rng.randint(160, 230) if variant in _FEMALE else rng.randint(80, 150)
+            pitch = rng.randint(*_PITCH_HZ["train" if split == "train" else
+                                            "female" if variant in _FEMALE else "male"])
             voice = Voice("", variant, rng.randint(80, 125), pitch, engine)
             noise = rng.uniform(10.0, 30.0) if split == "train" and rng.random() < spec.noise_probability else None
             rt60 = rng.uniform(0.2, 0.7) if split == "train" and rng.random() < spec.reverb_probability else None
