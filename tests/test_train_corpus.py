@@ -33,6 +33,20 @@ def test_voice_variants_are_disjoint_between_splits() -> None:
         assert not (train & dev) and not (train & test) and not (dev & test)
 
 
+def test_the_training_pitch_range_leaves_dev_and_test_voices_unchanged(tmp_path, monkeypatch) -> None:
+    from sq_pt2e.train import corpus
+
+    spec = CorpusSpec(train_sentences=10, dev_sentences=10, test_sentences=10, flite_train_sentences=20,
+                      flite_dev_sentences=10, flite_test_sentences=10)
+    splits = split_sentences(SENTENCES, spec, set())
+    before = corpus._other_engine_jobs(tmp_path, splits, spec, "flite")
+    monkeypatch.setitem(corpus._PITCH_HZ, "train", (200, 230))
+    after = corpus._other_engine_jobs(tmp_path, splits, spec, "flite")
+    assert before["dev"] == after["dev"] and before["test"] == after["test"]
+    assert all(200 <= job[2].pitch <= 230 for job in after["train"])
+    assert {job[2].pitch for job in before["train"]} - set(range(200, 231))
+
+
 def test_sentence_splits_are_disjoint_normalised_and_seeded() -> None:
     spec = CorpusSpec(train_sentences=30, dev_sentences=5, test_sentences=5, seed=7)
     splits = split_sentences(SENTENCES, spec, excluded={"SENTENCE DA IS HERE"})

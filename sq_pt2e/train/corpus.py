@@ -283,6 +283,7 @@ def _other_engine_jobs(out: Path, splits: dict[str, list[str]], spec: CorpusSpec
                        ) -> dict[str, list[_Job]]:
     """The flite or festival part (folders ``<split>-<engine>/``), its own random stream."""
     rng = random.Random(spec.seed * 7919 + ENGINES.index(engine))
+    train_pitch = random.Random(spec.seed * 7919 + ENGINES.index(engine) + 104729)
     if engine == "flite":
         voices = FLITE_SPLIT_VOICES
         sizes = {"train": spec.flite_train_sentences, "dev": spec.flite_dev_sentences,
@@ -300,8 +301,9 @@ def _other_engine_jobs(out: Path, splits: dict[str, list[str]], spec: CorpusSpec
         jobs[split] = []
         for index, text in enumerate(texts):
             variant = rng.choice(voices[split])
-            pitch = rng.randint(*_PITCH_HZ["train" if split == "train" else
-                                            "female" if variant in _FEMALE else "male"])
+            pitch = rng.randint(*_PITCH_HZ["female" if variant in _FEMALE else "male"])
+            if split == "train":  # own stream, so that dev/test keep the voices of earlier corpora
+                pitch = train_pitch.randint(*_PITCH_HZ["train"])
             voice = Voice("", variant, rng.randint(80, 125), pitch, engine)
             noise = rng.uniform(10.0, 30.0) if split == "train" and rng.random() < spec.noise_probability else None
             rt60 = rng.uniform(0.2, 0.7) if split == "train" and rng.random() < spec.reverb_probability else None
