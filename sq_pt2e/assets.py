@@ -61,6 +61,20 @@ def synthetic_manifest(split: Literal["test", "dev"]) -> list[Utterance]:
     return read_manifest(asset_path("synthetic", f"{split}.tsv"))
 
 
+def synthetic_voices() -> dict[str, str]:
+    """The voice of each shipped synthetic utterance: ``{utterance id: "engine:voice"}``.
+
+    Example: ``{"test-00000": "flite:slt", "test-00001": "espeak-ng:linda"}``; the espeak-ng
+    accent (``en-gb-x-gbcwmd+linda``) is left out: the voice variant is what the splits keep apart.
+    """
+    voices = {}
+    lines = asset_path("synthetic", "voices.tsv").read_text(encoding="utf-8").splitlines()
+    for line in lines[1:]:
+        file, _source, engine, voice, *_ = line.split("\t")
+        voices[Path(file).stem] = voice if voice.startswith(f"{engine}:") else f"{engine}:{voice.split('+')[-1]}"
+    return voices
+
+
 def reference_model(name: str = "ref-wav2vec2") -> Path | None:
     """Folder of a shipped reference model, or None if it is not shipped."""
     folder = asset_path("models", name)

@@ -11,7 +11,7 @@ import pytest
 import soundfile as sf
 
 from sq_pt2e.asr import normalize_transcript
-from sq_pt2e.assets import asset_path, calibration_files, librispeech_manifest
+from sq_pt2e.assets import asset_path, calibration_files, librispeech_manifest, synthetic_manifest, synthetic_voices
 from sq_pt2e.audio import load_audio
 from sq_pt2e.data import SkippedFile, Utterance, manifest_from_folder, read_manifest, write_manifest
 from sq_pt2e.errors import AudioError
@@ -114,6 +114,16 @@ def test_shipped_assets_are_complete() -> None:
     with pytest.raises(AudioError, match="unknown LibriSpeech subset 'dev-other'"):
         librispeech_manifest("dev-other")  # type: ignore[arg-type]
     assert asset_path("LICENSES.md").is_file() and "CC BY 4.0" in asset_path("LICENSES.md").read_text()
+
+
+def test_every_shipped_synthetic_utterance_has_a_voice_of_its_split() -> None:
+    from sq_pt2e.train.corpus import FLITE_SPLIT_VOICES, SPLIT_VARIANTS
+
+    voices = synthetic_voices()
+    for split in ("test", "dev"):
+        allowed = {f"espeak-ng:{v}" for v in SPLIT_VARIANTS[split]} | {f"flite:{v}" for v in FLITE_SPLIT_VOICES[split]}
+        used = {voices[u.id] for u in synthetic_manifest(split)}
+        assert used <= allowed and len(used) >= 3, (split, used - allowed)
 
 
 def test_shipped_audio_is_16k_mono_speech() -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from dataclasses import asdict
 
 import numpy as np
 import pytest
@@ -216,3 +217,20 @@ def test_model_folder_has_the_hugging_face_layout(tmp_path) -> None:
     loaded = AutoModelForCTC.from_pretrained(folder).eval()
     wave = torch.randn(1, 8000)
     torch.testing.assert_close(loaded(wave).logits, model(wave).logits)
+
+
+def test_model_card_lists_the_recipe_and_every_evaluation_row(tmp_path) -> None:
+    from sq_pt2e.models import build_model
+    from sq_pt2e.train.card import write_model_card
+    from sq_pt2e.train.trainer import error_rates
+
+    state = {"step": 7, "dev_cer": 12.0, "dev_wer": 40.0, "config": {**asdict(TrainConfig(speed_perturb=0.15))},
+             "history": [{"step": 7, "wer": 40.0, "cer": 12.0}]}
+    folder = save_model_folder(build_model("tiny-wav2vec2").eval(), tmp_path / "m", state)
+    overall = error_rates(["A B", "C D"], ["A B", "C X"])
+    assert overall == {"wer": 25.0, "cer": pytest.approx(100 / 6), "utterances": 2.0}
+    results = {"synthetic test, shipped (unseen sentences and voices)": overall,
+               "synthetic test, shipped: flite:slt": error_rates(["C D"], ["C X"])}
+    card = write_model_card(folder, "ref-wav2vec2", results).read_text()
+    assert "speed perturbation +-0.15" in card and "| synthetic test, shipped: flite:slt | 1 | 50.0 | 33.3 |" in card
+    assert "still in progress" in card

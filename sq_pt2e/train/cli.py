@@ -207,14 +207,21 @@ def _ship(args: argparse.Namespace) -> int:
 
 
 def _evaluate_sets(folder: Path, corpus: Path) -> dict[str, dict[str, float]]:
-    from sq_pt2e.assets import librispeech_manifest, synthetic_manifest
+    from sq_pt2e.assets import librispeech_manifest, synthetic_manifest, synthetic_voices
     from sq_pt2e.models.checkpoint import load_checkpoint
     from sq_pt2e.train.corpus import read_split
-    from sq_pt2e.train.trainer import evaluate
+    from sq_pt2e.train.trainer import error_rates, evaluate, transcribe_utterances
 
     model = load_checkpoint(folder)
-    sets: dict[str, list[Utterance]] = {"synthetic test, shipped (unseen sentences and voices)":
-                                        synthetic_manifest("test")}
+    shipped = synthetic_manifest("test")
+    hyps = transcribe_utterances(model, shipped, progress=True)
+    results = {"synthetic test, shipped (unseen sentences and voices)":
+               error_rates([u.text for u in shipped], hyps)}
+    voices = synthetic_voices()
+    for voice in sorted({voices.get(u.id, "unknown voice") for u in shipped}):
+        picked = [(u.text, h) for u, h in zip(shipped, hyps, strict=True) if voices.get(u.id, "unknown voice") == voice]
+        results[f"synthetic test, shipped: {voice}"] = error_rates(*zip(*picked, strict=True))
+    sets: dict[str, list[Utterance]] = {}
     if (corpus / "test.tsv").exists():
         sets["synthetic test, full corpus split"] = read_split(corpus, "test")
     if (corpus / "dev.tsv").exists():
@@ -222,7 +229,7 @@ def _evaluate_sets(folder: Path, corpus: Path) -> dict[str, dict[str, float]]:
     if (corpus / "real-test.tsv").exists():
         sets["LJ Speech real clips, held out"] = read_split(corpus, "real-test")
     sets["LibriSpeech test-other (shipped 60)"] = librispeech_manifest("test-other")
-    return {name: evaluate(model, utts, progress=True) for name, utts in sets.items()}
+    return results | {name: evaluate(model, utts, progress=True) for name, utts in sets.items()}
 
 
 def _export(args: argparse.Namespace) -> int:

@@ -307,6 +307,33 @@ def _collate(waves: list[np.ndarray], texts: list[str]) -> dict[str, torch.Tenso
 
 
 @torch.no_grad()
+def transcribe_utterances(model: PreTrainedModel, utterances: Sequence[Utterance], *,
+                          progress: bool = False) -> list[str]:
+    """Greedy CTC transcripts of ``utterances`` by ``model`` (put in eval mode), one at a time.
+
+    Args:
+        model: a ``*ForCTC`` model (restore train mode yourself).
+        utterances: audio files.
+        progress: show a progress bar.
+    """
+    from tqdm import tqdm
+
+    from sq_pt2e.audio import load_audio, normalize_waveform
+
+    model.eval()
+    hyps = []
+    for utt in tqdm(utterances, desc="evaluate", disable=not progress, leave=False):
+        wave = torch.from_numpy(normalize_waveform(load_audio(utt.path).waveform)).unsqueeze(0)
+        hyps.append(ctc_greedy_decode(model(wave).logits[0])[0])
+    return hyps
+
+
+def error_rates(references: Sequence[str], hypotheses: Sequence[str]) -> dict[str, float]:
+    """``{"wer", "cer", "utterances"}`` (corpus-level, percent) of ``hypotheses`` against ``references``."""
+    return {"wer": wer(list(references), list(hypotheses)), "cer": cer(list(references), list(hypotheses)),
+            "utterances": float(len(references))}
+
+
 def evaluate(model: PreTrainedModel, utterances: Sequence[Utterance], *, progress: bool = False) -> dict[str, float]:
     """Greedy-decoded WER and CER (percent) of ``model`` on ``utterances``, one at a time.
 
@@ -318,17 +345,7 @@ def evaluate(model: PreTrainedModel, utterances: Sequence[Utterance], *, progres
     Returns:
         ``{"wer", "cer", "utterances"}``.
     """
-    from tqdm import tqdm
-
-    from sq_pt2e.audio import load_audio, normalize_waveform
-
-    model.eval()
-    hyps = []
-    for utt in tqdm(utterances, desc="evaluate", disable=not progress, leave=False):
-        wave = torch.from_numpy(normalize_waveform(load_audio(utt.path).waveform)).unsqueeze(0)
-        hyps.append(ctc_greedy_decode(model(wave).logits[0])[0])
-    refs = [u.text for u in utterances]
-    return {"wer": wer(refs, hyps), "cer": cer(refs, hyps), "utterances": float(len(utterances))}
+    return error_rates([u.text for u in utterances], transcribe_utterances(model, utterances, progress=progress))
 
 
 def save_model_folder(model: PreTrainedModel, folder: str | os.PathLike[str], extra: dict | None = None) -> Path:
