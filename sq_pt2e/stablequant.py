@@ -48,7 +48,7 @@ import json
 import os
 import re
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -64,7 +64,7 @@ from sq_pt2e.models.build import to_ctc_logits
 from sq_pt2e.observers import AbsHistogram, act_floor, range_max, range_mse, range_percentile
 from sq_pt2e.passes.fold_weight_norm import fold_weight_norm
 from sq_pt2e.plan import LayerPlan, OpKind, QuantPlan
-from sq_pt2e.reconstruct import hash_tensor, reconstruct_layers
+from sq_pt2e.reconstruct import RefitWeights, hash_tensor, reconstruct_layers
 from sq_pt2e.simulate import LayerQuant, QuantizableModule, collect_statistics, fake_quantized, quantizable_modules
 
 __all__ = [
@@ -276,7 +276,8 @@ class UtteranceScores:
         with_errors = {p.errors is not None for p in parts}
         if len(with_errors) != 1:
             raise ValueError("some shards were scored with transcripts and some without")
-        errors = tuple(e for p in parts for e in p.errors) if with_errors == {True} else None  # type: ignore[union-attr]
+        errors = (tuple(e for p in parts for e in p.errors)  # type: ignore[union-attr]
+                  if with_errors == {True} else None)
         return UtteranceScores(tuple(k for p in parts for k in p.kl), errors)
 
     def score(self) -> Score:
@@ -821,7 +822,8 @@ def search_plan(
             sensitive = delta > config.gamma
         else:
             sensitive = score.kl > config.kl_share * all_max.kl
-        report.sensitivity[group] = {"kl": score.kl, **({"wer": score.wer, "delta_wer": delta} if delta is not None else {})}
+        report.sensitivity[group] = {"kl": score.kl,
+                                     **({"wer": score.wer, "delta_wer": delta} if delta is not None else {})}
         if sensitive:
             report.sensitive_groups.append(group)
         say(f"sensitivity {group}: kl {score.kl:.3g}" + (f", dWER {delta:+.2f}" if delta is not None else "")
@@ -884,18 +886,22 @@ def search_plan(
         say(f"mixed precision: {len(report.promoted_groups)} group(s) at W{config.promote_weight_bits} "
             f"({report.promoted_share:.0%} of the weights)")
 
-    def without(floated: set[str]) -> Candidate:
-        """The plan as chosen, with the ``floated`` layers left in float."""
-        return quant({n: r for n, r in chosen.items() if n not in floated}, promoted)
+    def without(floated: set[str], refits: Mapping[str, RefitWeights] = {}) -> Candidate:
+        """The plan as chosen, with the ``floated`` layers left in float and ``refits`` swapped in."""
+        candidate = quant({n: r for n, r in chosen.items() if n not in floated}, promoted)
+        return {n: q.with_refit(refits[n]) if n in refits else q for n, q in candidate.items()}
 
     fallback_groups = dict(groups)
     stuck = [g for g in groups if g in report.kept_mse]
     if len(stuck) > 1:  # their errors may offset each other: floating one alone can make things worse
         fallback_groups[JOINT.join(stuck)] = [n for g in stuck for n in groups[g]]
     if config.float_share > 0:
+        # weigh each group's int8 error as the final plan will have it: after weight reconstruction
+        provisional = reconstruct_layers(model, without(set()), refit_names, calibration or []) if refit_names else {}
         report.float_groups, report.float_trials, report.kept_float_share = _upgrade_groups(
-            evaluator, fallback_groups, layer_flops(model, [m.name for m in modules]), without, config.float_share,
-            "flops", "float fallback", progress_bar)
+            evaluator, fallback_groups, layer_flops(model, [m.name for m in modules]),
+            lambda floated: without(floated, provisional), config.float_share, "flops", "float fallback",
+            progress_bar)
         say(f"float fallback: {len(report.float_groups)} group(s) kept float "
             f"({report.kept_float_share:.0%} of the FLOPs)")
     final = without({n for g in report.float_groups for n in fallback_groups[g]})

@@ -151,6 +151,28 @@ def test_search_drops_a_refit_that_does_not_help() -> None:
     assert plan.refits == {} and all(la.refit is None for la in plan.layers)
 
 
+def test_the_float_fallback_weighs_each_group_after_reconstruction() -> None:
+    """Every candidate that floats a group still computes its remaining CNN convs with refit weights."""
+    torch.set_num_threads(1)
+    model = build_model("tiny-wav2vec2", seed=0)
+    calibration = example_waves(0, 3, 8000)
+    config = SearchConfig(criterion="kl", act_bits=4, percentiles=(100.0,), float_share=0.5)
+    statistics, scales = search_statistics(model, calibration, config)
+    seen = []
+
+    class Recording(_RefitObjective):
+        def __call__(self, layers) -> Score:
+            seen.append(layers)
+            return super().__call__(layers)
+
+    _, report = search_plan(model, statistics, Recording(True), config, input_scales=scales, calibration=calibration)
+    searched = max(len(c) for c in seen)
+    floating = [c for c in seen if searched / 2 < len(c) < searched]  # one group left float, not a sensitivity trial
+    assert len(floating) >= len(report.float_trials) - 1 > 0
+    convs = [m.name for m in quantizable_modules(model) if m.op == "conv1d" and m.name != CONV.format(0)]
+    assert all(c[n].refit is not None for c in floating for n in convs if n in c)
+
+
 def test_search_with_refit_is_deterministic(searched) -> None:
     _, plan, _, _ = searched
     again = _search()[1]
