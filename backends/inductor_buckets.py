@@ -375,7 +375,8 @@ class BucketedInt8Model:
         else:
             logits = self._run_chunked(samples)
         if not bool(torch.isfinite(logits).all()):
-            raise NumericsError(f"the compiled int8 model produced {int((~torch.isfinite(logits)).sum())} NaN/Inf logit(s)")
+            bad = int((~torch.isfinite(logits)).sum())
+            raise NumericsError(f"the compiled int8 model produced {bad} NaN/Inf logit(s)")
         return logits
 
     def transcribe(self, wave: torch.Tensor) -> str:
@@ -413,7 +414,8 @@ def _check_buckets(buckets: Sequence[float]) -> tuple[int, ...]:
     if samples != sorted(set(samples)):
         raise AudioError(f"buckets must be increasing and distinct, got {list(buckets)}")
     if samples[0] < MIN_SAMPLES:
-        raise AudioError(f"bucket of {buckets[0]!r} s is shorter than the CNN's receptive field ({MIN_SAMPLES} samples)")
+        raise AudioError(f"bucket of {buckets[0]!r} s is shorter than the CNN's receptive field "
+                         f"({MIN_SAMPLES} samples)")
     return tuple(samples)
 
 

@@ -91,7 +91,8 @@ def main(argv: list[str] | None = None) -> int:
             forward = build_method("stablequant", model, calibration_waves, statistics, plan=variant_plan)
             texts, _ = transcribe(forward, utts)
             delta = paired_bootstrap_delta(refs, float_texts, texts)
-            accuracy[name][label] = {"wer": wer(refs, texts), "delta": delta.delta, "low": delta.low, "high": delta.high}
+            accuracy[name][label] = {"wer": wer(refs, texts), "delta": delta.delta, "low": delta.low,
+                                     "high": delta.high}
             lines.append(f"| {name} | {len(utts)} | {label} | {wer(refs, texts):.2f} | {delta} |")
     print("\n" + "\n".join(lines))
 

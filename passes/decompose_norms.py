@@ -50,7 +50,8 @@ def _normalise_4d(gm: GraphModule, x4: Node, eps: float) -> Node:
     graph = gm.graph
     mean = graph.call_function(aten.mean.dim, (x4, [2, 3], True))
     centred = graph.call_function(aten.sub.Tensor, (x4, mean))
-    variance = graph.call_function(aten.mean.dim, (graph.call_function(aten.mul.Tensor, (centred, centred)), [2, 3], True))
+    squared = graph.call_function(aten.mul.Tensor, (centred, centred))
+    variance = graph.call_function(aten.mean.dim, (squared, [2, 3], True))
     eps_node = graph.get_attr(add_constant(gm, "_norm_eps", torch.tensor([eps], dtype=torch.float32)))
     inverse = graph.call_function(aten.rsqrt.default, (graph.call_function(aten.add.Tensor, (variance, eps_node)),))
     return graph.call_function(aten.mul.Tensor, (centred, inverse))

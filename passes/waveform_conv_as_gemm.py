@@ -38,7 +38,8 @@ class WaveformConvAsGemmPass(NodeRewritePass):
         out_channels, in_channels, kernel = weight.shape
         if in_channels != 1 or groups != 1 or padding != 0 or dilation != 1 or weight.dtype != torch.float32:
             return None
-        name = add_constant(graph_module, f"{weight_node.target.replace('.', '_')}_as_gemm", weight.reshape(out_channels, kernel))
+        name = add_constant(graph_module, f"{weight_node.target.replace('.', '_')}_as_gemm",
+                            weight.reshape(out_channels, kernel))
         batch, samples = int(node.args[0].meta["val"].shape[0]), int(node.args[0].meta["val"].shape[-1])
         with graph.inserting_before(node):
             signal = graph.call_function(aten.reshape.default, (node.args[0], [batch, samples]))

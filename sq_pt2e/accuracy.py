@@ -153,7 +153,8 @@ class AccuracyTable:
             for method in methods:
                 row = []
                 for width in bits:
-                    cell = next((c for c in self.cells if (c.method, c.bits, c.eval_set) == (method, width, name)), None)
+                    key = (method, width, name)
+                    cell = next((c for c in self.cells if (c.method, c.bits, c.eval_set) == key), None)
                     if cell is None:
                         row.append("n/a")
                         continue

@@ -124,7 +124,8 @@ def add_search_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--passes", type=int, default=SearchConfig.passes,
                         help="passes of the percentile search over the sensitive groups; each pass after the first "
                              "revisits every group with the others at their chosen ranges, and the search stops "
-                             f"when a pass changes nothing (default {SearchConfig.passes}; 1: the paper's greedy order)")
+                             f"when a pass changes nothing (default {SearchConfig.passes}; "
+                             "1: the paper's greedy order)")
     parser.add_argument("--promote-bits", type=int, default=None,
                         help="mixed precision: give the groups whose weights gain most at this width (e.g. 8) these "
                              "weight bits, within --promote-share of the weights (default: off)")
@@ -209,7 +210,8 @@ def _cmd_quantize(args: argparse.Namespace) -> int:
     out = args.output_dir
     written = [plan.save(out / "plan.json"), *([refit_file(out / "plan.json")] if plan.refits else []),
                save_statistics(out / "statistics.npz", statistics),
-               atomic_write_text(out / "search_report.json", json.dumps(report.to_dict(), indent=2, default=float) + "\n")]
+               atomic_write_text(out / "search_report.json",
+                                 json.dumps(report.to_dict(), indent=2, default=float) + "\n")]
     if args.program_seconds > 0:
         written.append(_write_program(model, plan, calibration, args.program_seconds, out / "model_int8.pt2"))
     written += write_report(out, plan, statistics=statistics, search_path=out / "search_report.json")
@@ -556,7 +558,8 @@ def _build_parser() -> argparse.ArgumentParser:
                     "statistics.npz beside the plan are used when present.",
     )
     report.add_argument("--plan", type=Path, required=True, help="plan.json (from `sq-pt2e quantize` or hand-edited)")
-    report.add_argument("--search-report", type=Path, default=None, help="search_report.json (default: beside the plan)")
+    report.add_argument("--search-report", type=Path, default=None,
+                        help="search_report.json (default: beside the plan)")
     report.add_argument("--statistics", type=Path, default=None, help="statistics.npz (default: beside the plan)")
     report.add_argument("--accuracy", type=Path, default=None, help="accuracy.json from `sq-pt2e accuracy`")
     report.add_argument("--bench", type=Path, default=None, help="bench.json from `sq-pt2e bench`")
@@ -577,8 +580,8 @@ def _build_parser() -> argparse.ArgumentParser:
     accuracy.add_argument("--bits", nargs="+", default=["W8A8", "W6A6", "W4A8", "W4A4"])
     accuracy.add_argument("--methods", nargs="+",
                           default=["max", "percentile-99.99", "mse", "entropy", "cnn0-2-float", "x86-inductor-default",
-                                   "xnnpack-default", "dynamic-int8", "stablequant-paper", "stablequant", "stablequant-mixed",
-                                   "stablequant-fallback"])
+                                   "xnnpack-default", "dynamic-int8", "stablequant-paper", "stablequant",
+                                   "stablequant-mixed", "stablequant-fallback"])
     accuracy.add_argument("--gamma", type=float, default=0.25, help="sensitivity threshold in WER points")
     accuracy.add_argument("--max-calibration", type=int, default=32)
     accuracy.add_argument("--max-dev", type=int, default=100)

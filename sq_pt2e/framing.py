@@ -50,7 +50,10 @@ def cnn_geometry(model: nn.Module) -> Geometry:
 
 
 def frame_count(samples: int, geometry: Geometry) -> int:
-    """Frames the CNN produces from ``samples`` samples: ``L = (L - kernel) // stride + 1`` per layer (0 if too short)."""
+    """Frames the CNN produces from ``samples`` samples.
+
+    ``L = (L - kernel) // stride + 1`` per layer; 0 if the input is too short.
+    """
     length = int(samples)
     for kernel, stride in geometry:
         if length < kernel:

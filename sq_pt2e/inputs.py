@@ -29,7 +29,8 @@ import torch
 from sq_pt2e.data import OnError, Skipped, SkippedFile, Utterance, check_on_error, log_skipped
 from sq_pt2e.errors import AudioError
 
-__all__ = ["LoadedUtterance", "SearchSets", "UtteranceStream", "fixed_length", "search_sets", "load_one", "load_source", "load_utterances", "stream_source"]
+__all__ = ["LoadedUtterance", "SearchSets", "UtteranceStream", "fixed_length", "load_one", "load_source",
+           "load_utterances", "search_sets", "stream_source"]
 
 
 @dataclass(frozen=True)

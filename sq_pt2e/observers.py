@@ -173,7 +173,8 @@ def grid_floor(affine: bool, fixed_floor: float | None, hist: AbsHistogram | Non
 
 
 def act_qparams(act_range: float, bits: int, floor: float | None = None, *,
-                unsigned: bool = False, eps: float = float(torch.finfo(torch.float32).eps)) -> tuple[float, int, int, int]:
+                unsigned: bool = False, eps: float = float(torch.finfo(torch.float32).eps),
+                ) -> tuple[float, int, int, int]:
     """Scale, zero point and integer range of an input-activation grid.
 
     Args:

@@ -202,7 +202,8 @@ class LayerPlan:
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(data) - known)
         if unknown:
-            raise PlanError(f"{where}: unknown field(s) {unknown} in layer {data.get('name')!r} (known: {sorted(known)})")
+            raise PlanError(f"{where}: unknown field(s) {unknown} in layer {data.get('name')!r} "
+                            f"(known: {sorted(known)})")
         if "name" not in data:
             raise PlanError(f"{where}: a layer entry has no 'name' (fields: {sorted(data)})")
         fields = dict(data)
