@@ -663,12 +663,16 @@ class SearchCalibration:
 
 
 CalibrationCache = dict[tuple[object, ...], tuple[dict[str, AbsHistogram], dict[str, tuple[float, ...]]]]
+# collect(model, waves, input_scales) -> {layer: histogram of its (scaled) input}
+HistogramCollector = Callable[[nn.Module, Sequence[torch.Tensor], dict[str, tuple[float, ...]]],
+                              dict[str, AbsHistogram]]
 
 
 def run_search(model: nn.Module, calibration: Sequence[torch.Tensor], evaluator: Evaluator,
                config: SearchConfig | None = None, *, model_name: str = "",
                progress: Callable[[str], None] | None = None, progress_bar: bool | None = None,
-               cache: CalibrationCache | None = None) -> tuple[QuantPlan, SearchReport, SearchCalibration]:
+               cache: CalibrationCache | None = None, collect: HistogramCollector | None = None,
+               ) -> tuple[QuantPlan, SearchReport, SearchCalibration]:
     """The whole search: calibrate, then :func:`search_plan`, once per smoothing strength to choose from.
 
     With several ``config.smooth_alphas`` (and layers to smooth) the model is calibrated and
@@ -686,6 +690,7 @@ def run_search(model: nn.Module, calibration: Sequence[torch.Tensor], evaluator:
         progress_bar: as in :func:`search_plan`.
         cache: a dict kept by the caller: the calibration of each smoothing setting, reused
             by later searches on the same model and audio (e.g. at other bit widths).
+        collect: collects the histograms (default :func:`collect_statistics`; e.g. on a cluster).
 
     Returns:
         ``(plan, report, calibration)`` of the chosen alpha.
@@ -701,7 +706,7 @@ def run_search(model: nn.Module, calibration: Sequence[torch.Tensor], evaluator:
         at = dataclasses.replace(config, smooth_alpha=alpha)
         key = (alpha if smoothed_layers(model, at) else 0.0, config.smooth_ops, config.skip_ops, config.keep_float)
         if key not in cache:
-            cache[key] = search_statistics(model, calibration, at)
+            cache[key] = search_statistics(model, calibration, at, collect=collect)
         statistics, scales = cache[key]
         if len(alphas) > 1:
             say(f"smoothing alpha {alpha:g}:")
@@ -721,15 +726,25 @@ def run_search(model: nn.Module, calibration: Sequence[torch.Tensor], evaluator:
     return plan, report, calibrated
 
 
-def search_statistics(model: nn.Module, waves: Sequence[torch.Tensor], config: SearchConfig | None = None,
+def search_statistics(model: nn.Module, waves: Sequence[torch.Tensor], config: SearchConfig | None = None, *,
+                      collect: HistogramCollector | None = None,
                       ) -> tuple[dict[str, AbsHistogram], dict[str, tuple[float, ...]]]:
     """The search's calibration: smoothing factors (when configured), then histograms of the scaled inputs.
+
+    Args:
+        model: the float model.
+        waves: calibration waveforms.
+        config: search settings (smoothing).
+        collect: ``collect(model, waves, input_scales)`` -> histograms; default
+            :func:`collect_statistics` in this process.
 
     Returns:
         ``(statistics, input_scales)``; pass both to :func:`search_plan`.
     """
     scales = search_input_scales(model, waves, config or SearchConfig())
-    return collect_statistics(model, waves, input_scales=scales), scales
+    if collect is None:
+        return collect_statistics(model, waves, input_scales=scales), scales
+    return collect(model, waves, scales), scales
 
 
 def search_plan(

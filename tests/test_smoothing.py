@@ -234,3 +234,23 @@ def test_search_with_one_smoothing_strength_runs_once() -> None:
     _, report, calibrated = run_search(model, calibration, _PrefersScales(None), config)
     assert calibrated.smooth_alpha == 0.5 and report.smoothing_trials == {}
     assert calibrated.input_scales == search_statistics(model, calibration, SearchConfig(smooth_alpha=0.5))[1]
+
+
+def test_search_collects_its_histograms_with_the_given_collector() -> None:
+    """The distributed search passes its own collector: it must see every alpha's smoothing factors."""
+    from sq_pt2e.simulate import collect_statistics
+    from sq_pt2e.stablequant import run_search
+
+    model = build_model("tiny-wav2vec2", seed=0)
+    calibration = example_waves(0, 2, 8000)
+    config = SearchConfig(criterion="kl", smooth_alphas=(0.5, 1.0), refit_ops=(), percentiles=(100.0,))
+    seen = []
+
+    def collect(m, waves, scales):
+        seen.append(scales)
+        return collect_statistics(m, waves, input_scales=scales)
+
+    _, _, calibrated = run_search(model, calibration, _PrefersScales(None), config, collect=collect)
+    assert seen == [search_statistics(model, calibration, dataclasses.replace(config, smooth_alpha=a))[1]
+                    for a in (0.5, 1.0)]
+    assert calibrated.input_scales == seen[0]

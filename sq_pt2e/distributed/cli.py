@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import sys
 from pathlib import Path
@@ -37,7 +36,7 @@ def _runner_from(args: argparse.Namespace) -> Runner:
 
 def _cmd_quantize_distributed(args: argparse.Namespace) -> int:
     from sq_pt2e.cli import search_inputs
-    from sq_pt2e.stablequant import run_search, search_input_scales, search_plan
+    from sq_pt2e.stablequant import run_search
 
     model, sets, config = search_inputs(args)
     calibration, dev, references = sets.calibration, sets.dev, sets.references
@@ -49,15 +48,9 @@ def _cmd_quantize_distributed(args: argparse.Namespace) -> int:
         evaluator = DistributedEvaluator(model, [u.wave for u in dev], references,
                                          runner=runner, shards=args.shards, cache=cache)
         bar = False if args.no_progress else None
-        if len(set(config.smooth_alphas)) > 1:  # the choice calibrates once per alpha, here; scoring is distributed
-            plan, report, _ = run_search(model, waves, evaluator, config, model_name=args.model, progress=say,
-                                         progress_bar=bar)
-        else:
-            config = dataclasses.replace(config, smooth_alpha=(config.smooth_alphas or (config.smooth_alpha,))[0])
-            input_scales = search_input_scales(model, waves, config)
-            statistics = collect_statistics_distributed(model, waves, runner, input_scales=input_scales)
-            plan, report = search_plan(model, statistics, evaluator, config, model_name=args.model, progress=say,
-                                       progress_bar=bar, input_scales=input_scales, calibration=waves)
+        plan, report, _ = run_search(
+            model, waves, evaluator, config, model_name=args.model, progress=say, progress_bar=bar,
+            collect=lambda m, w, scales: collect_statistics_distributed(m, w, runner, input_scales=scales))
     plan.save(args.output_dir / "plan.json")
     atomic_write_text(args.output_dir / "search_report.json",
                       json.dumps({**report.to_dict(), "runner": runner.describe()}, indent=2, default=float) + "\n")
