@@ -26,8 +26,8 @@ from sq_pt2e.baselines import BASELINES, Bits, build_method
 from sq_pt2e.inputs import LoadedUtterance
 from sq_pt2e.stablequant import CalibrationCache, Evaluator, SearchConfig, collect_statistics, run_search
 
-__all__ = ["SEARCHED_METHODS", "AccuracyCell", "AccuracyTable", "build_accuracy_table", "method_applies", "transcribe",
-           "wer_against_float"]
+__all__ = ["COMPARED_METHODS", "SEARCHED_METHODS", "AccuracyCell", "AccuracyTable", "PairedComparison",
+           "build_accuracy_table", "method_applies", "paired_comparisons", "transcribe", "wer_against_float"]
 
 SEARCHED_METHODS: dict[str, dict[str, object]] = {
     "stablequant": {},
@@ -95,6 +95,30 @@ class AccuracyCell:
     best: bool = False
 
 
+@dataclass(frozen=True)
+class PairedComparison:
+    """WER of ``method`` minus WER of ``against`` in points, paired bootstrap 95 % interval.
+
+    Both ran on the same utterances at the same bit width in one run; a negative interval
+    means ``method`` is better beyond chance, a positive one that ``against`` is.
+    """
+
+    method: str
+    against: str
+    bits: str
+    eval_set: str
+    delta: float
+    low: float
+    high: float
+
+    def __str__(self) -> str:
+        return f"{self.delta:+.2f} [{self.low:+.2f}, {self.high:+.2f}]"
+
+
+# The methods compared pair by pair with every other method of their column (not with each other).
+COMPARED_METHODS = ("stablequant", "stablequant-fallback", "stablequant-mixed")
+
+
 @dataclass
 class AccuracyTable:
     """All cells, the float WERs, and how they were obtained.
@@ -109,14 +133,16 @@ class AccuracyTable:
     cells: list[AccuracyCell] = field(default_factory=list)
     search: dict[str, dict[str, object]] = field(default_factory=dict)
     seconds: float = 0.0
+    comparisons: list[PairedComparison] = field(default_factory=list)
 
     def to_json(self) -> str:
-        return json.dumps({**asdict(self), "cells": [asdict(c) for c in self.cells]}, indent=2, default=float) + "\n"
+        return json.dumps(asdict(self), indent=2, default=float) + "\n"
 
     @classmethod
     def from_json(cls, text: str) -> AccuracyTable:
         data = json.loads(text)
-        return cls(**{**data, "cells": [AccuracyCell(**c) for c in data["cells"]]})
+        return cls(**{**data, "cells": [AccuracyCell(**c) for c in data["cells"]],
+                      "comparisons": [PairedComparison(**c) for c in data.get("comparisons", [])]})
 
     def updated_with(self, newer: AccuracyTable) -> AccuracyTable:
         """This table with ``newer``'s cells (and search records) in place of the ones they measure again.
@@ -134,10 +160,13 @@ class AccuracyTable:
                              f"{self.float_wer}) with one of {newer.model} ({newer.utterances}, float WER "
                              f"{newer.float_wer}): rerun the whole table")
         fresh = {(c.method, c.bits, c.eval_set): c for c in newer.cells}
+        remeasured = set(fresh)
         cells = [fresh.pop((c.method, c.bits, c.eval_set), c) for c in self.cells] + list(fresh.values())
+        kept = [c for c in self.comparisons  # a comparison with a cell measured again is out of date
+                if not {(c.method, c.bits, c.eval_set), (c.against, c.bits, c.eval_set)} & remeasured]
         table = AccuracyTable(self.model, dict(self.float_wer), dict(self.utterances),
                               [replace(c, best=False) for c in cells], {**self.search, **newer.search},
-                              self.seconds + newer.seconds)
+                              self.seconds + newer.seconds, kept + list(newer.comparisons))
         _mark_best(table)
         return table
 
@@ -162,8 +191,25 @@ class AccuracyTable:
                             f"{cell.wer_vs_float_transcripts:.1f})")
                     row.append(f"**{text}**" if cell.best else text)
                 lines.append(f"| {method} | " + " | ".join(row) + " |")
-            lines.append("")
+            lines += ["", *self._comparison_lines(name, bits)]
         return "\n".join(lines)
+
+    def _comparison_lines(self, eval_set: str, bits: list[str]) -> list[str]:
+        """Each compared method against the best other method of each column (paired)."""
+        rows = []
+        for method in dict.fromkeys(c.method for c in self.comparisons if c.eval_set == eval_set):
+            row = []
+            for width in bits:
+                pairs = [c for c in self.comparisons if (c.method, c.bits, c.eval_set) == (method, width, eval_set)]
+                others = {c.method: c.wer for c in self.cells if (c.bits, c.eval_set) == (width, eval_set)}
+                best = min(pairs, key=lambda c: others[c.against], default=None)
+                row.append("n/a" if best is None else f"{best} vs {best.against}")
+            rows.append(f"| {method} | " + " | ".join(row) + " |")
+        if not rows:
+            return []
+        return ["Paired against the best other method of the column (WER difference in points [95% paired "
+                "bootstrap interval]; negative: better; every pair is in the JSON):", "",
+                "| method | " + " | ".join(bits) + " |", "|---|" + "---:|" * len(bits), *rows, ""]
 
 
 def method_applies(method: str, bits: Bits) -> bool:
@@ -198,6 +244,7 @@ def build_accuracy_table(
     references = [u.text for u in dev]
     evaluator = Evaluator(model, [u.wave for u in dev], references if all(references) else None)
     calibrations: CalibrationCache = {}  # one calibration pass per smoothing setting
+    transcripts: dict[tuple[str, str, str], list[str]] = {}
     for bits in bit_widths:
         for method in methods:
             if not method_applies(method, bits):
@@ -230,14 +277,35 @@ def build_accuracy_table(
                 refs = [u.text for u in utts]
                 float_texts, float_logits = reference[name]
                 texts, logits = transcribe(forward, utts)
+                transcripts[(method, str(bits), name)] = texts
                 delta = paired_bootstrap_delta(refs, float_texts, texts)
                 cosine = min(logit_agreement(f, q).cosine for f, q in zip(float_logits, logits, strict=True))
                 agree = wer_against_float(float_texts, texts)
                 table.cells.append(AccuracyCell(method, str(bits), name, wer(refs, texts), delta.delta, delta.low,
                                                 delta.high, agree, cosine))
     _mark_best(table)
+    table.comparisons = paired_comparisons(transcripts, {n: [u.text for u in utts] for n, utts in eval_sets.items()})
     table.seconds = time.perf_counter() - start
     return table
+
+
+def paired_comparisons(transcripts: dict[tuple[str, str, str], list[str]], references: dict[str, list[str]],
+                       ) -> list[PairedComparison]:
+    """Each of ``COMPARED_METHODS`` against every other method of the same bit width and evaluation set.
+
+    Args:
+        transcripts: ``{(method, bits, eval set): transcripts}``.
+        references: ``{eval set: reference transcripts}``.
+    """
+    comparisons = []
+    for (method, bits, name), texts in transcripts.items():
+        if method not in COMPARED_METHODS:
+            continue
+        for (against, other_bits, other_name), other in transcripts.items():
+            if (other_bits, other_name) == (bits, name) and against not in COMPARED_METHODS:
+                delta = paired_bootstrap_delta(references[name], other, texts)
+                comparisons.append(PairedComparison(method, against, bits, name, delta.delta, delta.low, delta.high))
+    return comparisons
 
 
 def wer_against_float(float_texts: Sequence[str], texts: Sequence[str]) -> float:

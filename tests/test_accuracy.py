@@ -17,7 +17,8 @@ def table():
     clean = load_source(None, shipped="test-clean")
     return build_accuracy_table(
         build_model("tiny-wav2vec2", seed=0), "tiny-wav2vec2", load_source(None, limit=2), clean[:2],
-        {"test-clean": clean}, bit_widths=(Bits(8, 8), Bits(4, 4)), methods=("max", "dynamic-int8", "stablequant-paper", "stablequant"),
+        {"test-clean": clean}, bit_widths=(Bits(8, 8), Bits(4, 4)),
+        methods=("max", "dynamic-int8", "stablequant-paper", "stablequant"),
         progress=lambda _line: None,
     )
 
@@ -26,7 +27,8 @@ def test_every_supported_method_and_width_has_a_cell(table) -> None:
     cells = {(c.method, c.bits) for c in table.cells}
     assert cells == {("max", "W8A8"), ("dynamic-int8", "W8A8"), ("stablequant", "W8A8"), ("max", "W4A4"),
                      ("stablequant", "W4A4"), ("stablequant-paper", "W8A8"), ("stablequant-paper", "W4A4")}
-    assert set(table.search) == {"W8A8 stablequant", "W4A4 stablequant", "W8A8 stablequant-paper", "W4A4 stablequant-paper"}
+    assert set(table.search) == {"W8A8 stablequant", "W4A4 stablequant", "W8A8 stablequant-paper",
+                                 "W4A4 stablequant-paper"}
 
 
 def test_exactly_the_lowest_wer_per_column_is_marked_best(table) -> None:
@@ -47,8 +49,34 @@ def test_markdown_and_json(table) -> None:
     data = json.loads(table.to_json())
     assert data["utterances"] == {"test-clean": 4} and len(data["cells"]) == 7
     rows = [line for line in table.to_markdown().splitlines() if line.startswith("| ")]
-    assert len(rows) == 1 + 4  # header + one row per method
+    assert len(rows) == (1 + 4) + (1 + 1)  # header + one row per method; the same for the paired comparisons
     assert "n/a" in table.to_markdown()  # dynamic int8 has no W4A4
+
+
+def test_stablequant_is_compared_pair_by_pair_with_every_other_method_of_its_column(table) -> None:
+    pairs = {(c.against, c.bits) for c in table.comparisons}
+    assert pairs == {("max", "W8A8"), ("dynamic-int8", "W8A8"), ("stablequant-paper", "W8A8"), ("max", "W4A4"),
+                     ("stablequant-paper", "W4A4")}
+    wer_of = {(c.method, c.bits): c.wer for c in table.cells}
+    for c in table.comparisons:
+        assert c.method == "stablequant" and c.eval_set == "test-clean" and c.low <= c.delta <= c.high
+        assert c.delta == pytest.approx(wer_of[("stablequant", c.bits)] - wer_of[(c.against, c.bits)], abs=1e-6)
+    text = table.to_markdown()
+    best = min((c for c in table.comparisons if c.bits == "W8A8"), key=lambda c: wer_of[(c.against, "W8A8")])
+    assert "Paired against the best other method" in text and f"{best} vs {best.against}" in text
+
+
+def test_paired_comparisons_say_which_method_is_better_beyond_chance() -> None:
+    from sq_pt2e.accuracy import paired_comparisons
+
+    refs = [f"WORD{i} MORE WORDS HERE" for i in range(40)]
+    wrong = ["X MORE WORDS HERE"] * 40
+    transcripts = {("stablequant", "W8A8", "s"): refs, ("max", "W8A8", "s"): wrong, ("max", "W4A4", "s"): refs,
+                   ("stablequant-fallback", "W8A8", "s"): wrong}
+    found = {(c.method, c.against): c for c in paired_comparisons(transcripts, {"s": refs})}
+    assert set(found) == {("stablequant", "max"), ("stablequant-fallback", "max")}
+    assert found[("stablequant", "max")].high < 0 and found[("stablequant", "max")].delta == pytest.approx(-25.0)
+    assert found[("stablequant-fallback", "max")].delta == 0.0
 
 
 def test_wer_against_float_leaves_out_utterances_with_an_empty_float_transcript() -> None:
@@ -76,6 +104,7 @@ def test_an_update_replaces_the_cells_it_measures_again_and_keeps_the_rest(table
         assert new.wer == (-1.0 if old.method == "max" else old.wer)
         assert new.best == (old.method == "max")  # the new lowest WER of both columns
     assert set(updated.search) == set(table.search) | {"W8A8 max"}
+    assert updated.comparisons == [c for c in table.comparisons if c.against != "max"]  # out of date: dropped
     other = AccuracyTable("tiny-hubert", dict(table.float_wer), dict(table.utterances))
     with pytest.raises(ValueError, match="rerun the whole table"):
         earlier.updated_with(other)
