@@ -218,9 +218,13 @@ def _evaluate_sets(folder: Path, corpus: Path) -> dict[str, dict[str, float]]:
     results = {"synthetic test, shipped (unseen sentences and voices)":
                error_rates([u.text for u in shipped], hyps)}
     voices = synthetic_voices()
-    for voice in sorted({voices.get(u.id, "unknown voice") for u in shipped}):
-        picked = [(u.text, h) for u, h in zip(shipped, hyps, strict=True) if voices.get(u.id, "unknown voice") == voice]
-        results[f"synthetic test, shipped: {voice}"] = error_rates(*zip(*picked, strict=True))
+    by_voice: dict[str, tuple[list[str], list[str]]] = {}
+    for utt, hyp in zip(shipped, hyps, strict=True):
+        refs, voice_hyps = by_voice.setdefault(voices.get(utt.id, "unknown voice"), ([], []))
+        refs.append(utt.text)
+        voice_hyps.append(hyp)
+    for voice, (refs, voice_hyps) in sorted(by_voice.items()):
+        results[f"synthetic test, shipped: {voice}"] = error_rates(refs, voice_hyps)
     sets: dict[str, list[Utterance]] = {}
     if (corpus / "test.tsv").exists():
         sets["synthetic test, full corpus split"] = read_split(corpus, "test")
