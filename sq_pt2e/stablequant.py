@@ -901,10 +901,11 @@ def search_plan(
         say(f"mixed precision: {len(report.promoted_groups)} group(s) at W{config.promote_weight_bits} "
             f"({report.promoted_share:.0%} of the weights)")
 
-    def without(floated: set[str], refits: Mapping[str, RefitWeights] = {}) -> Candidate:
+    def without(floated: set[str], refits: Mapping[str, RefitWeights] | None = None) -> Candidate:
         """The plan as chosen, with the ``floated`` layers left in float and ``refits`` swapped in."""
         candidate = quant({n: r for n, r in chosen.items() if n not in floated}, promoted)
-        return {n: q.with_refit(refits[n]) if n in refits else q for n, q in candidate.items()}
+        swapped = refits or {}
+        return {n: q.with_refit(swapped[n]) if n in swapped else q for n, q in candidate.items()}
 
     fallback_groups = dict(groups)
     stuck = [g for g in groups if g in report.kept_mse]
