@@ -195,8 +195,8 @@ _COMPILE_ONCE = textwrap.dedent(
     from sq_pt2e.backends.inductor_buckets import BucketedInt8Model
     from sq_pt2e.models import build_model
     from sq_pt2e.testing import example_waves
-    runner = BucketedInt8Model(build_model("tiny-hubert"), None, example_waves(2, 2, 8000), buckets=(0.5,), overlap_seconds=0.1,
-                               threads=1, cache_dir=sys.argv[1], compile_now=(0.5,))
+    runner = BucketedInt8Model(build_model("tiny-hubert"), None, example_waves(2, 2, 8000), buckets=(0.5,),
+                               overlap_seconds=0.1, threads=1, cache_dir=sys.argv[1], compile_now=(0.5,))
     report = runner.reports[8000]
     print(json.dumps({"bypass": counters["inductor"]["fxgraph_cache_bypass"],
                       "seconds": report.compile_seconds, "kernels": report.inductor.int8_kernel_count}))

@@ -15,7 +15,8 @@ from sq_pt2e.models import build_model
     ("aten::mkldnn_convolution", "float GEMM / conv"),
     ("aten::addmm", "float GEMM / conv"),
     ("aten::_scaled_dot_product_flash_attention_for_cpu", "float attention"),
-    ("graph_0_cpp_fused_add_native_layer_norm_quantize_per_tensor_41", "inductor fused kernels (norms, activations, q/dq, copies)"),
+    ("graph_0_cpp_fused_add_native_layer_norm_quantize_per_tensor_41",
+     "inductor fused kernels (norms, activations, q/dq, copies)"),
     ("## Call CompiledFxGraph None ##", "framework (dispatch, guards, wrappers)"),
     ("aten::empty", "framework (dispatch, guards, wrappers)"),
     ("aten::gelu", "other"),
@@ -25,9 +26,11 @@ def test_events_are_sorted_into_kinds(event: str, kind: str) -> None:
 
 
 def test_kinds_sum_to_the_total_and_the_table_lists_the_largest_first() -> None:
-    profile = KernelProfile("x", 10.0, [KernelTime("onednn::qlinear_pointwise", kind_of("onednn::qlinear_pointwise"), 6.0, 2),
-                                        KernelTime("aten::addmm", kind_of("aten::addmm"), 1.0, 1),
-                                        KernelTime("aten::mm", kind_of("aten::mm"), 3.0, 1)])
+    profile = KernelProfile("x", 10.0, [
+        KernelTime("onednn::qlinear_pointwise", kind_of("onednn::qlinear_pointwise"), 6.0, 2),
+        KernelTime("aten::addmm", kind_of("aten::addmm"), 1.0, 1),
+        KernelTime("aten::mm", kind_of("aten::mm"), 3.0, 1),
+    ])
     assert profile.by_kind() == {"int8 GEMM / conv (oneDNN)": 6.0, "float GEMM / conv": 4.0}
     table = profile.to_markdown(top=2)
     assert "| int8 GEMM / conv (oneDNN) | 6.0 | 60.0 % |" in table

@@ -209,7 +209,8 @@ def test_per_channel_qscheme_and_a_floor_on_a_symmetric_grid_are_rejected() -> N
         AbsHistogramObserver(fixed_floor=-0.1)
 
 
-@pytest.mark.parametrize(("dtype", "quant_min", "quant_max", "offset"), [(torch.uint8, 0, 254, 0), (torch.int8, -127, 127, -127)])
+@pytest.mark.parametrize(("dtype", "quant_min", "quant_max", "offset"),
+                         [(torch.uint8, 0, 254, 0), (torch.int8, -127, 127, -127)])
 def test_affine_grid_covers_min_to_range_with_the_same_levels(dtype, quant_min, quant_max, offset) -> None:
     observer = AbsHistogramObserver(dtype=dtype, qscheme=torch.per_tensor_affine, quant_min=quant_min,
                                     quant_max=quant_max, layer=LAYER)

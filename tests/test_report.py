@@ -152,7 +152,8 @@ def test_statistics_file_errors_name_the_file(tmp_path) -> None:
 
 
 def test_search_section_lists_the_upgraded_groups() -> None:
-    search = {"float_score": {"kl": 0.0}, "config": {"promote_weight_bits": 8, "promote_share": 0.25, "float_share": 0.3},
+    search = {"float_score": {"kl": 0.0},
+              "config": {"promote_weight_bits": 8, "promote_share": 0.25, "float_share": 0.3},
               "promotion_trials": {"g1": {"kl": 0.1}}, "promoted_groups": ["g1"], "promoted_share": 0.12,
               "float_trials": {"g2": {"kl": 0.1}}, "float_groups": ["g2"], "kept_float_share": 0.29}
     text = "\n".join(_search_section(search))

@@ -92,5 +92,6 @@ def test_errors_in_simulation_name_the_layer() -> None:
         plan_layer_quants(model, uniform_plan("max", Bits(8, 8)), statistics)
     with torch.no_grad():
         target.module.weight[0, 0] = float("nan")
-    with pytest.raises(QuantizationError, match=target.name), fake_quantized(model, {target.name: LayerQuant(1.0, 8, 8)}):
-        pass
+    with pytest.raises(QuantizationError, match=target.name):
+        with fake_quantized(model, {target.name: LayerQuant(1.0, 8, 8)}):
+            pass
