@@ -195,13 +195,47 @@ def test_a_resume_that_toggles_time_masking_gets_a_fresh_optimizer(tmp_path) -> 
 
 
 def test_recipe_changes_ignore_bookkeeping_and_default_missing_fields() -> None:
-    from sq_pt2e.train.trainer import recipe_changes, regularization_overrides
+    from sq_pt2e.train.trainer import model_overrides, recipe_changes
 
     assert recipe_changes({"lr": 2e-3}, TrainConfig(threads=2, eval_every_s=1.0)) == {}
     assert recipe_changes({}, TrainConfig(dropout=0.1)) == {"dropout": [0.05, 0.1]}
-    assert regularization_overrides(TrainConfig(dropout=0.1, mask_time_prob=0.0)) == {
-        "hidden_dropout": 0.1, "attention_dropout": 0.1, "activation_dropout": 0.1, "feat_proj_dropout": 0.1,
-        "mask_time_prob": 0.0}
+    assert model_overrides(TrainConfig(dropout=0.1, mask_time_prob=0.0, layers=6)) == {
+        "num_hidden_layers": 6, "hidden_dropout": 0.1, "attention_dropout": 0.1, "activation_dropout": 0.1,
+        "feat_proj_dropout": 0.1, "mask_time_prob": 0.0}
+
+
+def test_grow_layers_repeats_each_layer_in_place_and_leaves_the_rest() -> None:
+    from sq_pt2e.train.trainer import grow_layers
+
+    weights = {"w.encoder.layers.0.fc.weight": torch.zeros(2), "w.encoder.layers.1.fc.weight": torch.ones(2),
+               "w.encoder.layer_norm.weight": torch.full((2,), 7.0), "lm_head.bias": torch.full((3,), 5.0)}
+    grown = grow_layers(weights, 4)
+    assert sorted(grown) == sorted(["w.encoder.layers.0.fc.weight", "w.encoder.layers.1.fc.weight",
+                                    "w.encoder.layers.2.fc.weight", "w.encoder.layers.3.fc.weight",
+                                    "w.encoder.layer_norm.weight", "lm_head.bias"])
+    assert [float(grown[f"w.encoder.layers.{k}.fc.weight"][0]) for k in range(4)] == [0.0, 0.0, 1.0, 1.0]
+    assert grown["w.encoder.layers.1.fc.weight"] is not weights["w.encoder.layers.0.fc.weight"]
+    assert float(grown["lm_head.bias"][0]) == 5.0
+    assert grow_layers(weights, 2).keys() == weights.keys()
+
+
+def test_a_run_deepened_from_a_shallower_folder_starts_from_its_layers(tmp_path) -> None:
+    utts = _clips(tmp_path, (0.6,))
+    train("ref-wav2vec2", utts, utts, tmp_path / "run", config=_config(layers=2), max_steps=1, progress=False)
+    shipped = tmp_path / "shipped"
+    shutil.copytree(tmp_path / "run" / "best", shipped)
+    other_dev = [Utterance("d", utts[0].path, "HI")]  # a new dev set: the first evaluation saves best/
+    record = train("ref-wav2vec2", utts, other_dev, tmp_path / "deep", config=_config(layers=3, lr=0.0),
+                   max_steps=1, progress=False, init_from=shipped)
+    assert record["step"] == 2
+    deep = json.loads((tmp_path / "deep" / "best" / "config.json").read_text())
+    assert deep["num_hidden_layers"] == 3
+    state = torch.load(tmp_path / "deep" / "state.pt", weights_only=False)
+    assert state["counters"]["recipe_changes"] == [{"step": 1, "changes": {"lr": [1e-3, 0.0], "layers": [2, 3]}}]
+    shallow = torch.load(tmp_path / "run" / "state.pt", weights_only=False)["model"]
+    for new, old in ((0, 0), (1, 0), (2, 1)):  # 2 -> 3 layers: 0, 0, 1 (weights unchanged at lr 0)
+        key = "wav2vec2.encoder.layers.{}.feed_forward.output_dense.weight"
+        torch.testing.assert_close(state["model"][key.format(new)], shallow[key.format(old)])
 
 
 def test_model_folder_has_the_hugging_face_layout(tmp_path) -> None:

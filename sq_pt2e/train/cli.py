@@ -71,6 +71,9 @@ def _parser() -> argparse.ArgumentParser:
                      help="SpecAugment time-masking probability (default: the recipe's)")
     run.add_argument("--speed-perturb", type=float, default=None,
                      help="resample each training clip by a random factor in [1-S, 1+S] (default: the recipe's)")
+    run.add_argument("--layers", type=int, default=None,
+                     help="Transformer layers (default: the recipe's); weights of a shallower model are deepened "
+                          "by repeating each layer in place")
     run.add_argument("--bf16", action="store_true", default=None,
                      help="bfloat16 autocast in the training forward pass (fast on CPUs with AMX-BF16)")
     run.add_argument("--no-init", action="store_true",
@@ -147,10 +150,10 @@ def _train(args: argparse.Namespace) -> int:
     return 0
 
 
-def _recipe_arguments(args: argparse.Namespace) -> dict[str, float | bool]:
+def _recipe_arguments(args: argparse.Namespace) -> dict[str, float | bool | int]:
     """The ``TrainConfig`` fields given on the command line."""
     given = {"total_steps": args.total_steps, "dropout": args.dropout, "mask_time_prob": args.mask_time_prob,
-             "bf16": args.bf16, "speed_perturb": args.speed_perturb}
+             "bf16": args.bf16, "speed_perturb": args.speed_perturb, "layers": args.layers}
     return {k: v for k, v in given.items() if v is not None}
 
 

@@ -26,6 +26,7 @@ import hashlib
 import json
 import math
 import os
+import re
 import time
 import warnings
 from collections.abc import Callable, Sequence
@@ -49,11 +50,12 @@ __all__ = [
     "REFERENCE_MODELS",
     "TrainConfig",
     "recipe_changes",
-    "regularization_overrides",
+    "model_overrides",
     "default_config",
     "build_reference_model",
     "encode_transcript",
     "evaluate",
+    "grow_layers",
     "lr_factor",
     "save_model_folder",
     "train",
@@ -112,6 +114,8 @@ class TrainConfig:
             ``[1 - speed_perturb, 1 + speed_perturb]`` (seeded per step): tempo, pitch and
             formants move together, as with sox ``speed``, which makes new voices of the
             same speakers (0: off).
+        layers: Transformer layers. Weights of a shallower model (the shipped folder or the
+            run's state) are deepened to this many by :func:`grow_layers`.
     """
 
     lr: float = 2e-3
@@ -134,6 +138,7 @@ class TrainConfig:
     mask_time_prob: float = 0.05
     bf16: bool = False
     speed_perturb: float = 0.0
+    layers: int = 4
 
 
 # Fields that change how a run trains (not where or how fast it runs): a resumed run
@@ -141,11 +146,34 @@ class TrainConfig:
 _BOOKKEEPING_FIELDS = ("threads", "save_every_s", "eval_every_s")
 
 
-def regularization_overrides(config: TrainConfig) -> dict[str, float]:
-    """The model-config fields that carry ``config``'s dropout and time masking."""
-    return {"hidden_dropout": config.dropout, "attention_dropout": config.dropout,
-            "activation_dropout": config.dropout, "feat_proj_dropout": config.dropout,
-            "mask_time_prob": config.mask_time_prob}
+def model_overrides(config: TrainConfig) -> dict[str, float]:
+    """The model-config fields that carry ``config``'s depth, dropout and time masking."""
+    return {"num_hidden_layers": config.layers, "hidden_dropout": config.dropout,
+            "attention_dropout": config.dropout, "activation_dropout": config.dropout,
+            "feat_proj_dropout": config.dropout, "mask_time_prob": config.mask_time_prob}
+
+
+_LAYER_KEY = re.compile(r"^(.*\.encoder\.layers\.)(\d+)(\..+)$")
+
+
+def grow_layers(weights: dict[str, torch.Tensor], layers: int) -> dict[str, torch.Tensor]:
+    """``weights`` of a shallower model deepened to ``layers`` Transformer layers, each layer repeated in place.
+
+    New layer ``k`` starts as a copy of old layer ``k * old // layers`` (4 -> 8: 0, 0, 1, 1,
+    2, 2, 3, 3), so each stage of the shallow network keeps its position; training then
+    adapts the copies. Weights that are not shallower come back unchanged (loading reports
+    any other mismatch).
+    """
+    matches = {key: m for key in weights if (m := _LAYER_KEY.match(key))}
+    old = 1 + max((int(m.group(2)) for m in matches.values()), default=-1)
+    if old == 0 or old >= layers:
+        return dict(weights)
+    grown = {key: value for key, value in weights.items() if key not in matches}
+    for key, m in matches.items():
+        for k in range(layers):
+            if k * old // layers == int(m.group(2)):
+                grown[f"{m.group(1)}{k}{m.group(3)}"] = weights[key].clone()
+    return grown
 
 
 def recipe_changes(previous: dict[str, Any], config: TrainConfig) -> dict[str, list[Any]]:
@@ -411,7 +439,9 @@ def _load_weights(model: PreTrainedModel, weights: dict[str, torch.Tensor]) -> N
 
     Transformers creates ``masked_spec_embed`` only when time masking is on, so a run that
     turns masking off drops it and one that turns it on keeps its fresh initialisation.
+    Weights of a shallower model are deepened first (:func:`grow_layers`).
     """
+    weights = grow_layers(weights, model.config.num_hidden_layers)
     own = model.state_dict()
     kept = {k: v for k, v in weights.items() if k in own or not k.endswith("masked_spec_embed")}
     missing, unexpected = model.load_state_dict(kept, strict=False)
@@ -423,7 +453,7 @@ def _resume(run: Path, name: str, config: TrainConfig, init_from: str | os.PathL
             ) -> tuple[PreTrainedModel, torch.optim.Optimizer, _State]:
     """Model, optimizer and counters: from ``run/state.pt``, else ``init_from``, else fresh (seeded)."""
     torch.manual_seed(config.seed)
-    model = build_reference_model(name, **regularization_overrides(config))
+    model = build_reference_model(name, **model_overrides(config))
     state = _State()
     state_path = run / "state.pt"
     saved = None
@@ -453,7 +483,7 @@ def _resume(run: Path, name: str, config: TrainConfig, init_from: str | os.PathL
     if saved is not None:
         try:
             optimizer.load_state_dict(saved["optimizer"])
-        except ValueError as exc:  # another parameter set, e.g. time masking toggled (masked_spec_embed)
+        except ValueError as exc:  # another parameter set: time masking toggled (masked_spec_embed), deeper
             state.rewarm_from = state.step
             warnings.warn(f"{state_path}: the saved optimizer state does not fit this model ({exc}); training goes "
                           f"on from the saved weights with a fresh optimizer (re-warm-up from step {state.step})",
