@@ -146,7 +146,7 @@ class TrainConfig:
 _BOOKKEEPING_FIELDS = ("threads", "save_every_s", "eval_every_s")
 
 
-def model_overrides(config: TrainConfig) -> dict[str, float]:
+def model_overrides(config: TrainConfig) -> dict[str, int | float]:
     """The model-config fields that carry ``config``'s depth, dropout and time masking."""
     return {"num_hidden_layers": config.layers, "hidden_dropout": config.dropout,
             "attention_dropout": config.dropout, "activation_dropout": config.dropout,
@@ -483,7 +483,7 @@ def _resume(run: Path, name: str, config: TrainConfig, init_from: str | os.PathL
     if saved is not None:
         try:
             optimizer.load_state_dict(saved["optimizer"])
-        except ValueError as exc:  # another parameter set: time masking toggled (masked_spec_embed), deeper
+        except ValueError as exc:  # other parameters: time masking toggled (masked_spec_embed) or more layers
             state.rewarm_from = state.step
             warnings.warn(f"{state_path}: the saved optimizer state does not fit this model ({exc}); training goes "
                           f"on from the saved weights with a fresh optimizer (re-warm-up from step {state.step})",
