@@ -11,7 +11,32 @@ Example:
     >>> int8_model = convert_pt2e(prepared)
 """
 
-from sq_pt2e.errors import (
+import logging
+
+
+def _import_dependencies_quietly() -> None:
+    """Import torchao and transformers without import-time warnings that do not concern CPU inference.
+
+    A CPU build of torch cannot load torchao's CUDA-only extensions (one warning each), and
+    torch warns once per Enum that torchao registers as a pytree constant (some on import of
+    transformers, which loads torchao's prototype formats).
+    """
+    loggers = [logging.getLogger(name) for name in ("torchao", "torch.utils._pytree")]
+    levels = [logger.level for logger in loggers]
+    for logger in loggers:
+        logger.setLevel(logging.ERROR)
+    try:
+        import torchao.quantization  # noqa: F401
+        import transformers.modeling_utils  # noqa: F401
+    finally:
+        for logger, level in zip(loggers, levels):
+            logger.setLevel(level)
+
+
+_import_dependencies_quietly()
+
+from sq_pt2e.errors import (  # noqa: E402
+
     AudioError,
     BackendError,
     CheckpointError,
