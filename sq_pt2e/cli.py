@@ -36,6 +36,22 @@ def _add_model_argument(parser: argparse.ArgumentParser, default: str | None = N
     parser.add_argument("--seed", type=int, default=0, help="seed of random weights and inputs (default 0)")
 
 
+def _add_threads_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--threads", type=int, default=None,
+                        help="intra-op threads (default: torch's; use 1 per run when several runs share a machine)")
+
+
+def _set_threads(threads: int | None) -> None:
+    """Honour ``--threads`` (None: leave torch's default)."""
+    if threads is None:
+        return
+    if threads < 1:
+        raise ValueError(f"--threads must be at least 1, got {threads}")
+    import torch
+
+    torch.set_num_threads(threads)
+
+
 def _cmd_profile(args: argparse.Namespace) -> int:
     import torch
 
@@ -196,6 +212,7 @@ def _cmd_quantize(args: argparse.Namespace) -> int:
     from sq_pt2e.stablequant import Evaluator, run_search
     from sq_pt2e.stats_file import save_statistics
 
+    _set_threads(args.threads)
     model, sets, config = search_inputs(args)
     calibration, dev, references, criterion = sets.calibration, sets.dev, sets.references, sets.criterion
     print(f"calibrating on {len(calibration)} utterance(s), searching on {len(dev)} ({criterion}) ...",
@@ -264,10 +281,7 @@ def _cmd_accuracy(args: argparse.Namespace) -> int:
     from sq_pt2e.models import load_model
     from sq_pt2e.stablequant import SearchConfig
 
-    import torch
-
-    if args.threads is not None:
-        torch.set_num_threads(args.threads)
+    _set_threads(args.threads)
     model = load_model(args.model, seed=args.seed)
     calibration = load_source(args.calibration, limit=args.max_calibration, on_error=args.on_error)
     dev = load_source(args.dev, limit=args.max_dev, on_error=args.on_error)
@@ -404,6 +418,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     from sq_pt2e.models import load_model
     from sq_pt2e.simulate import collect_statistics
 
+    _set_threads(args.threads)
     model = load_model(args.model, seed=args.seed)
     eval_sets = _eval_sets(args.eval, args.max_eval, args.on_error)
     float_forward = build_method("float32", model, [], {})
@@ -547,6 +562,7 @@ def _build_parser() -> argparse.ArgumentParser:
     quantize.add_argument("--int8-attention", action="store_true",
                           help="also quantize the attention matmuls (plan attention='int8'): inductor fuses them "
                                "into torchao's int8 attention kernel, on AMX-INT8 CPUs only")
+    _add_threads_argument(quantize)
     quantize.add_argument("--output-dir", type=Path, required=True)
     quantize.set_defaults(run=_cmd_quantize)
 
@@ -591,8 +607,7 @@ def _build_parser() -> argparse.ArgumentParser:
     accuracy.add_argument("--update", type=Path, default=None, metavar="ACCURACY_JSON",
                           help="an earlier accuracy.json of the same model and evaluation sets: keep its cells, "
                                "replacing those this run measures again (e.g. one method after a change)")
-    accuracy.add_argument("--threads", type=int, default=None,
-                          help="intra-op threads (default: torch's; use 1 per run when several runs share a machine)")
+    _add_threads_argument(accuracy)
     accuracy.add_argument("--output-dir", type=Path, default=None)
     accuracy.set_defaults(run=_cmd_accuracy)
 
@@ -653,6 +668,7 @@ def _build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--max-eval", type=int, default=None)
     evaluate.add_argument("--on-error", choices=["raise", "skip"], default="raise",
                           help="skip: leave out (and list) unreadable files instead of stopping")
+    _add_threads_argument(evaluate)
     evaluate.add_argument("--output-dir", type=Path, default=None)
     evaluate.set_defaults(run=_cmd_eval)
 

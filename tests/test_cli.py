@@ -60,12 +60,22 @@ def test_quantize_verb_writes_a_plan_that_loads(tmp_path) -> None:
     assert (tmp_path / "search_report.json").exists() and (tmp_path / "sensitivity.png").stat().st_size > 1000
 
 
-def test_quantize_verb_passes_its_search_options_to_the_search(tmp_path) -> None:
+def test_quantize_verb_passes_its_search_options_to_the_search(tmp_path, monkeypatch) -> None:
+    import torch
+
+    threads: list[int] = []
+    monkeypatch.setattr(torch, "set_num_threads", threads.append)
     code = main(["quantize", "--model", "tiny-hubert", "--max-calibration", "4", "--passes", "1", "--smooth-alpha",
-                 "0", "--output-dir", str(tmp_path)])
+                 "0", "--threads", "1", "--output-dir", str(tmp_path)])
     assert code == EXIT_OK
     config = json.loads((tmp_path / "search_report.json").read_text())["config"]
     assert config["passes"] == 1 and config["smooth_alpha"] == 0.0
+    assert threads == [1]
+
+
+def test_a_thread_count_below_one_is_refused(capsys) -> None:
+    assert main(["eval", "--model", "tiny-wav2vec2", "--threads", "0"]) == EXIT_FAILED
+    assert "--threads must be at least 1, got 0" in capsys.readouterr().err
 
 
 def test_quantize_verb_reports_a_missing_audio_source(tmp_path, capsys) -> None:
