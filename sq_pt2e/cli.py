@@ -155,7 +155,13 @@ def add_search_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-refit", action="store_true",
                         help="keep every layer's own weights (default: the quantized CNN convs get weights refit by "
                              "least squares to their int8 inputs, kept when that lowers the dev score)")
-    parser.add_argument("--gamma", type=float, default=0.25, help="sensitivity threshold in WER points")
+    parser.add_argument("--gamma", type=float, default=SearchConfig.gamma,
+                        help="with --criterion wer: a group is sensitive when quantizing it alone (max ranges) "
+                             f"raises dev WER by more than this many points (default {SearchConfig.gamma})")
+    parser.add_argument("--kl-share", type=float, default=SearchConfig.kl_share,
+                        help="with --criterion kl: a group is sensitive when quantizing it alone (max ranges) costs "
+                             "more than this share of the logit KL of quantizing every layer "
+                             f"(default {SearchConfig.kl_share})")
     parser.add_argument("--percentiles", type=float, nargs="+", default=list(DEFAULT_PERCENTILES),
                         help="clip percentiles tried for sensitive groups, in order")
     parser.add_argument("--max-calibration", type=int, default=32, help="calibration utterances to use")
@@ -196,7 +202,7 @@ def search_inputs(args: argparse.Namespace) -> tuple[object, object, object]:
     model = load_model(args.model, seed=args.seed)
     sets = search_sets(args.calibration, args.dev, max_calibration=args.max_calibration, max_dev=args.max_dev,
                        criterion=args.criterion, on_error=args.on_error)
-    config = SearchConfig(gamma=args.gamma, percentiles=tuple(args.percentiles), granularity=args.granularity,
+    config = SearchConfig(gamma=args.gamma, kl_share=args.kl_share, percentiles=tuple(args.percentiles), granularity=args.granularity,
                           reading=args.reading, criterion=sets.criterion, weight_bits=bits.weight, act_bits=bits.act,
                           act_scheme=args.act_scheme, start=args.start, smooth_alpha=args.smooth_alpha[0],
                           smooth_alphas=tuple(args.smooth_alpha),

@@ -66,10 +66,10 @@ def test_quantize_verb_passes_its_search_options_to_the_search(tmp_path, monkeyp
     threads: list[int] = []
     monkeypatch.setattr(torch, "set_num_threads", threads.append)
     code = main(["quantize", "--model", "tiny-hubert", "--max-calibration", "4", "--passes", "1", "--smooth-alpha",
-                 "0", "--threads", "1", "--output-dir", str(tmp_path)])
+                 "0", "--kl-share", "0.1", "--threads", "1", "--output-dir", str(tmp_path)])
     assert code == EXIT_OK
     config = json.loads((tmp_path / "search_report.json").read_text())["config"]
-    assert config["passes"] == 1 and config["smooth_alpha"] == 0.0
+    assert config["passes"] == 1 and config["smooth_alpha"] == 0.0 and config["kl_share"] == 0.1
     assert threads == [1]
 
 
