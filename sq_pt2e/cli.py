@@ -202,8 +202,9 @@ def search_inputs(args: argparse.Namespace) -> tuple[object, object, object]:
     model = load_model(args.model, seed=args.seed)
     sets = search_sets(args.calibration, args.dev, max_calibration=args.max_calibration, max_dev=args.max_dev,
                        criterion=args.criterion, on_error=args.on_error)
-    config = SearchConfig(gamma=args.gamma, kl_share=args.kl_share, percentiles=tuple(args.percentiles), granularity=args.granularity,
-                          reading=args.reading, criterion=sets.criterion, weight_bits=bits.weight, act_bits=bits.act,
+    config = SearchConfig(gamma=args.gamma, kl_share=args.kl_share, percentiles=tuple(args.percentiles),
+                          granularity=args.granularity, reading=args.reading, criterion=sets.criterion,
+                          weight_bits=bits.weight, act_bits=bits.act,
                           act_scheme=args.act_scheme, start=args.start, smooth_alpha=args.smooth_alpha[0],
                           smooth_alphas=tuple(args.smooth_alpha),
                           passes=args.passes, promote_weight_bits=args.promote_bits, promote_share=args.promote_share,
