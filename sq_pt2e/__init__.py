@@ -36,7 +36,6 @@ def _import_dependencies_quietly() -> None:
 _import_dependencies_quietly()
 
 from sq_pt2e.errors import (  # noqa: E402
-
     AudioError,
     BackendError,
     CheckpointError,

@@ -111,6 +111,19 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _add_sensitivity_arguments(parser: argparse.ArgumentParser) -> None:
+    """``--gamma`` and ``--kl-share``: when a layer group counts as sensitive (step 1 of the search)."""
+    from sq_pt2e.stablequant import SearchConfig
+
+    parser.add_argument("--gamma", type=float, default=SearchConfig.gamma,
+                        help="under the WER criterion: a group is sensitive when quantizing it alone (max ranges) "
+                             f"raises dev WER by more than this many points (default {SearchConfig.gamma})")
+    parser.add_argument("--kl-share", type=float, default=SearchConfig.kl_share,
+                        help="under the logit-KL criterion (the default): a group is sensitive when quantizing it "
+                             "alone (max ranges) costs more than this share of the logit KL of quantizing every "
+                             f"layer (default {SearchConfig.kl_share})")
+
+
 def add_search_arguments(parser: argparse.ArgumentParser) -> None:
     """The audio and ``SearchConfig`` arguments of a search verb (read by :func:`search_inputs`)."""
     from sq_pt2e.stablequant import DEFAULT_PERCENTILES, SearchConfig
@@ -155,13 +168,7 @@ def add_search_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-refit", action="store_true",
                         help="keep every layer's own weights (default: the quantized CNN convs get weights refit by "
                              "least squares to their int8 inputs, kept when that lowers the dev score)")
-    parser.add_argument("--gamma", type=float, default=SearchConfig.gamma,
-                        help="with --criterion wer: a group is sensitive when quantizing it alone (max ranges) "
-                             f"raises dev WER by more than this many points (default {SearchConfig.gamma})")
-    parser.add_argument("--kl-share", type=float, default=SearchConfig.kl_share,
-                        help="with --criterion kl: a group is sensitive when quantizing it alone (max ranges) costs "
-                             "more than this share of the logit KL of quantizing every layer "
-                             f"(default {SearchConfig.kl_share})")
+    _add_sensitivity_arguments(parser)
     parser.add_argument("--percentiles", type=float, nargs="+", default=list(DEFAULT_PERCENTILES),
                         help="clip percentiles tried for sensitive groups, in order")
     parser.add_argument("--max-calibration", type=int, default=32, help="calibration utterances to use")
@@ -295,7 +302,7 @@ def _cmd_accuracy(args: argparse.Namespace) -> int:
     eval_sets = _eval_sets(args.eval, args.max_eval, args.on_error)
     table = build_accuracy_table(
         model, args.model, calibration, dev, eval_sets, bit_widths=[Bits.parse(b) for b in args.bits],
-        methods=args.methods, search=SearchConfig(gamma=args.gamma),
+        methods=args.methods, search=SearchConfig(gamma=args.gamma, kl_share=args.kl_share),
         progress=lambda line: print(line, file=sys.stderr, flush=True),
     )
     if args.update is not None:
@@ -605,7 +612,7 @@ def _build_parser() -> argparse.ArgumentParser:
                           default=["max", "percentile-99.99", "mse", "entropy", "cnn0-2-float", "x86-inductor-default",
                                    "xnnpack-default", "dynamic-int8", "stablequant-paper", "stablequant",
                                    "stablequant-mixed", "stablequant-fallback"])
-    accuracy.add_argument("--gamma", type=float, default=0.25, help="sensitivity threshold in WER points")
+    _add_sensitivity_arguments(accuracy)
     accuracy.add_argument("--max-calibration", type=int, default=32)
     accuracy.add_argument("--max-dev", type=int, default=100)
     accuracy.add_argument("--max-eval", type=int, default=None)

@@ -174,3 +174,23 @@ def test_quantize_skips_a_bad_calibration_file_only_when_asked(tmp_path, capsys)
     assert "0000-broken.flac" in capsys.readouterr().err
     assert main([*args, "--on-error", "skip"]) == EXIT_OK
     assert (tmp_path / "out" / "plan.json").exists()
+
+
+def test_accuracy_verb_passes_its_sensitivity_thresholds_to_the_search(monkeypatch) -> None:
+    from pathlib import Path
+
+    import sq_pt2e
+    import sq_pt2e.accuracy
+
+    seen = {}
+
+    def capture(*args, search, **kwargs):
+        seen["search"] = search
+        raise ValueError("captured")
+
+    monkeypatch.setattr(sq_pt2e.accuracy, "build_accuracy_table", capture)
+    dev = str(Path(sq_pt2e.__file__).parent / "assets" / "synthetic" / "dev.tsv")
+    code = main(["accuracy", "--model", "tiny-hubert", "--dev", dev, "--eval", f"dev={dev}", "--max-dev", "2",
+                 "--max-eval", "2", "--max-calibration", "2", "--gamma", "0.5", "--kl-share", "0.1"])
+    assert code == EXIT_FAILED
+    assert seen["search"].gamma == 0.5 and seen["search"].kl_share == 0.1
