@@ -177,10 +177,8 @@ def test_quantize_skips_a_bad_calibration_file_only_when_asked(tmp_path, capsys)
 
 
 def test_accuracy_verb_passes_its_sensitivity_thresholds_to_the_search(monkeypatch) -> None:
-    from pathlib import Path
-
-    import sq_pt2e
     import sq_pt2e.accuracy
+    from sq_pt2e.assets import asset_path
 
     seen = {}
 
@@ -189,7 +187,7 @@ def test_accuracy_verb_passes_its_sensitivity_thresholds_to_the_search(monkeypat
         raise ValueError("captured")
 
     monkeypatch.setattr(sq_pt2e.accuracy, "build_accuracy_table", capture)
-    dev = str(Path(sq_pt2e.__file__).parent / "assets" / "synthetic" / "dev.tsv")
+    dev = str(asset_path("synthetic", "dev.tsv"))
     code = main(["accuracy", "--model", "tiny-hubert", "--dev", dev, "--eval", f"dev={dev}", "--max-dev", "2",
                  "--max-eval", "2", "--max-calibration", "2", "--gamma", "0.5", "--kl-share", "0.1"])
     assert code == EXIT_FAILED
