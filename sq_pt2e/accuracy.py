@@ -33,7 +33,7 @@ SEARCHED_METHODS: dict[str, dict[str, object]] = {
     "stablequant": {},
     "stablequant-paper": {"act_scheme": "symmetric", "start": "max", "smooth_alpha": 0.0, "criterion": "wer",
                           "keep_float": (), "passes": 1, "weight_calibration": "max", "refit_ops": (),
-                          "smooth_alphas": ()},
+                          "smooth_alphas": (), "split_percentiles": ()},
     "stablequant-mixed": {"promote_weight_bits": 8, "promote_share": 0.25},
     "stablequant-fallback": {"float_share": 0.3},
 }

@@ -165,6 +165,16 @@ def add_search_arguments(parser: argparse.ArgumentParser) -> None:
                         help="float fallback: keep in float the groups whose int8 error costs most per FLOP, "
                              "within this share of the searched layers' FLOPs (e.g. 0.3; default "
                              f"{SearchConfig.float_share}: every searched layer int8)")
+    parser.add_argument("--split-percentiles", type=float, nargs="*",
+                        default=list(SearchConfig.split_percentiles),
+                        help="outlier split: for each sensitive group, try each of these percentiles as the range of "
+                             "its CNN convs' inputs, with what lies above computed by a second int8 conv (same "
+                             "weights, twice the multiply-adds); kept when it lowers the dev KL by --split-gain "
+                             f"(default {' '.join(f'{p:g}' for p in SearchConfig.split_percentiles)}; "
+                             "no values: off)")
+    parser.add_argument("--split-gain", type=float, default=SearchConfig.split_gain,
+                        help="with --split-percentiles: the share of the dev logit KL a split must save to be kept "
+                             f"(default {SearchConfig.split_gain})")
     parser.add_argument("--no-refit", action="store_true",
                         help="keep every layer's own weights (default: the quantized CNN convs get weights refit by "
                              "least squares to their int8 inputs, kept when that lowers the dev score)")
@@ -215,7 +225,8 @@ def search_inputs(args: argparse.Namespace) -> tuple[object, object, object]:
                           act_scheme=args.act_scheme, start=args.start, smooth_alpha=args.smooth_alpha[0],
                           smooth_alphas=tuple(args.smooth_alpha),
                           passes=args.passes, promote_weight_bits=args.promote_bits, promote_share=args.promote_share,
-                          float_share=args.float_share, refit_ops=() if args.no_refit else SearchConfig.refit_ops)
+                          float_share=args.float_share, split_percentiles=tuple(args.split_percentiles),
+                          split_gain=args.split_gain, refit_ops=() if args.no_refit else SearchConfig.refit_ops)
     return model, sets, config
 
 
@@ -483,6 +494,8 @@ def _search_summary(report: object, criterion: str) -> str:
         sensitive = group in report.sensitive_groups
         chosen = report.chosen_percentiles.get(group)
         clip = "MSE range" if group in report.kept_mse else "" if chosen is None else f"{chosen:g}"
+        if group in report.split_groups:
+            clip = f"{report.split_groups[group]:g}, outliers split"
         lines.append(f"| {group} | {value:.4g} | {'yes' if sensitive else ''} | {clip} |")
     lines += [
         "",

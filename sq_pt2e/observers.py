@@ -35,7 +35,9 @@ __all__ = [
     "AbsHistogramObserver",
     "act_floor",
     "act_qparams",
+    "grid_bounds",
     "grid_floor",
+    "outlier_qparams",
     "PerChannelMseWeightObserver",
     "accumulator_bound",
     "check_accumulator",
@@ -194,6 +196,22 @@ def act_qparams(act_range: float, bits: int, floor: float | None = None, *,
     scale = max((act_range - floor) / (2 * q), eps)
     zero = min(2 * q, max(0, round(-floor / scale)))  # levels below zero, as stored from 0
     return scale, zero - q + offset, offset - q, offset + q
+
+
+def grid_bounds(act_range: float, bits: int, floor: float | None = None) -> tuple[float, float]:
+    """The interval ``[low, high]`` an input grid covers (values beyond it are clipped)."""
+    step, zero, qmin, qmax = act_qparams(act_range, bits, floor)
+    return (qmin - zero) * step, (qmax - zero) * step
+
+
+def outlier_qparams(outlier_range: float, bits: int, affine: bool, *,
+                    unsigned: bool = False) -> tuple[float, int, int, int]:
+    """Scale, zero point and integer range of an outlier-split grid (``LayerPlan.outlier_range``).
+
+    What an affine (one-sided) input grid clips lies above it: ``[0, outlier_range]``;
+    a symmetric grid clips both ways: ``[-outlier_range, outlier_range]``.
+    """
+    return act_qparams(outlier_range, bits, 0.0 if affine else None, unsigned=unsigned)
 
 
 def range_max(hist: AbsHistogram) -> float:

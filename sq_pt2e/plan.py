@@ -77,6 +77,11 @@ class LayerPlan:
             activation range is that of ``x / s``. None: no scaling.
         refit: digest of the layer's reconstructed weight and bias (:mod:`sq_pt2e.reconstruct`),
             held in ``QuantPlan.refits``; None: the model's own weights. Ignored when skipped.
+        outlier_range: outlier split (needs a fixed ``act_range``): the part of the input the
+            grid clips, ``x - clamp(x, grid)``, is not dropped but quantized on a second grid of
+            ``act_bits`` over ``[0, outlier_range]`` (affine input grid; ``[-outlier_range,
+            outlier_range]`` for a symmetric one) and multiplied by the same int8 weights in a
+            second int8 conv / linear whose output is added. None: outliers are clipped.
         skip: keep this layer in float.
         reason: why this choice, or why skipped; goes into the report.
         evidence: numbers behind the decision (sensitivity, WER per candidate, ...).
@@ -94,6 +99,7 @@ class LayerPlan:
     act_floor: float | None = None
     input_scale: tuple[float, ...] | None = None
     refit: str | None = None
+    outlier_range: float | None = None
     skip: bool = False
     reason: str = ""
     evidence: tuple[tuple[str, float], ...] = ()
@@ -129,6 +135,7 @@ class LayerPlan:
         if self.act_range is not None and not (float(self.act_range) > 0.0 and float(self.act_range) < float("inf")):
             raise PlanError(f"act_range={self.act_range!r} {where} (expected a finite value > 0)")
         self._check_act_grid(where)
+        self._check_outlier_range(where)
         self._check_input_scale(where)
         if self.refit is not None and (not isinstance(self.refit, str) or len(self.refit) != 16
                                        or any(c not in "0123456789abcdef" for c in self.refit)):
@@ -161,6 +168,16 @@ class LayerPlan:
         if not -float(self.act_range) <= float(self.act_floor) <= 0.0:
             raise PlanError(f"act_floor={self.act_floor!r} {where} (expected -act_range <= act_floor <= 0, "
                             f"act_range={self.act_range!r})")
+
+    def _check_outlier_range(self, where: str) -> None:
+        _check_number("outlier_range", self.outlier_range, where)
+        if self.outlier_range is None:
+            return
+        if not 0.0 < float(self.outlier_range) < float("inf"):
+            raise PlanError(f"outlier_range={self.outlier_range!r} {where} (expected a finite value > 0, or null)")
+        if self.act_range is None or (self.act_scheme == "affine" and self.act_floor is None):
+            raise PlanError(f"outlier_range={self.outlier_range!r} {where} needs a fixed grid (act_range, and "
+                            "act_floor with act_scheme='affine'): the outliers are the input beyond that grid")
 
     def _check_input_scale(self, where: str) -> None:
         if self.input_scale is None:
@@ -310,6 +327,10 @@ class QuantPlan:
         """``{layer: input_scale}`` of the quantized layers that carry one (see :mod:`sq_pt2e.smoothing`)."""
         return {layer.name: layer.input_scale for layer in self.layers
                 if layer.input_scale is not None and not layer.skip}
+
+    def outlier_layers(self) -> dict[str, LayerPlan]:
+        """``{layer: its plan}`` of the quantized layers with an outlier split (``LayerPlan.outlier_range``)."""
+        return {layer.name: layer for layer in self.layers if layer.outlier_range is not None and not layer.skip}
 
     def refit_digests(self) -> dict[str, str]:
         """``{layer: digest}`` of the layers that name reconstructed weights (``LayerPlan.refit``)."""

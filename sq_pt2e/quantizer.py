@@ -15,6 +15,7 @@ Example:
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -29,7 +30,7 @@ from torchao.quantization.pt2e.quantizer.quantizer import Q_ANNOTATION_KEY, Edge
 from sq_pt2e.annotators import ANNOTATORS, SUPPORTED_PATTERNS, LayerQSpecs, annotate_attention, is_annotated
 from sq_pt2e.errors import QuantizationError
 from sq_pt2e.graph import QuantizableLayer, find_quantizable_layers, layer_name
-from sq_pt2e.observers import AbsHistogramObserver, PerChannelMseWeightObserver
+from sq_pt2e.observers import AbsHistogramObserver, PerChannelMseWeightObserver, grid_bounds
 from sq_pt2e.plan import LayerPlan, QuantPlan
 
 if TYPE_CHECKING:
@@ -102,6 +103,21 @@ def _specs_from_plan(layer: LayerPlan, target: Target) -> LayerQSpecs:
         weight_qspec(layer.weight_bits, layer.weight_calibration),
         output_qspec() if target == "xnnpack" else None,
     )
+
+
+def _plan_layers(model: GraphModule) -> list[QuantizableLayer]:
+    """The graph's conv / linear layers a plan names: all but the outlier layers of split ones."""
+    from sq_pt2e.passes.split_outliers import outlier_owner
+
+    return [layer for layer in find_quantizable_layers(model) if outlier_owner(layer.node) is None]
+
+
+def _outlier_plan(layer: LayerPlan) -> LayerPlan:
+    """The plan of a split layer's outlier layer: its grid ``[0 or -r, r]``, ``r = outlier_range``."""
+    affine = layer.act_scheme == "affine"
+    return dataclasses.replace(layer, name=layer.name + ".outliers", calibration="max", clip_percentile=None,
+                               act_range=layer.outlier_range, act_floor=0.0 if affine else None,
+                               outlier_range=None, input_scale=None, refit=None)
 
 
 @dataclass(frozen=True)
@@ -199,30 +215,43 @@ class StableQuantQuantizer(Quantizer):
 
     def transform_for_annotation(self, model: GraphModule) -> GraphModule:
         """Swap in the plan's reconstructed weights (``LayerPlan.refit``), then apply its per-channel
-        input scales (``LayerPlan.input_scale``) to the graph; with int8 attention, write
-        scaled-dot-product attention as matmuls that can be quantized."""
+        input scales (``LayerPlan.input_scale``) and outlier splits (``LayerPlan.outlier_range``) to
+        the graph; with int8 attention, write scaled-dot-product attention as matmuls that can be
+        quantized."""
         from sq_pt2e.passes.sdpa_as_matmuls import SdpaAsMatmulsPass
+        from sq_pt2e.passes.split_outliers import split_outliers
         from sq_pt2e.reconstruct import apply_refit_weights
         from sq_pt2e.smoothing import apply_input_scales
 
         refits, scales = self.plan.refit_weights(), self.plan.input_scales()
+        splits = {name: grid_bounds(layer.act_range, layer.act_bits, layer.act_floor)
+                  for name, layer in self.plan.outlier_layers().items()}
         if self.module_filter is not None:
             refits = {name: r for name, r in refits.items() if self.module_filter(name)}
             scales = {name: s for name, s in scales.items() if self.module_filter(name)}
+            splits = {name: g for name, g in splits.items() if self.module_filter(name)}
         model = apply_refit_weights(model, refits)
         model = apply_input_scales(model, scales)
+        model = split_outliers(model, splits)
         if self.plan.attention == "int8":
             SdpaAsMatmulsPass()(model)
         return model
 
     def annotate(self, model: GraphModule) -> GraphModule:
-        """Annotate every planned layer; skipped layers are claimed and kept float."""
-        layers = find_quantizable_layers(model)
+        """Annotate every planned layer (and the outlier layers of split ones); skipped layers are
+        claimed and kept float."""
+        from sq_pt2e.passes.split_outliers import outlier_owner
+
+        layers = _plan_layers(model)
         self.plan.check_names([layer.name for layer in layers])
         by_node = {layer.node: layer for layer in layers}
+        by_name = {layer.name: layer for layer in layers}
 
         def specs_for(node: Node) -> LayerQSpecs | None:
-            layer_plan = self._plan_for(by_node[node])
+            owner = outlier_owner(node)
+            layer_plan = self._plan_for(by_node[node] if owner is None else by_name[owner])
+            if layer_plan is not None and owner is not None:
+                layer_plan = _outlier_plan(layer_plan)
             return None if layer_plan is None else _specs_from_plan(layer_plan, self.target)
 
         for pattern in SUPPORTED_PATTERNS:
@@ -245,7 +274,7 @@ class StableQuantQuantizer(Quantizer):
 
     def validate(self, model: GraphModule) -> None:
         """Fail if a planned layer is unannotated or a quantized layer lacks its specs."""
-        for layer in find_quantizable_layers(model):
+        for layer in _plan_layers(model):
             layer_plan = self._plan_for(layer)
             if layer_plan is None:
                 continue

@@ -49,7 +49,7 @@ from torch.fx import GraphModule, Node
 
 from sq_pt2e.errors import PlanError, QuantizationError
 from sq_pt2e.graph import named_layers
-from sq_pt2e.observers import act_qparams
+from sq_pt2e.observers import grid_bounds
 from sq_pt2e.passes.rewrite_utils import drop_unused_attributes
 
 __all__ = [
@@ -164,10 +164,15 @@ def _columns(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
 
 
 def _clip_inputs(modules: Mapping[str, nn.Module], layers: Mapping[str, object]) -> None:
-    """Clamp the input of each of ``layers`` (``LayerQuant``) to its grid's interval, with forward pre-hooks."""
+    """Clamp the input of each of ``layers`` (``LayerQuant``) to its grids' interval, with forward pre-hooks.
+
+    An outlier split's second grid widens the interval: those outliers are computed, not clipped.
+    """
     for name, quant in layers.items():
-        step, zero, qmin, qmax = act_qparams(quant.act_range, quant.act_bits, quant.act_floor)
-        low, high = (qmin - zero) * step, (qmax - zero) * step
+        low, high = grid_bounds(quant.act_range, quant.act_bits, quant.act_floor)
+        if quant.outlier_range is not None:
+            high += quant.outlier_range
+            low -= quant.outlier_range if quant.act_floor is None else 0.0
         module = modules[name]
         channel = torch.ones(module.weight.shape[1])
         if quant.input_scale is not None:

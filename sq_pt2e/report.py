@@ -51,13 +51,16 @@ def _centres(hist: AbsHistogram) -> np.ndarray:
     return (np.arange(len(hist.counts)) + 0.5) * hist.bin_width
 
 
-def activation_sqnr_db(hist: AbsHistogram, clip: float, qmax: int, floor: float | None = None) -> float:
+def activation_sqnr_db(hist: AbsHistogram, clip: float, qmax: int, floor: float | None = None,
+                       outlier_range: float | None = None) -> float:
     """SQNR in dB of quantizing values distributed as ``hist`` to ``[-clip, clip]`` with ``qmax`` levels.
 
     The error model of :func:`sq_pt2e.observers.range_mse`: values at bin centres; below
     the clip a uniform rounding error of ``step**2 / 12`` (``step = clip / qmax``, or
     ``(clip - floor) / (2 qmax)`` on an affine grid ``[floor, clip]``), above it the
-    clipping error ``(x - clip)**2``.
+    clipping error ``(x - clip)**2``. With an outlier split (``LayerPlan.outlier_range``)
+    the values above the clip are rounded on the outlier grid instead, and clipped only
+    beyond ``clip + outlier_range``.
 
     Raises:
         ValueError: ``clip`` or ``qmax`` not positive.
@@ -66,9 +69,13 @@ def activation_sqnr_db(hist: AbsHistogram, clip: float, qmax: int, floor: float 
         raise ValueError(f"clip={clip}, qmax={qmax} (expected clip > 0 and qmax >= 1)")
     x, counts = _centres(hist), hist.counts
     signal = float(np.sum(counts * x**2))
-    above = x > clip
     step = clip / qmax if floor is None else (clip - floor) / (2 * qmax)
-    noise = float(np.sum(counts[~above]) * step**2 / 12.0 + np.sum(counts[above] * (x[above] - clip) ** 2))
+    top = clip if outlier_range is None else clip + outlier_range
+    inside, outliers, above = x <= clip, (x > clip) & (x <= top), x > top
+    noise = float(np.sum(counts[inside]) * step**2 / 12.0 + np.sum(counts[above] * (x[above] - top) ** 2))
+    if outlier_range is not None:
+        outlier_step = outlier_range / qmax if floor is None else outlier_range / (2 * qmax)
+        noise += float(np.sum(counts[outliers]) * outlier_step**2 / 12.0)
     if signal == 0.0:
         return float("nan")
     return float("inf") if noise == 0.0 else 10.0 * math.log10(signal / noise)
@@ -117,6 +124,8 @@ def _row(layer: LayerPlan, hist: AbsHistogram | None, sensitivity: float | None,
     calibration += f", affine from {layer.act_floor:.3g}" if layer.act_floor is not None else ""
     if layer.input_scale is not None:
         calibration += f", smoothed (x / s, s {min(layer.input_scale):.3g}..{max(layer.input_scale):.3g})"
+    if layer.outlier_range is not None:
+        calibration += f", outliers split (2nd int8 layer up to +{layer.outlier_range:.3g})"
     if layer.refit is not None:
         calibration += ", weights refit"
     clip = layer.act_range
@@ -129,8 +138,8 @@ def _row(layer: LayerPlan, hist: AbsHistogram | None, sensitivity: float | None,
         name=layer.name, op=layer.op or "", bits="float" if layer.skip else f"W{layer.weight_bits}A{layer.act_bits}",
         calibration="-" if layer.skip else calibration, act_range=clip, max_abs=hist.max_abs if usable else None,
         clip_ratio=clip / hist.max_abs if measured else None,
-        clipped_percent=clipped_share(hist, clip) if measured else None,
-        sqnr_db=activation_sqnr_db(hist, clip, qmax, layer.act_floor) if measured else None,
+        clipped_percent=clipped_share(hist, clip + (layer.outlier_range or 0.0)) if measured else None,
+        sqnr_db=activation_sqnr_db(hist, clip, qmax, layer.act_floor, layer.outlier_range) if measured else None,
         sensitivity=sensitivity, sensitive=sensitive, skip=layer.skip, reason=layer.reason,
     )
 
@@ -168,7 +177,7 @@ def _search_section(search: dict[str, Any]) -> list[str]:
         return (f"WER {wer:.2f}%, " if wer is not None else "") + f"logit KL {value['kl']:.3g}"
 
     config = search.get("config", {})
-    chosen = search.get("chosen_percentiles", {})
+    chosen, split = search.get("chosen_percentiles", {}), search.get("split_groups", {})
     lines = [
         "## Search", "",
         f"Criterion: {config.get('criterion', '?')} (gamma {config.get('gamma', '?')} WER points; "
@@ -179,7 +188,7 @@ def _search_section(search: dict[str, Any]) -> list[str]:
         f"- every layer with max ranges: {score(search.get('all_max_score'))}",
         f"- StableQuant plan: {score(search.get('final_score'))}",
         f"- cost: {search.get('evaluations', '?')} model evaluations in {search.get('seconds', 0.0):.1f} s",
-        "- sensitive groups: " + (", ".join(f"`{g}` ({_group_choice(g, chosen, search.get('kept_mse', {}))})"
+        "- sensitive groups: " + (", ".join(f"`{g}` ({_group_choice(g, chosen, search.get('kept_mse', {}), split)})"
                                             for g in search.get("sensitive_groups", [])) or "none"),
         f"- passes over the sensitive groups: up to {config.get('passes', 1)}; later passes changed "
         + (", ".join(f"`{r['group']}` in pass {r['pass']} ({_option(r['from'])} -> {_option(r['to'])})"
@@ -194,6 +203,11 @@ def _search_section(search: dict[str, Any]) -> list[str]:
         floated = ", ".join(f"`{g}`" for g in search.get("float_groups", [])) or "no group"
         lines.append(f"- float fallback: {floated} kept float ({search.get('kept_float_share', 0.0):.0%} of the "
                      f"searched layers' FLOPs, at most {config.get('float_share', 0.0):.0%})")
+    if search.get("split_trials"):
+        split = ", ".join(f"`{g}` (p{p:g})" for g, p in search.get("split_groups", {}).items()) or "no group"
+        lines.append(f"- outlier split: {split}: the inputs above that percentile computed by a second int8 layer "
+                     f"(tried at p{', p'.join(f'{p:g}' for p in config.get('split_percentiles', []))} for each "
+                     "sensitive group)")
     if search.get("smoothing_trials"):
         trials = ", ".join(f"{alpha}: KL {t['kl']:.3g}" for alpha, t in search["smoothing_trials"].items())
         lines.append(f"- smoothing strength: searched at each alpha ({trials}); chose {config.get('smooth_alpha')}")
@@ -211,7 +225,10 @@ def _option(percentile: float | None) -> str:
     return "MSE range" if percentile is None else f"p{percentile:g}"
 
 
-def _group_choice(group: str, chosen: dict[str, float], kept_mse: dict[str, Any]) -> str:
+def _group_choice(group: str, chosen: dict[str, float], kept_mse: dict[str, Any],
+                  split: dict[str, float] | None = None) -> str:
+    if group in (split or {}):
+        return f"outlier split at p{split[group]:g}"
     if group in chosen:
         return f"clip p{chosen[group]:g}"
     return "MSE range: no clip percentile did better" if group in kept_mse else "not searched"
@@ -291,7 +308,8 @@ def write_report(
                 out / "sensitivity.png"))
             lines += ["![sensitivity per layer group](sensitivity.png)", ""]
     lines += ["## Layers", "",
-              "Range: the input-activation clip max |x| the plan fixes; range / max < 1 means outliers are clipped. "
+              "Range: the input-activation clip max |x| the plan fixes; range / max < 1 means outliers are clipped, "
+              "unless the layer splits them off to a second int8 layer (clipped %: beyond both grids). "
               "Act SQNR: signal-to-quantization-noise ratio of the layer input under that range, from the "
               "calibration histogram." + ("" if statistics else " (No calibration statistics given: histogram "
                                                                  "columns are empty.)"), ""]

@@ -12,8 +12,9 @@ PT2E flow uses, so ranges are identical in both.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Iterable, Iterator, Sequence
 import dataclasses
+import functools
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -26,10 +27,12 @@ from sq_pt2e.observers import (
     AbsHistogram,
     AbsHistogramObserver,
     act_qparams,
+    grid_bounds,
     grid_floor,
     max_weight_scales,
     merge_histograms,
     mse_weight_scales,
+    outlier_qparams,
     range_for,
 )
 from sq_pt2e.passes.fold_weight_norm import fold_weight_norm
@@ -122,7 +125,8 @@ class LayerQuant:
 
     ``act_floor`` is the lower end of an affine input grid (None: symmetric ``[-r, r]``);
     ``input_scale`` the per-channel factors of :mod:`sq_pt2e.smoothing` (None: none);
-    ``refit`` the layer's reconstructed weight and bias (:mod:`sq_pt2e.reconstruct`; None: its own).
+    ``refit`` the layer's reconstructed weight and bias (:mod:`sq_pt2e.reconstruct`; None: its own);
+    ``outlier_range`` the second grid of an outlier split (``LayerPlan.outlier_range``; None: clip).
     """
 
     act_range: float
@@ -132,12 +136,13 @@ class LayerQuant:
     act_floor: float | None = None
     input_scale: tuple[float, ...] | None = None
     refit: RefitWeights | None = None
+    outlier_range: float | None = None
 
     @classmethod
     def from_plan(cls, layer: LayerPlan, act_range: float, act_floor: float | None = None,
                   refit: RefitWeights | None = None) -> LayerQuant:
         return cls(act_range, layer.act_bits, layer.weight_bits, layer.weight_calibration, act_floor,
-                   layer.input_scale, refit)
+                   layer.input_scale, refit, layer.outlier_range)
 
     def with_refit(self, refit: RefitWeights | None) -> LayerQuant:
         """The same quantization computing with ``refit``'s weight and bias."""
@@ -149,6 +154,18 @@ def _fake_quant_weight(weight: torch.Tensor, bits: int, calibration: str, layer:
     scales = (mse_weight_scales if calibration == "mse" else max_weight_scales)(weight, qmax, layer=layer)
     zero = torch.zeros(scales.shape[0], dtype=torch.int32)
     return torch.fake_quantize_per_channel_affine(weight.detach(), scales.float(), zero, 0, -qmax, qmax)
+
+
+def _quantize_input(quant: LayerQuant, inverse: torch.Tensor | None, _module: nn.Module,
+                    args: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
+    """Forward pre-hook: the layer's (smoothed) input on its grid, plus its outliers on theirs if split."""
+    x = args[0] if inverse is None else args[0] * inverse
+    quantized = torch.fake_quantize_per_tensor_affine(x, *act_qparams(quant.act_range, quant.act_bits, quant.act_floor))
+    if quant.outlier_range is not None:
+        low, high = grid_bounds(quant.act_range, quant.act_bits, quant.act_floor)
+        grid = outlier_qparams(quant.outlier_range, quant.act_bits, quant.act_floor is not None)
+        quantized = quantized + torch.fake_quantize_per_tensor_affine(x - x.clamp(low, high), *grid)
+    return (quantized, *args[1:])
 
 
 @contextlib.contextmanager
@@ -181,14 +198,8 @@ def fake_quantized(model: nn.Module, layers: dict[str, LayerQuant]) -> Iterator[
                 weight = scaled_weight(weight, quant.input_scale, layer=name)
                 inverse = inverse_input_scale(quant.input_scale, weight.ndim)
             module.weight.data = _fake_quant_weight(weight, quant.weight_bits, quant.weight_calibration, name)
-            grid = act_qparams(quant.act_range, quant.act_bits, quant.act_floor)
+            handles.append(module.register_forward_pre_hook(functools.partial(_quantize_input, quant, inverse)))
 
-            def hook(_mod: nn.Module, args: tuple[torch.Tensor, ...], grid: tuple[float, int, int, int] = grid,
-                     inverse: torch.Tensor | None = inverse):
-                x = args[0] if inverse is None else args[0] * inverse
-                return (torch.fake_quantize_per_tensor_affine(x, *grid), *args[1:])
-
-            handles.append(module.register_forward_pre_hook(hook))
         yield wrapper
     finally:
         for handle in handles:

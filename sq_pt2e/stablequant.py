@@ -32,6 +32,12 @@ Our reading of the paper (arXiv 2504.14915), each choice configurable in
    weights (:mod:`sq_pt2e.smoothing`); every candidate and the plan carry them.
    Ours: layers matching ``keep_float`` (default the CNN encoder's first conv, which
    reads the waveform) are left in float.
+   Ours (``split_percentiles``): after step 2, sensitive groups may take an outlier
+   split instead of a clip (:mod:`sq_pt2e.passes.split_outliers`): their inputs above the
+   p-th percentile are not clipped but computed by a second int8 conv with the same
+   weights, so the main grid can be small and fine. Tried at each percentile of the grid
+   for all those groups together, then for each in network order; kept where it lowers the
+   dev score by a margin (``split_gain``), since it costs compute.
    Ours, last (``refit_ops``, default the CNN convolutions): the quantized layers of
    those kinds get reconstructed weights, fitted by least squares in network order to
    reproduce the float model's outputs from their int8 inputs (:mod:`sq_pt2e.reconstruct`);
@@ -69,6 +75,7 @@ from sq_pt2e.simulate import LayerQuant, QuantizableModule, collect_statistics, 
 
 __all__ = [
     "DEFAULT_PERCENTILES",
+    "DEFAULT_SPLIT_PERCENTILES",
     "Candidate",
     "Evaluator",
     "Score",
@@ -94,6 +101,7 @@ Candidate = dict[str, LayerQuant]
 """A candidate plan as simulated: layer name -> its activation range and bit widths."""
 
 DEFAULT_PERCENTILES: tuple[float, ...] = (100.0, 99.999, 99.99, 99.9, 99.8, 99.5, 99.0)
+DEFAULT_SPLIT_PERCENTILES: tuple[float, ...] = (99.9, 99.5, 99.0, 98.0, 95.0, 90.0)
 # Name of the float-fallback candidate that floats several sensitive groups together.
 JOINT = " + "
 FIRST_CONV = r"feature_extractor\.conv_layers\.0\.conv$"
@@ -163,6 +171,17 @@ class SearchConfig:
             sensitive groups no clip percentile helped are also scored together, as one candidate
             (``"a + b"``): their int8 errors can offset each other, so that floating one of them
             alone makes the output worse (ref-wav2vec2, CNN convs 1-3).
+        split_percentiles: main-grid percentiles tried for an outlier split of each sensitive
+            group (empty: off). The group's layers of ``split_ops`` kinds get the p-th percentile
+            of their input as range, and what lies beyond it a second grid and a second int8
+            layer with the same weights (``LayerPlan.outlier_range``). It costs that layer's
+            multiply-adds twice. On ref-wav2vec2 W8A8 (a hand-made split of the CNN convs 1-3 at
+            a quarter of the plan's clip ranges) it took the dev logit KL from 0.012 to 0.002: a
+            range fine enough for their inputs' bulk clips the loud frames, one that covers those
+            is too coarse for the rest.
+        split_ops: op kinds an outlier split may apply to.
+        split_gain: a split is kept only when it lowers the dev logit KL by at least this share
+            of the KL with the group's own choice (it costs compute: small gains do not pay).
         refit_ops: op kinds whose quantized layers get reconstructed weights, last, after the
             float fallback (:mod:`sq_pt2e.reconstruct`; empty: off). Needs the calibration audio
             (``search_plan(..., calibration=waves)``); kept only if it lowers the dev score. On
@@ -190,6 +209,9 @@ class SearchConfig:
     promote_weight_bits: int | None = None
     promote_share: float = 0.25
     float_share: float = 0.0
+    split_percentiles: tuple[float, ...] = DEFAULT_SPLIT_PERCENTILES
+    split_ops: tuple[OpKind, ...] = ("conv1d",)
+    split_gain: float = 0.1
     refit_ops: tuple[OpKind, ...] = ("conv1d",)
 
     @property
@@ -206,6 +228,9 @@ class SearchConfig:
     def __post_init__(self) -> None:
         if not self.percentiles or any(not 0 < p <= 100 for p in self.percentiles):
             raise ValueError(f"percentiles={self.percentiles} (expected a non-empty tuple of 0 < p <= 100)")
+        if any(not 0 < p < 100 for p in self.split_percentiles) or not 0.0 <= self.split_gain < 1.0:
+            raise ValueError(f"split_percentiles={self.split_percentiles} (expected 0 < p < 100; empty: no split), "
+                             f"split_gain={self.split_gain} (expected 0 <= gain < 1)")
         if self.gamma < 0 or not 0 <= self.kl_share <= 1:
             raise ValueError(f"gamma={self.gamma} (expected >= 0), kl_share={self.kl_share} (expected 0..1)")
         if self.act_scheme not in ("symmetric", "affine") or self.start not in ("mse", "max"):
@@ -346,7 +371,9 @@ def candidate_key(layers: Candidate | None) -> str:
     payload = [[name, float(q.act_range).hex(), q.act_bits, q.weight_bits, q.weight_calibration]
                + ([float(q.act_floor).hex()] if q.act_floor is not None else [])
                + ([[float(v).hex() for v in q.input_scale]] if q.input_scale is not None else [])
-               + ([q.refit.digest, q.refit.source] if q.refit is not None else []) for name, q in items]
+               + ([q.refit.digest, q.refit.source] if q.refit is not None else [])
+               + ([["outliers", float(q.outlier_range).hex()]] if q.outlier_range is not None else [])
+               for name, q in items]
     return hashlib.sha256(json.dumps(payload, separators=(",", ":")).encode()).hexdigest()
 
 
@@ -575,6 +602,10 @@ class SearchReport:
     dev score, evaluations and seconds of the search at each ``SearchConfig.smooth_alphas``
     value (keyed by alpha); ``evaluations`` and ``seconds`` then count all those searches.
 
+    ``split_trials`` holds the scores of an outlier split at each of ``SearchConfig.split_percentiles``:
+    of all splittable sensitive groups together (keyed by their names joined by ``" + "``), then
+    of each alone; ``split_groups`` the groups that took a split, with its percentile.
+
     ``refit_layers`` are the layers given reconstructed weights (``SearchConfig.refit_ops``),
     ``refit_trial`` the dev scores without (``"before"``) and with (``"after"``) them and
     the seconds the fit took; ``refit_kept`` whether the plan keeps them.
@@ -599,6 +630,8 @@ class SearchReport:
     float_groups: list[str] = field(default_factory=list)
     kept_float_share: float = 0.0
     smoothing_trials: dict[str, dict[str, float]] = field(default_factory=dict)
+    split_trials: dict[str, list[dict[str, float]]] = field(default_factory=dict)
+    split_groups: dict[str, float] = field(default_factory=dict)
     refit_layers: list[str] = field(default_factory=list)
     refit_trial: dict[str, object] = field(default_factory=dict)
     refit_kept: bool = False
@@ -823,8 +856,12 @@ def search_plan(
     def weight_bits(name: str, promoted: set[str]) -> int:
         return config.promote_weight_bits if name in promoted and config.promote_weight_bits else config.weight_bits
 
-    def quant(ranges: dict[str, float], promoted: set[str] = frozenset()) -> Candidate:
-        return _candidate(ranges, hist, scales, config, {n: weight_bits(n, promoted) for n in ranges})
+    outliers: dict[str, float] = {}  # outlier ranges of the layers with an outlier split
+
+    def quant(ranges: dict[str, float], promoted: set[str] = frozenset(),
+              split: dict[str, float] | None = None) -> Candidate:
+        return _candidate(ranges, hist, scales, config, {n: weight_bits(n, promoted) for n in ranges},
+                          outliers if split is None else split)
 
     # Step 1: sensitivity of each group, quantized alone with max ranges (one batch, with all-max first).
     float_score = evaluator.float_score
@@ -892,6 +929,12 @@ def search_plan(
                                                     else f"p={choice}"))
         if pass_number > 1 and changes == 0:
             break
+    op_of = {m.name: m.op for m in modules}
+    splittable = [g for g in report.sensitive_groups if config.split_percentiles  # a group splits whole, or not
+                  and all(op_of[n] in config.split_ops for n in groups[g])]
+    # all of them together first (their errors can offset each other, so one alone may not gain), then each
+    for members in ([splittable] if len(splittable) > 1 else []) + [[g] for g in splittable]:
+        _split_groups(members, groups, evaluator, chosen, outliers, hist, quant, config, report, progress_bar, say)
     promoted: set[str] = set()
     if config.promote_weight_bits is not None:
         report.promoted_groups, report.promotion_trials, report.promoted_share = _upgrade_groups(
@@ -936,15 +979,58 @@ def search_plan(
 
 
 def _candidate(ranges: dict[str, float], hist: dict[str, AbsHistogram], scales: dict[str, tuple[float, ...]],
-               config: SearchConfig, weight_bits: dict[str, int] | None = None) -> Candidate:
-    """Layers at ``ranges`` with the config's bits, weight ranges and grids (affine floors from ``hist``)."""
+               config: SearchConfig, weight_bits: dict[str, int] | None = None,
+               outliers: Mapping[str, float] | None = None) -> Candidate:
+    """Layers at ``ranges`` with the config's bits, weight ranges and grids (affine floors from ``hist``),
+    and an outlier split where ``outliers`` gives its range."""
     affine = config.act_scheme == "affine"
     candidate = {}
     for name, act_range in ranges.items():
         bits = (weight_bits or {}).get(name, config.weight_bits)
         candidate[name] = LayerQuant(act_range, config.act_bits, bits, config.weight_calibration_at(bits),
-                                     act_floor(hist[name], act_range) if affine else None, scales.get(name))
+                                     act_floor(hist[name], act_range) if affine else None, scales.get(name),
+                                     outlier_range=(outliers or {}).get(name))
     return candidate
+
+
+def _split_groups(members: list[str], groups: dict[str, list[str]], evaluator: Evaluator,
+                  chosen: dict[str, float], outliers: dict[str, float], hist: dict[str, AbsHistogram],
+                  quant: Callable[..., Candidate], config: SearchConfig, report: SearchReport,
+                  progress_bar: bool | None, say: Callable[[str], None]) -> None:
+    """Try an outlier split of the ``members`` groups' layers together at each split percentile (one batch).
+
+    The best split replaces their current ranges in ``chosen`` (and enters ``outliers``) when
+    it lowers the dev logit KL by ``config.split_gain`` of the current KL; ``report`` gets
+    every trial (under the members' names joined by :data:`JOINT`).
+    """
+    names = [n for g in members for n in groups[g]]
+    options: list[tuple[float, dict[str, float], dict[str, float]]] = []
+    for p in config.split_percentiles:
+        ranges = {n: range_percentile(hist[n], p) for n in names}
+        split = {n: range_max(hist[n]) - ranges[n] for n in names}
+        if all(r > 1e-6 * range_max(hist[n]) for n, r in split.items()):
+            options.append((p, ranges, split))
+    if not options:
+        return
+    label = JOINT.join(members)
+    batch = [quant(chosen)] + [quant(chosen | ranges, split=outliers | split) for _, ranges, split in options]
+    current, *scores = _score_batch(evaluator, batch, f"outlier split {label}", progress_bar)
+    report.split_trials[label] = [{"percentile": p, **score.as_dict()}
+                                  for (p, _, _), score in zip(options, scores, strict=True)]
+    best = min(range(len(options)), key=lambda i: scores[i].key(config.criterion))
+    gain = current.kl - scores[best].kl
+    if scores[best].key(config.criterion) >= current.key(config.criterion) or gain < config.split_gain * current.kl:
+        say(f"outlier split {label}: none lowers the dev KL by {config.split_gain:.0%} (best {scores[best].kl:.3g}, "
+            f"current ranges {current.kl:.3g})")
+        return
+    p, ranges, split = options[best]
+    chosen.update(ranges)
+    outliers.update(split)
+    for group in members:
+        report.split_groups[group] = p
+        report.chosen_percentiles.pop(group, None)
+        report.kept_mse.pop(group, None)
+    say(f"outlier split {label}: at p={p:g}, KL {current.kl:.3g} -> {scores[best].kl:.3g}")
 
 
 def _refit_step(model: nn.Module, final: Candidate, names: list[str], calibration: Sequence[torch.Tensor],
@@ -1025,7 +1111,17 @@ def _to_plan(
         for trial in report.percentile_trials.get(group, []):
             tag = f"p{trial['percentile']:g}"
             evidence |= {f"{tag}_{k}": v for k, v in trial.items() if k != "percentile"}
-        if group in report.kept_mse:
+        for label, trials in report.split_trials.items():
+            joint = "joint_" if label != group else ""
+            if group in label.split(JOINT):
+                evidence |= {f"{joint}split_p{t['percentile']:g}_{k}": v for t in trials for k, v in t.items()
+                             if k != "percentile"}
+        if group in report.split_groups:
+            p = report.split_groups[group]
+            layer = LayerPlan(m.name, op=m.op, calibration="percentile", clip_percentile=p,
+                              reason=f"sensitive group {group}: outlier split at percentile {p:g} (the inputs above "
+                                     "it computed by a second int8 layer with the same weights)")
+        elif group in report.kept_mse:
             evidence |= {f"mse_{k}": v for k, v in report.kept_mse[group].items()}
             layer = LayerPlan(m.name, op=m.op, calibration="mse",
                               reason=f"sensitive group {group}: its MSE range beat every clip percentile")
@@ -1054,7 +1150,7 @@ def _to_plan(
         layers.append(dataclasses.replace(
             layer, weight_bits=quant.weight_bits, act_bits=quant.act_bits, weight_calibration=quant.weight_calibration,
             act_range=float(quant.act_range), act_scheme="symmetric" if quant.act_floor is None else "affine",
-            act_floor=quant.act_floor, input_scale=quant.input_scale,
+            act_floor=quant.act_floor, input_scale=quant.input_scale, outlier_range=quant.outlier_range,
             refit=None if quant.refit is None else quant.refit.digest,
             reason=layer.reason + ("; weights reconstructed for its int8 input" if quant.refit is not None else ""),
             evidence=_evidence(evidence | ({f"refit_{k}": v for k, v in report.refit_trial["after"].items()}

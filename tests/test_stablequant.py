@@ -24,6 +24,8 @@ from sq_pt2e.stablequant import (
 from sq_pt2e.simulate import quantizable_modules
 
 PLANTED = "wav2vec2.feature_extractor.conv_layers.1.conv"
+# the paper's clipping step alone (smoothing, reconstruction and outlier splits have their own tests)
+CLIP_ONLY = SearchConfig(criterion="kl", smooth_alpha=0.0, refit_ops=(), split_percentiles=())
 
 
 def _waves(seed: int, count: int, samples: int = 16000) -> list[torch.Tensor]:
@@ -49,8 +51,7 @@ def planted_model() -> torch.nn.Module:
 def planted_search(planted_model: torch.nn.Module):
     statistics = collect_statistics(planted_model, _waves(1, 4))
     evaluator = Evaluator(planted_model, _waves(2, 3))
-    config = SearchConfig(criterion="kl", smooth_alpha=0.0, refit_ops=())
-    plan, report = search_plan(planted_model, statistics, evaluator, config, model_name="t")
+    plan, report = search_plan(planted_model, statistics, evaluator, CLIP_ONLY, model_name="t")
     return statistics, plan, report
 
 
@@ -82,7 +83,8 @@ def test_plan_is_never_worse_on_dev_than_mse_ranges_everywhere(planted_model, pl
 
 def test_paper_reading_starts_from_max_ranges_and_always_clips(planted_model) -> None:
     statistics = collect_statistics(planted_model, _waves(1, 4))
-    config = SearchConfig(criterion="kl", act_scheme="symmetric", start="max", smooth_alpha=0.0, refit_ops=())
+    config = SearchConfig(criterion="kl", act_scheme="symmetric", start="max", smooth_alpha=0.0, refit_ops=(),
+                          split_percentiles=())
     plan, report = search_plan(planted_model, statistics, Evaluator(planted_model, _waves(2, 3)), config)
     assert not report.kept_mse and set(report.chosen_percentiles) == set(report.sensitive_groups)
     assert all(layer.act_scheme == "symmetric" and layer.act_floor is None for layer in plan.layers)
@@ -105,8 +107,8 @@ def test_non_sensitive_layers_get_mse_ranges(planted_search) -> None:
 def test_search_is_deterministic_byte_for_byte(planted_model: torch.nn.Module, planted_search) -> None:
     _, plan, _ = planted_search
     statistics = collect_statistics(planted_model, _waves(1, 4))
-    again, _ = search_plan(planted_model, statistics, Evaluator(planted_model, _waves(2, 3)),
-                           SearchConfig(criterion="kl", smooth_alpha=0.0, refit_ops=()), model_name="t")
+    again, _ = search_plan(planted_model, statistics, Evaluator(planted_model, _waves(2, 3)), CLIP_ONLY,
+                           model_name="t")
     assert again.to_json() == plan.to_json()
 
 
@@ -192,8 +194,8 @@ def coupled_searches(planted_model: torch.nn.Module):
     percentiles = (100.0, 99.9, 99.5, 99.0, 98.0, 95.0, 90.0, 80.0)
     results = {}
     for passes in (1, 4):
-        config = SearchConfig(criterion="kl", kl_share=0.0, smooth_alpha=0.0, refit_ops=(), percentiles=percentiles,
-                              passes=passes)
+        config = SearchConfig(criterion="kl", kl_share=0.0, smooth_alpha=0.0, refit_ops=(), split_percentiles=(),
+                              percentiles=percentiles, passes=passes)
         results[passes] = search_plan(planted_model, statistics, _CoupledObjective(statistics), config)
     return results
 
@@ -234,7 +236,7 @@ def test_weight_ranges_are_mse_at_four_bits_and_max_above_unless_set() -> None:
 
 def test_a_four_bit_plan_records_mse_weight_ranges(planted_model: torch.nn.Module) -> None:
     statistics = collect_statistics(planted_model, _waves(1, 2))
-    config = SearchConfig(criterion="kl", smooth_alpha=0.0, refit_ops=(), weight_bits=4, passes=1)
+    config = SearchConfig(criterion="kl", smooth_alpha=0.0, refit_ops=(), split_percentiles=(), weight_bits=4, passes=1)
     plan, _ = search_plan(planted_model, statistics, Evaluator(planted_model, _waves(2, 2)), config)
     quantized = [layer for layer in plan.layers if not layer.skip]
     assert quantized and all(layer.weight_calibration == "mse" and layer.weight_bits == 4 for layer in quantized)
@@ -340,7 +342,8 @@ class _OffsettingObjective:
 def test_float_fallback_floats_offsetting_sensitive_groups_together(planted_model: torch.nn.Module) -> None:
     statistics = collect_statistics(planted_model, _waves(1, 2))
     block = [m.name for m in quantizable_modules(planted_model) if m.name.startswith(LARGE_GROUP + ".")]
-    config = SearchConfig(criterion="kl", kl_share=0.2, smooth_alpha=0.0, refit_ops=(), float_share=1.0)
+    config = SearchConfig(criterion="kl", kl_share=0.2, smooth_alpha=0.0, refit_ops=(), split_percentiles=(),
+                          float_share=1.0)
     plan, report = search_plan(planted_model, statistics, _OffsettingObjective([SMALL_GROUP], block), config)
     joint = f"{SMALL_GROUP} + {LARGE_GROUP}"
     assert set(report.kept_mse) == {SMALL_GROUP, LARGE_GROUP}  # no clip percentile helps either
