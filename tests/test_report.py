@@ -57,6 +57,15 @@ def test_sqnr_counts_clipping_error_above_the_range() -> None:
         activation_sqnr_db(hist, 0.0, qmax)
 
 
+def test_sqnr_of_an_outlier_split_rounds_the_clipped_values_on_the_outlier_grid() -> None:
+    hist = _spike()  # every value at 0.95
+    clip, qmax = 0.5, 127
+    expected = 10 * math.log10(0.95**2 / ((2.0 / qmax) ** 2 / 12))  # 0.95 lies on the [-2, 2] outlier grid
+    assert activation_sqnr_db(hist, clip, qmax, outlier_range=2.0) == pytest.approx(expected)
+    short = 10 * math.log10(0.95**2 / 0.35**2)  # the outlier grid ends at 0.6: 0.95 is clipped to it
+    assert activation_sqnr_db(hist, clip, qmax, outlier_range=0.1) == pytest.approx(short)
+
+
 def test_clipped_share_of_a_uniform_histogram() -> None:
     hist = AbsHistogram(np.ones(100), 1.0, 1.0)
     assert clipped_share(hist, 0.5) == pytest.approx(50.0)

@@ -120,3 +120,20 @@ def test_search_splits_the_layer_whose_outliers_matter() -> None:
     assert report.final_score.kl < 0.9 * unsplit.final_score.kl
     with pytest.raises(ValueError, match="split_percentiles"):
         SearchConfig(split_percentiles=(100.0,))
+
+
+def test_split_plan_runs_as_a_dynamic_length_pte_that_matches_eager_int8(single_thread) -> None:
+    from sq_pt2e.backends.executorch_xnnpack import PteRunner, lower_to_xnnpack
+    from sq_pt2e.framing import LengthRange, cnn_geometry
+
+    model = build_model("tiny-wav2vec2", seed=0)
+    lengths = LengthRange.up_to(32000, cnn_geometry(model))
+    example, *calibration = (torch.randn(1, lengths.hop * f + lengths.context, generator=torch.Generator().manual_seed(f))
+                             for f in (40, 30, 60))
+    quantized = quantize_model(model, example, calibration, plan=_split_plan(model, calibration), target="xnnpack",
+                               lengths=lengths)
+    assert sum(OUTLIER_OF in n.meta for n in quantized.converted.graph.nodes) == 3
+    data, _ = lower_to_xnnpack(quantized.converted, example, lengths=lengths)
+    wave = torch.randn(1, lengths.hop * 77 + lengths.context, generator=torch.Generator().manual_seed(5))
+    output, expected = PteRunner(data, lengths.max_samples, threads=1, lengths=lengths)(wave), quantized.converted(wave)
+    assert torch.nn.functional.cosine_similarity(output.flatten(), expected.flatten(), dim=0) > 0.999
