@@ -13,9 +13,9 @@ Example:
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Union
+from typing import Any, Union
 
 import torch
 from torch._ops import OpOverload, OpOverloadPacket
@@ -34,6 +34,8 @@ __all__ = [
     "Q_PER_TENSOR",
     "TinyQuantized",
     "assert_qdq_graph",
+    "channel_outlier_model",
+    "compiled_plan_report",
     "count_ops",
     "example_waves",
     "ops_in_order",
@@ -125,6 +127,34 @@ class TinyQuantized:
     def int8_logits(self, wave: torch.Tensor | None = None) -> torch.Tensor:
         with torch.no_grad():
             return self.quantized.converted(self.example if wave is None else wave)
+
+
+def channel_outlier_model(seed: int = 0) -> PreTrainedModel:
+    """tiny-wav2vec2 whose CNN conv 2 sees one input channel (3) 40x larger than the others, and uses it.
+
+    The float model computes about the same function as before (conv 1's output channel is
+    scaled up, conv 2's weights for it down): a per-tensor int8 grid must cover that channel.
+    """
+    model = build_model("tiny-wav2vec2", seed=seed)
+    modules = dict(model.named_modules())
+    conv1, conv2 = (modules[f"wav2vec2.feature_extractor.conv_layers.{i}.conv"] for i in (1, 2))
+    with torch.no_grad():
+        conv1.weight[3] *= 40.0  # GELU(40 y) ~ 40 GELU(y) for the positive part
+        conv2.weight[:, 3] /= 40.0
+    return model
+
+
+def compiled_plan_report(plan_for: Callable[[PreTrainedModel, list[torch.Tensor]], QuantPlan],
+                         name: str = "tiny-wav2vec2", samples: int = 4000) -> tuple[PreTrainedModel, Any]:
+    """Quantize a seeded tiny model with ``plan_for(model, calibration)`` (fitted to this CPU),
+    compile it with inductor on one thread, and return the model and the ``InductorReport``
+    (int8 kernel count, compiled vs eager int8 cosine). Imports inductor when called."""
+    from sq_pt2e.backends.inductor import compile_inductor
+
+    model = build_model(name, seed=0)
+    calibration, (wave,) = example_waves(2, 2, samples), example_waves(1, 1, samples)
+    converted = quantize_model(model, wave, calibration, plan=plan_for(model, calibration), fit_to_cpu=True).converted
+    return model, compile_inductor(converted, wave, threads=1).report
 
 
 def tiny_quantized_model(

@@ -8,7 +8,6 @@ import json
 import pytest
 import torch
 
-from sq_pt2e.backends.inductor import compile_inductor
 from sq_pt2e.errors import PlanError, QuantizationError
 from sq_pt2e.export import export_speech_model
 from sq_pt2e.models import build_model
@@ -24,7 +23,7 @@ from sq_pt2e.stablequant import (
     searched_modules,
     smoothed_layers,
 )
-from sq_pt2e.testing import example_waves
+from sq_pt2e.testing import channel_outlier_model, compiled_plan_report, example_waves
 
 CONV = "wav2vec2.feature_extractor.conv_layers.{}.conv"
 
@@ -68,31 +67,15 @@ def test_smoothed_simulation_equals_eager_convert_pt2e(arch: str) -> None:
     torch.testing.assert_close(converted(wave), expected, rtol=0, atol=1e-5)
 
 
-def test_smoothed_plan_compiles_to_int8_kernels_that_match_eager() -> None:
-    torch.set_num_threads(1)
-    model = build_model("tiny-wav2vec2", seed=0)
-    calibration, (wave,) = example_waves(2, 2, 4000), example_waves(1, 1, 4000)
-    converted = quantize_model(model, wave, calibration, plan=_smoothed_plan(model, calibration),
-                               fit_to_cpu=True).converted
-    report = compile_inductor(converted, wave, threads=1).report
+def test_smoothed_plan_compiles_to_int8_kernels_that_match_eager(single_thread) -> None:
+    _, report = compiled_plan_report(_smoothed_plan)
     assert report.int8_kernel_count == report.int8_layers_in_graph == 22
     assert report.cosine >= 0.999
 
 
-def _outlier_model() -> torch.nn.Module:
-    """tiny-wav2vec2 whose conv 2 sees one input channel 40x larger than the others."""
-    model = build_model("tiny-wav2vec2", seed=0)
-    conv1 = dict(model.named_modules())[CONV.format(1)]
-    conv2 = dict(model.named_modules())[CONV.format(2)]
-    with torch.no_grad():
-        conv1.weight[3] *= 40.0  # GELU(40 y) ~ 40 GELU(y) for the positive part
-        conv2.weight[:, 3] /= 40.0  # the float model computes about the same function
-    return model
-
-
 def test_smoothing_shrinks_the_error_an_outlier_channel_causes() -> None:
     torch.set_num_threads(1)
-    model = _outlier_model()
+    model = channel_outlier_model()
     calibration, dev = example_waves(0, 3, 16000), example_waves(5, 3, 16000)
     evaluator = Evaluator(model, dev)
     name = CONV.format(2)

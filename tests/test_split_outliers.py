@@ -16,7 +16,7 @@ from sq_pt2e.pipeline import quantize_model
 from sq_pt2e.plan import LayerPlan, QuantPlan
 from sq_pt2e.simulate import collect_statistics, fake_quantized, plan_layer_quants, quantizable_modules
 from sq_pt2e.stablequant import Evaluator, SearchConfig, search_plan
-from sq_pt2e.testing import example_waves
+from sq_pt2e.testing import channel_outlier_model, compiled_plan_report, example_waves
 
 CONV = "wav2vec2.feature_extractor.conv_layers.{}.conv"
 DENSE = "wav2vec2.encoder.layers.0.feed_forward.intermediate_dense"
@@ -78,33 +78,15 @@ def test_split_graph_equals_simulation_and_beats_clipping() -> None:
     assert (expected - reference).abs().mean() < 0.3 * clipped_error
 
 
-def test_split_layers_compile_to_int8_kernels_that_match_eager() -> None:
-    from sq_pt2e.backends.inductor import compile_inductor
-
-    torch.set_num_threads(1)
-    model = build_model("tiny-wav2vec2", seed=0)
-    calibration, (wave,) = example_waves(2, 2, 4000), example_waves(1, 1, 4000)
-    converted = quantize_model(model, wave, calibration, plan=_split_plan(model, calibration),
-                               fit_to_cpu=True).converted
-    report = compile_inductor(converted, wave, threads=1).report
-    print(report.int8_layers_in_graph, report.int8_kernel_count, len(quantizable_modules(model)))
+def test_split_layers_compile_to_int8_kernels_that_match_eager(single_thread) -> None:
+    model, report = compiled_plan_report(_split_plan)
     assert report.int8_layers_in_graph == report.int8_kernel_count == len(quantizable_modules(model)) + 3
     assert report.cosine >= 0.999
 
 
-def _channel_outlier_model() -> torch.nn.Module:
-    """tiny-wav2vec2 whose conv 2 sees one input channel 40x larger than the others, and uses it."""
-    model = build_model("tiny-wav2vec2", seed=0)
-    conv1, conv2 = (dict(model.named_modules())[CONV.format(i)] for i in (1, 2))
-    with torch.no_grad():
-        conv1.weight[3] *= 40.0  # GELU(40 y) ~ 40 GELU(y) for the positive part
-        conv2.weight[:, 3] /= 40.0  # the float model computes about the same function
-    return model
-
-
 def test_search_splits_the_layer_whose_outliers_matter() -> None:
     torch.set_num_threads(1)
-    model = _channel_outlier_model()
+    model = channel_outlier_model()
     calibration = example_waves(3, 4, 8000)
     statistics = collect_statistics(model, calibration)
     evaluator = Evaluator(model, example_waves(4, 3, 8000))
