@@ -321,10 +321,11 @@ def _cmd_accuracy(args: argparse.Namespace) -> int:
 
         table = AccuracyTable.from_json(args.update.read_text()).updated_with(table)
     print(table.to_markdown())
-    if args.output_dir is not None:
-        atomic_write_text(args.output_dir / "accuracy.json", table.to_json())
-        atomic_write_text(args.output_dir / "accuracy.md", table.to_markdown() + "\n")
-        print(f"wrote {args.output_dir / 'accuracy.json'}, {args.output_dir / 'accuracy.md'}")
+    out = args.output_dir or (args.update.parent if args.update is not None else None)
+    if out is not None:
+        atomic_write_text(out / "accuracy.json", table.to_json())
+        atomic_write_text(out / "accuracy.md", table.to_markdown() + "\n")
+        print(f"wrote {out / 'accuracy.json'}, {out / 'accuracy.md'}")
     return EXIT_OK
 
 
@@ -633,9 +634,12 @@ def _build_parser() -> argparse.ArgumentParser:
                           help="skip: leave out (and list) unreadable files instead of stopping")
     accuracy.add_argument("--update", type=Path, default=None, metavar="ACCURACY_JSON",
                           help="an earlier accuracy.json of the same model and evaluation sets: keep its cells, "
-                               "replacing those this run measures again (e.g. one method after a change)")
+                               "replacing those this run measures again (e.g. one method after a change), and "
+                               "write the merged table back to its folder (unless --output-dir names another)")
     _add_threads_argument(accuracy)
-    accuracy.add_argument("--output-dir", type=Path, default=None)
+    accuracy.add_argument("--output-dir", type=Path, default=None,
+                          help="write accuracy.json and accuracy.md here (default: with --update, that file's folder; "
+                               "else only print the table)")
     accuracy.set_defaults(run=_cmd_accuracy)
 
     export = verbs.add_parser(

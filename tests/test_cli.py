@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 from sq_pt2e.cli import EXIT_FAILED, EXIT_OK, EXIT_USAGE, main
 
@@ -192,3 +193,28 @@ def test_accuracy_verb_passes_its_sensitivity_thresholds_to_the_search(monkeypat
                  "--max-eval", "2", "--max-calibration", "2", "--gamma", "0.5", "--kl-share", "0.1"])
     assert code == EXIT_FAILED
     assert seen["search"].gamma == 0.5 and seen["search"].kl_share == 0.1
+
+
+def test_accuracy_update_writes_the_merged_table_back_to_its_folder(monkeypatch, tmp_path) -> None:
+    import dataclasses
+
+    import sq_pt2e.accuracy
+    from sq_pt2e.accuracy import AccuracyTable
+    from sq_pt2e.assets import asset_path
+
+    shipped = Path(__file__).resolve().parents[1] / "benchmarks" / "results" / "accuracy-ref-hubert" / "accuracy.json"
+    earlier = AccuracyTable.from_json(shipped.read_text())
+    target = tmp_path / "accuracy.json"
+    target.write_text(earlier.to_json())
+    first = earlier.cells[0]
+    rerun = dataclasses.replace(earlier, cells=[dataclasses.replace(first, wer=first.wer + 1.0)], comparisons=[],
+                                search={})
+    monkeypatch.setattr(sq_pt2e.accuracy, "build_accuracy_table", lambda *args, **kwargs: rerun)
+    dev = str(asset_path("synthetic", "dev.tsv"))
+    code = main(["accuracy", "--model", "tiny-hubert", "--dev", dev, "--eval", f"dev={dev}", "--max-dev", "2",
+                 "--max-eval", "2", "--max-calibration", "2", "--update", str(target)])
+    assert code == EXIT_OK
+    merged = AccuracyTable.from_json(target.read_text())
+    assert merged.cells[0].wer == first.wer + 1.0 and merged.cells[1:] == [
+        dataclasses.replace(c, best=merged.cells[i + 1].best) for i, c in enumerate(earlier.cells[1:])]
+    assert (tmp_path / "accuracy.md").read_text().startswith("Model: ref-hubert")
