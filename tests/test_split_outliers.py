@@ -110,8 +110,8 @@ def test_split_plan_runs_as_a_dynamic_length_pte_that_matches_eager_int8(single_
 
     model = build_model("tiny-wav2vec2", seed=0)
     lengths = LengthRange.up_to(32000, cnn_geometry(model))
-    example, *calibration = (torch.randn(1, lengths.hop * f + lengths.context, generator=torch.Generator().manual_seed(f))
-                             for f in (40, 30, 60))
+    example, *calibration = (torch.randn(1, lengths.hop * frames + lengths.context,
+                                         generator=torch.Generator().manual_seed(frames)) for frames in (40, 30, 60))
     quantized = quantize_model(model, example, calibration, plan=_split_plan(model, calibration), target="xnnpack",
                                lengths=lengths)
     assert sum(OUTLIER_OF in n.meta for n in quantized.converted.graph.nodes) == 3
