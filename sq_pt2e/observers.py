@@ -37,6 +37,7 @@ __all__ = [
     "act_qparams",
     "grid_bounds",
     "grid_floor",
+    "outlier_floor",
     "outlier_qparams",
     "PerChannelMseWeightObserver",
     "accumulator_bound",
@@ -198,20 +199,31 @@ def act_qparams(act_range: float, bits: int, floor: float | None = None, *,
     return scale, zero - q + offset, offset - q, offset + q
 
 
-def grid_bounds(act_range: float, bits: int, floor: float | None = None) -> tuple[float, float]:
-    """The interval ``[low, high]`` an input grid covers (values beyond it are clipped)."""
+def grid_bounds(act_range: float, bits: int, floor: float | None = None,
+                outlier_range: float | None = None) -> tuple[float, float]:
+    """The interval ``[low, high]`` an input grid covers (values beyond it are clipped); with an
+    outlier split (``outlier_range``), the interval the grid and its outlier grid cover together."""
     step, zero, qmin, qmax = act_qparams(act_range, bits, floor)
-    return (qmin - zero) * step, (qmax - zero) * step
+    low, high = (qmin - zero) * step, (qmax - zero) * step
+    if outlier_range is None:
+        return low, high
+    below = outlier_floor(floor is not None)  # None: the outlier grid reaches below zero too
+    return low - (outlier_range if below is None else -below), high + outlier_range
+
+
+def outlier_floor(affine: bool) -> float | None:
+    """Lower end of an outlier-split grid (``LayerPlan.outlier_range``).
+
+    What an affine (one-sided) input grid clips lies above it: ``[0, outlier_range]``;
+    a symmetric grid clips both ways: ``[-outlier_range, outlier_range]`` (None: symmetric).
+    """
+    return 0.0 if affine else None
 
 
 def outlier_qparams(outlier_range: float, bits: int, affine: bool, *,
                     unsigned: bool = False) -> tuple[float, int, int, int]:
-    """Scale, zero point and integer range of an outlier-split grid (``LayerPlan.outlier_range``).
-
-    What an affine (one-sided) input grid clips lies above it: ``[0, outlier_range]``;
-    a symmetric grid clips both ways: ``[-outlier_range, outlier_range]``.
-    """
-    return act_qparams(outlier_range, bits, 0.0 if affine else None, unsigned=unsigned)
+    """Scale, zero point and integer range of an outlier-split grid (see :func:`outlier_floor`)."""
+    return act_qparams(outlier_range, bits, outlier_floor(affine), unsigned=unsigned)
 
 
 def range_max(hist: AbsHistogram) -> float:

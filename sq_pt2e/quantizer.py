@@ -30,7 +30,7 @@ from torchao.quantization.pt2e.quantizer.quantizer import Q_ANNOTATION_KEY, Edge
 from sq_pt2e.annotators import ANNOTATORS, SUPPORTED_PATTERNS, LayerQSpecs, annotate_attention, is_annotated
 from sq_pt2e.errors import QuantizationError
 from sq_pt2e.graph import QuantizableLayer, find_quantizable_layers, layer_name
-from sq_pt2e.observers import AbsHistogramObserver, PerChannelMseWeightObserver, grid_bounds
+from sq_pt2e.observers import AbsHistogramObserver, PerChannelMseWeightObserver, grid_bounds, outlier_floor
 from sq_pt2e.plan import LayerPlan, QuantPlan
 
 if TYPE_CHECKING:
@@ -114,9 +114,10 @@ def _plan_layers(model: GraphModule) -> list[QuantizableLayer]:
 
 def _outlier_plan(layer: LayerPlan) -> LayerPlan:
     """The plan of a split layer's outlier layer: its grid ``[0 or -r, r]``, ``r = outlier_range``."""
-    affine = layer.act_scheme == "affine"
-    return dataclasses.replace(layer, name=layer.name + ".outliers", calibration="max", clip_percentile=None,
-                               act_range=layer.outlier_range, act_floor=0.0 if affine else None,
+    from sq_pt2e.passes.split_outliers import OUTLIER_SUFFIX
+
+    return dataclasses.replace(layer, name=layer.name + OUTLIER_SUFFIX, calibration="max", clip_percentile=None,
+                               act_range=layer.outlier_range, act_floor=outlier_floor(layer.act_scheme == "affine"),
                                outlier_range=None, input_scale=None, refit=None)
 
 
@@ -223,16 +224,14 @@ class StableQuantQuantizer(Quantizer):
         from sq_pt2e.reconstruct import apply_refit_weights
         from sq_pt2e.smoothing import apply_input_scales
 
-        refits, scales = self.plan.refit_weights(), self.plan.input_scales()
+        def ours(per_layer: dict[str, object]) -> dict[str, object]:
+            return {n: v for n, v in per_layer.items() if self.module_filter is None or self.module_filter(n)}
+
         splits = {name: grid_bounds(layer.act_range, layer.act_bits, layer.act_floor)
                   for name, layer in self.plan.outlier_layers().items()}
-        if self.module_filter is not None:
-            refits = {name: r for name, r in refits.items() if self.module_filter(name)}
-            scales = {name: s for name, s in scales.items() if self.module_filter(name)}
-            splits = {name: g for name, g in splits.items() if self.module_filter(name)}
-        model = apply_refit_weights(model, refits)
-        model = apply_input_scales(model, scales)
-        model = split_outliers(model, splits)
+        model = apply_refit_weights(model, ours(self.plan.refit_weights()))
+        model = apply_input_scales(model, ours(self.plan.input_scales()))
+        model = split_outliers(model, ours(splits))
         if self.plan.attention == "int8":
             SdpaAsMatmulsPass()(model)
         return model

@@ -169,10 +169,7 @@ def _clip_inputs(modules: Mapping[str, nn.Module], layers: Mapping[str, object])
     An outlier split's second grid widens the interval: those outliers are computed, not clipped.
     """
     for name, quant in layers.items():
-        low, high = grid_bounds(quant.act_range, quant.act_bits, quant.act_floor)
-        if quant.outlier_range is not None:
-            high += quant.outlier_range
-            low -= quant.outlier_range if quant.act_floor is None else 0.0
+        low, high = grid_bounds(quant.act_range, quant.act_bits, quant.act_floor, quant.outlier_range)
         module = modules[name]
         channel = torch.ones(module.weight.shape[1])
         if quant.input_scale is not None:
