@@ -156,15 +156,26 @@ def _fake_quant_weight(weight: torch.Tensor, bits: int, calibration: str, layer:
     return torch.fake_quantize_per_channel_affine(weight.detach(), scales.float(), zero, 0, -qmax, qmax)
 
 
-def _quantize_input(quant: LayerQuant, inverse: torch.Tensor | None, _module: nn.Module,
-                    args: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
+Grid = tuple[float, int, int, int]  # scale, zero point, quant_min, quant_max
+
+
+def _input_grids(quant: LayerQuant) -> tuple[Grid, tuple[tuple[float, float], Grid] | None]:
+    """The layer's input grid and, with an outlier split, the interval it covers and the outlier grid."""
+    grid = act_qparams(quant.act_range, quant.act_bits, quant.act_floor)
+    if quant.outlier_range is None:
+        return grid, None
+    bounds = grid_bounds(quant.act_range, quant.act_bits, quant.act_floor)
+    return grid, (bounds, outlier_qparams(quant.outlier_range, quant.act_bits, quant.act_floor is not None))
+
+
+def _quantize_input(grid: Grid, outliers: tuple[tuple[float, float], Grid] | None, inverse: torch.Tensor | None,
+                    _module: nn.Module, args: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
     """Forward pre-hook: the layer's (smoothed) input on its grid, plus its outliers on theirs if split."""
     x = args[0] if inverse is None else args[0] * inverse
-    quantized = torch.fake_quantize_per_tensor_affine(x, *act_qparams(quant.act_range, quant.act_bits, quant.act_floor))
-    if quant.outlier_range is not None:
-        low, high = grid_bounds(quant.act_range, quant.act_bits, quant.act_floor)
-        grid = outlier_qparams(quant.outlier_range, quant.act_bits, quant.act_floor is not None)
-        quantized = quantized + torch.fake_quantize_per_tensor_affine(x - x.clamp(low, high), *grid)
+    quantized = torch.fake_quantize_per_tensor_affine(x, *grid)
+    if outliers is not None:
+        (low, high), outlier_grid = outliers
+        quantized = quantized + torch.fake_quantize_per_tensor_affine(x - x.clamp(low, high), *outlier_grid)
     return (quantized, *args[1:])
 
 
@@ -198,7 +209,8 @@ def fake_quantized(model: nn.Module, layers: dict[str, LayerQuant]) -> Iterator[
                 weight = scaled_weight(weight, quant.input_scale, layer=name)
                 inverse = inverse_input_scale(quant.input_scale, weight.ndim)
             module.weight.data = _fake_quant_weight(weight, quant.weight_bits, quant.weight_calibration, name)
-            handles.append(module.register_forward_pre_hook(functools.partial(_quantize_input, quant, inverse)))
+            handles.append(module.register_forward_pre_hook(functools.partial(_quantize_input, *_input_grids(quant),
+                                                                              inverse)))
 
         yield wrapper
     finally:
