@@ -38,6 +38,7 @@ import statistics
 import tempfile
 import time
 from collections.abc import Callable, Sequence
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass, field
 from multiprocessing.connection import Connection
 from pathlib import Path
@@ -48,6 +49,7 @@ from torch import nn
 from sq_pt2e.atomic import atomic_write_text
 from sq_pt2e.compare import graph_constant_bytes, timed_runs_ms
 from sq_pt2e.distributed.runners import shippable_model
+from sq_pt2e.gemm_ceiling import GemmCeiling, feed_forward_shape, measure_gemm_ceiling
 from sq_pt2e.hardware import cpu_info
 from sq_pt2e.models.build import to_ctc_logits
 from sq_pt2e.passes.fold_weight_norm import folded_copy
@@ -61,6 +63,8 @@ DYNAMIC_MAX_SECONDS = 30
 """The longest input of the dynamic-length ``.pte`` variant (``executorch-int8-dynamic``)."""
 SPREAD_LIMIT = 1.15
 """Largest trusted spread (max / min of a cell's per-round medians); above it the table flags the cell."""
+_CEILING_INTRO = ("GEMM ceiling: one feed-forward block (two Linears at the model's shapes) in float32 and int8 on "
+                  "this CPU, verified int8 kernels; where GEMMs dominate, int8 cannot gain more than this over fp32.")
 
 
 @dataclass
@@ -131,10 +135,14 @@ class BenchResult:
     rows: list[BenchRow] = field(default_factory=list)
     skipped: list[str] = field(default_factory=list)
     method: str = ""
+    ceilings: list[tuple[str, GemmCeiling]] = field(default_factory=list)
+    """``(model, ceiling)`` pairs from :func:`~sq_pt2e.gemm_ceiling.measure_gemm_ceiling` (``gemm_ceiling=True``)."""
 
     def to_json(self) -> str:
+        ceilings = [{"model": model, **asdict(c), "speedup": c.speedup} for model, c in self.ceilings]
         return json.dumps({"cpu": self.cpu, "torch": self.torch_version, "method": self.method,
-                           "skipped": self.skipped, "rows": [asdict(r) for r in self.rows]}, indent=2) + "\n"
+                           "skipped": self.skipped, "rows": [asdict(r) for r in self.rows],
+                           "gemm_ceiling": ceilings}, indent=2) + "\n"
 
     def to_markdown(self) -> str:
         lines = [f"CPU: {self.cpu}; torch {self.torch_version}", ""]
@@ -155,6 +163,12 @@ class BenchResult:
         if any(r.flagged for r in self.rows):
             lines += ["", f"! spread (max / min of the per-round medians) above {SPREAD_LIMIT}: the rounds disagree, "
                           "so this latency and every ratio involving it are not trustworthy."]
+        if self.ceilings:
+            lines += ["", _CEILING_INTRO, "", "| model | backend | frames x hidden -> intermediate | threads | "
+                      "fp32 (ms) | int8 (ms) | int8 GMAC/s | int8 vs fp32 |", "|---|---|---|---:|---:|---:|---:|---:|"]
+            lines += [f"| {model} | {c.backend} | {c.frames} x {c.hidden} -> {c.intermediate} | {c.threads} | "
+                      f"{c.fp32_ms:.1f} | {c.int8_ms:.1f} | {c.macs / 1e6 / c.int8_ms:.0f} | {c.speedup:.2f}x |"
+                      for model, c in self.ceilings]
         if self.skipped:
             lines += ["", "Skipped: " + "; ".join(self.skipped)]
         return "\n".join(lines)
@@ -499,6 +513,7 @@ def run_benchmark(
     plan: QuantPlan | None = None,
     calibration_count: int = 2,
     seed: int = 0,
+    gemm_ceiling: bool = False,
     progress: Callable[[str], None] = print,
     on_update: Callable[[BenchResult], None] | None = None,
 ) -> BenchResult:
@@ -520,6 +535,9 @@ def run_benchmark(
             depend on the ranges).
         calibration_count: calibration waveforms for the int8 variants.
         seed: seed of the random input waveforms.
+        gemm_ceiling: also time one feed-forward block in float32 and int8 per (length, threads)
+            (:func:`~sq_pt2e.gemm_ceiling.measure_gemm_ceiling`, in a fresh process when ``isolate``): the
+            most int8 can gain on this CPU.
         progress: called with one line per cell and round.
         on_update: called with the result so far after every cell (e.g. to save it), so an
             interrupted run loses nothing already measured.
@@ -545,7 +563,29 @@ def run_benchmark(
                 _run_setting(setting, _Inputs(model, wave, calibration, plan), names, rounds=rounds, runs=runs,
                              inputs_path=Path(folder) / "inputs.pt" if isolate else None, result=result,
                              progress=progress, on_update=on_update)
+                if gemm_ceiling:
+                    progress(f"[{setting.label()}] GEMM ceiling ...")
+                    frames, hidden, intermediate = feed_forward_shape(model, samples)
+                    _add_ceiling(result, setting, (frames * batch, hidden, intermediate), runs, isolate)
+                    if on_update is not None:
+                        on_update(result)
     return result
+
+
+def _add_ceiling(result: BenchResult, setting: _Setting, shape: tuple[int, int, int], runs: int,
+                 isolate: bool) -> None:
+    """Measure the GEMM ceiling of one setting (in a fresh process when ``isolate``) into ``result``."""
+    measure = functools.partial(measure_gemm_ceiling, *shape, threads=setting.threads, runs=runs)
+    try:
+        if isolate:
+            with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
+                ceilings = pool.submit(measure).result()
+        else:
+            ceilings = measure()
+    except Exception as exc:  # a failed ceiling must not lose the measured rows
+        result.skipped.append(f"{setting.model} GEMM ceiling {setting.threads}t: {_describe(exc)}")
+        return
+    result.ceilings += [(setting.model, ceiling) for ceiling in ceilings]
 
 
 def bench_model_and_plan(model: nn.Module, model_name: str, plan: QuantPlan | None = None, *, batch: int = 1,

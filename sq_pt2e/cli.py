@@ -84,7 +84,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         if merged is None:
             return result
         return BenchResult(merged.cpu, merged.torch_version, merged.rows + result.rows,
-                           merged.skipped + result.skipped, result.method)
+                           merged.skipped + result.skipped, result.method, merged.ceilings + result.ceilings)
 
     def save_partial(result: BenchResult) -> None:
         if args.output_dir is not None:
@@ -93,7 +93,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     for name in args.models:
         result = run_benchmark(load_model(name, seed=args.seed), name, seconds=args.seconds, threads=args.threads,
                                batch=args.batch, runs=args.runs, rounds=args.rounds, isolate=not args.in_process,
-                               variants=args.variants, seed=args.seed, plan=plan,
+                               variants=args.variants, seed=args.seed, plan=plan, gemm_ceiling=args.gemm_ceiling,
                                progress=lambda line: print(line, file=sys.stderr, flush=True),
                                on_update=save_partial)
         merged = combined(result)
@@ -556,6 +556,9 @@ def _build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--plan", type=Path, default=None,
                        help="time the StableQuant variants with this plan (one model only; default: the graph a "
                             "W8A8 search produces, with max ranges), e.g. to see what a float fallback costs")
+    bench.add_argument("--gemm-ceiling", action="store_true",
+                       help="also time one feed-forward block in fp32 and int8 (inductor, XNNPACK) at the model's "
+                            "shapes: how much faster int8 GEMMs are than fp32 on this CPU, the most int8 can gain")
     bench.add_argument("--output-dir", type=Path, default=None, help="write bench.json, bench.md and a plot here")
     bench.set_defaults(run=_cmd_bench)
 

@@ -10,7 +10,8 @@ from dataclasses import replace
 
 import pytest
 
-from sq_pt2e.bench import SPREAD_LIMIT, VARIANTS, BenchResult, BenchRow, Built, run_benchmark
+from sq_pt2e.bench import SAMPLE_RATE, SPREAD_LIMIT, VARIANTS, BenchResult, BenchRow, Built, run_benchmark
+from sq_pt2e.framing import cnn_geometry, frame_count
 from sq_pt2e.models import build_model
 
 
@@ -27,7 +28,7 @@ def result():
                          isolate=False,
                          variants=("fp32-eager", "dynamic-int8", "stablequant-int8-inductor",
                                    "stablequant-int8-inductor-convs", "executorch-int8", "executorch-int8-dynamic"),
-                         progress=lambda _line: None)
+                         gemm_ceiling=True, progress=lambda _line: None)
 
 
 @pytest.fixture(scope="module")
@@ -72,9 +73,26 @@ def test_markdown_and_json_are_well_formed(result, tmp_path) -> None:
     json_path, md_path = result.save(tmp_path)
     data = json.loads(json_path.read_text())
     assert data["cpu"] and "one process" in data["method"] and len(data["rows"]) == len(result.rows)
-    table = [line for line in md_path.read_text().splitlines() if line.startswith("|")]
+    text = md_path.read_text()
+    rows_part, ceiling_part = text.split("GEMM ceiling:")
+    table = [line for line in rows_part.splitlines() if line.startswith("|")]
     assert len(table) == 2 + len(result.rows)
     assert len({line.count("|") for line in table}) == 1
+    ceiling_table = [line for line in ceiling_part.splitlines() if line.startswith("|")]
+    assert len(ceiling_table) == 2 + 2 and len({line.count("|") for line in ceiling_table}) == 1
+    assert [c["backend"] for c in data["gemm_ceiling"]] == ["inductor", "xnnpack"]
+
+
+def test_gemm_ceiling_times_the_models_feed_forward_shape_on_both_backends(result) -> None:
+    config = build_model("tiny-hubert").config
+    frames = frame_count(SAMPLE_RATE, cnn_geometry(build_model("tiny-hubert")))
+    assert [(model, c.backend) for model, c in result.ceilings] == [("tiny-hubert", "inductor"),
+                                                                      ("tiny-hubert", "xnnpack")]
+    for _model, ceiling in result.ceilings:
+        assert (ceiling.frames, ceiling.hidden, ceiling.intermediate) == (frames, config.hidden_size,
+                                                                          config.intermediate_size)
+        assert ceiling.fp32_ms > 0 and ceiling.int8_ms > 0 and ceiling.threads == 1
+        assert ceiling.speedup == pytest.approx(ceiling.fp32_ms / ceiling.int8_ms)
 
 
 def test_isolated_rounds_give_the_variant_a_row_with_one_median_per_round(isolated) -> None:
