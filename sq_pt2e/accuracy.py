@@ -263,7 +263,7 @@ def build_accuracy_table(
                     "evaluations": report.evaluations, "seconds": report.seconds,
                     "sensitive_groups": report.sensitive_groups, "chosen_percentiles": report.chosen_percentiles,
                     "kept_mse": sorted(report.kept_mse), "refinements": report.refinements,
-                    "split_groups": report.split_groups,
+                    "split_groups": report.split_groups, "split_flops_share": report.split_flops_share,
                     **({"promoted_groups": report.promoted_groups, "promoted_share": report.promoted_share}
                        if report.promotion_trials else {}),
                     **({"float_groups": report.float_groups, "kept_float_share": report.kept_float_share}

@@ -175,6 +175,10 @@ def add_search_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--split-gain", type=float, default=SearchConfig.split_gain,
                         help="with --split-percentiles: the share of the dev logit KL a split must save to be kept "
                              f"(default {SearchConfig.split_gain})")
+    parser.add_argument("--split-max-flops", type=float, default=SearchConfig.split_max_flops,
+                        help="with --split-percentiles: the most all splits together may add, as a share of the "
+                             "searched layers' FLOPs (each split runs its convs twice; e.g. 0.1 keeps the int8 model "
+                             f"fast; default {SearchConfig.split_max_flops:g}: no limit)")
     parser.add_argument("--no-refit", action="store_true",
                         help="keep every layer's own weights (default: the quantized CNN convs get weights refit by "
                              "least squares to their int8 inputs, kept when that lowers the dev score)")
@@ -226,7 +230,8 @@ def search_inputs(args: argparse.Namespace) -> tuple[object, object, object]:
                           smooth_alphas=tuple(args.smooth_alpha),
                           passes=args.passes, promote_weight_bits=args.promote_bits, promote_share=args.promote_share,
                           float_share=args.float_share, split_percentiles=tuple(args.split_percentiles),
-                          split_gain=args.split_gain, refit_ops=() if args.no_refit else SearchConfig.refit_ops)
+                          split_gain=args.split_gain, split_max_flops=args.split_max_flops,
+                          refit_ops=() if args.no_refit else SearchConfig.refit_ops)
     return model, sets, config
 
 
@@ -511,6 +516,9 @@ def _search_summary(report: object, criterion: str) -> str:
     if report.float_trials:
         lines.append(f"float fallback: {', '.join(report.float_groups) or 'no group'} kept float "
                      f"({report.kept_float_share:.0%} of the FLOPs)")
+    if report.split_groups:
+        lines.append(f"outlier split: {', '.join(report.split_groups)}, adding {report.split_flops_share:.0%} of the "
+                     "searched layers' FLOPs (--split-max-flops limits it)")
     if report.smoothing_trials:
         lines.append("smoothing strength: " + ", ".join(f"alpha {a}: {fmt_dict(t)}"
                                                          for a, t in report.smoothing_trials.items())

@@ -205,9 +205,10 @@ def _search_section(search: dict[str, Any]) -> list[str]:
                      f"searched layers' FLOPs, at most {config.get('float_share', 0.0):.0%})")
     if search.get("split_trials"):
         split = ", ".join(f"`{g}` (p{p:g})" for g, p in search.get("split_groups", {}).items()) or "no group"
-        lines.append(f"- outlier split: {split}: the inputs above that percentile computed by a second int8 layer "
+        lines.append(f"- outlier split: {split}: the inputs above that percentile computed by a second int8 layer, "
+                     f"adding {search.get('split_flops_share', 0.0):.0%} of the searched layers' FLOPs "
                      f"(tried at p{', p'.join(f'{p:g}' for p in config.get('split_percentiles', []))} for each "
-                     "sensitive group)")
+                     f"sensitive group, at most {config.get('split_max_flops', 1.0):.0%} added)")
     if search.get("smoothing_trials"):
         trials = ", ".join(f"{alpha}: KL {t['kl']:.3g}" for alpha, t in search["smoothing_trials"].items())
         lines.append(f"- smoothing strength: searched at each alpha ({trials}); chose {config.get('smooth_alpha')}")

@@ -54,7 +54,7 @@ import json
 import os
 import re
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -182,6 +182,10 @@ class SearchConfig:
         split_ops: op kinds an outlier split may apply to.
         split_gain: a split is kept only when it lowers the dev logit KL by at least this share
             of the KL with the group's own choice (it costs compute: small gains do not pay).
+        split_max_flops: the most all outlier splits together may add, as a share of the searched
+            layers' FLOPs (1.0: no limit). Splitting wav2vec2-base's CNN convs 1-3 adds 32 %
+            and cost 22 % of the compiled int8 latency (AMX Xeon); a limit such as 0.1 trades that
+            accuracy back for speed.
         refit_ops: op kinds whose quantized layers get reconstructed weights, last, after the
             float fallback (:mod:`sq_pt2e.reconstruct`; empty: off). Needs the calibration audio
             (``search_plan(..., calibration=waves)``); kept only if it lowers the dev score. On
@@ -212,6 +216,7 @@ class SearchConfig:
     split_percentiles: tuple[float, ...] = DEFAULT_SPLIT_PERCENTILES
     split_ops: tuple[OpKind, ...] = ("conv1d",)
     split_gain: float = 0.1
+    split_max_flops: float = 1.0
     refit_ops: tuple[OpKind, ...] = ("conv1d",)
 
     @property
@@ -228,9 +233,11 @@ class SearchConfig:
     def __post_init__(self) -> None:
         if not self.percentiles or any(not 0 < p <= 100 for p in self.percentiles):
             raise ValueError(f"percentiles={self.percentiles} (expected a non-empty tuple of 0 < p <= 100)")
-        if any(not 0 < p < 100 for p in self.split_percentiles) or not 0.0 <= self.split_gain < 1.0:
+        if (any(not 0 < p < 100 for p in self.split_percentiles) or not 0.0 <= self.split_gain < 1.0
+                or self.split_max_flops < 0):
             raise ValueError(f"split_percentiles={self.split_percentiles} (expected 0 < p < 100; empty: no split), "
-                             f"split_gain={self.split_gain} (expected 0 <= gain < 1)")
+                             f"split_gain={self.split_gain} (expected 0 <= gain < 1), split_max_flops="
+                             f"{self.split_max_flops} (expected >= 0)")
         if self.gamma < 0 or not 0 <= self.kl_share <= 1:
             raise ValueError(f"gamma={self.gamma} (expected >= 0), kl_share={self.kl_share} (expected 0..1)")
         if self.act_scheme not in ("symmetric", "affine") or self.start not in ("mse", "max"):
@@ -604,7 +611,8 @@ class SearchReport:
 
     ``split_trials`` holds the scores of an outlier split at each of ``SearchConfig.split_percentiles``:
     of all splittable sensitive groups together (keyed by their names joined by ``" + "``), then
-    of each alone; ``split_groups`` the groups that took a split, with its percentile.
+    of each alone; ``split_groups`` the groups that took a split, with its percentile, and
+    ``split_flops_share`` the FLOPs the splits add, as a share of the searched layers' FLOPs.
 
     ``refit_layers`` are the layers given reconstructed weights (``SearchConfig.refit_ops``),
     ``refit_trial`` the dev scores without (``"before"``) and with (``"after"``) them and
@@ -632,6 +640,7 @@ class SearchReport:
     smoothing_trials: dict[str, dict[str, float]] = field(default_factory=dict)
     split_trials: dict[str, list[dict[str, float]]] = field(default_factory=dict)
     split_groups: dict[str, float] = field(default_factory=dict)
+    split_flops_share: float = 0.0
     refit_layers: list[str] = field(default_factory=list)
     refit_trial: dict[str, object] = field(default_factory=dict)
     refit_kept: bool = False
@@ -932,9 +941,10 @@ def search_plan(
     op_of = {m.name: m.op for m in modules}
     splittable = [g for g in report.sensitive_groups if config.split_percentiles  # a group splits whole, or not
                   and all(op_of[n] in config.split_ops for n in groups[g])]
-    # all of them together first (their errors can offset each other, so one alone may not gain), then each
-    for members in ([splittable] if len(splittable) > 1 else []) + [[g] for g in splittable]:
-        _split_groups(members, groups, evaluator, chosen, outliers, hist, quant, config, report, progress_bar, say)
+    if splittable:
+        flops = layer_flops(model, [m.name for m in modules])
+        _SplitStep(groups, evaluator, hist, quant, flops, config, report, progress_bar, say).run(
+            splittable, chosen, outliers)
     promoted: set[str] = set()
     if config.promote_weight_bits is not None:
         report.promoted_groups, report.promotion_trials, report.promoted_share = _upgrade_groups(
@@ -993,44 +1003,78 @@ def _candidate(ranges: dict[str, float], hist: dict[str, AbsHistogram], scales: 
     return candidate
 
 
-def _split_groups(members: list[str], groups: dict[str, list[str]], evaluator: Evaluator,
-                  chosen: dict[str, float], outliers: dict[str, float], hist: dict[str, AbsHistogram],
-                  quant: Callable[..., Candidate], config: SearchConfig, report: SearchReport,
-                  progress_bar: bool | None, say: Callable[[str], None]) -> None:
-    """Try an outlier split of the ``members`` groups' layers together at each split percentile (one batch).
+@dataclass
+class _SplitStep:
+    """The outlier-split step: try splits of sensitive groups, keep those that pay (KL gain, FLOPs budget).
 
-    The best split replaces their current ranges in ``chosen`` (and enters ``outliers``) when
-    it lowers the dev logit KL by ``config.split_gain`` of the current KL; ``report`` gets
-    every trial (under the members' names joined by :data:`JOINT`).
+    ``flops`` are the FLOPs of each searched layer; a split runs its layers twice, so it adds
+    their FLOPs, and all kept splits together may add at most ``config.split_max_flops`` of
+    the searched layers' total.
     """
-    names = [n for g in members for n in groups[g]]
-    options: list[tuple[float, dict[str, float], dict[str, float]]] = []
-    for p in config.split_percentiles:
-        ranges = {n: range_percentile(hist[n], p) for n in names}
-        split = {n: range_max(hist[n]) - ranges[n] for n in names}
-        if all(r > 1e-6 * range_max(hist[n]) for n, r in split.items()):
-            options.append((p, ranges, split))
-    if not options:
-        return
-    label = JOINT.join(members)
-    batch = [quant(chosen)] + [quant(chosen | ranges, split=outliers | split) for _, ranges, split in options]
-    current, *scores = _score_batch(evaluator, batch, f"outlier split {label}", progress_bar)
-    report.split_trials[label] = [{"percentile": p, **score.as_dict()}
-                                  for (p, _, _), score in zip(options, scores, strict=True)]
-    best = min(range(len(options)), key=lambda i: scores[i].key(config.criterion))
-    gain = current.kl - scores[best].kl
-    if scores[best].key(config.criterion) >= current.key(config.criterion) or gain < config.split_gain * current.kl:
-        say(f"outlier split {label}: none lowers the dev KL by {config.split_gain:.0%} (best {scores[best].kl:.3g}, "
-            f"current ranges {current.kl:.3g})")
-        return
-    p, ranges, split = options[best]
-    chosen.update(ranges)
-    outliers.update(split)
-    for group in members:
-        report.split_groups[group] = p
-        report.chosen_percentiles.pop(group, None)
-        report.kept_mse.pop(group, None)
-    say(f"outlier split {label}: at p={p:g}, KL {current.kl:.3g} -> {scores[best].kl:.3g}")
+
+    groups: dict[str, list[str]]
+    evaluator: Evaluator
+    hist: dict[str, AbsHistogram]
+    quant: Callable[..., Candidate]
+    flops: dict[str, int]
+    config: SearchConfig
+    report: SearchReport
+    progress_bar: bool | None
+    say: Callable[[str], None]
+
+    def added_share(self, names: Iterable[str]) -> float:
+        """The FLOPs that splitting ``names`` adds, as a share of the searched layers' FLOPs."""
+        return sum(self.flops[n] for n in set(names)) / max(sum(self.flops.values()), 1)
+
+    def run(self, splittable: list[str], chosen: dict[str, float], outliers: dict[str, float]) -> None:
+        """All ``splittable`` groups together first (their errors can offset each other, so one alone
+        may not gain), then each; ``chosen`` and ``outliers`` take the kept splits."""
+        for members in ([splittable] if len(splittable) > 1 else []) + [[g] for g in splittable]:
+            self.try_split(members, chosen, outliers)
+        self.report.split_flops_share = self.added_share(outliers)
+
+    def try_split(self, members: list[str], chosen: dict[str, float], outliers: dict[str, float]) -> None:
+        """Try an outlier split of the ``members`` groups' layers together at each split percentile (one batch).
+
+        The best split replaces their current ranges in ``chosen`` (and enters ``outliers``) when
+        it lowers the dev logit KL by ``config.split_gain`` of the current KL; ``report`` gets
+        every trial (under the members' names joined by :data:`JOINT`).
+        """
+        config, label = self.config, JOINT.join(members)
+        names = [n for g in members for n in self.groups[g]]
+        cost = self.added_share(list(outliers) + names)
+        if cost > config.split_max_flops:
+            self.say(f"outlier split {label}: not tried, it would add {cost:.0%} of the searched layers' FLOPs "
+                     f"(split_max_flops {config.split_max_flops:.0%})")
+            return
+        options: list[tuple[float, dict[str, float], dict[str, float]]] = []
+        for p in config.split_percentiles:
+            ranges = {n: range_percentile(self.hist[n], p) for n in names}
+            split = {n: range_max(self.hist[n]) - ranges[n] for n in names}
+            if all(r > 1e-6 * range_max(self.hist[n]) for n, r in split.items()):
+                options.append((p, ranges, split))
+        if not options:
+            return
+        batch = [self.quant(chosen)] + [self.quant(chosen | ranges, split=outliers | split)
+                                        for _, ranges, split in options]
+        current, *scores = _score_batch(self.evaluator, batch, f"outlier split {label}", self.progress_bar)
+        self.report.split_trials[label] = [{"percentile": p, **score.as_dict()}
+                                           for (p, _, _), score in zip(options, scores, strict=True)]
+        best = min(range(len(options)), key=lambda i: scores[i].key(config.criterion))
+        gain = current.kl - scores[best].kl
+        if scores[best].key(config.criterion) >= current.key(config.criterion) or gain < config.split_gain * current.kl:
+            self.say(f"outlier split {label}: none lowers the dev KL by {config.split_gain:.0%} (best "
+                     f"{scores[best].kl:.3g}, current ranges {current.kl:.3g})")
+            return
+        p, ranges, split = options[best]
+        chosen.update(ranges)
+        outliers.update(split)
+        for group in members:
+            self.report.split_groups[group] = p
+            self.report.chosen_percentiles.pop(group, None)
+            self.report.kept_mse.pop(group, None)
+        self.say(f"outlier split {label}: at p={p:g}, KL {current.kl:.3g} -> {scores[best].kl:.3g} "
+                 f"(splits now add {self.added_share(outliers):.0%} of the searched layers' FLOPs)")
 
 
 def _refit_step(model: nn.Module, final: Candidate, names: list[str], calibration: Sequence[torch.Tensor],

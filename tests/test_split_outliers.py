@@ -15,6 +15,7 @@ from sq_pt2e.passes.split_outliers import OUTLIER_OF, OUTLIER_SUFFIX
 from sq_pt2e.pipeline import quantize_model
 from sq_pt2e.plan import LayerPlan, QuantPlan
 from sq_pt2e.simulate import collect_statistics, fake_quantized, plan_layer_quants, quantizable_modules
+from sq_pt2e.layer_cost import layer_flops
 from sq_pt2e.stablequant import Evaluator, SearchConfig, search_plan
 from sq_pt2e.testing import channel_outlier_model, compiled_plan_report, example_waves
 
@@ -100,8 +101,20 @@ def test_search_splits_the_layer_whose_outliers_matter() -> None:
     assert again.to_json() == plan.to_json()
     _, unsplit = search_plan(model, statistics, evaluator, dataclasses.replace(config, split_percentiles=()))
     assert report.final_score.kl < 0.9 * unsplit.final_score.kl
+    flops = layer_flops(model, [CONV.format(i) for i in range(1, 3)] + [DENSE])
+    assert 0 < report.split_flops_share < 1 and flops[CONV.format(2)] > 0
+    # a FLOPs budget below what the split adds: not even tried, and the plan is the unsplit one
+    lines: list[str] = []
+    capped, capped_report = search_plan(model, statistics, evaluator, dataclasses.replace(
+        config, split_max_flops=0.5 * report.split_flops_share), progress=lines.append)
+    assert not capped_report.split_groups and not capped_report.split_trials
+    assert capped_report.split_flops_share == 0.0 and any("not tried" in line for line in lines)
+    assert capped.to_json() == search_plan(model, statistics, evaluator,
+                                           dataclasses.replace(config, split_percentiles=()))[0].to_json()
     with pytest.raises(ValueError, match="split_percentiles"):
         SearchConfig(split_percentiles=(100.0,))
+    with pytest.raises(ValueError, match="split_max_flops"):
+        SearchConfig(split_max_flops=-0.1)
 
 
 def test_split_plan_runs_as_a_dynamic_length_pte_that_matches_eager_int8(single_thread) -> None:
