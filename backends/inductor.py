@@ -22,11 +22,14 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import os
 import re
 import time
 import warnings
+import zipfile
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from torch.fx import GraphModule
@@ -51,11 +54,14 @@ __all__ = [
     "CompiledInt8",
     "InductorReport",
     "compare_outputs",
+    "compile_aot_package",
     "compile_inductor",
     "fit_plan_to_cpu",
+    "load_aot_package",
 ]
 
 _INT8_KERNEL = re.compile(r"torch\.ops\.onednn\.(qconv\w*|qlinear\w*)\.")
+_AOT_INT8_KERNEL = re.compile(r"AOTI_TORCH_ERROR_CODE_CHECK\(aoti_torch_cpu__(qconv\w*|qlinear\w*)\(")
 SATURATION_REASON = "7-bit weights: this CPU has no VNNI, so W8A8 u8*s8 pairs would saturate int16"
 AMX_UNSAFE_GROUP_CHANNELS = range(8, 32)
 AMX_GROUPED_CONV_REASON = (
@@ -195,7 +201,6 @@ def compile_inductor(
 
     if threads is not None:
         torch.set_num_threads(threads)
-    expected = len(summarize_quantized_graph(converted).int8_layers)
     attention = quantized_attention_count(converted)
     patches: dict[str, object] = {"freezing": True}
     if attention:
@@ -206,11 +211,7 @@ def compile_inductor(
     inputs = example if isinstance(example, tuple) else (example,)
     with torch.no_grad():
         eager = converted(*inputs)
-    graph = copy.deepcopy(converted)
-    if conv_as_gemm:
-        QuantizedConv1dAsGemmPass()(graph)
-        WaveformConvAsGemmPass()(graph)
-    QuantizedConv1dAsConv2dPass()(graph)
+    graph = _backend_graph(converted, conv_as_gemm)
     start = time.perf_counter()
     try:
         with inductor_config.patch(patches), torch.no_grad():
@@ -218,10 +219,93 @@ def compile_inductor(
             output, sources = run_and_get_code(compiled, *inputs)
     except Exception as exc:  # inductor raises many types; keep the cause
         raise BackendError(f"inductor failed to compile the int8 model: {exc}") from exc
-    seconds = time.perf_counter() - start
+    report = _verified_report(converted, eager, output, _INT8_KERNEL, sources, time.perf_counter() - start,
+                              min_cosine)
+    return CompiledInt8(compiled, report)
+
+
+def compile_aot_package(
+    converted: GraphModule,
+    example: torch.Tensor | tuple[torch.Tensor, ...],
+    package_path: str | os.PathLike[str],
+    *,
+    threads: int | None = None,
+    min_cosine: float = 0.999,
+    conv_as_gemm: bool = True,
+) -> CompiledInt8:
+    """Compile a ``convert_pt2e`` graph ahead of time (AOTInductor) into a ``.pt2`` package, verified.
+
+    The same graph rewrites, int8-kernel count and compiled-vs-eager check as
+    :func:`compile_inductor`, for one fixed input shape; the package (C++ wrapper, kernels and
+    frozen int8 weights in one file) is written atomically only once the check passed, and
+    :func:`load_aot_package` loads it in another process in milliseconds instead of compiling
+    again. The generated kernels are specific to this CPU's ISA and the thread count.
+
+    Raises:
+        Int8NotUsedError, NumericsMismatchError: as :func:`compile_inductor`.
+        BackendError: AOTInductor failed, or the graph has int8 attention (not packaged).
+    """
+    if threads is not None:
+        torch.set_num_threads(threads)
+    if quantized_attention_count(converted):
+        raise BackendError("ahead-of-time packages keep attention float: quantize with the plan's attention='float'")
+    inputs = example if isinstance(example, tuple) else (example,)
+    with torch.no_grad():
+        eager = converted(*inputs)
+    final = Path(package_path)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    partial = final.with_name(f".{final.stem}.{os.getpid()}.partial.pt2")
+    start = time.perf_counter()
+    try:
+        with torch.no_grad():
+            exported = torch.export.export(_backend_graph(converted, conv_as_gemm), inputs)
+            torch._inductor.aoti_compile_and_package(exported, package_path=str(partial),
+                                                     inductor_configs={"freezing": True})
+        with zipfile.ZipFile(partial) as archive:
+            sources = [archive.read(n).decode(errors="replace") for n in archive.namelist() if n.endswith(".cpp")]
+        program = load_aot_package(partial)
+        with torch.no_grad():
+            output = program(*inputs)
+        report = _verified_report(converted, eager, output, _AOT_INT8_KERNEL, sources, time.perf_counter() - start,
+                                  min_cosine)
+        os.replace(partial, final)
+    except (Int8NotUsedError, NumericsMismatchError):
+        raise
+    except Exception as exc:  # AOTInductor raises many types; keep the cause
+        raise BackendError(f"AOTInductor failed to compile the int8 model: {exc}") from exc
+    finally:
+        partial.unlink(missing_ok=True)
+    return CompiledInt8(load_aot_package(final), report)
+
+
+def load_aot_package(package_path: str | os.PathLike[str]) -> Callable[..., torch.Tensor]:
+    """Load a ``.pt2`` package of :func:`compile_aot_package` (call it with the graph's inputs)."""
+    return torch._inductor.aoti_load_package(str(package_path))
+
+
+def _backend_graph(converted: GraphModule, conv_as_gemm: bool) -> GraphModule:
+    """A copy of ``converted`` with the rewrites the x86 int8 kernels need (see :func:`compile_inductor`)."""
+    graph = copy.deepcopy(converted)
+    if conv_as_gemm:
+        QuantizedConv1dAsGemmPass()(graph)
+        WaveformConvAsGemmPass()(graph)
+    QuantizedConv1dAsConv2dPass()(graph)
+    return graph
+
+
+def _verified_report(converted: GraphModule, eager: torch.Tensor, output: torch.Tensor, kernel: re.Pattern[str],
+                     sources: list[str], seconds: float, min_cosine: float) -> InductorReport:
+    """The report of a compile whose generated ``sources`` call int8 kernels matching ``kernel``.
+
+    Raises:
+        Int8NotUsedError: fewer int8 kernels (or fused int8 attention kernels) than int8 layers (blocks).
+        NumericsMismatchError: ``output`` disagrees with the eager int8 output.
+    """
+    expected = len(summarize_quantized_graph(converted).int8_layers)
+    attention = quantized_attention_count(converted)
     kernels: dict[str, int] = {}
     for source in sources:
-        for name in _INT8_KERNEL.findall(source):
+        for name in kernel.findall(source):
             kernels[name] = kernels.get(name, 0) + 1
     cosine, max_diff = compare_outputs(eager, output)
     report = InductorReport(
@@ -251,4 +335,4 @@ def compile_inductor(
             f"(max abs diff {max_diff:.4g}) on {report.cpu}"
         )
         raise NumericsMismatchError(msg)
-    return CompiledInt8(compiled, report)
+    return report

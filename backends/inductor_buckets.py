@@ -22,12 +22,14 @@ overlap by ``overlap_seconds`` on each side; each window's centre frames are kep
 
 All buckets use the same activation ranges (:func:`pin_activation_ranges`, computed
 once from the calibration audio at its own length), so a bucket's int8 arithmetic
-does not depend on its length. While a bucket compiles, inductor's cache
-(``TORCHINDUCTOR_CACHE_DIR``) points at a folder per (model, plan, bucket, threads,
-torch version) under ``cache_dir`` (default ``~/.cache/sq-pt2e/inductor``). torch 2.13
-bypasses its FX graph cache for these frozen int8 graphs, so what a second process
-reuses is the compiled C++ kernels (no C++ compiler run); tracing, freezing and code
-generation run again.
+does not depend on its length. With the cache on (the default), each bucket is
+compiled ahead of time (AOTInductor, :func:`~sq_pt2e.backends.inductor.compile_aot_package`)
+into a ``.pt2`` package in a folder per (model, plan, bucket, threads, CPU, torch
+version) under ``cache_dir`` (default ``~/.cache/sq-pt2e/inductor``), next to its
+verification report and its verified output on the bucket's example input. A later
+process loads the package in milliseconds instead of compiling, after checking that it
+reproduces that output; a package that fails to load or to reproduce it is compiled
+again (with a warning). Without the cache, buckets compile in memory with ``torch.compile``.
 
 Example:
     >>> runner = BucketedInt8Model(model, plan, calibration_waves, buckets=(2, 5, 10), threads=2)
@@ -38,7 +40,6 @@ Example:
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import hashlib
 import json
@@ -46,7 +47,7 @@ import os
 import threading
 import time
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -55,12 +56,20 @@ from torch import nn
 from torch.fx import GraphModule
 
 from sq_pt2e.asr import ctc_greedy_decode
-from sq_pt2e.atomic import atomic_write_text
+from sq_pt2e.atomic import atomic_save_tensor, atomic_write_text
 from sq_pt2e.audio import MIN_SAMPLES, SAMPLE_RATE
-from sq_pt2e.backends.inductor import CompiledInt8, InductorReport, compile_inductor, fit_plan_to_cpu
+from sq_pt2e.backends.inductor import (
+    CompiledInt8,
+    InductorReport,
+    compile_aot_package,
+    compile_inductor,
+    fit_plan_to_cpu,
+    load_aot_package,
+)
 from sq_pt2e.errors import AudioError, BackendError, NumericsError
 from sq_pt2e.framing import Geometry, Window, check_overlap, cnn_geometry, frame_count, hop_length, overlapping_windows
 from sq_pt2e.graph import group_channels
+from sq_pt2e.hardware import cpu_info
 from sq_pt2e.plan import QuantPlan
 
 __all__ = [
@@ -74,6 +83,8 @@ __all__ = [
 ]
 
 DEFAULT_BUCKETS: tuple[float, ...] = (2.0, 5.0, 10.0, 20.0, 30.0)
+_PACKAGE, _INFO, _CHECK = "program.pt2", "sq_pt2e_bucket.json", "verified_output.pt"
+_CACHE_FORMAT = 2
 # ------------------------------------------------------------------ the masked program
 def _masked_group_norm(x: torch.Tensor, lengths: torch.Tensor, norm: nn.GroupNorm) -> torch.Tensor:
     """Per-channel group norm of ``(batch, channels, frames)`` over the first ``lengths`` frames only."""
@@ -193,31 +204,13 @@ def default_cache_dir() -> Path:
     return Path(root) / "sq-pt2e" / "inductor"
 
 
-@contextlib.contextmanager
-def _inductor_cache(directory: Path) -> Iterator[None]:
-    """Point inductor's FX graph cache at ``directory`` for the duration of a compile, then restore."""
-    import torch._inductor.config as inductor_config
-
-    directory.mkdir(parents=True, exist_ok=True)
-    before = os.environ.get("TORCHINDUCTOR_CACHE_DIR")
-    os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(directory.resolve())
-    try:
-        with inductor_config.patch(fx_graph_cache=True):
-            yield
-    finally:
-        if before is None:
-            os.environ.pop("TORCHINDUCTOR_CACHE_DIR", None)
-        else:
-            os.environ["TORCHINDUCTOR_CACHE_DIR"] = before
-
-
 def _fingerprint(model: nn.Module, plan: QuantPlan, masked: bool) -> str:
     digest = hashlib.sha256()
     for name, tensor in model.state_dict().items():
         digest.update(name.encode())
         digest.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
     digest.update(plan.to_json().encode())
-    digest.update(f"masked={masked} torch={torch.__version__}".encode())
+    digest.update(f"masked={masked} torch={torch.__version__} cpu={cpu_info().summary()}".encode())
     return digest.hexdigest()
 
 
@@ -233,6 +226,8 @@ class BucketReport:
     compile_seconds: float
     cache_dir: str
     inductor: InductorReport
+    from_cache: bool = False
+    """Loaded from the cache folder's package (``compile_seconds`` is then the load and check time)."""
 
 
 class BucketedInt8Model:
@@ -335,25 +330,56 @@ class BucketedInt8Model:
 
     def _build(self, samples: int) -> CompiledInt8:
         example = self._example(samples)
+        cache = self._cache_dir(samples)
+        cached = None if cache is None else self._load_cached(cache, samples, example)
+        if cached is not None:
+            return cached
         start = time.perf_counter()
         converted = quantize_program(self._program, self.plan, example)
         quantize_seconds = time.perf_counter() - start
-        cache = self._cache_dir(samples)
-        with contextlib.ExitStack() as stack:
-            if cache is not None:
-                stack.enter_context(_inductor_cache(cache))
-            start = time.perf_counter()
+        start = time.perf_counter()
+        if cache is None:
             compiled = compile_inductor(converted, example, threads=self.threads, min_cosine=self.min_cosine)
-            compile_seconds = time.perf_counter() - start
-        report = BucketReport(samples / SAMPLE_RATE, samples, frame_count(samples, self.geometry), quantize_seconds,
-                              compile_seconds, str(cache or ""), compiled.report)
+        else:
+            compiled = compile_aot_package(converted, example, cache / _PACKAGE, threads=self.threads,
+                                           min_cosine=self.min_cosine)
+        compile_seconds = time.perf_counter() - start
         if cache is not None:
-            info = {"bucket_samples": samples, "threads": self.threads, "masked": self.masked,
-                    "torch": torch.__version__, "fingerprint": self._fingerprint,
-                    "compile_seconds": round(compile_seconds, 3)}
-            atomic_write_text(cache / "sq_pt2e_bucket.json", json.dumps(info, indent=2) + "\n")
-        self.reports[samples] = report
+            with torch.no_grad():
+                atomic_save_tensor(cache / _CHECK, compiled(*example))
+            info = {"format": _CACHE_FORMAT, "bucket_samples": samples, "threads": self.threads,
+                    "masked": self.masked, "torch": torch.__version__, "fingerprint": self._fingerprint,
+                    "compile_seconds": round(compile_seconds, 3), "inductor": dataclasses.asdict(compiled.report)}
+            atomic_write_text(cache / _INFO, json.dumps(info, indent=2) + "\n")
+        self.reports[samples] = BucketReport(samples / SAMPLE_RATE, samples, frame_count(samples, self.geometry),
+                                             quantize_seconds, compile_seconds, str(cache or ""), compiled.report)
         return compiled
+
+    def _load_cached(self, cache: Path, samples: int, example: tuple[torch.Tensor, ...]) -> CompiledInt8 | None:
+        """The bucket's package from ``cache`` if it is there, belongs to this model and plan and reproduces
+        its verified output on ``example``; else ``None`` (with a warning when a package was there but failed)."""
+        if not all((cache / name).is_file() for name in (_INFO, _PACKAGE, _CHECK)):
+            return None
+        start = time.perf_counter()
+        try:
+            info = json.loads((cache / _INFO).read_text())
+            if info.get("format") != _CACHE_FORMAT or info.get("fingerprint") != self._fingerprint:
+                return None
+            torch.set_num_threads(self.threads)
+            program = load_aot_package(cache / _PACKAGE)
+            with torch.no_grad():
+                output = program(*example)
+            expected = torch.load(cache / _CHECK, weights_only=True)
+            if output.shape != expected.shape or not torch.allclose(output, expected, rtol=1e-4, atol=1e-4):
+                raise NumericsError("its output on the bucket's example differs from the verified output")
+            report = InductorReport(**info["inductor"])
+        except Exception as exc:  # a broken cache entry is rebuilt, never served
+            warnings.warn(f"compiling the {samples / SAMPLE_RATE:g} s bucket again: the cached package in {cache} "
+                          f"failed ({type(exc).__name__}: {exc})", stacklevel=4)
+            return None
+        self.reports[samples] = BucketReport(samples / SAMPLE_RATE, samples, frame_count(samples, self.geometry), 0.0,
+                                             time.perf_counter() - start, str(cache), report, from_cache=True)
+        return CompiledInt8(program, report)
 
     def _cache_dir(self, samples: int) -> Path | None:
         if self.cache_root is None:

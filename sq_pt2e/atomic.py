@@ -5,11 +5,12 @@ An interrupted write leaves the previous file intact, never a truncated one.
 
 from __future__ import annotations
 
+import io
 import os
 import tempfile
 from pathlib import Path
 
-__all__ = ["atomic_write_bytes", "atomic_write_text"]
+__all__ = ["atomic_save_tensor", "atomic_write_bytes", "atomic_write_text"]
 
 
 def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> Path:
@@ -35,3 +36,12 @@ def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> Path:
 def atomic_write_text(path: str | os.PathLike[str], text: str) -> Path:
     """Write UTF-8 ``text`` to ``path`` atomically. Returns the path."""
     return atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def atomic_save_tensor(path: str | os.PathLike[str], tensor: object) -> Path:
+    """``torch.save`` ``tensor`` (or a structure of tensors) to ``path`` atomically. Returns the path."""
+    import torch
+
+    buffer = io.BytesIO()
+    torch.save(tensor, buffer)
+    return atomic_write_bytes(path, buffer.getvalue())

@@ -696,7 +696,8 @@ def _build_parser() -> argparse.ArgumentParser:
                             help="with --backend inductor: bucket lengths in seconds (longer audio is chunked)")
     transcribe.add_argument("--threads", type=int, default=None, help="with --backend inductor: compile threads")
     transcribe.add_argument("--cache-dir", type=Path, default=None,
-                            help="with --backend inductor: compile cache (default ~/.cache/sq-pt2e/inductor)")
+                            help="with --backend inductor: folder of the compiled buckets (AOTInductor packages, "
+                                 "loaded by later runs instead of compiling; default ~/.cache/sq-pt2e/inductor)")
     transcribe.set_defaults(run=_cmd_transcribe)
 
     evaluate = verbs.add_parser(

@@ -1,4 +1,4 @@
-"""Bucketed int8 inference: frame counts, masked padding, chunking, no recompiles, compile cache."""
+"""Bucketed int8 inference: frame counts, masked padding, chunking, no recompiles, package cache."""
 
 from __future__ import annotations
 
@@ -24,7 +24,7 @@ from sq_pt2e.framing import frame_count
 from sq_pt2e.models import build_model
 from sq_pt2e.models.build import to_ctc_logits
 from sq_pt2e.passes.fold_weight_norm import folded_copy
-from sq_pt2e.plan import QuantPlan
+from sq_pt2e.plan import LayerPlan, QuantPlan
 from sq_pt2e.simulate import quantizable_modules
 from sq_pt2e.testing import example_waves
 
@@ -177,13 +177,33 @@ def test_audio_longer_than_the_largest_bucket_is_chunked(runner: BucketedInt8Mod
     assert isinstance(runner.transcribe(wave), str)
 
 
-def test_cache_folder_is_written_per_bucket(runner: BucketedInt8Model) -> None:
+def test_cache_folder_holds_the_verified_package_per_bucket(runner: BucketedInt8Model) -> None:
     runner(example_waves(14, 1, 4000)[0])
-    folder = Path(runner.reports[8000].cache_dir)
-    assert folder.parent == runner.cache_root
+    report = runner.reports[8000]
+    folder = Path(report.cache_dir)
+    assert folder.parent == runner.cache_root and not report.from_cache
     info = json.loads((folder / "sq_pt2e_bucket.json").read_text())
     assert info["bucket_samples"] == 8000 and info["threads"] == 1 and info["masked"] is True
-    assert any(p.is_file() and p.suffix != ".json" for p in folder.rglob("*"))  # inductor's own artefacts
+    assert info["inductor"]["int8_layers_in_graph"] == 22 and info["inductor"]["cosine"] >= 0.999
+    assert (folder / "program.pt2").stat().st_size > 0 and (folder / "verified_output.pt").is_file()
+    assert not list(folder.glob("*partial*"))
+
+
+def test_a_second_runner_loads_the_package_instead_of_compiling(runner: BucketedInt8Model) -> None:
+    wave = example_waves(15, 1, 7000)[0]
+    expected = runner(wave)
+    again = BucketedInt8Model(build_model("tiny-wav2vec2"), None, CALIBRATION, buckets=(0.5,), threads=1,
+                              overlap_seconds=0.1, cache_dir=runner.cache_root, compile_now=(0.5,))
+    report = again.reports[8000]
+    assert report.from_cache and report.quantize_seconds == 0.0 and report.cache_dir == runner.reports[8000].cache_dir
+    assert report.inductor == runner.reports[8000].inductor  # the verification of the compile that wrote it
+    assert torch.equal(again(wave), expected)
+
+
+def test_another_plan_does_not_share_the_package(runner: BucketedInt8Model) -> None:
+    other = BucketedInt8Model(build_model("tiny-wav2vec2"), QuantPlan(default=LayerPlan("*", act_bits=7)), CALIBRATION,
+                              buckets=(0.5,), threads=1, overlap_seconds=0.1, cache_dir=runner.cache_root)
+    assert other._cache_dir(8000) != runner._cache_dir(8000)
 
 
 # ------------------------------------------------------------------ fresh processes (slow)
@@ -191,29 +211,33 @@ _COMPILE_ONCE = textwrap.dedent(
     """
     import json, sys, torch
     torch.set_num_threads(1)
-    from torch._dynamo.utils import counters
     from sq_pt2e.backends.inductor_buckets import BucketedInt8Model
     from sq_pt2e.models import build_model
     from sq_pt2e.testing import example_waves
     runner = BucketedInt8Model(build_model("tiny-hubert"), None, example_waves(2, 2, 8000), buckets=(0.5,),
                                overlap_seconds=0.1, threads=1, cache_dir=sys.argv[1], compile_now=(0.5,))
     report = runner.reports[8000]
-    print(json.dumps({"bypass": counters["inductor"]["fxgraph_cache_bypass"],
-                      "seconds": report.compile_seconds, "kernels": report.inductor.int8_kernel_count}))
+    logits = runner(example_waves(3, 1, 6000)[0])
+    print(json.dumps({"from_cache": report.from_cache, "seconds": report.compile_seconds,
+                      "kernels": report.inductor.int8_kernel_count, "logits": logits.flatten().tolist()}))
     """
 )
 
 
-@pytest.mark.slow
-def test_second_process_reuses_the_compiled_kernels(tmp_path: Path) -> None:
-    # torch 2.13 bypasses the FX graph cache for these frozen int8 graphs; what the cache
-    # folder saves is the C++ compilation: the second process builds no new shared library.
-    def run() -> tuple[dict[str, float], set[Path]]:
-        done = subprocess.run([sys.executable, "-c", _COMPILE_ONCE, str(tmp_path)], capture_output=True,
-                              text=True, check=True, timeout=600)
-        return json.loads(done.stdout.strip().splitlines()[-1]), set(tmp_path.rglob("*.so"))
+def _compile_once(cache: Path) -> dict[str, object]:
+    done = subprocess.run([sys.executable, "-c", _COMPILE_ONCE, str(cache)], capture_output=True, text=True,
+                          check=True, timeout=600)
+    return json.loads(done.stdout.strip().splitlines()[-1])
 
-    (first, libraries), (second, after) = run(), run()
-    assert libraries
-    assert after == libraries
-    assert first["kernels"] == second["kernels"] == 22
+
+@pytest.mark.slow
+def test_second_process_loads_the_package_and_a_broken_one_is_rebuilt(tmp_path: Path) -> None:
+    first, second = _compile_once(tmp_path), _compile_once(tmp_path)
+    assert not first["from_cache"] and second["from_cache"]
+    assert second["seconds"] < 0.2 * first["seconds"]
+    assert first["kernels"] == second["kernels"] == 22 and first["logits"] == second["logits"]
+    (package,) = tmp_path.rglob("program.pt2")
+    package.write_bytes(package.read_bytes()[:1000])  # truncated: must be compiled again, not served
+    third = _compile_once(tmp_path)
+    assert not third["from_cache"] and third["logits"] == first["logits"]
+    assert _compile_once(tmp_path)["from_cache"]
