@@ -343,9 +343,15 @@ def _cmd_export(args: argparse.Namespace) -> int:
 
     import torch
 
+    if args.format == "aoti" and args.dynamic:
+        raise ValueError("--dynamic: an AOTInductor package takes one input length (inductor's int8 convolutions "
+                         "do not compile with dynamic shapes in torch 2.13); `sq-pt2e transcribe --backend inductor` "
+                         "runs any length through packages per length bucket")
     model = load_model(args.model, seed=args.seed)
     plan = load_plan_for_model(args.plan, args.model)
     samples = int(args.seconds * 16000)
+    if args.format == "aoti":
+        return _export_aoti(args, model, plan, samples)
     lengths = LengthRange.up_to(samples, cnn_geometry(model)) if args.dynamic else None
     if lengths is not None:
         samples = lengths.max_samples
@@ -364,6 +370,23 @@ def _cmd_export(args: argparse.Namespace) -> int:
     print(f"wrote {path} ({report.pte_bytes / 2**20:.1f} MiB) for inputs of {accepted}: "
           f"{report.delegate_calls} XNNPACK partition(s), {report.portable_op_count} portable op(s) "
           f"{report.portable_ops or ''}; .pte vs eager int8 cosine {report.cosine:.5f}")
+    return EXIT_OK
+
+
+def _export_aoti(args: argparse.Namespace, model: object, plan: object, samples: int) -> int:
+    """``sq-pt2e export --format aoti``: quantize for x86 and compile a verified AOTInductor package."""
+    from sq_pt2e.backends.inductor import compile_aot_package
+    from sq_pt2e.inputs import fixed_length
+    from sq_pt2e.pipeline import quantize_model
+
+    calibration = [fixed_length(wave, samples) for wave in calibration_waves(args.calibration, args.max_calibration)]
+    quantized = quantize_model(model, calibration[0], calibration, plan=plan)
+    compiled = compile_aot_package(quantized.converted, calibration[0], args.output, threads=args.threads)
+    report = compiled.report
+    print(f"wrote {args.output} ({args.output.stat().st_size / 2**20:.1f} MiB) for inputs of exactly {samples} "
+          f"samples ({args.seconds:g} s at 16 kHz), {report.threads} thread(s), {report.cpu}: "
+          f"{report.int8_kernel_count} oneDNN int8 kernel calls for {report.int8_layers_in_graph} int8 layers; "
+          f"compiled vs eager int8 cosine {report.cosine:.5f}; {quantized.bit_widths()}")
     return EXIT_OK
 
 
@@ -654,10 +677,13 @@ def _build_parser() -> argparse.ArgumentParser:
     accuracy.set_defaults(run=_cmd_accuracy)
 
     export = verbs.add_parser(
-        "export", help="quantize with a plan and write an ExecuTorch .pte (XNNPACK)",
+        "export", help="quantize with a plan and write an ExecuTorch .pte (XNNPACK) or an x86 AOTInductor package",
         description="Export at a fixed input length (a .pte only accepts that length) or, with --dynamic, any "
                     "length up to it; lower to XNNPACK with norms and attention rewritten into delegated ops; "
-                    "check the .pte against eager int8.",
+                    "check the .pte against eager int8. --format aoti compiles the int8 model ahead of time for "
+                    "this x86 CPU and thread count instead (oneDNN int8 kernels, checked against eager int8), "
+                    "into a .pt2 package that torch._inductor.aoti_load_package or the C++ "
+                    "AOTIModelPackageLoader runs without compiling.",
     )
     _add_model_argument(export)
     export.add_argument("--plan", default=None, help="plan.json (default: W8A8, max calibration)")
@@ -668,7 +694,10 @@ def _build_parser() -> argparse.ArgumentParser:
     export.add_argument("--calibration", default=None, help="calibration audio (default: shipped LibriSpeech)")
     export.add_argument("--max-calibration", type=int, default=16)
     export.add_argument("--threads", type=int, default=2)
-    export.add_argument("--output", type=Path, required=True, help="the .pte to write (atomically)")
+    export.add_argument("--format", choices=["pte", "aoti"], default="pte",
+                        help="pte: ExecuTorch/XNNPACK program (phones, any CPU); aoti: AOTInductor .pt2 package for "
+                             "this x86 CPU and --threads (default pte)")
+    export.add_argument("--output", type=Path, required=True, help="the .pte / .pt2 to write (atomically)")
     export.set_defaults(run=_cmd_export)
 
     transcribe = verbs.add_parser(

@@ -7,6 +7,9 @@ import subprocess
 import sys
 from pathlib import Path
 
+import torch
+
+from sq_pt2e.backends.inductor import load_aot_package
 from sq_pt2e.cli import EXIT_FAILED, EXIT_OK, EXIT_USAGE, main
 
 
@@ -104,6 +107,16 @@ def test_transcribe_and_export_verbs(tmp_path, capsys) -> None:
     assert main(["export", "--model", "tiny-hubert", "--plan", str(tmp_path / "plan.json"), "--seconds", "1",
                  "--dynamic", "--max-calibration", "2", "--threads", "1", "--output", str(pte)]) == 0
     assert "720 to 15760 samples" in capsys.readouterr().out
+    package = tmp_path / "m.pt2"
+    assert main(["export", "--model", "tiny-hubert", "--plan", str(tmp_path / "plan.json"), "--seconds", "0.5",
+                 "--format", "aoti", "--max-calibration", "2", "--threads", "1", "--output", str(package)]) == 0
+    out = capsys.readouterr().out
+    assert "exactly 8000 samples" in out and "oneDNN int8 kernel calls" in out
+    with torch.no_grad():
+        logits = load_aot_package(package)(torch.zeros(1, 8000))
+    assert logits.shape == (1, 24, 32) and bool(torch.isfinite(logits).all())
+    assert main(["export", "--model", "tiny-hubert", "--format", "aoti", "--dynamic", "--output", str(package)]) != 0
+    assert "one input length" in capsys.readouterr().err
 
 
 def test_a_plan_from_another_model_is_refused_before_work(tmp_path, capsys) -> None:
