@@ -300,6 +300,20 @@ def _stablequant_int8(model, wave, calib, plan, threads, *, conv_as_gemm: bool =
                  f"{compiled.report.cosine:.5f}")
 
 
+def _stablequant_aoti(model, wave, calib, plan, threads) -> Built:
+    from sq_pt2e.backends.inductor import compile_aot_package
+    from sq_pt2e.pipeline import quantize_model
+
+    start = time.perf_counter()
+    quantized = quantize_model(copy.deepcopy(model), wave, calib, plan=plan)
+    with tempfile.TemporaryDirectory(prefix="sq-pt2e-aoti-") as folder:
+        compiled = compile_aot_package(quantized.converted, wave, Path(folder) / "model.pt2", threads=threads)
+    return Built(compiled, graph_constant_bytes(quantized.converted), time.perf_counter() - start,
+                 compiled.report.int8_kernel_count,
+                 f"AOTInductor package (C++ wrapper); {quantized.bit_widths()}; compiled vs eager int8 cosine "
+                 f"{compiled.report.cosine:.5f}")
+
+
 def _executorch(model, wave, calib, plan, threads, *, int8: bool, friendly: bool = True,
                 dynamic: bool = False) -> Built:
     from sq_pt2e.backends.executorch_xnnpack import PteRunner, lower_to_xnnpack
@@ -334,6 +348,7 @@ VARIANTS: dict[str, Callable[..., Built]] = {
     "stablequant-int8-inductor": _stablequant_int8,
     "stablequant-int8-inductor-convs": functools.partial(_stablequant_int8, conv_as_gemm=False),
     "stablequant-int8-attention-inductor": functools.partial(_stablequant_int8, int8_attention=True),
+    "stablequant-int8-aoti": _stablequant_aoti,
     "executorch-fp32": functools.partial(_executorch, int8=False),
     "executorch-int8": functools.partial(_executorch, int8=True),
     "executorch-int8-dynamic": functools.partial(_executorch, int8=True, dynamic=True),

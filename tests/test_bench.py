@@ -27,7 +27,8 @@ def result():
     return run_benchmark(build_model("tiny-hubert"), "tiny-hubert", seconds=(1.0,), threads=(1,), runs=2, rounds=1,
                          isolate=False,
                          variants=("fp32-eager", "dynamic-int8", "stablequant-int8-inductor",
-                                   "stablequant-int8-inductor-convs", "executorch-int8", "executorch-int8-dynamic"),
+                                   "stablequant-int8-inductor-convs", "stablequant-int8-aoti", "executorch-int8",
+                                   "executorch-int8-dynamic"),
                          gemm_ceiling=True, progress=lambda _line: None)
 
 
@@ -46,7 +47,8 @@ def isolated():
 
 def test_every_requested_variant_has_a_row(result) -> None:
     assert [r.variant for r in result.rows] == ["fp32-eager", "dynamic-int8", "stablequant-int8-inductor",
-                                                "stablequant-int8-inductor-convs", "executorch-int8",
+                                                "stablequant-int8-inductor-convs", "stablequant-int8-aoti",
+                                                "executorch-int8",
                                                 "executorch-int8-dynamic"], result.skipped
     assert "any length up to 30.0 s" in result.rows[-1].notes
 
@@ -60,7 +62,8 @@ def test_ratios_are_relative_to_fp32_eager_of_the_same_run(result) -> None:
         assert row.round_medians_ms == (row.latency_ms,) and row.spread == 1.0
 
 
-@pytest.mark.parametrize("variant", ["stablequant-int8-inductor", "stablequant-int8-inductor-convs"])
+@pytest.mark.parametrize("variant", ["stablequant-int8-inductor", "stablequant-int8-inductor-convs",
+                                     "stablequant-int8-aoti"])
 def test_int8_inductor_row_proves_int8_kernels_ran(result, variant: str) -> None:
     row = next(r for r in result.rows if r.variant == variant)
     # CNN convs 1-6 (the first stays float, as in a searched plan), positional conv, projection,
