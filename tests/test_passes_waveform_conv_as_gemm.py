@@ -27,12 +27,12 @@ def _convs(graph: torch.fx.GraphModule) -> list[torch.fx.Node]:
 
 @pytest.fixture(scope="module")
 def first_conv_float() -> tuple[torch.fx.GraphModule, torch.Tensor]:
-    """tiny-wav2vec2 quantized with a searched plan's shape: the first conv stays float."""
+    """tiny-wav2vec2 quantized with a searched plan's shape, fitted to this CPU: the first conv stays float."""
     torch.set_num_threads(1)
     model = build_model("tiny-wav2vec2", seed=0)
     wave = torch.randn(1, 16000, generator=torch.Generator().manual_seed(0))
     plan = search_shaped_plan(model, [wave], "tiny-wav2vec2")
-    return quantize_model(model, wave, [wave], plan=plan, fit_to_cpu=False).converted, wave
+    return quantize_model(model, wave, [wave], plan=plan).converted, wave
 
 
 def test_the_float_waveform_conv_becomes_a_linear_and_the_output_matches(first_conv_float) -> None:
