@@ -56,7 +56,8 @@ from sq_pt2e.passes.fold_weight_norm import folded_copy
 from sq_pt2e.plan import QuantPlan
 from sq_pt2e.recipes import search_shaped_plan
 
-__all__ = ["SPREAD_LIMIT", "VARIANTS", "BenchRow", "BenchResult", "Built", "bench_model_and_plan", "run_benchmark"]
+__all__ = ["SPREAD_LIMIT", "VARIANTS", "BenchRow", "BenchResult", "Built", "bench_model_and_plan", "compiled_forward",
+           "run_benchmark"]
 
 SAMPLE_RATE = 16000
 DYNAMIC_MAX_SECONDS = 30
@@ -209,7 +210,8 @@ def _fp32_eager(model: nn.Module, wave: torch.Tensor, _calib: Sequence[torch.Ten
     return Built(wrapper, _param_bytes(wrapper), 0.0)
 
 
-def _compiled(module: nn.Module, wave: torch.Tensor, *, autocast_bf16: bool = False) -> Callable:
+def compiled_forward(module: nn.Module, wave: torch.Tensor, *, autocast_bf16: bool = False) -> Callable:
+    """``module`` compiled by inductor with frozen weights (compiled on ``wave``), as a callable."""
     import torch._inductor.config as inductor_config
 
     with inductor_config.patch(freezing=True), torch.no_grad():
@@ -233,14 +235,14 @@ def _compiled(module: nn.Module, wave: torch.Tensor, *, autocast_bf16: bool = Fa
 def _fp32_compiled(model, wave, _calib, _plan, _threads) -> Built:
     wrapper = copy.deepcopy(to_ctc_logits(model)).eval()
     start = time.perf_counter()
-    fn = _compiled(wrapper, wave)
+    fn = compiled_forward(wrapper, wave)
     return Built(fn, _param_bytes(wrapper), time.perf_counter() - start)
 
 
 def _bf16_compiled(model, wave, _calib, _plan, _threads) -> Built:
     wrapper = copy.deepcopy(to_ctc_logits(model)).eval()
     start = time.perf_counter()
-    fn = _compiled(wrapper, wave, autocast_bf16=True)
+    fn = compiled_forward(wrapper, wave, autocast_bf16=True)
     return Built(fn, _param_bytes(wrapper) // 2, time.perf_counter() - start, notes="autocast bf16, compiled")
 
 

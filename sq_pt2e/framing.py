@@ -29,9 +29,19 @@ __all__ = [
     "hop_length",
     "overlapping_windows",
     "receptive_field",
+    "speech_config",
 ]
 
 Geometry = tuple[tuple[int, int], ...]  # (kernel, stride) of each CNN layer
+
+
+def speech_config(model: nn.Module) -> Any:
+    """The config of a wav2vec2/HuBERT model, or of the backbone a wrapper names (``backbone_name``); else None."""
+    config = getattr(model, "config", None)
+    if config is None:
+        backbone = getattr(model, getattr(model, "backbone_name", ""), None)
+        config = getattr(backbone, "config", None)
+    return config
 
 
 def cnn_geometry(model: nn.Module) -> Geometry:
@@ -40,10 +50,7 @@ def cnn_geometry(model: nn.Module) -> Geometry:
     Raises:
         BackendError: the model has no wav2vec2/HuBERT config.
     """
-    config = getattr(model, "config", None)
-    if config is None:
-        backbone = getattr(model, getattr(model, "backbone_name", ""), None)
-        config = getattr(backbone, "config", None)
+    config = speech_config(model)
     if config is None or not hasattr(config, "conv_kernel"):
         raise BackendError(f"{type(model).__name__} has no wav2vec2/HuBERT config (conv_kernel, conv_stride)")
     return tuple(zip(config.conv_kernel, config.conv_stride))

@@ -52,18 +52,12 @@ class GemmCeiling:
         """Float32 time over int8 time."""
         return self.fp32_ms / self.int8_ms
 
-    def describe(self) -> str:
-        gmacs = self.macs / 1e6
-        return (f"{self.backend}: fp32 {self.fp32_ms:.1f} ms ({gmacs / self.fp32_ms:.0f} GMAC/s), int8 "
-                f"{self.int8_ms:.1f} ms ({gmacs / self.int8_ms:.0f} GMAC/s): int8 {self.speedup:.2f}x fp32")
-
 
 def feed_forward_shape(model: nn.Module, samples: int) -> tuple[int, int, int]:
     """``(frames, hidden, intermediate)`` of ``model``'s feed-forward blocks for ``samples`` of audio."""
-    from sq_pt2e.framing import cnn_geometry, frame_count
+    from sq_pt2e.framing import cnn_geometry, frame_count, speech_config
 
-    config = getattr(model, "config", None) or getattr(getattr(model, getattr(model, "backbone_name", ""), None),
-                                                       "config", None)
+    config = speech_config(model)
     if config is None or not hasattr(config, "intermediate_size"):
         raise ValueError(f"{type(model).__name__} has no wav2vec2/HuBERT config (hidden_size, intermediate_size)")
     return frame_count(samples, cnn_geometry(model)), int(config.hidden_size), int(config.intermediate_size)
@@ -86,31 +80,30 @@ def _check_agrees(reference: torch.Tensor, output: torch.Tensor, what: str) -> N
         raise NumericsMismatchError(f"{what} disagrees with float32: cosine {cosine:.4f} < {_MIN_COSINE}")
 
 
-def _inductor_pair(block: nn.Module, x: torch.Tensor, threads: int, runs: int) -> tuple[float, float]:
+def _quantized(block: nn.Module, x: torch.Tensor, quantizer: object) -> torch.fx.GraphModule:
+    """``block`` exported, prepared with ``quantizer``, calibrated on ``x`` and converted."""
     from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
+
+    prepared = prepare_pt2e(torch.export.export(copy.deepcopy(block), (x,)).module(), quantizer)
+    with torch.no_grad():
+        prepared(x)
+    return convert_pt2e(prepared)
+
+
+def _inductor_pair(block: nn.Module, x: torch.Tensor, threads: int, runs: int) -> tuple[float, float]:
     from torchao.quantization.pt2e.quantizer.x86_inductor_quantizer import (
         X86InductorQuantizer,
         get_default_x86_inductor_quantization_config,
     )
 
-    import torch._inductor.config as inductor_config
-
     from sq_pt2e.backends.inductor import compile_inductor
+    from sq_pt2e.bench import compiled_forward
 
-    with inductor_config.patch(freezing=True), torch.no_grad():
-        compiled = torch.compile(copy.deepcopy(block))
-        compiled(x)
-
-    def fp32(inputs: torch.Tensor) -> torch.Tensor:
-        with inductor_config.patch(freezing=True):
-            return compiled(inputs)
-
+    fp32 = compiled_forward(copy.deepcopy(block), x)
     quantizer = X86InductorQuantizer().set_global(get_default_x86_inductor_quantization_config())
-    prepared = prepare_pt2e(torch.export.export(copy.deepcopy(block), (x,)).module(), quantizer)
-    with torch.no_grad():
-        prepared(x)
     # compile_inductor checks that both Linears run oneDNN int8 kernels and that compiled int8 matches eager int8.
-    int8 = compile_inductor(convert_pt2e(prepared), x, threads=threads, min_cosine=_MIN_COSINE, conv_as_gemm=False)
+    int8 = compile_inductor(_quantized(block, x, quantizer), x, threads=threads, min_cosine=_MIN_COSINE,
+                            conv_as_gemm=False)
     with torch.no_grad():
         _check_agrees(block(x), int8(x), "inductor int8")
     return _median_ms(fp32, x, runs), _median_ms(int8, x, runs)
@@ -121,16 +114,12 @@ def _xnnpack_pair(block: nn.Module, x: torch.Tensor, threads: int, runs: int) ->
         XNNPACKQuantizer,
         get_symmetric_quantization_config,
     )
-    from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
 
     from sq_pt2e.backends.executorch_xnnpack import PteRunner, lower_to_xnnpack
 
     quantizer = XNNPACKQuantizer().set_global(get_symmetric_quantization_config(is_per_channel=True))
-    prepared = prepare_pt2e(torch.export.export(copy.deepcopy(block), (x,)).module(), quantizer)
-    with torch.no_grad():
-        prepared(x)
     runners = []
-    for program in (block, convert_pt2e(prepared)):
+    for program in (block, _quantized(block, x, quantizer)):
         data, report = lower_to_xnnpack(program, x, friendly=False)
         if report.delegate_calls != 1 or report.portable_op_count:
             raise Int8NotUsedError(f"the feed-forward block lowered to {report.delegate_calls} XNNPACK partitions "
