@@ -4,13 +4,19 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip --disable-pip-version-check
 STAMP  := $(VENV)/.installed
+TTS_STAMP := $(VENV)/.tts-engines
 # A local CPU build of torch 2.13.0 is used when the machine carries one (about 200 MB
 # instead of the ~3 GB CUDA build); otherwise pip takes torch from the package index.
 LOCAL_TORCH := $(firstword $(wildcard /opt/wheels/torch-2.13.0+cpu-*.whl))
 
 .PHONY: setup demo test test-all bench clean
 
-setup: $(STAMP)
+setup: $(STAMP) $(TTS_STAMP)
+
+# The TTS engines of the synthetic corpus (apt-get, when missing and allowed; never fails).
+$(TTS_STAMP): scripts/install_tts_engines.sh | $(STAMP)
+	bash scripts/install_tts_engines.sh
+	touch $(TTS_STAMP)
 
 $(STAMP): pyproject.toml requirements.lock
 	$(PYTHON) -m venv $(VENV)
