@@ -268,14 +268,14 @@ def compile_aot_package(
             output = program(*inputs)
         report = _verified_report(converted, eager, output, _AOT_INT8_KERNEL, sources, time.perf_counter() - start,
                                   min_cosine)
-        os.replace(partial, final)
+        os.replace(partial, final)  # the loaded program keeps its own copy of the package
     except (Int8NotUsedError, NumericsMismatchError):
         raise
     except Exception as exc:  # AOTInductor raises many types; keep the cause
         raise BackendError(f"AOTInductor failed to compile the int8 model: {exc}") from exc
     finally:
         partial.unlink(missing_ok=True)
-    return CompiledInt8(load_aot_package(final), report)
+    return CompiledInt8(program, report)
 
 
 def load_aot_package(package_path: str | os.PathLike[str]) -> Callable[..., torch.Tensor]:

@@ -29,7 +29,10 @@ version) under ``cache_dir`` (default ``~/.cache/sq-pt2e/inductor``), next to it
 verification report and its verified output on the bucket's example input. A later
 process loads the package in milliseconds instead of compiling, after checking that it
 reproduces that output; a package that fails to load or to reproduce it is compiled
-again (with a warning). Without the cache, buckets compile in memory with ``torch.compile``.
+again (with a warning). Each package holds the model's int8 weights, so the cache keeps
+at most ``cache_max_bytes`` (default 4 GiB): after a bucket is written, the entries used
+least recently (by any process) are deleted until it fits (:func:`prune_cache`). Without
+the cache, buckets compile in memory with ``torch.compile``.
 
 Example:
     >>> runner = BucketedInt8Model(model, plan, calibration_waves, buckets=(2, 5, 10), threads=2)
@@ -44,6 +47,7 @@ import dataclasses
 import hashlib
 import json
 import os
+import shutil
 import threading
 import time
 import warnings
@@ -79,12 +83,14 @@ __all__ = [
     "MaskedCTCLogits",
     "default_cache_dir",
     "pin_activation_ranges",
+    "prune_cache",
     "quantize_program",
 ]
 
 DEFAULT_BUCKETS: tuple[float, ...] = (2.0, 5.0, 10.0, 20.0, 30.0)
 _PACKAGE, _INFO, _CHECK = "program.pt2", "sq_pt2e_bucket.json", "verified_output.pt"
 _CACHE_FORMAT = 2
+DEFAULT_CACHE_MAX_BYTES = 4 << 30
 # ------------------------------------------------------------------ the masked program
 def _masked_group_norm(x: torch.Tensor, lengths: torch.Tensor, norm: nn.GroupNorm) -> torch.Tensor:
     """Per-channel group norm of ``(batch, channels, frames)`` over the first ``lengths`` frames only."""
@@ -214,6 +220,35 @@ def _fingerprint(model: nn.Module, plan: QuantPlan, masked: bool) -> str:
     return digest.hexdigest()
 
 
+def _entry_bytes(entry: Path) -> int:
+    return sum(path.stat().st_size for path in entry.rglob("*") if path.is_file())
+
+
+def prune_cache(root: str | os.PathLike[str], max_bytes: int,
+                keep: Sequence[str | os.PathLike[str]] = ()) -> list[Path]:
+    """Delete the least recently used bucket entries under ``root`` until they total at most ``max_bytes``.
+
+    An entry is a folder holding a bucket's ``sq_pt2e_bucket.json``; its last use is that
+    file's modification time (a load from the cache touches it). Folders in ``keep`` and
+    anything else under ``root`` are never deleted. Returns the deleted folders.
+    """
+    kept = {Path(path).resolve() for path in keep}
+    entries = [folder for folder in Path(root).iterdir() if (folder / _INFO).is_file()] if Path(root).is_dir() else []
+    entries.sort(key=lambda folder: (folder / _INFO).stat().st_mtime)
+    sizes = {folder: _entry_bytes(folder) for folder in entries}
+    total = sum(sizes.values())
+    deleted = []
+    for folder in entries:
+        if total <= max_bytes:
+            break
+        if folder.resolve() in kept:
+            continue
+        shutil.rmtree(folder, ignore_errors=True)
+        total -= sizes[folder]
+        deleted.append(folder)
+    return deleted
+
+
 # ------------------------------------------------------------------ the runner
 @dataclass(frozen=True)
 class BucketReport:
@@ -245,6 +280,8 @@ class BucketedInt8Model:
         overlap_seconds: context on each side of a window when chunking long audio.
         cache_dir: root of the compile cache (default :func:`default_cache_dir`).
         cache: ``False`` leaves inductor's cache settings alone (nothing written under ``cache_dir``).
+        cache_max_bytes: after writing a bucket, delete the least recently used entries under
+            ``cache_dir`` (never this model's) until the cache is at most this size.
         compile_now: bucket lengths (seconds) to compile at once; the rest compile on first use.
         min_cosine: the least compiled-vs-eager int8 cosine every bucket must reach.
 
@@ -257,7 +294,8 @@ class BucketedInt8Model:
     def __init__(self, model: nn.Module, plan: QuantPlan | None = None, calibration: Sequence[torch.Tensor] = (),
                  *, buckets: Sequence[float] = DEFAULT_BUCKETS, threads: int | None = None, masked: bool = True,
                  overlap_seconds: float = 1.0, cache_dir: str | os.PathLike[str] | None = None,
-                 cache: bool = True, compile_now: Sequence[float] = (), min_cosine: float = 0.999) -> None:
+                 cache: bool = True, cache_max_bytes: int = DEFAULT_CACHE_MAX_BYTES, compile_now: Sequence[float] = (),
+                 min_cosine: float = 0.999) -> None:
         from sq_pt2e.models.build import to_ctc_logits
         from sq_pt2e.passes.fold_weight_norm import folded_copy
 
@@ -284,6 +322,7 @@ class BucketedInt8Model:
         self._program = MaskedCTCLogits(self._model).eval() if masked else self._model
         self._fingerprint = _fingerprint(self._model, self.plan, masked)
         self.cache_root: Path | None = None
+        self.cache_max_bytes = cache_max_bytes
         if cache:
             self.cache_root = Path(cache_dir) if cache_dir is not None else default_cache_dir()
         self._compiled: dict[int, CompiledInt8] = {}
@@ -351,6 +390,10 @@ class BucketedInt8Model:
                     "masked": self.masked, "torch": torch.__version__, "fingerprint": self._fingerprint,
                     "compile_seconds": round(compile_seconds, 3), "inductor": dataclasses.asdict(compiled.report)}
             atomic_write_text(cache / _INFO, json.dumps(info, indent=2) + "\n")
+            in_use = [report.cache_dir for report in self.reports.values() if report.cache_dir]
+            for folder in prune_cache(cache.parent, self.cache_max_bytes, keep=[cache, *in_use]):
+                warnings.warn(f"deleted the least recently used compiled bucket {folder} (cache over "
+                              f"{self.cache_max_bytes / 2**30:g} GiB)", stacklevel=4)
         self.reports[samples] = BucketReport(samples / SAMPLE_RATE, samples, frame_count(samples, self.geometry),
                                              quantize_seconds, compile_seconds, str(cache or ""), compiled.report)
         return compiled
@@ -373,6 +416,7 @@ class BucketedInt8Model:
             if output.shape != expected.shape or not torch.allclose(output, expected, rtol=1e-4, atol=1e-4):
                 raise NumericsError("its output on the bucket's example differs from the verified output")
             report = InductorReport(**info["inductor"])
+            os.utime(cache / _INFO)  # marks the entry as recently used for prune_cache
         except Exception as exc:  # a broken cache entry is rebuilt, never served
             warnings.warn(f"compiling the {samples / SAMPLE_RATE:g} s bucket again: the cached package in {cache} "
                           f"failed ({type(exc).__name__}: {exc})", stacklevel=4)

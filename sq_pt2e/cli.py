@@ -421,6 +421,7 @@ def _transcribe_inductor(args: argparse.Namespace, model: object, plan: object) 
         raise ValueError("--checkpoint is supported with --backend simulate only")
     runner = BucketedInt8Model(model, plan, calibration_waves(args.calibration, 16),
                                buckets=args.buckets, threads=args.threads, cache_dir=args.cache_dir,
+                               cache_max_bytes=int(args.cache_max_gb * 2**30),
                                overlap_seconds=1.0 if args.overlap_seconds is None else args.overlap_seconds)
     rows = []
     for path in dict.fromkeys(args.audio):
@@ -727,6 +728,9 @@ def _build_parser() -> argparse.ArgumentParser:
     transcribe.add_argument("--cache-dir", type=Path, default=None,
                             help="with --backend inductor: folder of the compiled buckets (AOTInductor packages, "
                                  "loaded by later runs instead of compiling; default ~/.cache/sq-pt2e/inductor)")
+    transcribe.add_argument("--cache-max-gb", type=float, default=4.0,
+                            help="with --backend inductor: delete the least recently used compiled buckets beyond "
+                                 "this size (default 4)")
     transcribe.set_defaults(run=_cmd_transcribe)
 
     evaluate = verbs.add_parser(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import textwrap
@@ -17,6 +18,7 @@ from sq_pt2e.backends.inductor_buckets import (
     BucketedInt8Model,
     MaskedCTCLogits,
     pin_activation_ranges,
+    prune_cache,
     quantize_program,
 )
 from sq_pt2e.errors import AudioError
@@ -192,18 +194,40 @@ def test_cache_folder_holds_the_verified_package_per_bucket(runner: BucketedInt8
 def test_a_second_runner_loads_the_package_instead_of_compiling(runner: BucketedInt8Model) -> None:
     wave = example_waves(15, 1, 7000)[0]
     expected = runner(wave)
+    info = Path(runner.reports[8000].cache_dir) / "sq_pt2e_bucket.json"
+    os.utime(info, (1.0, 1.0))
     again = BucketedInt8Model(build_model("tiny-wav2vec2"), None, CALIBRATION, buckets=(0.5,), threads=1,
                               overlap_seconds=0.1, cache_dir=runner.cache_root, compile_now=(0.5,))
     report = again.reports[8000]
     assert report.from_cache and report.quantize_seconds == 0.0 and report.cache_dir == runner.reports[8000].cache_dir
     assert report.inductor == runner.reports[8000].inductor  # the verification of the compile that wrote it
     assert torch.equal(again(wave), expected)
+    assert info.stat().st_mtime > 1.0  # the load marks the entry as recently used for prune_cache
 
 
 def test_another_plan_does_not_share_the_package(runner: BucketedInt8Model) -> None:
     other = BucketedInt8Model(build_model("tiny-wav2vec2"), QuantPlan(default=LayerPlan("*", act_bits=7)), CALIBRATION,
                               buckets=(0.5,), threads=1, overlap_seconds=0.1, cache_dir=runner.cache_root)
     assert other._cache_dir(8000) != runner._cache_dir(8000)
+
+
+def _fake_entry(root: Path, name: str, size: int, used: float) -> Path:
+    folder = root / name
+    folder.mkdir()
+    (folder / "program.pt2").write_bytes(b"x" * size)
+    (folder / "sq_pt2e_bucket.json").write_text("{}")
+    os.utime(folder / "sq_pt2e_bucket.json", (used, used))
+    return folder
+
+
+def test_prune_cache_deletes_least_recently_used_entries_until_it_fits(tmp_path: Path) -> None:
+    old, kept, middle, new = (_fake_entry(tmp_path, name, 1000, used) for name, used in
+                              (("old", 100.0), ("kept", 50.0), ("middle", 200.0), ("new", 300.0)))
+    (tmp_path / "not-an-entry").mkdir()
+    (tmp_path / "not-an-entry" / "big.bin").write_bytes(b"x" * 10_000)
+    assert prune_cache(tmp_path, 2100, keep=[kept]) == [old, middle]
+    assert kept.is_dir() and new.is_dir() and (tmp_path / "not-an-entry" / "big.bin").is_file()
+    assert prune_cache(tmp_path, 10**9) == [] and prune_cache(tmp_path / "missing", 0) == []
 
 
 # ------------------------------------------------------------------ fresh processes (slow)
