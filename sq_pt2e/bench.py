@@ -280,8 +280,8 @@ def _x86_default_int8(model, wave, calib, _plan, threads) -> Built:
 
 
 def _stablequant_int8(model, wave, calib, plan, threads, *, conv_as_gemm: bool = True,
-                      int8_attention: bool = False) -> Built:
-    from sq_pt2e.backends.inductor import compile_inductor
+                      int8_attention: bool = False, aoti: bool = False) -> Built:
+    from sq_pt2e.backends.inductor import compile_aot_package, compile_inductor
     from sq_pt2e.backends.int8_attention import int8_attention_supported
     from sq_pt2e.errors import BackendError
     from sq_pt2e.pipeline import quantize_model
@@ -292,27 +292,19 @@ def _stablequant_int8(model, wave, calib, plan, threads, *, conv_as_gemm: bool =
             raise BackendError("int8 attention needs an AMX-INT8 CPU (torchao's fused int8 attention kernel)")
         plan = dataclasses.replace(plan or QuantPlan(), attention="int8")
     quantized = quantize_model(copy.deepcopy(model), wave, calib, plan=plan)
-    compiled = compile_inductor(quantized.converted, wave, threads=threads, conv_as_gemm=conv_as_gemm)
+    if aoti:
+        with tempfile.TemporaryDirectory(prefix="sq-pt2e-aoti-") as folder:
+            compiled = compile_aot_package(quantized.converted, wave, Path(folder) / "model.pt2", threads=threads,
+                                           conv_as_gemm=conv_as_gemm)
+    else:
+        compiled = compile_inductor(quantized.converted, wave, threads=threads, conv_as_gemm=conv_as_gemm)
+    package = "AOTInductor package (C++ wrapper); " if aoti else ""
     convs = "" if conv_as_gemm else "CNN convs as oneDNN convolutions (no GEMM rewrites); "
     attention = (f"int8 attention ({compiled.report.int8_attention_kernels} fused kernels); "
                  if compiled.report.int8_attention_kernels else "")
     return Built(compiled, graph_constant_bytes(quantized.converted), time.perf_counter() - start,
                  compiled.report.int8_kernel_count,
-                 f"{convs}{attention}{quantized.bit_widths()}; compiled vs eager int8 cosine "
-                 f"{compiled.report.cosine:.5f}")
-
-
-def _stablequant_aoti(model, wave, calib, plan, threads) -> Built:
-    from sq_pt2e.backends.inductor import compile_aot_package
-    from sq_pt2e.pipeline import quantize_model
-
-    start = time.perf_counter()
-    quantized = quantize_model(copy.deepcopy(model), wave, calib, plan=plan)
-    with tempfile.TemporaryDirectory(prefix="sq-pt2e-aoti-") as folder:
-        compiled = compile_aot_package(quantized.converted, wave, Path(folder) / "model.pt2", threads=threads)
-    return Built(compiled, graph_constant_bytes(quantized.converted), time.perf_counter() - start,
-                 compiled.report.int8_kernel_count,
-                 f"AOTInductor package (C++ wrapper); {quantized.bit_widths()}; compiled vs eager int8 cosine "
+                 f"{package}{convs}{attention}{quantized.bit_widths()}; compiled vs eager int8 cosine "
                  f"{compiled.report.cosine:.5f}")
 
 
@@ -350,7 +342,7 @@ VARIANTS: dict[str, Callable[..., Built]] = {
     "stablequant-int8-inductor": _stablequant_int8,
     "stablequant-int8-inductor-convs": functools.partial(_stablequant_int8, conv_as_gemm=False),
     "stablequant-int8-attention-inductor": functools.partial(_stablequant_int8, int8_attention=True),
-    "stablequant-int8-aoti": _stablequant_aoti,
+    "stablequant-int8-aoti": functools.partial(_stablequant_int8, aoti=True),
     "executorch-fp32": functools.partial(_executorch, int8=False),
     "executorch-int8": functools.partial(_executorch, int8=True),
     "executorch-int8-dynamic": functools.partial(_executorch, int8=True, dynamic=True),
