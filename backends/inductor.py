@@ -141,10 +141,12 @@ class InductorReport:
 
 @dataclass
 class CompiledInt8:
-    """A compiled int8 model (call it like the eager one) and its verification report."""
+    """A compiled int8 model (call it like the eager one), its verification report and its verified output."""
 
     fn: Callable[..., torch.Tensor]
     report: InductorReport
+    verified_output: torch.Tensor | None = None
+    """The compiled output on the example input, as checked against eager int8."""
 
     def __call__(self, wave: torch.Tensor, *extra: torch.Tensor) -> torch.Tensor:
         with torch.no_grad():
@@ -221,7 +223,7 @@ def compile_inductor(
         raise BackendError(f"inductor failed to compile the int8 model: {exc}") from exc
     report = _verified_report(converted, eager, output, _INT8_KERNEL, sources, time.perf_counter() - start,
                               min_cosine)
-    return CompiledInt8(compiled, report)
+    return CompiledInt8(compiled, report, output)
 
 
 def compile_aot_package(
@@ -275,7 +277,7 @@ def compile_aot_package(
         raise BackendError(f"AOTInductor failed to compile the int8 model: {exc}") from exc
     finally:
         partial.unlink(missing_ok=True)
-    return CompiledInt8(program, report)
+    return CompiledInt8(program, report, output)
 
 
 def load_aot_package(package_path: str | os.PathLike[str]) -> Callable[..., torch.Tensor]:

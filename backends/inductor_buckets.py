@@ -384,8 +384,7 @@ class BucketedInt8Model:
                                            min_cosine=self.min_cosine)
         compile_seconds = time.perf_counter() - start
         if cache is not None:
-            with torch.no_grad():
-                atomic_save_tensor(cache / _CHECK, compiled(*example))
+            atomic_save_tensor(cache / _CHECK, compiled.verified_output)
             info = {"format": _CACHE_FORMAT, "bucket_samples": samples, "threads": self.threads,
                     "masked": self.masked, "torch": torch.__version__, "fingerprint": self._fingerprint,
                     "compile_seconds": round(compile_seconds, 3), "inductor": dataclasses.asdict(compiled.report)}
