@@ -220,8 +220,12 @@ def _fingerprint(model: nn.Module, plan: QuantPlan, masked: bool) -> str:
     return digest.hexdigest()
 
 
-def _entry_bytes(entry: Path) -> int:
-    return sum(path.stat().st_size for path in entry.rglob("*") if path.is_file())
+def _entry_use(entry: Path) -> tuple[float, int] | None:
+    """(last use, bytes) of a cache entry; ``None`` if another process deleted it meanwhile."""
+    try:
+        return (entry / _INFO).stat().st_mtime, sum(p.stat().st_size for p in entry.rglob("*") if p.is_file())
+    except OSError:
+        return None
 
 
 def prune_cache(root: str | os.PathLike[str], max_bytes: int,
@@ -233,10 +237,10 @@ def prune_cache(root: str | os.PathLike[str], max_bytes: int,
     anything else under ``root`` are never deleted. Returns the deleted folders.
     """
     kept = {Path(path).resolve() for path in keep}
-    entries = [folder for folder in Path(root).iterdir() if (folder / _INFO).is_file()] if Path(root).is_dir() else []
-    entries.sort(key=lambda folder: (folder / _INFO).stat().st_mtime)
-    sizes = {folder: _entry_bytes(folder) for folder in entries}
-    total = sum(sizes.values())
+    folders = [folder for folder in Path(root).iterdir() if (folder / _INFO).is_file()] if Path(root).is_dir() else []
+    uses = {folder: use for folder in folders if (use := _entry_use(folder)) is not None}
+    entries = sorted(uses, key=lambda folder: uses[folder][0])
+    total = sum(size for _, size in uses.values())
     deleted = []
     for folder in entries:
         if total <= max_bytes:
@@ -244,7 +248,7 @@ def prune_cache(root: str | os.PathLike[str], max_bytes: int,
         if folder.resolve() in kept:
             continue
         shutil.rmtree(folder, ignore_errors=True)
-        total -= sizes[folder]
+        total -= uses[folder][1]
         deleted.append(folder)
     return deleted
 
