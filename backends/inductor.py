@@ -145,7 +145,7 @@ class CompiledInt8:
 
     fn: Callable[..., torch.Tensor]
     report: InductorReport
-    verified_output: torch.Tensor | None = None
+    verified_output: torch.Tensor
     """The compiled output on the example input, as checked against eager int8."""
 
     def __call__(self, wave: torch.Tensor, *extra: torch.Tensor) -> torch.Tensor:

@@ -285,7 +285,8 @@ class BucketedInt8Model:
         cache_dir: root of the compile cache (default :func:`default_cache_dir`).
         cache: ``False`` leaves inductor's cache settings alone (nothing written under ``cache_dir``).
         cache_max_bytes: after writing a bucket, delete the least recently used entries under
-            ``cache_dir`` (never this model's) until the cache is at most this size.
+            ``cache_dir`` (never the buckets this runner has built or loaded) until the cache is at
+            most this size.
         compile_now: bucket lengths (seconds) to compile at once; the rest compile on first use.
         min_cosine: the least compiled-vs-eager int8 cosine every bucket must reach.
 
@@ -426,7 +427,7 @@ class BucketedInt8Model:
             return None
         self.reports[samples] = BucketReport(samples / SAMPLE_RATE, samples, frame_count(samples, self.geometry), 0.0,
                                              time.perf_counter() - start, str(cache), report, from_cache=True)
-        return CompiledInt8(program, report)
+        return CompiledInt8(program, report, output)
 
     def _cache_dir(self, samples: int) -> Path | None:
         if self.cache_root is None:
