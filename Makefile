@@ -8,6 +8,10 @@ TTS_STAMP := $(VENV)/.tts-engines
 # A local CPU build of torch 2.13.0 is used when the machine carries one (about 200 MB
 # instead of the ~3 GB CUDA build); otherwise pip takes torch from the package index.
 LOCAL_TORCH := $(firstword $(wildcard /opt/wheels/torch-2.13.0+cpu-*.whl))
+# Test processes (pytest-xdist; one test file per process, so module fixtures are built once).
+# Most tests run one thread, so two processes keep two cores busy; TEST_WORKERS=0 runs in one.
+TEST_WORKERS ?= 2
+PYTEST := $(PY) -m pytest -q $(if $(filter 0,$(TEST_WORKERS)),,-n $(TEST_WORKERS) --dist loadfile)
 
 .PHONY: setup demo test test-all bench clean
 
@@ -29,10 +33,10 @@ demo: setup
 	$(PY) examples/quantize_and_compare.py
 
 test: setup
-	$(PY) -m pytest -q
+	$(PYTEST)
 
 test-all: setup
-	$(PY) -m pytest -q -m ""
+	$(PYTEST) -m ""
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache
