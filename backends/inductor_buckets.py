@@ -48,6 +48,7 @@ import hashlib
 import json
 import os
 import shutil
+import stat
 import threading
 import time
 import warnings
@@ -220,10 +221,13 @@ def _fingerprint(model: nn.Module, plan: QuantPlan, masked: bool) -> str:
     return digest.hexdigest()
 
 
-def _entry_use(entry: Path) -> tuple[float, int] | None:
-    """(last use, bytes) of a cache entry; ``None`` if another process deleted it meanwhile."""
+def _entry_use(folder: Path) -> tuple[float, int] | None:
+    """(last use, bytes) of a cache entry; ``None`` if ``folder`` is none (or another process deleted it meanwhile)."""
     try:
-        return (entry / _INFO).stat().st_mtime, sum(p.stat().st_size for p in entry.rglob("*") if p.is_file())
+        info = (folder / _INFO).stat()
+        if not stat.S_ISREG(info.st_mode):
+            return None
+        return info.st_mtime, sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
     except OSError:
         return None
 
@@ -237,7 +241,7 @@ def prune_cache(root: str | os.PathLike[str], max_bytes: int,
     anything else under ``root`` are never deleted. Returns the deleted folders.
     """
     kept = {Path(path).resolve() for path in keep}
-    folders = [folder for folder in Path(root).iterdir() if (folder / _INFO).is_file()] if Path(root).is_dir() else []
+    folders = list(Path(root).iterdir()) if Path(root).is_dir() else []
     uses = {folder: use for folder in folders if (use := _entry_use(folder)) is not None}
     entries = sorted(uses, key=lambda folder: uses[folder][0])
     total = sum(size for _, size in uses.values())
