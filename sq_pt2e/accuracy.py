@@ -271,7 +271,9 @@ def build_accuracy_table(
                     **({"smoothing_trials": report.smoothing_trials, "smooth_alpha": calibrated.smooth_alpha}
                        if report.smoothing_trials else {}),
                     **({"refit_layers": report.refit_layers, "refit_kept": report.refit_kept,
-                        "refit_trial": report.refit_trial} if report.refit_layers else {})}
+                        "refit_trial": report.refit_trial} if report.refit_layers else {}),
+                    **({"rounding_kept": report.rounding_kept, "rounding_trial": report.rounding_trial}
+                       if report.rounding_trial else {})}
             forward = build_method("stablequant" if plan is not None else method, model, waves, method_statistics,
                                    bits, plan=plan)
             for name, utts in eval_sets.items():

@@ -181,7 +181,8 @@ def add_search_arguments(parser: argparse.ArgumentParser) -> None:
                              f"fast; default {SearchConfig.split_max_flops:g}: no limit)")
     parser.add_argument("--no-refit", action="store_true",
                         help="keep every layer's own weights (default: the quantized CNN convs get weights refit by "
-                             "least squares to their int8 inputs, kept when that lowers the dev score)")
+                             "least squares to their int8 inputs; at 6 weight bits or fewer the search also tries every "
+                             "conv and Linear layer refit and GPTQ-rounded; each kept when it lowers the dev score)")
     _add_sensitivity_arguments(parser)
     parser.add_argument("--percentiles", type=float, nargs="+", default=list(DEFAULT_PERCENTILES),
                         help="clip percentiles tried for sensitive groups, in order")
@@ -552,6 +553,11 @@ def _search_summary(report: object, criterion: str) -> str:
         lines.append(f"weight reconstruction of {len(report.refit_layers)} layer(s) in {trial['seconds']:.1f} s: "
                      f"{fmt_dict(trial['before'])} -> {fmt_dict(trial['after'])}, "
                      + ("kept" if report.refit_kept else "not kept (no better on dev)"))
+    if report.rounding_trial:
+        trial = report.rounding_trial
+        lines.append(f"weight reconstruction with GPTQ rounding of {len(trial['layers'])} layer(s) in "
+                     f"{trial['seconds']:.1f} s: {fmt_dict(trial['before'])} -> {fmt_dict(trial['after'])}, "
+                     + ("kept" if report.rounding_kept else "not kept (no better on dev than the plain refit)"))
     return "\n".join(lines)
 
 

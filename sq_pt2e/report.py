@@ -219,6 +219,12 @@ def _search_section(search: dict[str, Any]) -> list[str]:
                      f"in {trial.get('seconds', 0.0):.1f} s, dev logit KL {before.get('kl', float('nan')):.3g} -> "
                      f"{after.get('kl', float('nan')):.3g}: "
                      + ("kept" if search.get("refit_kept") else "not kept (no better on dev)"))
+    if search.get("rounding_trial"):
+        trial = search["rounding_trial"]
+        lines.append(f"- weight reconstruction with GPTQ rounding: {len(trial['layers'])} layer(s) refit and rounded "
+                     f"to their weight grid in {trial['seconds']:.1f} s, dev logit KL {trial['before']['kl']:.3g} -> "
+                     f"{trial['after']['kl']:.3g}: "
+                     + ("kept" if search.get("rounding_kept") else "not kept (no better on dev than the plain refit)"))
     return lines + [""]
 
 

@@ -191,6 +191,17 @@ class SearchConfig:
             (``search_plan(..., calibration=waves)``); kept only if it lowers the dev score. On
             ref-wav2vec2 W8A8 refitting the CNN convs took the dev KL from 0.122 to 0.023; refitting
             the Linear layers too overfit the calibration set (dev KL rose).
+        round_ops: op kinds whose quantized layers get GPTQ-rounded weights when the plan has
+            layers of at most ``round_max_bits`` weight bits (empty: off). Tried after the refit
+            of ``refit_ops``, as an alternative to it: the layers of ``refit_ops`` and ``round_ops``
+            are refit in network order, and each one's weights rounded to its grid so that its
+            output on its int8 inputs changes least (:func:`sq_pt2e.reconstruct.round_to_grid`);
+            kept if that lowers the dev score below the plain refit's. Rounding to nearest is
+            what costs most at 4 weight bits: on ref-wav2vec2 W4A8 the dev logit KL went from
+            0.039 (no refit) to 0.030 (CNN convs refit) and 0.018 (every conv and Linear layer
+            refit and rounded). At 8 bits rounding to nearest costs almost nothing. Off with
+            ``refit_ops=()``, which turns all weight reconstruction off.
+        round_max_bits: ``round_ops`` applies when some searched layer has at most this many weight bits.
     """
 
     gamma: float = 0.25
@@ -218,6 +229,8 @@ class SearchConfig:
     split_gain: float = 0.1
     split_max_flops: float = 1.0
     refit_ops: tuple[OpKind, ...] = ("conv1d",)
+    round_ops: tuple[OpKind, ...] = ("conv1d", "linear")
+    round_max_bits: int = 6
 
     @property
     def resolved_weight_calibration(self) -> Literal["max", "mse"]:
@@ -263,6 +276,8 @@ class SearchConfig:
             raise ValueError(f"smooth_alphas={self.smooth_alphas} (expected values 0 <= alpha <= 1)")
         if not 0.0 <= self.smooth_alpha <= 1.0:
             raise ValueError(f"smooth_alpha={self.smooth_alpha} (expected 0 <= alpha <= 1; 0 disables smoothing)")
+        if not 2 <= self.round_max_bits <= 8:
+            raise ValueError(f"round_max_bits={self.round_max_bits} (expected 2..8)")
 
 
 @dataclass(frozen=True)
@@ -616,7 +631,10 @@ class SearchReport:
 
     ``refit_layers`` are the layers given reconstructed weights (``SearchConfig.refit_ops``),
     ``refit_trial`` the dev scores without (``"before"``) and with (``"after"``) them and
-    the seconds the fit took; ``refit_kept`` whether the plan keeps them.
+    the seconds the fit took; ``refit_kept`` whether the plan keeps them. ``rounding_trial``
+    holds the same for the refit with GPTQ rounding (``SearchConfig.round_ops``): its
+    ``"layers"``, dev score (``"after"``) and ``"seconds"``; ``rounding_kept`` whether the plan
+    keeps those weights (then instead of the plain refit's).
 
     ``evaluations`` counts candidates simulated by this search; ``cached_evaluations``
     those whose score came from the score cache (a resumed search).
@@ -644,6 +662,8 @@ class SearchReport:
     refit_layers: list[str] = field(default_factory=list)
     refit_trial: dict[str, object] = field(default_factory=dict)
     refit_kept: bool = False
+    rounding_trial: dict[str, object] = field(default_factory=dict)
+    rounding_kept: bool = False
     evaluations: int = 0
     cached_evaluations: int = 0
     seconds: float = 0.0
@@ -854,16 +874,20 @@ def search_plan(
                          "layer(s), but no input_scales were given: calibrate with search_statistics(model, waves, "
                          "config) and pass both, or set smooth_alpha=0")
     scales = input_scales or {}
-    refit_names = [m.name for m in modules if m.op in config.refit_ops]
-    if refit_names and calibration is None:
-        raise ValueError(f"refit_ops={config.refit_ops} refits {len(refit_names)} layer(s), but no calibration "
-                         "audio was given: pass calibration=waves, or set refit_ops=()")
-    unknown = sorted(set(scales) - set(hist))
-    if unknown:
-        raise ValueError(f"input_scales for layers that are not searched: {unknown[:3]}")
 
     def weight_bits(name: str, promoted: set[str]) -> int:
         return config.promote_weight_bits if name in promoted and config.promote_weight_bits else config.weight_bits
+
+    refit_names = [m.name for m in modules if m.op in config.refit_ops]
+    rounded_names = [m.name for m in modules if m.op in config.refit_ops + config.round_ops]
+    if not config.refit_ops or not any(weight_bits(n, set()) <= config.round_max_bits for n in rounded_names):
+        rounded_names = []
+    if (refit_names or rounded_names) and calibration is None:
+        raise ValueError(f"refit_ops={config.refit_ops} refits {len(refit_names or rounded_names)} layer(s), but no "
+                         "calibration audio was given: pass calibration=waves, or set refit_ops=()")
+    unknown = sorted(set(scales) - set(hist))
+    if unknown:
+        raise ValueError(f"input_scales for layers that are not searched: {unknown[:3]}")
 
     outliers: dict[str, float] = {}  # outlier ranges of the layers with an outlier split
 
@@ -974,8 +998,8 @@ def search_plan(
         say(f"float fallback: {len(report.float_groups)} group(s) kept float "
             f"({report.kept_float_share:.0%} of the FLOPs)")
     final = without({n for g in report.float_groups for n in fallback_groups[g]})
-    final = _refit_step(model, final, [n for n in refit_names if n in final], calibration or [], evaluator, config,
-                        report, say)
+    final = _refit_step(model, final, [n for n in refit_names if n in final], [n for n in rounded_names if n in final],
+                        calibration or [], evaluator, config, report, say)
     report.final_score = evaluator(final)
     report.evaluations = getattr(evaluator, "evaluations", 0) - evaluations_before
     report.cached_evaluations = getattr(evaluator, "cached", 0) - cached_before
@@ -1077,23 +1101,53 @@ class _SplitStep:
                  f"(splits now add {self.added_share(outliers):.0%} of the searched layers' FLOPs)")
 
 
-def _refit_step(model: nn.Module, final: Candidate, names: list[str], calibration: Sequence[torch.Tensor],
-                evaluator: Evaluator, config: SearchConfig, report: SearchReport,
+def _refit_step(model: nn.Module, final: Candidate, names: list[str], rounded_names: list[str],
+                calibration: Sequence[torch.Tensor], evaluator: Evaluator, config: SearchConfig, report: SearchReport,
                 say: Callable[[str], None]) -> Candidate:
-    """The final candidate with reconstructed weights for ``names``, if that lowers the dev score."""
-    if not names:
+    """The final candidate with reconstructed weights: for ``names`` (least squares), or for
+    ``rounded_names`` (least squares, then GPTQ rounding), whichever lowers the dev score most;
+    unchanged if neither lowers it."""
+    if not names and not rounded_names:
         return final
-    start = time.perf_counter()
-    refits = reconstruct_layers(model, final, names, calibration)
-    seconds = time.perf_counter() - start
-    refit = {n: q.with_refit(refits[n]) if n in refits else q for n, q in final.items()}
-    before, after = evaluator(final), evaluator(refit)
-    report.refit_layers = list(refits)
-    report.refit_trial = {"before": before.as_dict(), "after": after.as_dict(), "seconds": seconds}
-    report.refit_kept = after.key(config.criterion) < before.key(config.criterion)
-    say(f"weight reconstruction of {len(refits)} layer(s): dev KL {before.kl:.3g} -> {after.kl:.3g}, "
-        + ("kept" if report.refit_kept else "not kept"))
-    return refit if report.refit_kept else final
+    before = evaluator(final)
+    best, best_score = final, before
+    if names:
+        start = time.perf_counter()
+        refit = _with_refits(final, reconstruct_layers(model, final, names, calibration))
+        after = evaluator(refit)
+        report.refit_layers = list(names)
+        report.refit_trial = {"before": before.as_dict(), "after": after.as_dict(),
+                              "seconds": time.perf_counter() - start}
+        report.refit_kept = after.key(config.criterion) < before.key(config.criterion)
+        say(f"weight reconstruction of {len(names)} layer(s): dev KL {before.kl:.3g} -> {after.kl:.3g}, "
+            + ("kept" if report.refit_kept else "not kept"))
+        if report.refit_kept:
+            best, best_score = refit, after
+    if rounded_names:
+        start = time.perf_counter()
+        rounded = _with_refits(final, reconstruct_layers(model, final, rounded_names, calibration, round_weights=True))
+        after = evaluator(rounded)
+        report.rounding_trial = {"layers": list(rounded_names), "before": before.as_dict(), "after": after.as_dict(),
+                                 "seconds": time.perf_counter() - start}
+        report.rounding_kept = after.key(config.criterion) < best_score.key(config.criterion)
+        say(f"weight reconstruction with GPTQ rounding of {len(rounded_names)} layer(s): dev KL {before.kl:.3g} -> "
+            f"{after.kl:.3g}, " + ("kept" if report.rounding_kept else "not kept"))
+        if report.rounding_kept:
+            best, report.refit_kept = rounded, False
+    return best
+
+
+def _refit_reason(quant: LayerQuant, report: SearchReport) -> str:
+    """What the plan's ``reason`` says of a layer's reconstructed weights ("" without)."""
+    if quant.refit is None:
+        return ""
+    return "; weights reconstructed for its int8 input" + (" and GPTQ-rounded to their grid"
+                                                            if report.rounding_kept else "")
+
+
+def _with_refits(candidate: Candidate, refits: Mapping[str, RefitWeights]) -> Candidate:
+    """``candidate`` with each layer named in ``refits`` computing with those weights."""
+    return {n: q.with_refit(refits[n]) if n in refits else q for n, q in candidate.items()}
 
 
 def _upgrade_groups(evaluator: Evaluator, groups: dict[str, list[str]], cost: dict[str, int],
@@ -1147,6 +1201,7 @@ def _to_plan(
     """The plan of the search's ``final`` candidate, each layer with the evidence behind it."""
     group_of = {n: g for g, names in groups.items() for n in names}
     floated = {member: g for g in report.float_groups for member in g.split(JOINT)}
+    refit_score = (report.rounding_trial if report.rounding_kept else report.refit_trial).get("after", {})
     layers = [LayerPlan(m.name, op=m.op, skip=True, reason="kept float by the search config (keep_float)")
               for m in kept_float]
     for m in modules:
@@ -1196,8 +1251,8 @@ def _to_plan(
             act_range=float(quant.act_range), act_scheme="symmetric" if quant.act_floor is None else "affine",
             act_floor=quant.act_floor, input_scale=quant.input_scale, outlier_range=quant.outlier_range,
             refit=None if quant.refit is None else quant.refit.digest,
-            reason=layer.reason + ("; weights reconstructed for its int8 input" if quant.refit is not None else ""),
-            evidence=_evidence(evidence | ({f"refit_{k}": v for k, v in report.refit_trial["after"].items()}
+            reason=layer.reason + _refit_reason(quant, report),
+            evidence=_evidence(evidence | ({f"refit_{k}": v for k, v in refit_score.items()}
                                            if quant.refit is not None else {})),
         ))
     skips = tuple(LayerPlan("*", op=op, skip=True, reason="kept float by the search config (skip_ops)")

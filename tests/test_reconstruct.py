@@ -12,8 +12,10 @@ from sq_pt2e.baselines import Bits, uniform_plan
 from sq_pt2e.errors import PlanError, QuantizationError
 from sq_pt2e.models import build_model
 from sq_pt2e.pipeline import quantize_model
+from sq_pt2e.observers import max_weight_scales, mse_weight_scales
 from sq_pt2e.plan import LayerPlan, QuantPlan, refit_file
-from sq_pt2e.reconstruct import _columns, reconstruct_layers
+from sq_pt2e.reconstruct import _columns, reconstruct_layers, round_to_grid
+from sq_pt2e.smoothing import scaled_weight
 from sq_pt2e.simulate import collect_statistics, fake_quantized, plan_layer_quants, quantizable_modules
 from sq_pt2e.stablequant import Evaluator, Score, SearchConfig, search_plan, search_statistics
 from sq_pt2e.testing import example_waves
@@ -95,6 +97,57 @@ def test_columns_reproduce_the_convolution() -> None:
     torch.testing.assert_close(weight @ cols, expected, rtol=1e-5, atol=1e-5)
 
 
+def _nearest(weight: torch.Tensor, scales: torch.Tensor, qmax: int) -> torch.Tensor:
+    return torch.clamp(torch.round(weight / scales[:, None]), -qmax, qmax) * scales[:, None]
+
+
+def _correlated_inputs(features: int, samples: int, seed: int = 0) -> torch.Tensor:
+    """``(features + 1, samples)`` float64 columns (last row ones) with strongly correlated features."""
+    gen = torch.Generator().manual_seed(seed)
+    mixing = torch.randn(features, 4, generator=gen, dtype=torch.float64)
+    x = mixing @ torch.randn(4, samples, generator=gen, dtype=torch.float64)
+    x += 0.1 * torch.randn(features, samples, generator=gen, dtype=torch.float64) + 0.5
+    return torch.cat([x, torch.ones(1, samples, dtype=torch.float64)])
+
+
+@pytest.mark.parametrize("calibration", ["max", "mse"])
+def test_gptq_rounding_lands_on_the_grid_the_quantizer_computes(calibration: str) -> None:
+    gen = torch.Generator().manual_seed(1)
+    weight = torch.cat([torch.randn(6, 20, generator=gen, dtype=torch.float64), torch.zeros(6, 1, dtype=torch.float64)], 1)
+    x = _correlated_inputs(20, 400)
+    rounded = round_to_grid(weight, x @ x.T, 4, calibration)
+    scale_of = mse_weight_scales if calibration == "mse" else max_weight_scales
+    scales = scale_of(rounded[:, :-1].float(), 7).double()
+    torch.testing.assert_close(scales, scale_of(weight[:, :-1].float(), 7).double(), rtol=1e-6, atol=0)
+    steps = rounded[:, :-1] / scales[:, None]
+    torch.testing.assert_close(steps, steps.round(), rtol=0, atol=1e-4)
+    assert float(steps.abs().max()) <= 7 + 1e-4
+
+
+def test_gptq_rounding_lowers_the_output_error_of_correlated_inputs() -> None:
+    gen = torch.Generator().manual_seed(2)
+    weight = torch.cat([torch.randn(8, 32, generator=gen, dtype=torch.float64),
+                        torch.randn(8, 1, generator=gen, dtype=torch.float64)], 1)
+    x = _correlated_inputs(32, 600)
+    nearest = torch.cat([_nearest(weight[:, :-1], max_weight_scales(weight[:, :-1].float(), 7).double(), 7),
+                         weight[:, -1:]], 1)
+    rounded = round_to_grid(weight, x @ x.T, 4, "max")
+    error = {name: float(((w - weight) @ x).norm()) for name, w in (("nearest", nearest), ("gptq", rounded))}
+    assert error["gptq"] < 0.5 * error["nearest"], error
+    assert not torch.equal(rounded[:, -1], weight[:, -1])  # the bias absorbed part of the rounding error
+
+
+def test_gptq_rounding_of_uncorrelated_inputs_is_round_to_nearest() -> None:
+    gen = torch.Generator().manual_seed(3)
+    weight = torch.cat([torch.randn(5, 12, generator=gen, dtype=torch.float64),
+                        torch.randn(5, 1, generator=gen, dtype=torch.float64)], 1)
+    gram = torch.diag(torch.rand(13, generator=gen, dtype=torch.float64) + 0.5)
+    rounded = round_to_grid(weight, gram, 4, "max")
+    expected = _nearest(weight[:, :-1], max_weight_scales(weight[:, :-1].float(), 7).double(), 7)
+    torch.testing.assert_close(rounded[:, :-1], expected)
+    torch.testing.assert_close(rounded[:, -1], weight[:, -1])
+
+
 def test_refit_leaves_the_model_unchanged_and_rejects_unknown_layers() -> None:
     model, quants, calibration = _refit_setup()
     state = {k: v.clone() for k, v in model.state_dict().items()}
@@ -119,14 +172,25 @@ class _RefitObjective:
         return Score(None, 0.5 if refit == self.rewards_refit else 1.0)
 
 
-def _search(rewards_refit: bool = True) -> tuple[torch.nn.Module, QuantPlan, object, list[torch.Tensor]]:
+class _RoundingObjective:
+    """A fake evaluator: KL 1, 0.5 when the CNN convs compute with refit weights, 0.25 when the Transformer does too."""
+
+    float_score = Score(None, 0.0)
+
+    def __call__(self, layers) -> Score:
+        refit = {name for name, q in layers.items() if q.refit is not None}
+        return Score(None, 0.25 if any(".encoder.layers." in n for n in refit) else 0.5 if refit else 1.0)
+
+
+def _search(rewards_refit: bool = True, bits: Bits = COARSE,
+            objective: object = None) -> tuple[torch.nn.Module, QuantPlan, object, list[torch.Tensor]]:
     torch.set_num_threads(1)
     model = build_model("tiny-wav2vec2", seed=0)
     calibration = example_waves(0, 3, 8000)
-    config = SearchConfig(criterion="kl", act_bits=4, percentiles=(100.0, 99.9))
+    config = SearchConfig(criterion="kl", weight_bits=bits.weight, act_bits=bits.act, percentiles=(100.0, 99.9))
     statistics, scales = search_statistics(model, calibration, config)
-    plan, report = search_plan(model, statistics, _RefitObjective(rewards_refit), config, input_scales=scales,
-                               calibration=calibration)
+    plan, report = search_plan(model, statistics, objective or _RefitObjective(rewards_refit), config,
+                               input_scales=scales, calibration=calibration)
     return model, plan, report, calibration
 
 
@@ -143,6 +207,39 @@ def test_search_refits_the_cnn_convs_and_keeps_them_when_they_help(searched) -> 
     assert sorted(plan.refit_weights()) == sorted(convs)
     assert all("weights reconstructed" in la.reason for la in plan.layers if la.refit is not None)
     assert report.final_score.kl == pytest.approx(0.5)
+    assert report.rounding_trial == {} and not report.rounding_kept  # 8-bit weights: rounding to nearest is enough
+
+
+@pytest.fixture(scope="module")
+def rounded() -> tuple[torch.nn.Module, QuantPlan, object, list[torch.Tensor]]:
+    return _search(bits=Bits(4, 8), objective=_RoundingObjective())
+
+
+def test_search_at_4_weight_bits_gptq_rounds_every_conv_and_linear(rounded) -> None:
+    model, plan, report, _ = rounded
+    expected = [m.name for m in quantizable_modules(model) if m.op in ("conv1d", "linear") and m.name != CONV.format(0)]
+    assert report.rounding_kept and not report.refit_kept
+    assert report.rounding_trial["layers"] == expected and report.rounding_trial["after"]["kl"] == pytest.approx(0.25)
+    assert sorted(plan.refit_weights()) == sorted(expected)
+    assert all("GPTQ-rounded" in la.reason for la in plan.layers if la.refit is not None)
+    for layer in plan.layers:
+        if layer.refit is None:
+            continue
+        weight = plan.refits[layer.name].weight
+        if layer.input_scale is not None:
+            weight = scaled_weight(weight, layer.input_scale)
+        scale_of = mse_weight_scales if layer.weight_calibration == "mse" else max_weight_scales
+        steps = weight.reshape(weight.shape[0], -1) / scale_of(weight, 7)[:, None]
+        torch.testing.assert_close(steps, steps.round(), rtol=0, atol=1e-3, msg=layer.name)
+
+
+def test_converted_graph_computes_with_the_gptq_rounded_weights(rounded) -> None:
+    model, plan, _, calibration = rounded
+    wave = example_waves(9, 1, 8000)[0]
+    converted = quantize_model(model, wave, calibration, plan=plan, fit_to_cpu=False).converted
+    with fake_quantized(model, plan_layer_quants(model, plan, {})) as simulated, torch.no_grad():
+        expected = simulated(wave)
+    torch.testing.assert_close(converted(wave), expected, rtol=0, atol=1e-5)
 
 
 def test_search_drops_a_refit_that_does_not_help() -> None:
