@@ -233,13 +233,19 @@ def test_search_at_4_weight_bits_gptq_rounds_every_conv_and_linear(rounded) -> N
         torch.testing.assert_close(steps, steps.round(), rtol=0, atol=1e-3, msg=layer.name)
 
 
-def test_converted_graph_computes_with_the_gptq_rounded_weights(rounded) -> None:
-    model, plan, _, calibration = rounded
-    wave = example_waves(9, 1, 8000)[0]
+def _assert_converted_equals_simulated(model: torch.nn.Module, plan: QuantPlan, calibration: list[torch.Tensor],
+                                       wave: torch.Tensor) -> torch.Tensor:
+    """Check the ``convert_pt2e`` graph of ``plan`` computes what the simulation does; returns the output."""
     converted = quantize_model(model, wave, calibration, plan=plan, fit_to_cpu=False).converted
     with fake_quantized(model, plan_layer_quants(model, plan, {})) as simulated, torch.no_grad():
         expected = simulated(wave)
     torch.testing.assert_close(converted(wave), expected, rtol=0, atol=1e-5)
+    return expected
+
+
+def test_converted_graph_computes_with_the_gptq_rounded_weights(rounded) -> None:
+    model, plan, _, calibration = rounded
+    _assert_converted_equals_simulated(model, plan, calibration, example_waves(9, 1, 8000)[0])
 
 
 def test_search_drops_a_refit_that_does_not_help() -> None:
@@ -308,10 +314,7 @@ def test_refit_halves_the_dev_kl_of_the_shipped_ref_wav2vec2() -> None:
 def test_converted_graph_computes_with_the_refit_weights(searched) -> None:
     model, plan, _, calibration = searched
     wave = example_waves(9, 1, 8000)[0]
-    converted = quantize_model(model, wave, calibration, plan=plan, fit_to_cpu=False).converted
-    with fake_quantized(model, plan_layer_quants(model, plan, {})) as simulated, torch.no_grad():
-        expected = simulated(wave)
-    torch.testing.assert_close(converted(wave), expected, rtol=0, atol=1e-5)
+    expected = _assert_converted_equals_simulated(model, plan, calibration, wave)
     without = dataclasses.replace(plan, layers=tuple(dataclasses.replace(la, refit=None) for la in plan.layers),
                                   refits={})
     with fake_quantized(model, plan_layer_quants(model, without, {})) as simulated, torch.no_grad():
