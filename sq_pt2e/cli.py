@@ -181,8 +181,9 @@ def add_search_arguments(parser: argparse.ArgumentParser) -> None:
                              f"fast; default {SearchConfig.split_max_flops:g}: no limit)")
     parser.add_argument("--no-refit", action="store_true",
                         help="keep every layer's own weights (default: the quantized CNN convs get weights refit by "
-                             "least squares to their int8 inputs; at 6 weight bits or fewer the search also tries every "
-                             "conv and Linear layer refit and GPTQ-rounded; each kept when it lowers the dev score)")
+                             "least squares to their int8 inputs; at 6 weight bits or fewer the search also tries "
+                             "every conv and Linear layer refit and GPTQ-rounded; each kept when it lowers the dev "
+                             "score)")
     _add_sensitivity_arguments(parser)
     parser.add_argument("--percentiles", type=float, nargs="+", default=list(DEFAULT_PERCENTILES),
                         help="clip percentiles tried for sensitive groups, in order")

@@ -113,7 +113,8 @@ def _correlated_inputs(features: int, samples: int, seed: int = 0) -> torch.Tens
 @pytest.mark.parametrize("calibration", ["max", "mse"])
 def test_gptq_rounding_lands_on_the_grid_the_quantizer_computes(calibration: str) -> None:
     gen = torch.Generator().manual_seed(1)
-    weight = torch.cat([torch.randn(6, 20, generator=gen, dtype=torch.float64), torch.zeros(6, 1, dtype=torch.float64)], 1)
+    weight = torch.cat([torch.randn(6, 20, generator=gen, dtype=torch.float64),
+                        torch.zeros(6, 1, dtype=torch.float64)], 1)
     x = _correlated_inputs(20, 400)
     rounded = round_to_grid(weight, x @ x.T, 4, calibration)
     scale_of = mse_weight_scales if calibration == "mse" else max_weight_scales
