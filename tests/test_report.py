@@ -168,3 +168,16 @@ def test_search_section_lists_the_upgraded_groups() -> None:
     text = "\n".join(_search_section(search))
     assert "mixed precision: weights of `g1` at 8 bits (12% of the weights, at most 25%)" in text
     assert "float fallback: `g2` kept float (29% of the searched layers' FLOPs, at most 30%)" in text
+
+
+def test_search_section_says_which_weight_reconstruction_the_plan_kept() -> None:
+    before, refit, rounded = {"kl": 0.039}, {"kl": 0.030}, {"kl": 0.018}
+    search = {"float_score": {"kl": 0.0}, "config": {},
+              "refit_layers": ["c1", "c2"], "refit_kept": False,
+              "refit_trial": {"before": before, "after": refit, "seconds": 10.0},
+              "rounding_kept": True,
+              "rounding_trial": {"layers": ["c1", "c2", "l1"], "before": before, "after": rounded, "seconds": 250.0}}
+    text = "\n".join(_search_section(search))
+    assert "2 layer(s) refit to their int8 inputs in 10.0 s, dev logit KL 0.039 -> 0.03: not kept" in text
+    assert ("with GPTQ rounding: 3 layer(s) refit and rounded to their weight grid in 250.0 s, "
+            "dev logit KL 0.039 -> 0.018: kept") in text
