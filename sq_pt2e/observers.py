@@ -47,6 +47,7 @@ __all__ = [
     "max_weight_scales",
     "merge_histograms",
     "mse_weight_scales",
+    "weight_scales",
     "DEFAULT_BINS",
     "range_entropy",
     "range_for",
@@ -535,6 +536,11 @@ def mse_weight_scales(weight: torch.Tensor, qmax: int, *, grid: int = 100, max_s
         best_error = torch.where(better, error, best_error)
         best_scale = torch.where(better, scale, best_scale)
     return best_scale
+
+
+def weight_scales(weight: torch.Tensor, qmax: int, calibration: str, *, layer: str = "") -> torch.Tensor:
+    """Per-output-channel scales of ``weight`` by a plan's ``weight_calibration``: ``"mse"`` or ``"max"``."""
+    return (mse_weight_scales if calibration == "mse" else max_weight_scales)(weight, qmax, layer=layer)
 
 
 class PerChannelMseWeightObserver(UniformQuantizationObserverBase):

@@ -60,7 +60,7 @@ from torch.fx import GraphModule, Node
 
 from sq_pt2e.errors import PlanError, QuantizationError
 from sq_pt2e.graph import named_layers
-from sq_pt2e.observers import grid_bounds, max_weight_scales, mse_weight_scales
+from sq_pt2e.observers import grid_bounds, weight_scales
 from sq_pt2e.passes.rewrite_utils import drop_unused_attributes
 
 __all__ = [
@@ -311,8 +311,7 @@ def round_to_grid(weight: torch.Tensor, gram: torch.Tensor, bits: int, calibrati
     qmax = 2 ** (bits - 1) - 1
     rounded = weight.clone()
     features = rounded.shape[1] - 1
-    scale_of = mse_weight_scales if calibration == "mse" else max_weight_scales
-    scales = scale_of(rounded[:, :features].float(), qmax, layer=layer).double()
+    scales = weight_scales(rounded[:, :features].float(), qmax, calibration, layer=layer).double()
     hessian = gram.clone()
     dead = hessian.diagonal() == 0  # inputs that were always zero: any weight fits them
     hessian[dead, dead] = 1.0

@@ -29,11 +29,10 @@ from sq_pt2e.observers import (
     act_qparams,
     grid_bounds,
     grid_floor,
-    max_weight_scales,
     merge_histograms,
-    mse_weight_scales,
     outlier_qparams,
     range_for,
+    weight_scales,
 )
 from sq_pt2e.passes.fold_weight_norm import fold_weight_norm
 from sq_pt2e.plan import LayerPlan, OpKind, QuantPlan
@@ -151,7 +150,7 @@ class LayerQuant:
 
 def _fake_quant_weight(weight: torch.Tensor, bits: int, calibration: str, layer: str) -> torch.Tensor:
     qmax = 2 ** (bits - 1) - 1
-    scales = (mse_weight_scales if calibration == "mse" else max_weight_scales)(weight, qmax, layer=layer)
+    scales = weight_scales(weight, qmax, calibration, layer=layer)
     zero = torch.zeros(scales.shape[0], dtype=torch.int32)
     return torch.fake_quantize_per_channel_affine(weight.detach(), scales.float(), zero, 0, -qmax, qmax)
 

@@ -12,7 +12,7 @@ from sq_pt2e.baselines import Bits, uniform_plan
 from sq_pt2e.errors import PlanError, QuantizationError
 from sq_pt2e.models import build_model
 from sq_pt2e.pipeline import quantize_model
-from sq_pt2e.observers import max_weight_scales, mse_weight_scales
+from sq_pt2e.observers import max_weight_scales, weight_scales
 from sq_pt2e.plan import LayerPlan, QuantPlan, refit_file
 from sq_pt2e.reconstruct import _columns, reconstruct_layers, round_to_grid
 from sq_pt2e.smoothing import scaled_weight
@@ -117,9 +117,9 @@ def test_gptq_rounding_lands_on_the_grid_the_quantizer_computes(calibration: str
                         torch.zeros(6, 1, dtype=torch.float64)], 1)
     x = _correlated_inputs(20, 400)
     rounded = round_to_grid(weight, x @ x.T, 4, calibration)
-    scale_of = mse_weight_scales if calibration == "mse" else max_weight_scales
-    scales = scale_of(rounded[:, :-1].float(), 7).double()
-    torch.testing.assert_close(scales, scale_of(weight[:, :-1].float(), 7).double(), rtol=1e-6, atol=0)
+    scales = weight_scales(rounded[:, :-1].float(), 7, calibration).double()
+    torch.testing.assert_close(scales, weight_scales(weight[:, :-1].float(), 7, calibration).double(), rtol=1e-6,
+                               atol=0)
     steps = rounded[:, :-1] / scales[:, None]
     torch.testing.assert_close(steps, steps.round(), rtol=0, atol=1e-4)
     assert float(steps.abs().max()) <= 7 + 1e-4
@@ -229,8 +229,7 @@ def test_search_at_4_weight_bits_gptq_rounds_every_conv_and_linear(rounded) -> N
         weight = plan.refits[layer.name].weight
         if layer.input_scale is not None:
             weight = scaled_weight(weight, layer.input_scale)
-        scale_of = mse_weight_scales if layer.weight_calibration == "mse" else max_weight_scales
-        steps = weight.reshape(weight.shape[0], -1) / scale_of(weight, 7)[:, None]
+        steps = weight.reshape(weight.shape[0], -1) / weight_scales(weight, 7, layer.weight_calibration)[:, None]
         torch.testing.assert_close(steps, steps.round(), rtol=0, atol=1e-3, msg=layer.name)
 
 
