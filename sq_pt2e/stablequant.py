@@ -874,20 +874,18 @@ def search_plan(
                          "layer(s), but no input_scales were given: calibrate with search_statistics(model, waves, "
                          "config) and pass both, or set smooth_alpha=0")
     scales = input_scales or {}
-
-    def weight_bits(name: str, promoted: set[str]) -> int:
-        return config.promote_weight_bits if name in promoted and config.promote_weight_bits else config.weight_bits
-
     refit_names = [m.name for m in modules if m.op in config.refit_ops]
-    rounded_names = [m.name for m in modules if m.op in config.refit_ops + config.round_ops]
-    if not config.refit_ops or not any(weight_bits(n, set()) <= config.round_max_bits for n in rounded_names):
-        rounded_names = []
+    rounds = config.refit_ops and config.weight_bits <= config.round_max_bits
+    rounded_names = [m.name for m in modules if m.op in config.refit_ops + config.round_ops] if rounds else []
     if (refit_names or rounded_names) and calibration is None:
         raise ValueError(f"refit_ops={config.refit_ops} refits {len(refit_names or rounded_names)} layer(s), but no "
                          "calibration audio was given: pass calibration=waves, or set refit_ops=()")
     unknown = sorted(set(scales) - set(hist))
     if unknown:
         raise ValueError(f"input_scales for layers that are not searched: {unknown[:3]}")
+
+    def weight_bits(name: str, promoted: set[str]) -> int:
+        return config.promote_weight_bits if name in promoted and config.promote_weight_bits else config.weight_bits
 
     outliers: dict[str, float] = {}  # outlier ranges of the layers with an outlier split
 
@@ -980,9 +978,7 @@ def search_plan(
 
     def without(floated: set[str], refits: Mapping[str, RefitWeights] | None = None) -> Candidate:
         """The plan as chosen, with the ``floated`` layers left in float and ``refits`` swapped in."""
-        candidate = quant({n: r for n, r in chosen.items() if n not in floated}, promoted)
-        swapped = refits or {}
-        return {n: q.with_refit(swapped[n]) if n in swapped else q for n, q in candidate.items()}
+        return _with_refits(quant({n: r for n, r in chosen.items() if n not in floated}, promoted), refits or {})
 
     fallback_groups = dict(groups)
     stuck = [g for g in groups if g in report.kept_mse]
@@ -1111,27 +1107,29 @@ def _refit_step(model: nn.Module, final: Candidate, names: list[str], rounded_na
         return final
     before = evaluator(final)
     best, best_score = final, before
+
+    def trial(layers: list[str], label: str, round_weights: bool) -> tuple[Candidate, Score, dict[str, object], bool]:
+        """Reconstruct ``layers``, score the result; whether it beats the best so far, and its record."""
+        start = time.perf_counter()
+        candidate = _with_refits(final, reconstruct_layers(model, final, layers, calibration,
+                                                           round_weights=round_weights))
+        seconds = time.perf_counter() - start  # the fit, as the report says
+        after = evaluator(candidate)
+        record = {"before": before.as_dict(), "after": after.as_dict(), "seconds": seconds}
+        better = after.key(config.criterion) < best_score.key(config.criterion)
+        say(f"{label} of {len(layers)} layer(s): dev KL {before.kl:.3g} -> {after.kl:.3g}, "
+            + ("kept" if better else "not kept"))
+        return candidate, after, record, better
+
     if names:
-        start = time.perf_counter()
-        refit = _with_refits(final, reconstruct_layers(model, final, names, calibration))
-        after = evaluator(refit)
+        refit, score, report.refit_trial, report.refit_kept = trial(names, "weight reconstruction", False)
         report.refit_layers = list(names)
-        report.refit_trial = {"before": before.as_dict(), "after": after.as_dict(),
-                              "seconds": time.perf_counter() - start}
-        report.refit_kept = after.key(config.criterion) < before.key(config.criterion)
-        say(f"weight reconstruction of {len(names)} layer(s): dev KL {before.kl:.3g} -> {after.kl:.3g}, "
-            + ("kept" if report.refit_kept else "not kept"))
         if report.refit_kept:
-            best, best_score = refit, after
+            best, best_score = refit, score
     if rounded_names:
-        start = time.perf_counter()
-        rounded = _with_refits(final, reconstruct_layers(model, final, rounded_names, calibration, round_weights=True))
-        after = evaluator(rounded)
-        report.rounding_trial = {"layers": list(rounded_names), "before": before.as_dict(), "after": after.as_dict(),
-                                 "seconds": time.perf_counter() - start}
-        report.rounding_kept = after.key(config.criterion) < best_score.key(config.criterion)
-        say(f"weight reconstruction with GPTQ rounding of {len(rounded_names)} layer(s): dev KL {before.kl:.3g} -> "
-            f"{after.kl:.3g}, " + ("kept" if report.rounding_kept else "not kept"))
+        rounded, _, record, report.rounding_kept = trial(rounded_names, "weight reconstruction with GPTQ rounding",
+                                                         True)
+        report.rounding_trial = {"layers": list(rounded_names), **record}
         if report.rounding_kept:
             best, report.refit_kept = rounded, False
     return best
