@@ -74,8 +74,9 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--layers", type=int, default=None,
                      help="Transformer layers (default: the recipe's); weights of a shallower model are deepened "
                           "by repeating each layer in place")
-    run.add_argument("--bf16", action="store_true", default=None,
-                     help="bfloat16 autocast in the training forward pass (fast on CPUs with AMX-BF16)")
+    run.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=None,
+                     help="bfloat16 autocast in the training forward pass (fast on CPUs with AMX-BF16; "
+                          "--no-bf16 on CPUs without, where it is emulated and slow)")
     run.add_argument("--no-init", action="store_true",
                      help="without runs/<model>/state.pt start from scratch, not from the shipped weights")
     ship = verbs.add_parser("ship", help="copy a seeded sample of the dev and test splits into the package")
