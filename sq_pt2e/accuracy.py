@@ -81,7 +81,12 @@ def transcribe(forward: Forward, utterances: Iterable[LoadedUtterance], *,
 
 @dataclass(frozen=True)
 class AccuracyCell:
-    """One method at one bit width on one evaluation set."""
+    """One method at one bit width on one evaluation set.
+
+    ``transcripts`` (one per utterance, in the evaluation set's order) let a later
+    ``--update`` recompute the paired comparisons with cells measured again; cells of
+    older tables have none.
+    """
 
     method: str
     bits: str
@@ -93,6 +98,7 @@ class AccuracyCell:
     wer_vs_float_transcripts: float
     logit_cosine: float
     best: bool = False
+    transcripts: list[str] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -124,7 +130,8 @@ class AccuracyTable:
     """All cells, the float WERs, and how they were obtained.
 
     ``search`` holds each searched plan's cost and choices under ``"{bits} {method}"``
-    (e.g. ``"W8A8 stablequant"``).
+    (e.g. ``"W8A8 stablequant"``); ``references`` the reference transcripts of each
+    evaluation set.
     """
 
     model: str
@@ -134,6 +141,7 @@ class AccuracyTable:
     search: dict[str, dict[str, object]] = field(default_factory=dict)
     seconds: float = 0.0
     comparisons: list[PairedComparison] = field(default_factory=list)
+    references: dict[str, list[str]] = field(default_factory=dict)
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2, default=float) + "\n"
@@ -148,25 +156,34 @@ class AccuracyTable:
         """This table with ``newer``'s cells (and search records) in place of the ones they measure again.
 
         For rerunning some methods or bit widths after a change without rerunning the rest; the
-        best cells are marked again.
+        best cells are marked again, and the paired comparisons recomputed wherever both cells
+        have transcripts. A comparison with a cell measured again that has none is dropped.
 
         Raises:
             ValueError: the tables are of different models, evaluation sets or float WERs.
         """
         same_float = self.float_wer.keys() == newer.float_wer.keys() and all(
             abs(self.float_wer[n] - newer.float_wer[n]) < 1e-9 for n in self.float_wer)
-        if self.model != newer.model or self.utterances != newer.utterances or not same_float:
+        same_references = all(self.references[n] == newer.references[n]
+                              for n in self.references.keys() & newer.references.keys())
+        if self.model != newer.model or self.utterances != newer.utterances or not same_float or not same_references:
             raise ValueError(f"cannot update the accuracy table of {self.model} ({self.utterances}, float WER "
                              f"{self.float_wer}) with one of {newer.model} ({newer.utterances}, float WER "
                              f"{newer.float_wer}): rerun the whole table")
         fresh = {(c.method, c.bits, c.eval_set): c for c in newer.cells}
         remeasured = set(fresh)
         cells = [fresh.pop((c.method, c.bits, c.eval_set), c) for c in self.cells] + list(fresh.values())
-        kept = [c for c in self.comparisons  # a comparison with a cell measured again is out of date
-                if not {(c.method, c.bits, c.eval_set), (c.against, c.bits, c.eval_set)} & remeasured]
+        references = {**self.references, **newer.references}
+        recomputed = paired_comparisons({(c.method, c.bits, c.eval_set): c.transcripts for c in cells
+                                         if c.transcripts and c.eval_set in references}, references)
+        covered = {(c.method, c.against, c.bits, c.eval_set) for c in recomputed}
+        earlier = [c for c in self.comparisons  # a comparison with a cell measured again is out of date
+                   if not {(c.method, c.bits, c.eval_set), (c.against, c.bits, c.eval_set)} & remeasured]
+        comparisons = recomputed + [c for c in earlier + list(newer.comparisons)
+                                    if (c.method, c.against, c.bits, c.eval_set) not in covered]
         table = AccuracyTable(self.model, dict(self.float_wer), dict(self.utterances),
                               [replace(c, best=False) for c in cells], {**self.search, **newer.search},
-                              self.seconds + newer.seconds, kept + list(newer.comparisons))
+                              self.seconds + newer.seconds, comparisons, references)
         _mark_best(table)
         return table
 
@@ -239,12 +256,12 @@ def build_accuracy_table(
     statistics = collect_statistics(model, waves)
     float_forward = build_method("float32", model, waves, statistics)
     reference = {name: transcribe(float_forward, utts) for name, utts in eval_sets.items()}
-    table = AccuracyTable(model_name, {n: wer([u.text for u in eval_sets[n]], reference[n][0]) for n in eval_sets},
-                          {n: len(u) for n, u in eval_sets.items()})
-    references = [u.text for u in dev]
-    evaluator = Evaluator(model, [u.wave for u in dev], references if all(references) else None)
+    references = {n: [u.text for u in utts] for n, utts in eval_sets.items()}
+    table = AccuracyTable(model_name, {n: wer(references[n], reference[n][0]) for n in eval_sets},
+                          {n: len(u) for n, u in eval_sets.items()}, references=references)
+    dev_references = [u.text for u in dev]
+    evaluator = Evaluator(model, [u.wave for u in dev], dev_references if all(dev_references) else None)
     calibrations: CalibrationCache = {}  # one calibration pass per smoothing setting
-    transcripts: dict[tuple[str, str, str], list[str]] = {}
     for bits in bit_widths:
         for method in methods:
             if not method_applies(method, bits):
@@ -277,17 +294,17 @@ def build_accuracy_table(
             forward = build_method("stablequant" if plan is not None else method, model, waves, method_statistics,
                                    bits, plan=plan)
             for name, utts in eval_sets.items():
-                refs = [u.text for u in utts]
+                refs = references[name]
                 float_texts, float_logits = reference[name]
                 texts, logits = transcribe(forward, utts)
-                transcripts[(method, str(bits), name)] = texts
                 delta = paired_bootstrap_delta(refs, float_texts, texts)
                 cosine = min(logit_agreement(f, q).cosine for f, q in zip(float_logits, logits, strict=True))
                 agree = wer_against_float(float_texts, texts)
                 table.cells.append(AccuracyCell(method, str(bits), name, wer(refs, texts), delta.delta, delta.low,
-                                                delta.high, agree, cosine))
+                                                delta.high, agree, cosine, transcripts=texts))
     _mark_best(table)
-    table.comparisons = paired_comparisons(transcripts, {n: [u.text for u in utts] for n, utts in eval_sets.items()})
+    table.comparisons = paired_comparisons({(c.method, c.bits, c.eval_set): c.transcripts for c in table.cells},
+                                           references)
     table.seconds = time.perf_counter() - start
     return table
 

@@ -95,19 +95,38 @@ def test_an_update_replaces_the_cells_it_measures_again_and_keeps_the_rest(table
 
     earlier = AccuracyTable.from_json(table.to_json())
     assert earlier == table
+    perfect = table.references["test-clean"]
     rerun = AccuracyTable(table.model, dict(table.float_wer), dict(table.utterances),
-                          [replace(c, wer=-1.0, best=False) for c in table.cells if c.method == "max"],
-                          {"W8A8 max": {"evaluations": 0}}, 1.0)
+                          [replace(c, wer=-1.0, best=False, transcripts=list(perfect))
+                           for c in table.cells if c.method == "max"],
+                          {"W8A8 max": {"evaluations": 0}}, 1.0, references=dict(table.references))
     updated = earlier.updated_with(rerun)
     assert [(c.method, c.bits) for c in updated.cells] == [(c.method, c.bits) for c in table.cells]  # same order
     for old, new in zip(table.cells, updated.cells, strict=True):
         assert new.wer == (-1.0 if old.method == "max" else old.wer)
         assert new.best == (old.method == "max")  # the new lowest WER of both columns
     assert set(updated.search) == set(table.search) | {"W8A8 max"}
-    assert updated.comparisons == [c for c in table.comparisons if c.against != "max"]  # out of date: dropped
+    untouched = {c for c in table.comparisons if c.against != "max"}
+    assert {c for c in updated.comparisons if c.against != "max"} == untouched
+    against_max = [c for c in updated.comparisons if c.against == "max"]
+    wer_of = {(c.method, c.bits): c.wer for c in table.cells}
+    assert len(against_max) == 2  # recomputed from the transcripts: max is now transcribed perfectly
+    assert all(c.delta == pytest.approx(wer_of[(c.method, c.bits)]) for c in against_max)
     other = AccuracyTable("tiny-hubert", dict(table.float_wer), dict(table.utterances))
     with pytest.raises(ValueError, match="rerun the whole table"):
         earlier.updated_with(other)
+
+
+def test_an_update_of_a_table_without_transcripts_drops_the_out_of_date_comparisons(table) -> None:
+    from dataclasses import replace
+
+    from sq_pt2e.accuracy import AccuracyTable
+
+    older = replace(table, cells=[replace(c, transcripts=[]) for c in table.cells], references={})
+    rerun = AccuracyTable(table.model, dict(table.float_wer), dict(table.utterances),
+                          [replace(c, wer=-1.0, transcripts=[]) for c in table.cells if c.method == "max"])
+    updated = AccuracyTable.from_json(older.to_json()).updated_with(rerun)
+    assert updated.comparisons == [c for c in table.comparisons if c.against != "max"]
 
 
 def test_each_method_runs_only_where_it_has_a_cell() -> None:
