@@ -259,8 +259,7 @@ def test_model_card_lists_the_recipe_and_every_evaluation_row(tmp_path) -> None:
     from sq_pt2e.train.trainer import error_rates
 
     state = {"step": 7, "dev_cer": 12.0, "dev_wer": 40.0, "config": {**asdict(TrainConfig(speed_perturb=0.15))},
-             "history": [{"step": 7, "wer": 40.0, "cer": 12.0}],
-             "data": {"training utterances": {"train": 10, "train-formant": 3}}}
+             "history": [{"step": 7, "wer": 40.0, "cer": 12.0}]}
     folder = save_model_folder(build_model("tiny-wav2vec2").eval(), tmp_path / "m", state)
     overall = error_rates(["A B", "C D"], ["A B", "C X"])
     assert overall == {"wer": 25.0, "cer": pytest.approx(100 / 6), "utterances": 2.0}
@@ -269,4 +268,3 @@ def test_model_card_lists_the_recipe_and_every_evaluation_row(tmp_path) -> None:
     card = write_model_card(folder, "ref-wav2vec2", results).read_text()
     assert "speed perturbation +-0.15" in card and "| synthetic test, shipped: flite:slt | 1 | 50.0 | 33.3 |" in card
     assert "still in progress" in card
-    assert "formants raised 8-30 % (`train-formant`)" in card and "train 10, train-formant 3" in card

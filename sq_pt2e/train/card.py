@@ -72,9 +72,6 @@ def write_model_card(folder: str | os.PathLike[str], name: str, results: dict[st
     voices_line = f"{len(ACCENTS)} English accents x {len(SPLIT_VARIANTS['train'])} training voice variants"
     counts = state.get("data", {}).get("training utterances", {})
     parts = ", ".join(f"{k} {v}" for k, v in sorted(counts.items())) or "not recorded"
-    formant = (" In the latest run also flite awb and kal16 at a female pitch (mean F0 160-230 Hz) with their\n"
-               "formants raised 8-30 % (`train-formant`), since all other flite/festival training voices are male."
-               if "train-formant" in counts else "")
     s = schedule.get
     training = "\n".join([
         f"AdamW (peak learning rate {s('lr', '?')}, {s('warmup_steps', '?')} warm-up steps, cosine decay over "
@@ -114,7 +111,7 @@ random rate and pitch (mean F0 80-230 Hz); 30 % with white noise (SNR 10-30 dB),
 utterances with synthetic reverberation. Plus 345 real LJ Speech clips (one speaker),
 weighted 3x. Dev and test sentences and voices are unseen in training (test voices:
 espeak-ng m4, f3, klatt3, david, linda, victor and flite slt); 40 real LJ Speech clips
-(LJ002-0161 to LJ002-0200) are held out. Corpus: `python -m sq_pt2e.train corpus`.{formant}
+(LJ002-0161 to LJ002-0200) are held out. Corpus: `python -m sq_pt2e.train corpus`.
 Utterances per corpus folder in the latest run: {parts}.
 
 ## Training
