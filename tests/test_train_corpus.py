@@ -9,7 +9,6 @@ import pytest
 import soundfile as sf
 
 from sq_pt2e.data import Utterance, read_manifest
-from sq_pt2e.errors import SqPt2eError
 from sq_pt2e.train.corpus import (
     ACCENTS,
     FLITE_SPLIT_VOICES,
@@ -77,41 +76,6 @@ def test_flite_voices_render_at_16k_with_rate_and_pitch() -> None:
     slow = render("HELLO WORLD", Voice("", "kal", 80, 100, "flite"))  # kal speaks at 8 kHz: resampled
     fast = render("HELLO WORLD", Voice("", "kal", 125, 100, "flite"))
     assert slow.dtype == np.float32 and slow.size > fast.size > 0.3 * 16000
-
-
-def _spectral_centroid_hz(wave: np.ndarray) -> float:
-    frames = wave[: wave.size // 512 * 512].reshape(-1, 512) * np.hanning(512)
-    spectrum = np.abs(np.fft.rfft(frames, axis=1))
-    return float((spectrum * np.fft.rfftfreq(512, 1 / 16000)).sum() / spectrum.sum())
-
-
-@needs_flite
-def test_a_formant_shifted_voice_keeps_its_rate_and_raises_its_spectrum() -> None:
-    plain = render("THE PRISONERS WERE TAKEN TO THE COURT", Voice("", "awb", 100, 190, "flite"))
-    shifted_voice = Voice("", "awb", 100, 190, "flite", formant_scale=1.25)
-    shifted = render("THE PRISONERS WERE TAKEN TO THE COURT", shifted_voice)
-    assert shifted_voice.name == "flite:awb@1.25" and abs(shifted.size / plain.size - 1) < 0.05
-    assert _spectral_centroid_hz(shifted) > 1.1 * _spectral_centroid_hz(plain)
-
-
-def test_formant_shift_applies_to_flite_and_festival_voices_only() -> None:
-    with pytest.raises(SqPt2eError, match="formant_scale 1.2 .*en-us\\+m3"):
-        Voice(ACCENTS[0], "m3", 160, 50, formant_scale=1.2)
-    with pytest.raises(SqPt2eError, match="formant_scale 0"):
-        Voice("", "awb", 100, 190, "flite", formant_scale=0)
-
-
-def test_the_formant_part_speaks_unused_sentences_at_female_pitch(tmp_path) -> None:
-    from sq_pt2e.train import corpus
-
-    spec = CorpusSpec(train_sentences=10, flite_train_sentences=10, festival_train_sentences=10,
-                      formant_train_sentences=30, dev_sentences=5, test_sentences=5)
-    splits = split_sentences(SENTENCES, spec, set())
-    jobs = corpus._formant_jobs(tmp_path, splits, spec)["train"]
-    assert [job[1] for job in jobs[:20]] == splits["train"][30:50]
-    assert all(160 <= job[2].pitch <= 230 and 1.08 <= job[2].formant_scale <= 1.3 for job in jobs)
-    assert {job[2].variant for job in jobs} <= set(FLITE_SPLIT_VOICES["train"])
-    assert jobs == corpus._formant_jobs(tmp_path, splits, spec)["train"]
 
 
 def _voices(corpus, split: str) -> set[str]:

@@ -2,10 +2,7 @@
 
 Engines: espeak-ng (8 English accents x many voice variants), flite (the awb, rms,
 kal16, kal and slt voices) and festival (kal_diphone), each utterance with a random
-speaking rate and pitch, some with added noise or reverberation. The flite and festival
-voices are all male except the test voice ``slt``, so a further training part
-(``train-formant/``) renders two male flite voices with their formants raised by 8-30 %
-(a shorter vocal tract) at female pitch. Text: LJ Speech
+speaking rate and pitch, some with added noise or reverberation. Text: LJ Speech
 sentences (public domain), normalised to the 32-symbol vocabulary (A-Z, apostrophe,
 space).
 
@@ -83,9 +80,6 @@ _FEMALE = {"slt"}
 # mean F0 (Hz) of flite / festival voices: the female test voice speaks in the upper range; the
 # (male) training voices span both ranges, so that pitch alone is no unseen condition at test time
 _PITCH_HZ = {"male": (80, 150), "female": (160, 230), "train": (80, 230)}
-# vocal-tract scale of the formant-shifted training part (adult female formants lie 15-20 % above male)
-_FORMANT_SCALE = (1.08, 1.30)
-_FORMANT_VOICES = ("awb", "kal16")  # the male training voices that follow a pitch target (rms keeps ~100 Hz)
 
 
 @dataclass(frozen=True)
@@ -100,9 +94,6 @@ class Voice:
             voice's own rate, 120 = 20 % faster).
         pitch: espeak-ng: 0-99; flite/festival: mean F0 in Hz.
         engine: one of ``ENGINES``.
-        formant_scale: flite/festival: every formant of the voice times this, with
-            pitch and speed kept as asked: the voice of a shorter (> 1) or longer vocal tract. The engine speaks ``formant_scale`` times slower and lower,
-            and the waveform is played back that much faster.
     """
 
     accent: str
@@ -110,20 +101,11 @@ class Voice:
     speed: int
     pitch: int
     engine: str = "espeak-ng"
-    formant_scale: float = 1.0
-
-    def __post_init__(self) -> None:
-        if not self.formant_scale > 0 or (self.formant_scale != 1.0 and self.engine == "espeak-ng"):
-            raise SqPt2eError(f"formant_scale {self.formant_scale} is not a positive scale of a flite or "
-                              f"festival voice ({self.name})")
 
     @property
     def name(self) -> str:
-        """``accent+variant`` for espeak-ng, ``engine:variant`` otherwise (``@scale`` if formant-shifted)."""
-        if self.engine == "espeak-ng":
-            return f"{self.accent}+{self.variant}"
-        scale = f"@{self.formant_scale:.2f}" if self.formant_scale != 1.0 else ""
-        return f"{self.engine}:{self.variant}{scale}"
+        """``accent+variant`` for espeak-ng, ``engine:variant`` otherwise."""
+        return f"{self.accent}+{self.variant}" if self.engine == "espeak-ng" else f"{self.engine}:{self.variant}"
 
 
 @dataclass(frozen=True)
@@ -142,8 +124,6 @@ class CorpusSpec:
         flite_test_sentences: flite test utterances (from the test sentences).
         festival_train_sentences: festival training utterances.
         reverb_probability: share of flite/festival training utterances with reverberation.
-        formant_train_sentences: formant-shifted flite training utterances (``train-formant/``;
-            0 renders none).
     """
 
     train_sentences: int = 8000
@@ -157,7 +137,6 @@ class CorpusSpec:
     flite_test_sentences: int = 50
     festival_train_sentences: int = 1000
     reverb_probability: float = 0.2
-    formant_train_sentences: int = 3000
 
 
 def missing_engines() -> list[str]:
@@ -177,17 +156,16 @@ def _require(engine: str) -> str:
 
 def _synthesize(text: str, voice: Voice, wav_path: str) -> None:
     binary = _require(voice.engine)
-    stretch, pitch = voice.formant_scale * 100.0 / voice.speed, voice.pitch / voice.formant_scale
     if voice.engine == "espeak-ng":
         command = [binary, "-v", voice.name, "-s", str(voice.speed), "-p", str(voice.pitch), "-w", wav_path, text]
         subprocess.run(command, check=True, capture_output=True, timeout=120)
     elif voice.engine == "flite":
-        command = [binary, "-voice", voice.variant, "--setf", f"duration_stretch={stretch:.4f}",
-                   "--setf", f"int_f0_target_mean={pitch:.1f}", "-t", text, "-o", wav_path]
+        command = [binary, "-voice", voice.variant, "--setf", f"duration_stretch={100.0 / voice.speed:.4f}",
+                   "--setf", f"int_f0_target_mean={voice.pitch}", "-t", text, "-o", wav_path]
         subprocess.run(command, check=True, capture_output=True, timeout=120)
     elif voice.engine == "festival":
-        setup = (f"(begin (voice_{voice.variant}) (Parameter.set 'Duration_Stretch {stretch:.4f}) "
-                 f"(set! int_lr_params (list (list 'target_f0_mean {pitch:.1f}) '(target_f0_std 20) "
+        setup = (f"(begin (voice_{voice.variant}) (Parameter.set 'Duration_Stretch {100.0 / voice.speed:.4f}) "
+                 f"(set! int_lr_params (list (list 'target_f0_mean {voice.pitch}) '(target_f0_std 20) "
                  f"'(model_f0_mean 170) '(model_f0_std 34))))")
         subprocess.run([binary, "-eval", setup, "-o", wav_path], input=text.encode(), check=True,
                        capture_output=True, timeout=300)
@@ -231,9 +209,8 @@ def render(text: str, voice: Voice, *, noise_db: float | None = None, seed: int 
         _synthesize(text, voice, wav_path)
         wave, rate = sf.read(wav_path, dtype="float32", always_2d=True)
     wave = wave.mean(axis=1)
-    played_rate = rate * voice.formant_scale  # played back faster: every frequency times the scale
-    if played_rate != SAMPLE_RATE:
-        wave = soxr.resample(wave, played_rate, SAMPLE_RATE, quality="VHQ")
+    if rate != SAMPLE_RATE:
+        wave = soxr.resample(wave, rate, SAMPLE_RATE, quality="VHQ")
     wave = np.ascontiguousarray(wave, dtype=np.float32)
     rng = np.random.default_rng(seed)
     if reverb_rt60 is not None and wave.size:
@@ -336,26 +313,6 @@ def _other_engine_jobs(out: Path, splits: dict[str, list[str]], spec: CorpusSpec
     return jobs
 
 
-def _formant_jobs(out: Path, splits: dict[str, list[str]], spec: CorpusSpec) -> dict[str, list[_Job]]:
-    """The formant-shifted flite training part (folder ``train-formant/``), its own random stream.
-
-    Two male training voices of flite at female pitch with their formants raised, on the
-    sentences that neither espeak-ng nor the other flite and festival parts speak first.
-    """
-    rng = random.Random(spec.seed * 7919 + 15485863)
-    offset = spec.train_sentences + spec.flite_train_sentences + spec.festival_train_sentences
-    pool = splits["train"][offset:] + splits["train"][:offset]
-    jobs: list[_Job] = []
-    for index, text in enumerate(pool[: spec.formant_train_sentences]):
-        voice = Voice("", rng.choice(_FORMANT_VOICES), rng.randint(80, 125),
-                      rng.randint(*_PITCH_HZ["female"]), "flite", round(rng.uniform(*_FORMANT_SCALE), 2))
-        noise = rng.uniform(10.0, 30.0) if rng.random() < spec.noise_probability else None
-        rt60 = rng.uniform(0.2, 0.7) if rng.random() < spec.reverb_probability else None
-        jobs.append((str(out / "train-formant" / f"train-formant-{index:05d}.flac"), text, voice, noise,
-                     spec.seed * 100003 + 200000 + index, rt60))
-    return {"train": jobs}
-
-
 def _voice_table(jobs: Sequence[_Job]) -> str:
     """``id, engine, voice, speed, pitch, noise SNR dB, RT60 s`` per utterance (empty: none)."""
     lines = ["id\tengine\tvoice\tspeed\tpitch\tnoise_db\trt60_s"]
@@ -413,8 +370,6 @@ def build_corpus(out_dir: str | os.PathLike[str], sentences: Sequence[str], spec
     for engine in engines:
         if engine != "espeak-ng":
             parts[engine] = _other_engine_jobs(out, splits, spec, engine)
-    if "flite" in engines and spec.formant_train_sentences:
-        parts["formant"] = _formant_jobs(out, splits, spec)
     manifests: dict[str, Path] = {}
     per_split: dict[str, list[list[Utterance]]] = {"train": [], "dev": [], "test": []}
     for engine, engine_jobs in parts.items():
