@@ -268,3 +268,14 @@ def test_model_card_lists_the_recipe_and_every_evaluation_row(tmp_path) -> None:
     card = write_model_card(folder, "ref-wav2vec2", results).read_text()
     assert "speed perturbation +-0.15" in card and "| synthetic test, shipped: flite:slt | 1 | 50.0 | 33.3 |" in card
     assert "still in progress" in card
+
+
+def test_the_train_command_passes_only_the_recipe_fields_given_and_turns_bf16_on_or_off() -> None:
+    from sq_pt2e.train.cli import _parser, _recipe_arguments
+
+    def recipe(*flags: str) -> dict[str, object]:
+        return _recipe_arguments(_parser().parse_args(["train", "--model", "ref-wav2vec2", *flags]))
+
+    assert recipe() == {}
+    assert recipe("--bf16") == {"bf16": True} and recipe("--no-bf16") == {"bf16": False}
+    assert recipe("--total-steps", "900", "--dropout", "0.1") == {"total_steps": 900, "dropout": 0.1}
