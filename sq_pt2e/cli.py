@@ -549,16 +549,16 @@ def _search_summary(report: object, criterion: str) -> str:
         lines.append("smoothing strength: " + ", ".join(f"alpha {a}: {fmt_dict(t)}"
                                                          for a, t in report.smoothing_trials.items())
                      + f"; chose {report.config['smooth_alpha']:g}")
-    if report.refit_layers:
-        trial = report.refit_trial
-        lines.append(f"weight reconstruction of {len(report.refit_layers)} layer(s) in {trial['seconds']:.1f} s: "
-                     f"{fmt_dict(trial['before'])} -> {fmt_dict(trial['after'])}, "
-                     + ("kept" if report.refit_kept else "not kept (no better on dev)"))
-    if report.rounding_trial:
-        trial = report.rounding_trial
-        lines.append(f"weight reconstruction with GPTQ rounding of {len(trial['layers'])} layer(s) in "
-                     f"{trial['seconds']:.1f} s: {fmt_dict(trial['before'])} -> {fmt_dict(trial['after'])}, "
-                     + ("kept" if report.rounding_kept else "not kept (no better on dev than the plain refit)"))
+    reconstructions = (
+        ("weight reconstruction", report.refit_layers, report.refit_trial, report.refit_kept, "no better on dev"),
+        ("weight reconstruction with GPTQ rounding", report.rounding_trial.get("layers", []), report.rounding_trial,
+         report.rounding_kept, "no better on dev than the plain refit"),
+    )
+    for label, layers, trial, kept, lost in reconstructions:
+        if layers:
+            lines.append(f"{label} of {len(layers)} layer(s) in {trial['seconds']:.1f} s: "
+                         f"{fmt_dict(trial['before'])} -> {fmt_dict(trial['after'])}, "
+                         + ("kept" if kept else f"not kept ({lost})"))
     return "\n".join(lines)
 
 

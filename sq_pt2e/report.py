@@ -212,19 +212,19 @@ def _search_section(search: dict[str, Any]) -> list[str]:
     if search.get("smoothing_trials"):
         trials = ", ".join(f"{alpha}: KL {t['kl']:.3g}" for alpha, t in search["smoothing_trials"].items())
         lines.append(f"- smoothing strength: searched at each alpha ({trials}); chose {config.get('smooth_alpha')}")
-    if search.get("refit_layers"):
-        trial = search.get("refit_trial", {})
-        before, after = trial.get("before", {}), trial.get("after", {})
-        lines.append(f"- weight reconstruction: {len(search['refit_layers'])} layer(s) refit to their int8 inputs "
-                     f"in {trial.get('seconds', 0.0):.1f} s, dev logit KL {before.get('kl', float('nan')):.3g} -> "
-                     f"{after.get('kl', float('nan')):.3g}: "
-                     + ("kept" if search.get("refit_kept") else "not kept (no better on dev)"))
-    if search.get("rounding_trial"):
-        trial = search["rounding_trial"]
-        lines.append(f"- weight reconstruction with GPTQ rounding: {len(trial['layers'])} layer(s) refit and rounded "
-                     f"to their weight grid in {trial['seconds']:.1f} s, dev logit KL {trial['before']['kl']:.3g} -> "
-                     f"{trial['after']['kl']:.3g}: "
-                     + ("kept" if search.get("rounding_kept") else "not kept (no better on dev than the plain refit)"))
+    reconstructions = (
+        ("weight reconstruction", "refit to their int8 inputs", search.get("refit_layers", []),
+         search.get("refit_trial", {}), search.get("refit_kept"), "no better on dev"),
+        ("weight reconstruction with GPTQ rounding", "refit and rounded to their weight grid",
+         search.get("rounding_trial", {}).get("layers", []), search.get("rounding_trial", {}),
+         search.get("rounding_kept"), "no better on dev than the plain refit"),
+    )
+    for label, what, layers, trial, kept, lost in reconstructions:
+        if layers:
+            before, after = trial.get("before", {}), trial.get("after", {})
+            lines.append(f"- {label}: {len(layers)} layer(s) {what} in {trial.get('seconds', 0.0):.1f} s, dev logit "
+                         f"KL {before.get('kl', float('nan')):.3g} -> {after.get('kl', float('nan')):.3g}: "
+                         + ("kept" if kept else f"not kept ({lost})"))
     return lines + [""]
 
 
