@@ -174,8 +174,7 @@ class AccuracyTable:
         remeasured = set(fresh)
         cells = [fresh.pop((c.method, c.bits, c.eval_set), c) for c in self.cells] + list(fresh.values())
         references = {**self.references, **newer.references}
-        recomputed = paired_comparisons({(c.method, c.bits, c.eval_set): c.transcripts for c in cells
-                                         if c.transcripts and c.eval_set in references}, references)
+        recomputed = _cell_comparisons(cells, references)
         covered = {(c.method, c.against, c.bits, c.eval_set) for c in recomputed}
         earlier = [c for c in self.comparisons  # a comparison with a cell measured again is out of date
                    if not {(c.method, c.bits, c.eval_set), (c.against, c.bits, c.eval_set)} & remeasured]
@@ -303,8 +302,7 @@ def build_accuracy_table(
                 table.cells.append(AccuracyCell(method, str(bits), name, wer(refs, texts), delta.delta, delta.low,
                                                 delta.high, agree, cosine, transcripts=texts))
     _mark_best(table)
-    table.comparisons = paired_comparisons({(c.method, c.bits, c.eval_set): c.transcripts for c in table.cells},
-                                           references)
+    table.comparisons = _cell_comparisons(table.cells, references)
     table.seconds = time.perf_counter() - start
     return table
 
@@ -326,6 +324,12 @@ def paired_comparisons(transcripts: dict[tuple[str, str, str], list[str]], refer
                 delta = paired_bootstrap_delta(references[name], other, texts)
                 comparisons.append(PairedComparison(method, against, bits, name, delta.delta, delta.low, delta.high))
     return comparisons
+
+
+def _cell_comparisons(cells: Sequence[AccuracyCell], references: dict[str, list[str]]) -> list[PairedComparison]:
+    """:func:`paired_comparisons` of the cells that have transcripts of an evaluation set in ``references``."""
+    return paired_comparisons({(c.method, c.bits, c.eval_set): c.transcripts for c in cells
+                               if c.transcripts and c.eval_set in references}, references)
 
 
 def wer_against_float(float_texts: Sequence[str], texts: Sequence[str]) -> float:

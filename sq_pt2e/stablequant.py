@@ -191,8 +191,8 @@ class SearchConfig:
             (``search_plan(..., calibration=waves)``); kept only if it lowers the dev score. On
             ref-wav2vec2 W8A8 refitting the CNN convs took the dev KL from 0.122 to 0.023; refitting
             the Linear layers too overfit the calibration set (dev KL rose).
-        round_ops: op kinds whose quantized layers get GPTQ-rounded weights when the plan has
-            layers of at most ``round_max_bits`` weight bits (empty: off). Tried after the refit
+        round_ops: op kinds whose quantized layers get GPTQ-rounded weights when the search
+            quantizes weights to at most ``round_max_bits`` bits (empty: off). Tried after the refit
             of ``refit_ops``, as an alternative to it: the layers of ``refit_ops`` and ``round_ops``
             are refit in network order, and each one's weights rounded to its grid so that its
             output on its int8 inputs changes least (:func:`sq_pt2e.reconstruct.round_to_grid`);
@@ -201,7 +201,7 @@ class SearchConfig:
             0.039 (no refit) to 0.030 (CNN convs refit) and 0.018 (every conv and Linear layer
             refit and rounded). At 8 bits rounding to nearest costs almost nothing. Off with
             ``refit_ops=()``, which turns all weight reconstruction off.
-        round_max_bits: ``round_ops`` applies when some searched layer has at most this many weight bits.
+        round_max_bits: ``round_ops`` applies when ``weight_bits`` is at most this.
     """
 
     gamma: float = 0.25
@@ -875,7 +875,7 @@ def search_plan(
                          "config) and pass both, or set smooth_alpha=0")
     scales = input_scales or {}
     refit_names = [m.name for m in modules if m.op in config.refit_ops]
-    rounds = config.refit_ops and config.weight_bits <= config.round_max_bits
+    rounds = bool(config.refit_ops) and config.weight_bits <= config.round_max_bits
     rounded_names = [m.name for m in modules if m.op in config.refit_ops + config.round_ops] if rounds else []
     if (refit_names or rounded_names) and calibration is None:
         raise ValueError(f"refit_ops={config.refit_ops} refits {len(refit_names or rounded_names)} layer(s), but no "
