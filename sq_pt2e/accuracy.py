@@ -17,6 +17,7 @@ import json
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, field, replace
+from typing import Any
 
 import torch
 from torch import nn
@@ -147,10 +148,14 @@ class AccuracyTable:
         return json.dumps(asdict(self), indent=2, default=float) + "\n"
 
     @classmethod
-    def from_json(cls, text: str) -> AccuracyTable:
-        data = json.loads(text)
+    def from_dict(cls, data: dict[str, Any]) -> AccuracyTable:
+        """The table of a parsed ``accuracy.json``."""
         return cls(**{**data, "cells": [AccuracyCell(**c) for c in data["cells"]],
                       "comparisons": [PairedComparison(**c) for c in data.get("comparisons", [])]})
+
+    @classmethod
+    def from_json(cls, text: str) -> AccuracyTable:
+        return cls.from_dict(json.loads(text))
 
     def updated_with(self, newer: AccuracyTable) -> AccuracyTable:
         """This table with ``newer``'s cells (and search records) in place of the ones they measure again.

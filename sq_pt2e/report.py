@@ -340,11 +340,9 @@ def write_report(
 
 def _accuracy_section(accuracy: dict[str, Any], out: Path, figures: list[Path]) -> list[str]:
     from sq_pt2e import plots
-    from sq_pt2e.accuracy import AccuracyCell, AccuracyTable
+    from sq_pt2e.accuracy import AccuracyTable
 
-    table = AccuracyTable(accuracy["model"], accuracy["float_wer"], accuracy["utterances"],
-                          [AccuracyCell(**c) for c in accuracy["cells"]], accuracy.get("search", {}),
-                          accuracy.get("seconds", 0.0))
+    table = AccuracyTable.from_dict(accuracy)
     series: dict[str, dict[str, list[tuple[str, float]]]] = {}
     for cell in table.cells:
         series.setdefault(cell.eval_set, {}).setdefault(cell.method, []).append((cell.bits, cell.wer))

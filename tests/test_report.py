@@ -10,7 +10,7 @@ import math
 import numpy as np
 import pytest
 
-from sq_pt2e.accuracy import AccuracyCell, AccuracyTable
+from sq_pt2e.accuracy import AccuracyCell, AccuracyTable, PairedComparison
 from sq_pt2e.bench import BenchResult, BenchRow
 from sq_pt2e.errors import QuantizationError
 from sq_pt2e.observers import AbsHistogram
@@ -106,7 +106,8 @@ def test_write_report_has_every_section_and_readable_figures(tmp_path) -> None:
     table = AccuracyTable("tiny", {"synthetic": 10.0}, {"synthetic": 5}, [
         AccuracyCell(method, bits, "synthetic", wer, wer - 10, wer - 11, wer - 9, 1.0, 0.99)
         for method, bits, wer in [("max", "W8A8", 11.0), ("stablequant", "W8A8", 10.1), ("max", "W4A8", 30.0),
-                                  ("stablequant", "W4A8", 12.0)]])
+                                  ("stablequant", "W4A8", 12.0)]],
+        comparisons=[PairedComparison("stablequant", "max", "W8A8", "synthetic", -0.9, -1.6, -0.2)])
     (tmp_path / "accuracy.json").write_text(table.to_json())
     bench = BenchResult("test CPU", "2.13.0", [
         BenchRow("tiny", "fp32-eager", s, 1, 1, 10.0 * s, 0.01, 1.0, None, 1000, 1.0, 0.1, None, None, "")
@@ -120,7 +121,7 @@ def test_write_report_has_every_section_and_readable_figures(tmp_path) -> None:
     assert all(p.stat().st_size > 5000 for p in written[1:])
     text = written[0].read_text()
     for needle in ("## Search", "12 model evaluations", f"`{CONV}` (clip p99.9)", "## Layers", "## Accuracy",
-                   "## Speed", "Float layer `lm_head`: kept float for the test", "| 0 | `" + CONV):
+                   "-0.90 [-1.60, -0.20] vs max", "## Speed", "Float layer `lm_head`: kept float for the test", "| 0 | `" + CONV):
         assert needle in text, needle
 
 
