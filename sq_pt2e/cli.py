@@ -61,7 +61,7 @@ def _cmd_profile(args: argparse.Namespace) -> int:
     from sq_pt2e.models import build_model
 
     result = profile_variant(build_model(args.model, seed=args.seed), args.model, args.variant, seconds=args.seconds,
-                             threads=args.threads, runs=args.runs, seed=args.seed)
+                             threads=args.threads, runs=args.runs, seed=args.seed, batch=args.batch)
     text = f"CPU: {cpu_info().summary()}; torch {torch.__version__}\n\n" + result.to_markdown(top=args.top)
     print(text)
     if args.output is not None:
@@ -612,6 +612,7 @@ def _build_parser() -> argparse.ArgumentParser:
     profile.add_argument("--variant", default="stablequant-int8-inductor", choices=list(VARIANTS))
     profile.add_argument("--seconds", type=float, default=10.0)
     profile.add_argument("--threads", type=int, default=2)
+    profile.add_argument("--batch", type=int, default=1, help="clips per call")
     profile.add_argument("--runs", type=int, default=3, help="profiled calls (after one warm-up call)")
     profile.add_argument("--top", type=int, default=12, help="kernels listed")
     profile.add_argument("--seed", type=int, default=0)

@@ -111,9 +111,9 @@ def profile_kernels(fn: Callable[[torch.Tensor], object], wave: torch.Tensor, *,
 
 
 def profile_variant(model: torch.nn.Module, model_name: str, variant: str, *, seconds: float = 10.0,
-                    threads: int = 2, runs: int = 3, seed: int = 0) -> KernelProfile:
-    """Build ``variant`` of ``model`` as the benchmark does (random input of ``seconds``, two random
-    calibration waveforms, its default plan) with inductor kernel names on, and profile it."""
+                    threads: int = 2, runs: int = 3, seed: int = 0, batch: int = 1) -> KernelProfile:
+    """Build ``variant`` of ``model`` as the benchmark does (random input of ``batch`` x ``seconds``,
+    two random calibration batches, its default plan) with inductor kernel names on, and profile it."""
     import torch._inductor.config as inductor_config
 
     from sq_pt2e.bench import SAMPLE_RATE, VARIANTS, bench_model_and_plan
@@ -121,10 +121,10 @@ def profile_variant(model: torch.nn.Module, model_name: str, variant: str, *, se
     if variant not in VARIANTS:
         raise ValueError(f"unknown variant {variant!r} (known: {', '.join(VARIANTS)})")
     torch.set_num_threads(threads)
-    model, plan = bench_model_and_plan(model, model_name, seed=seed)
+    model, plan = bench_model_and_plan(model, model_name, batch=batch, seed=seed)
     generator = torch.Generator().manual_seed(seed)
-    wave, *calibration = (torch.randn(1, int(seconds * SAMPLE_RATE), generator=generator) for _ in range(3))
+    wave, *calibration = (torch.randn(batch, int(seconds * SAMPLE_RATE), generator=generator) for _ in range(3))
     with inductor_config.patch({"cpp.enable_kernel_profile": True}):
         built = VARIANTS[variant](model, wave, calibration, plan, threads)
         return profile_kernels(built.fn, wave, runs=runs,
-                               label=f"{model_name} {variant}, {seconds:g} s, {threads} thread(s)")
+                               label=f"{model_name} {variant}, {seconds:g} s x{batch}, {threads} thread(s)")

@@ -39,7 +39,8 @@ def test_kinds_sum_to_the_total_and_the_table_lists_the_largest_first() -> None:
 
 def test_an_int8_variant_spends_time_in_int8_kernels_and_names_inductor_kernels() -> None:
     profile = profile_variant(build_model("tiny-wav2vec2", seed=0), "tiny-wav2vec2", "stablequant-int8-inductor",
-                              seconds=0.5, threads=1, runs=1)
+                              seconds=0.5, threads=1, runs=1, batch=2)
+    assert "0.5 s x2, 1 thread(s)" in profile.label
     kinds = profile.by_kind()
     assert kinds["int8 GEMM / conv (oneDNN)"] > 0
     assert kinds["inductor fused kernels (norms, activations, q/dq, copies)"] > 0  # kernel names were on
