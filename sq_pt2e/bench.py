@@ -554,8 +554,9 @@ def run_benchmark(
     unknown = sorted(set(variants) - set(VARIANTS))
     if unknown:
         raise ValueError(f"unknown variant(s) {unknown} (known: {', '.join(VARIANTS)})")
-    if rounds < 1 or runs < 1:
-        raise ValueError(f"rounds and runs must be at least 1 (got rounds={rounds}, runs={runs})")
+    if rounds < 1 or runs < 1 or batch < 1:
+        raise ValueError(f"rounds, runs and batch must be at least 1 (got rounds={rounds}, runs={runs}, "
+                         f"batch={batch})")
     cpu = cpu_info()
     result = BenchResult(cpu.summary(), torch.__version__, method=_method(rounds, runs, isolate))
     model, plan = bench_model_and_plan(model, model_name, plan, batch=batch, seed=seed)

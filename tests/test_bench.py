@@ -133,9 +133,11 @@ def test_a_spread_above_the_limit_is_flagged() -> None:
     assert "| 1.05 |" in table and "| 1.20 ! |" in table and "not trustworthy" in table
 
 
-def test_unknown_variant_is_rejected() -> None:
+def test_unknown_variant_or_an_empty_batch_is_rejected() -> None:
     with pytest.raises(ValueError, match="unknown variant"):
         run_benchmark(build_model("tiny-hubert"), "x", variants=("fp64-magic",))
+    with pytest.raises(ValueError, match="batch=0"):
+        run_benchmark(build_model("tiny-hubert"), "x", variants=("fp32-eager",), batch=0)
 
 
 def test_variant_registry_names_every_baseline_of_the_issue() -> None:

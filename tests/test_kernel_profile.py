@@ -47,6 +47,8 @@ def test_an_int8_variant_spends_time_in_int8_kernels_and_names_inductor_kernels(
     assert profile.wall_ms > 0 and profile.total_ms > 0
 
 
-def test_an_unknown_variant_is_refused() -> None:
+def test_an_unknown_variant_or_an_empty_batch_is_refused() -> None:
     with pytest.raises(ValueError, match="unknown variant 'fp64'"):
         profile_variant(build_model("tiny-wav2vec2", seed=0), "tiny-wav2vec2", "fp64")
+    with pytest.raises(ValueError, match="batch must be at least 1, got 0"):
+        profile_variant(build_model("tiny-wav2vec2", seed=0), "tiny-wav2vec2", "fp32-eager", batch=0)

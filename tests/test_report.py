@@ -121,7 +121,8 @@ def test_write_report_has_every_section_and_readable_figures(tmp_path) -> None:
     assert all(p.stat().st_size > 5000 for p in written[1:])
     text = written[0].read_text()
     for needle in ("## Search", "12 model evaluations", f"`{CONV}` (clip p99.9)", "## Layers", "## Accuracy",
-                   "-0.90 [-1.60, -0.20] vs max", "## Speed", "Float layer `lm_head`: kept float for the test", "| 0 | `" + CONV):
+                   "-0.90 [-1.60, -0.20] vs max", "## Speed", "Float layer `lm_head`: kept float for the test",
+                   "| 0 | `" + CONV):
         assert needle in text, needle
 
 
