@@ -554,9 +554,8 @@ def run_benchmark(
     unknown = sorted(set(variants) - set(VARIANTS))
     if unknown:
         raise ValueError(f"unknown variant(s) {unknown} (known: {', '.join(VARIANTS)})")
-    if rounds < 1 or runs < 1 or batch < 1:
-        raise ValueError(f"rounds, runs and batch must be at least 1 (got rounds={rounds}, runs={runs}, "
-                         f"batch={batch})")
+    if rounds < 1 or runs < 1:
+        raise ValueError(f"rounds and runs must be at least 1 (got rounds={rounds}, runs={runs})")
     cpu = cpu_info()
     result = BenchResult(cpu.summary(), torch.__version__, method=_method(rounds, runs, isolate))
     model, plan = bench_model_and_plan(model, model_name, plan, batch=batch, seed=seed)
@@ -601,7 +600,13 @@ def _add_ceiling(result: BenchResult, setting: _Setting, shape: tuple[int, int, 
 def bench_model_and_plan(model: nn.Module, model_name: str, plan: QuantPlan | None = None, *, batch: int = 1,
                          seed: int = 0) -> tuple[nn.Module, QuantPlan]:
     """The model as the variants get it (weight norm folded, picklable; ``model`` is left as it is) and
-    the StableQuant plan (``plan``, else :func:`~sq_pt2e.recipes.search_shaped_plan` on one second of noise)."""
+    the StableQuant plan (``plan``, else :func:`~sq_pt2e.recipes.search_shaped_plan` on one second of noise).
+
+    Raises:
+        ValueError: ``batch`` is below 1.
+    """
+    if batch < 1:
+        raise ValueError(f"batch must be at least 1, got {batch}")
     model = shippable_model(folded_copy(model)).eval()
     if plan is None:
         one_second = torch.randn(batch, SAMPLE_RATE, generator=torch.Generator().manual_seed(seed))

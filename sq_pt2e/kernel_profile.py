@@ -120,8 +120,6 @@ def profile_variant(model: torch.nn.Module, model_name: str, variant: str, *, se
 
     if variant not in VARIANTS:
         raise ValueError(f"unknown variant {variant!r} (known: {', '.join(VARIANTS)})")
-    if batch < 1:
-        raise ValueError(f"batch must be at least 1, got {batch}")
     torch.set_num_threads(threads)
     model, plan = bench_model_and_plan(model, model_name, batch=batch, seed=seed)
     generator = torch.Generator().manual_seed(seed)
