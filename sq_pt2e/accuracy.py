@@ -48,9 +48,9 @@ up to 30 % of the searched layers' FLOPs (on the reference models the CNN convs 
 Forward = Callable[[torch.Tensor], torch.Tensor]
 
 
-def transcribe(forward: Forward, utterances: Iterable[LoadedUtterance], *,
-               keep_logits: bool = True) -> tuple[list[str], list[torch.Tensor]]:
-    """Greedy transcripts and logits of ``forward`` on each utterance (batch 1, its own length).
+def transcribe(forward: Forward, utterances: Iterable[LoadedUtterance], *, keep_logits: bool = True,
+               decode: Callable[[torch.Tensor], str] | None = None) -> tuple[list[str], list[torch.Tensor]]:
+    """Transcripts and logits of ``forward`` on each utterance (batch 1, its own length).
 
     Args:
         forward: waveform -> logits callable.
@@ -58,6 +58,8 @@ def transcribe(forward: Forward, utterances: Iterable[LoadedUtterance], *,
             waveform is used and dropped, so a stream keeps memory bounded.
         keep_logits: return every utterance's logits (the second list stays empty
             when ``False``, which keeps memory flat over long evaluations).
+        decode: ``(frames, vocab)`` logits -> transcript (default: greedy CTC decoding;
+            e.g. a :class:`sq_pt2e.beam.BeamSearchDecoder`).
 
     Returns:
         Transcripts, and logits when ``keep_logits``.
@@ -72,7 +74,7 @@ def transcribe(forward: Forward, utterances: Iterable[LoadedUtterance], *,
         for utt in utterances:
             out = forward(utt.wave)[0]
             try:
-                texts.append(ctc_greedy_decode(out)[0])
+                texts.append(ctc_greedy_decode(out)[0] if decode is None else decode(out))
             except NumericsError as exc:
                 raise NumericsError(f"{utt.path}: {exc}") from exc
             if keep_logits:

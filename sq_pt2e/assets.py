@@ -79,3 +79,12 @@ def reference_model(name: str = "ref-wav2vec2") -> Path | None:
     """Folder of a shipped reference model, or None if it is not shipped."""
     folder = asset_path("models", name)
     return folder if (folder / "config.json").exists() else None
+
+
+def language_model() -> Path:
+    """The shipped word 3-gram language model (ARPA, gzip): LJ Speech training-split sentences.
+
+    No dev or test sentence of the synthetic corpus, and none of the held-out real
+    LJ Speech clips, is in its text (``python -m sq_pt2e.train lm`` rebuilds it).
+    """
+    return asset_path("lm", "ljspeech-3gram.arpa.gz")

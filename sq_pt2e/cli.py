@@ -41,6 +41,31 @@ def _add_threads_argument(parser: argparse.ArgumentParser) -> None:
                         help="intra-op threads (default: torch's; use 1 per run when several runs share a machine)")
 
 
+def _add_decoder_arguments(parser: argparse.ArgumentParser) -> None:
+    from sq_pt2e.beam import DEFAULT_LM_WEIGHT, DEFAULT_WORD_SCORE
+
+    parser.add_argument("--lm", default=None, metavar="ARPA",
+                        help="decode by beam search over the words of this word n-gram language model (ARPA, "
+                             "plain or .gz); 'shipped': the LJ Speech 3-gram the reference models were measured "
+                             "with (default: greedy CTC decoding)")
+    parser.add_argument("--lm-weight", type=float, default=DEFAULT_LM_WEIGHT, help="with --lm: the LM's weight")
+    parser.add_argument("--word-score", type=float, default=DEFAULT_WORD_SCORE,
+                        help="with --lm: score added per word")
+    parser.add_argument("--beam-size", type=int, default=100, help="with --lm: hypotheses kept per frame")
+
+
+def _decoder(args: argparse.Namespace) -> object:
+    """The ``--lm`` beam search decoder, or None for greedy decoding."""
+    if args.lm is None:
+        return None
+    from sq_pt2e.assets import language_model
+    from sq_pt2e.beam import BeamSearchDecoder
+    from sq_pt2e.lm import NgramLM
+
+    lm = NgramLM.load(language_model() if args.lm == "shipped" else args.lm)
+    return BeamSearchDecoder(lm, lm_weight=args.lm_weight, word_score=args.word_score, beam_size=args.beam_size)
+
+
 def _set_threads(threads: int | None) -> None:
     """Honour ``--threads`` (None: leave torch's default)."""
     if threads is None:
@@ -406,7 +431,7 @@ def _cmd_transcribe(args: argparse.Namespace) -> int:
         calibration = calibration_waves(args.calibration, 16)
     records = [Utterance(str(p), Path(p)) for p in dict.fromkeys(args.audio)]
     with Transcriber(model, plan, calibration=calibration, chunk_seconds=args.chunk_seconds,
-                     overlap_seconds=args.overlap_seconds) as transcriber:
+                     overlap_seconds=args.overlap_seconds, decoder=_decoder(args)) as transcriber:
         results = transcribe_dataset(transcriber, records, checkpoint=args.checkpoint, on_error=args.on_error)
     return _print_transcripts(args, [(r.path, r.text, r.error) for r in results])
 
@@ -425,11 +450,12 @@ def _transcribe_inductor(args: argparse.Namespace, model: object, plan: object) 
                                buckets=args.buckets, threads=args.threads, cache_dir=args.cache_dir,
                                cache_max_bytes=int(args.cache_max_gb * 2**30),
                                overlap_seconds=1.0 if args.overlap_seconds is None else args.overlap_seconds)
+    decoder = _decoder(args)
     rows = []
     for path in dict.fromkeys(args.audio):
         try:
             wave = torch.from_numpy(normalize_waveform(load_audio(path).waveform))
-            rows.append((path, runner.transcribe(wave), None))
+            rows.append((path, runner.transcribe(wave) if decoder is None else decoder(runner(wave)[0]), None))
         except AudioError as exc:
             if args.on_error == "raise":
                 raise
@@ -479,6 +505,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     model = load_model(args.model, seed=args.seed)
     eval_sets = _eval_sets(args.eval, args.max_eval, args.on_error)
     float_forward = build_method("float32", model, [], {})
+    decode = _decoder(args)
     int8_forward = None
     if args.plan is not None:
         plan = load_plan_for_model(args.plan, args.model)
@@ -492,18 +519,20 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     results = {}
     for name, utts in eval_sets.items():
         refs = [u.text for u in utts]
-        float_texts, _ = transcribe(float_forward, utts)
-        row = {"utterances": len(utts), "float_wer": wer(refs, float_texts), "float_cer": cer(refs, float_texts)}
+        float_texts, _ = transcribe(float_forward, utts, keep_logits=False, decode=decode)
+        row = {"utterances": len(utts), "decoding": "greedy" if decode is None else f"lm:{args.lm}",
+               "float_wer": wer(refs, float_texts), "float_cer": cer(refs, float_texts)}
         line = f"| {name} | {len(utts)} | {row['float_wer']:.2f} | {row['float_cer']:.2f} |"
         if int8_forward is not None:
-            int8_texts, _ = transcribe(int8_forward, utts)
+            int8_texts, _ = transcribe(int8_forward, utts, keep_logits=False, decode=decode)
             delta = paired_bootstrap_delta(refs, float_texts, int8_texts)
             row |= {"int8_wer": wer(refs, int8_texts), "int8_cer": cer(refs, int8_texts), "delta": delta.delta,
                     "low": delta.low, "high": delta.high}
             line += f" {row['int8_wer']:.2f} | {row['int8_cer']:.2f} | {delta} |"
         results[name] = row
         lines.append(line)
-    print(f"model: {args.model}\n" + "\n".join(lines))
+    decoding = "greedy CTC" if decode is None else f"beam search with the word LM {args.lm}"
+    print(f"model: {args.model}; decoding: {decoding}\n" + "\n".join(lines))
     if args.output_dir is not None:
         atomic_write_text(args.output_dir / "eval.json", json.dumps(results, indent=2) + "\n")
     return EXIT_OK
@@ -739,6 +768,7 @@ def _build_parser() -> argparse.ArgumentParser:
     transcribe.add_argument("--cache-max-gb", type=float, default=4.0,
                             help="with --backend inductor: delete the least recently used compiled buckets beyond "
                                  "this size (default 4)")
+    _add_decoder_arguments(transcribe)
     transcribe.set_defaults(run=_cmd_transcribe)
 
     evaluate = verbs.add_parser(
@@ -752,6 +782,7 @@ def _build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--max-eval", type=int, default=None)
     evaluate.add_argument("--on-error", choices=["raise", "skip"], default="raise",
                           help="skip: leave out (and list) unreadable files instead of stopping")
+    _add_decoder_arguments(evaluate)
     _add_threads_argument(evaluate)
     evaluate.add_argument("--output-dir", type=Path, default=None)
     evaluate.set_defaults(run=_cmd_eval)

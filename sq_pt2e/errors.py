@@ -19,6 +19,7 @@ __all__ = [
     "WorkerError",
     "NumericsError",
     "ResumeError",
+    "LanguageModelError",
 ]
 
 
@@ -72,3 +73,7 @@ class NumericsError(SqPt2eError, ValueError):
 
 class ResumeError(SqPt2eError, ValueError):
     """A checkpoint of interrupted work is corrupt or belongs to another run."""
+
+
+class LanguageModelError(SqPt2eError, ValueError):
+    """A language model file is malformed, or a model or decoder setting is unusable."""

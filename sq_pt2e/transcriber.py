@@ -14,7 +14,7 @@ of audio), however long the file.
 checkpoint path, appends every finished utterance to a JSONL file (flushed and
 fsynced per line). A rerun with the same checkpoint skips the utterances already
 there; an interrupted last line is dropped; a checkpoint written by another model,
-plan or chunking is refused (``ResumeError``).
+plan, chunking or decoder is refused (``ResumeError``).
 
 Example:
     >>> transcriber = Transcriber(model, plan, calibration=[u.wave for u in calibration])
@@ -44,6 +44,7 @@ from torch import nn
 
 from sq_pt2e.asr import ctc_greedy_decode
 from sq_pt2e.audio import MIN_SAMPLES, SAMPLE_RATE, normalize_waveform, stream_audio, validate_waveform
+from sq_pt2e.beam import BeamSearchDecoder
 from sq_pt2e.data import OnError, SkippedFile, check_on_error, log_skipped
 from sq_pt2e.errors import AudioError, NumericsError, PlanError, ResumeError
 from sq_pt2e.framing import centre_window, check_overlap, cnn_geometry, hop_length
@@ -88,6 +89,7 @@ class Transcriber:
         overlap_seconds: context from each neighbouring chunk (default: a quarter of a
             chunk, at most 1 s); at most ``chunk_seconds``.
         max_seconds: refuse audio longer than this.
+        decoder: beam search with a word language model (default: greedy CTC decoding).
 
     Raises:
         PlanError: the plan names layers the model lacks, or needs calibration data
@@ -100,7 +102,8 @@ class Transcriber:
     def __init__(self, model: nn.Module, plan: QuantPlan | None = None, *,
                  statistics: dict[str, AbsHistogram] | None = None,
                  calibration: Sequence[torch.Tensor] | None = None, chunk_seconds: float = 30.0,
-                 overlap_seconds: float | None = None, max_seconds: float | None = None) -> None:
+                 overlap_seconds: float | None = None, max_seconds: float | None = None,
+                 decoder: BeamSearchDecoder | None = None) -> None:
         from sq_pt2e.simulate import collect_statistics, fake_quantized, plan_layer_quants, quantizable_modules
 
         if not chunk_seconds * SAMPLE_RATE >= MIN_SAMPLES:
@@ -115,7 +118,7 @@ class Transcriber:
         check_overlap(self._overlap, self._geometry, name=f"overlap_seconds={overlap_seconds!r}")
         if self._overlap > self._chunk:
             raise AudioError(f"overlap_seconds={overlap_seconds!r} is longer than a chunk ({self._chunk} samples)")
-        self.plan, self.max_seconds = plan, max_seconds
+        self.plan, self.max_seconds, self.decoder = plan, max_seconds, decoder
         self._stack = contextlib.ExitStack()
         self._forward: nn.Module = self._model
         self._fingerprint: str | None = None
@@ -184,7 +187,8 @@ class Transcriber:
             AudioError: the file or waveform cannot be used (named in the message).
             NumericsError: the model produced NaN/Inf logits.
         """
-        return ctc_greedy_decode(self.stitched_logits(audio))[0]
+        logits = self.stitched_logits(audio)
+        return ctc_greedy_decode(logits)[0] if self.decoder is None else self.decoder(logits)
 
     def stitched_logits(self, audio: Audio) -> torch.Tensor:
         """``(frames, vocab)`` logits of a file or raw waveform, from overlapping chunk windows.
@@ -245,7 +249,7 @@ class Transcriber:
     # ------------------------------------------------------------------ identity
     @property
     def fingerprint(self) -> str:
-        """SHA-256 of the model's weights, the plan and the chunking: what a checkpoint belongs to."""
+        """SHA-256 of the model's weights, the plan, the chunking and the decoder: what a checkpoint belongs to."""
         with self._fingerprint_lock:
             if self._fingerprint is None:
                 digest = hashlib.sha256()
@@ -254,6 +258,7 @@ class Transcriber:
                     digest.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
                 digest.update((self.plan.to_json() if self.plan else "float").encode())
                 digest.update(f"chunk={self._chunk} overlap={self._overlap} max={self.max_seconds}".encode())
+                digest.update((self.decoder.identity if self.decoder else "greedy").encode())
                 self._fingerprint = digest.hexdigest()
             return self._fingerprint
 
@@ -301,7 +306,7 @@ class _CheckpointLog:
         if not isinstance(header, dict) or header.get("format") != CHECKPOINT_FORMAT:
             raise ResumeError(f"{self.path}: not an sq-pt2e transcript checkpoint (first line {lines[:1]})")
         if header.get("fingerprint") != self.fingerprint:
-            raise ResumeError(f"{self.path}: written by another model, plan or chunking (fingerprint "
+            raise ResumeError(f"{self.path}: written by another model, plan, chunking or decoder (fingerprint "
                               f"{str(header.get('fingerprint'))[:12]}..., this run {self.fingerprint[:12]}...); "
                               "delete it or choose another checkpoint path")
         for number, line in enumerate(lines[1:], start=2):

@@ -156,6 +156,28 @@ def test_eval_verb_reports_float_wer_per_shipped_set(tmp_path, capsys) -> None:
     assert main(["eval", "--model", "tiny-wav2vec2", "--eval", "nonsense"]) == EXIT_FAILED
 
 
+def test_eval_and_transcribe_decode_with_a_word_language_model(tmp_path, capsys) -> None:
+    import json as json_module
+
+    from sq_pt2e.assets import synthetic_manifest
+    from sq_pt2e.lm import NgramLM
+
+    utterance = synthetic_manifest("test")[0]
+    lm = NgramLM.from_sentences(["HELLO WORLD", utterance.text]).save(tmp_path / "lm.arpa")
+    code = main(["eval", "--model", "tiny-wav2vec2", "--eval", "synthetic-test", "--max-eval", "1",
+                 "--lm", str(lm), "--output-dir", str(tmp_path)])
+    assert code == EXIT_OK
+    assert f"decoding: beam search with the word LM {lm}" in capsys.readouterr().out
+    assert json_module.loads((tmp_path / "eval.json").read_text())["synthetic-test"]["decoding"] == f"lm:{lm}"
+    assert main(["transcribe", "--model", "tiny-wav2vec2", str(utterance.path), "--lm", str(lm), "--json"]) == EXIT_OK
+    (row,) = json_module.loads(capsys.readouterr().out)
+    assert set(row["text"].split()) <= {"HELLO", "WORLD", *utterance.text.split()}  # lexicon words only
+    (tmp_path / "bad.arpa").write_text("not an ARPA file")
+    assert main(["eval", "--model", "tiny-wav2vec2", "--eval", "synthetic-test", "--lm",
+                 str(tmp_path / "bad.arpa")]) == EXIT_FAILED
+    assert "not an ARPA file" in capsys.readouterr().err
+
+
 def test_transcribe_with_the_inductor_backend_uses_compiled_int8_buckets(tmp_path, capsys) -> None:
     import json as json_module
 

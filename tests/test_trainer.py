@@ -267,7 +267,11 @@ def test_model_card_lists_the_recipe_and_every_evaluation_row(tmp_path) -> None:
                "synthetic test, shipped: flite:slt": error_rates(["C D"], ["C X"])}
     card = write_model_card(folder, "ref-wav2vec2", results).read_text()
     assert "speed perturbation +-0.15" in card and "| synthetic test, shipped: flite:slt | 1 | 50.0 | 33.3 |" in card
-    assert "still in progress" in card
+    assert "still in progress" in card and "language model" not in card
+    lm_results = {"synthetic test, shipped (unseen sentences and voices)": error_rates(["A B"], ["A X"])}
+    card = write_model_card(folder, "ref-wav2vec2", results, lm_results).read_text()
+    lm_section = card[card.index("word 3-gram language model"):]
+    assert "| synthetic test, shipped (unseen sentences and voices) | 1 | 50.0 | 33.3 |" in lm_section
 
 
 def test_the_train_command_passes_only_the_recipe_fields_given_and_turns_bf16_on_or_off() -> None:
@@ -279,3 +283,31 @@ def test_the_train_command_passes_only_the_recipe_fields_given_and_turns_bf16_on
     assert recipe() == {}
     assert recipe("--bf16") == {"bf16": True} and recipe("--no-bf16") == {"bf16": False}
     assert recipe("--total-steps", "900", "--dropout", "0.1") == {"total_steps": 900, "dropout": 0.1}
+
+
+def test_the_lm_verb_estimates_from_training_sentences_and_refuses_evaluation_sentences(tmp_path, capsys) -> None:
+    import random
+
+    from sq_pt2e.lm import NgramLM
+    from sq_pt2e.train.cli import main
+    from sq_pt2e.train.corpus import CorpusSpec, split_sentences
+
+    words = ["ALPHA", "BRAVO", "CHARLIE", "DELTA", "ECHO", "FOXTROT", "GOLF", "HOTEL", "INDIA", "JULIET"]
+    rng = random.Random(0)
+    sentences = sorted({" ".join(rng.choices(words, k=5)) for _ in range(600)})
+    (tmp_path / "sentences.txt").write_text("\n".join(sentences + ["REAL CLIP ONE"]) + "\n")
+    splits = split_sentences(sentences, CorpusSpec(), set())
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    sf.write(corpus / "a.wav", np.zeros(1600, dtype=np.float32), 16000)
+    manifests = {"dev": splits["dev"][0], "test": splits["test"][0], "real-test": "REAL CLIP ONE"}
+    for split, text in manifests.items():
+        (corpus / f"{split}.tsv").write_text(f"a.wav\t{text}\n")
+    out = tmp_path / "lm.arpa"
+    args = ["lm", "--corpus", str(corpus), "--sentences", str(tmp_path / "sentences.txt"), "--out", str(out)]
+    assert main(args) == 0
+    lm = NgramLM.load(out)
+    assert lm.order == 3 and "REAL" not in lm.words()  # the held-out real clip's sentence is left out
+    (corpus / "dev.tsv").write_text(f"a.wav\t{splits['train'][0]}\n")
+    assert main(args) == 1
+    assert "1 evaluation sentence(s) would be in the LM" in capsys.readouterr().out

@@ -14,9 +14,11 @@ import torch
 from sq_pt2e.asr import ctc_greedy_decode
 from sq_pt2e.audio import normalize_waveform
 from sq_pt2e.baselines import build_method
+from sq_pt2e.beam import BeamSearchDecoder
 from sq_pt2e.data import Utterance
 from sq_pt2e.errors import AudioError, NumericsError, PlanError, ResumeError
 from sq_pt2e.framing import cnn_geometry, frame_count
+from sq_pt2e.lm import NgramLM
 from sq_pt2e.plan import w8a8_plan
 from sq_pt2e.simulate import collect_statistics
 from sq_pt2e.transcriber import Transcriber, TranscriptRecord, transcribe_dataset
@@ -201,9 +203,10 @@ def test_a_checkpoint_of_another_model_or_plan_is_refused(tiny_wav2vec2: torch.n
     records = _files(tmp_path, 2)
     checkpoint = tmp_path / "t.jsonl"
     transcribe_dataset(Transcriber(tiny_wav2vec2), records, checkpoint=checkpoint)
+    beam = BeamSearchDecoder(NgramLM.from_sentences(["A WORD", "ANOTHER WORD"]))
     for other in (Transcriber(tiny_hubert), Transcriber(tiny_wav2vec2, w8a8_plan(), calibration=_calibration()),
-                  Transcriber(tiny_wav2vec2, chunk_seconds=10.0)):
-        with pytest.raises(ResumeError, match="written by another model, plan or chunking"):
+                  Transcriber(tiny_wav2vec2, chunk_seconds=10.0), Transcriber(tiny_wav2vec2, decoder=beam)):
+        with pytest.raises(ResumeError, match="written by another model, plan, chunking or decoder"):
             transcribe_dataset(other, records, checkpoint=checkpoint)
     (tmp_path / "notes.jsonl").write_text('{"hello": 1}\n')
     with pytest.raises(ResumeError, match="not an sq-pt2e transcript checkpoint"):

@@ -39,13 +39,19 @@ def _recipe_change_lines(changes: list[dict[str, Any]]) -> list[str]:
             + "." for c in changes]
 
 
-def write_model_card(folder: str | os.PathLike[str], name: str, results: dict[str, dict[str, float]]) -> Path:
+def _results_rows(results: dict[str, dict[str, float]]) -> str:
+    return "\n".join(f"| {k} | {int(v['utterances'])} | {v['wer']:.1f} | {v['cer']:.1f} |" for k, v in results.items())
+
+
+def write_model_card(folder: str | os.PathLike[str], name: str, results: dict[str, dict[str, float]],
+                     lm_results: dict[str, dict[str, float]] | None = None) -> Path:
     """Write ``README.md`` beside the weights: architecture, data, training so far, WER/CER.
 
     Args:
         folder: the model folder (with ``config.json`` and ``train_state.json``).
         name: ``ref-wav2vec2`` or ``ref-hubert``.
-        results: ``{evaluation set: {"wer", "cer", "utterances"}}``.
+        results: ``{evaluation set: {"wer", "cer", "utterances"}}``, greedy decoding.
+        lm_results: the same with beam search and the shipped word 3-gram LM, if measured.
 
     Returns:
         The card's path.
@@ -58,7 +64,15 @@ def write_model_card(folder: str | os.PathLike[str], name: str, results: dict[st
     config = model.config
     params = sum(p.numel() for p in model.parameters())
     schedule = state.get("config", {})
-    rows = "\n".join(f"| {k} | {int(v['utterances'])} | {v['wer']:.1f} | {v['cer']:.1f} |" for k, v in results.items())
+    rows = _results_rows(results)
+    lm_section = "" if lm_results is None else f"""
+With beam search over the words of the shipped word 3-gram language model
+(`sq_pt2e/assets/lm`, LJ Speech training-split sentences only; `sq-pt2e eval --lm shipped`):
+
+| evaluation set | utterances | WER % | CER % |
+|---|---:|---:|---:|
+{_results_rows(lm_results)}
+"""
     synthetic = next((v for k, v in results.items() if k.startswith("synthetic test")), None)
     reached = synthetic is not None and synthetic["wer"] <= 15.0 and synthetic["cer"] <= 5.0
     status = ("It meets the target (synthetic test WER <= 15 %, CER <= 5 %)." if reached else
@@ -127,7 +141,7 @@ Dev trajectory:
 | evaluation set | utterances | WER % | CER % |
 |---|---:|---:|---:|
 {rows}
-
+{lm_section}
 {status}
 The model is trained on synthetic speech and one real speaker; it is not meant to
 transcribe real speech in general (see the LibriSpeech row).

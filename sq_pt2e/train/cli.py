@@ -5,6 +5,8 @@ Verbs:
     train    train or resume a reference model under runs/<model>/
     ship     copy a seeded sample of the dev and test splits into the package (assets/synthetic)
     export   copy the best checkpoint into the package, evaluate it, write its model card
+    card     evaluate a shipped reference model again and rewrite its model card
+    lm       estimate the shipped word 3-gram language model from the training sentences
 """
 
 from __future__ import annotations
@@ -89,6 +91,18 @@ def _parser() -> argparse.ArgumentParser:
     export.add_argument("--runs", type=Path, default=Path("runs"))
     export.add_argument("--corpus", type=Path, default=Path("corpus"))
     export.add_argument("--threads", type=int, default=1)
+    card = verbs.add_parser("card", help="evaluate a shipped reference model again and rewrite its model card")
+    card.add_argument("--model", choices=sorted(REFERENCE_MODELS), required=True)
+    card.add_argument("--corpus", type=Path, default=Path("corpus"))
+    card.add_argument("--threads", type=int, default=1)
+    lm = verbs.add_parser("lm", help="estimate the word language model from the corpus's training sentences")
+    lm.add_argument("--corpus", type=Path, default=Path("corpus"),
+                    help="the built corpus: its dev, test and held-out real clips stay out of the LM")
+    lm.add_argument("--sentences", type=Path, default=None,
+                    help="one sentence per line (default: the shipped LJ Speech sentences)")
+    lm.add_argument("--order", type=int, default=3)
+    lm.add_argument("--seed", type=int, default=0, help="the corpus's seed (it fixes the sentence splits)")
+    lm.add_argument("--out", type=Path, default=None, help="ARPA file (.gz compresses; default: the shipped LM)")
     return parser
 
 
@@ -105,6 +119,10 @@ def main(argv: list[str] | None = None) -> int:
         return _train(args)
     if args.verb == "ship":
         return _ship(args)
+    if args.verb == "card":
+        return _card(args)
+    if args.verb == "lm":
+        return _lm(args)
     return _export(args)
 
 
@@ -210,41 +228,49 @@ def _ship(args: argparse.Namespace) -> int:
     return 0
 
 
-def _evaluate_sets(folder: Path, corpus: Path) -> dict[str, dict[str, float]]:
-    from sq_pt2e.assets import librispeech_manifest, synthetic_manifest, synthetic_voices
+def _evaluate_sets(folder: Path, corpus: Path) -> tuple[dict[str, dict[str, float]], dict[str, dict[str, float]]]:
+    """Error rates of the checkpoint in ``folder`` per evaluation set: greedy, and beam search with the shipped LM."""
+    from sq_pt2e.asr import ctc_greedy_decode
+    from sq_pt2e.assets import language_model, librispeech_manifest, synthetic_manifest, synthetic_voices
+    from sq_pt2e.beam import BeamSearchDecoder
+    from sq_pt2e.lm import NgramLM
     from sq_pt2e.models.checkpoint import load_checkpoint
     from sq_pt2e.train.corpus import read_split
-    from sq_pt2e.train.trainer import error_rates, evaluate, transcribe_utterances
+    from sq_pt2e.train.trainer import error_rates, utterance_logits
 
     model = load_checkpoint(folder)
-    shipped = synthetic_manifest("test")
-    hyps = transcribe_utterances(model, shipped, progress=True)
-    results = {"synthetic test, shipped (unseen sentences and voices)":
-               error_rates([u.text for u in shipped], hyps)}
-    voices = synthetic_voices()
-    by_voice: dict[str, tuple[list[str], list[str]]] = {}
-    for utt, hyp in zip(shipped, hyps, strict=True):
-        refs, voice_hyps = by_voice.setdefault(voices.get(utt.id, "unknown voice"), ([], []))
-        refs.append(utt.text)
-        voice_hyps.append(hyp)
-    for voice, (refs, voice_hyps) in sorted(by_voice.items()):
-        results[f"synthetic test, shipped: {voice}"] = error_rates(refs, voice_hyps)
-    sets: dict[str, list[Utterance]] = {}
-    if (corpus / "test.tsv").exists():
-        sets["synthetic test, full corpus split"] = read_split(corpus, "test")
-    if (corpus / "dev.tsv").exists():
-        sets["synthetic dev"] = read_split(corpus, "dev")
-    if (corpus / "real-test.tsv").exists():
-        sets["LJ Speech real clips, held out"] = read_split(corpus, "real-test")
+    shipped = "synthetic test, shipped (unseen sentences and voices)"
+    sets: dict[str, list[Utterance]] = {shipped: synthetic_manifest("test")}
+    for name, split in (("synthetic test, full corpus split", "test"), ("synthetic dev", "dev"),
+                        ("LJ Speech real clips, held out", "real-test")):
+        if (corpus / f"{split}.tsv").exists():
+            sets[name] = read_split(corpus, split)
     sets["LibriSpeech test-other (shipped 60)"] = librispeech_manifest("test-other")
-    return results | {name: evaluate(model, utts, progress=True) for name, utts in sets.items()}
+    decoders = {"greedy": lambda logits: ctc_greedy_decode(logits)[0],
+                "lm": BeamSearchDecoder(NgramLM.load(language_model()))}
+    results: dict[str, dict[str, dict[str, float]]] = {decoding: {} for decoding in decoders}
+    voices = synthetic_voices()
+    for name, utts in sets.items():
+        logits = utterance_logits(model, utts, progress=True)
+        refs = [u.text for u in utts]
+        for decoding, decode in decoders.items():
+            hyps = [decode(x) for x in logits]
+            results[decoding][name] = error_rates(refs, hyps)
+            if name == shipped:
+                by_voice: dict[str, tuple[list[str], list[str]]] = {}
+                for utt, hyp in zip(utts, hyps, strict=True):
+                    voice_refs, voice_hyps = by_voice.setdefault(voices.get(utt.id, "unknown voice"), ([], []))
+                    voice_refs.append(utt.text)
+                    voice_hyps.append(hyp)
+                for voice, (voice_refs, voice_hyps) in sorted(by_voice.items()):
+                    results[decoding][f"synthetic test, shipped: {voice}"] = error_rates(voice_refs, voice_hyps)
+    return results["greedy"], results["lm"]
 
 
 def _export(args: argparse.Namespace) -> int:
     import torch
 
     from sq_pt2e.assets import asset_path
-    from sq_pt2e.train.card import write_model_card
 
     torch.set_num_threads(args.threads)
     best = args.runs / args.model / "best"
@@ -255,8 +281,7 @@ def _export(args: argparse.Namespace) -> int:
     staging = Path(tempfile.mkdtemp(prefix=f".{args.model}.", dir=target.parent))
     try:
         shutil.copytree(best, staging / "m")
-        results = _evaluate_sets(staging / "m", args.corpus)
-        write_model_card(staging / "m", args.model, results)
+        results = _write_card(staging / "m", args)
         old = target.with_name(f".{args.model}.old")
         shutil.rmtree(old, ignore_errors=True)
         if target.exists():
@@ -266,4 +291,53 @@ def _export(args: argparse.Namespace) -> int:
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     print(json.dumps(results, indent=2))
+    return 0
+
+
+def _write_card(folder: Path, args: argparse.Namespace) -> dict[str, dict[str, dict[str, float]]]:
+    """Evaluate the checkpoint in ``folder`` and write its model card; the results per decoding."""
+    from sq_pt2e.train.card import write_model_card
+
+    results, lm_results = _evaluate_sets(folder, args.corpus)
+    write_model_card(folder, args.model, results, lm_results)
+    return {"greedy": results, "lm": lm_results}
+
+
+def _card(args: argparse.Namespace) -> int:
+    import torch
+
+    from sq_pt2e.assets import reference_model
+
+    torch.set_num_threads(args.threads)
+    folder = reference_model(args.model)
+    if folder is None:
+        print(f"{args.model} is not shipped")
+        return 1
+    print(json.dumps(_write_card(folder, args), indent=2))
+    return 0
+
+
+def _lm(args: argparse.Namespace) -> int:
+    from sq_pt2e.asr import normalize_transcript
+    from sq_pt2e.assets import asset_path, language_model, synthetic_manifest
+    from sq_pt2e.lm import NgramLM
+    from sq_pt2e.train.corpus import CorpusSpec, read_split, split_sentences
+
+    if not (args.corpus / "real-test.tsv").exists():
+        print(f"no {args.corpus / 'real-test.tsv'}: build the corpus first "
+              "(its held-out clips must stay out of the LM)")
+        return 1
+    sentences = (args.sentences or asset_path("text", "ljspeech_sentences.txt")).read_text(encoding="utf-8")
+    held_out = {normalize_transcript(u.text) for u in read_split(args.corpus, "real-test")}
+    train = split_sentences(sentences.splitlines(), CorpusSpec(seed=args.seed), held_out)["train"]
+    evaluated = [u.text for split in ("dev", "test", "real-test") for u in read_split(args.corpus, split)]
+    evaluated += [u.text for split in ("dev", "test") for u in synthetic_manifest(split)]
+    leaked = {normalize_transcript(text) for text in evaluated} & set(train)
+    if leaked:
+        print(f"{len(leaked)} evaluation sentence(s) would be in the LM, e.g. {sorted(leaked)[0]!r}: "
+              "is --seed the corpus's?")
+        return 1
+    out = args.out or language_model()
+    NgramLM.from_sentences(train, order=args.order).save(out)
+    print(f"{out}: {args.order}-gram LM of {len(train)} training sentences, {out.stat().st_size / 1e6:.1f} MB")
     return 0

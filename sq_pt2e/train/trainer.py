@@ -335,9 +335,9 @@ def _collate(waves: list[np.ndarray], texts: list[str]) -> dict[str, torch.Tenso
 
 
 @torch.no_grad()
-def transcribe_utterances(model: PreTrainedModel, utterances: Sequence[Utterance], *,
-                          progress: bool = False) -> list[str]:
-    """Greedy CTC transcripts of ``utterances`` by ``model`` (put in eval mode), one at a time.
+def utterance_logits(model: PreTrainedModel, utterances: Sequence[Utterance], *,
+                     progress: bool = False) -> list[torch.Tensor]:
+    """``(frames, vocab)`` logits of ``model`` (put in eval mode) on each utterance, one at a time.
 
     Args:
         model: a ``*ForCTC`` model (restore train mode yourself).
@@ -349,11 +349,24 @@ def transcribe_utterances(model: PreTrainedModel, utterances: Sequence[Utterance
     from sq_pt2e.audio import load_audio, normalize_waveform
 
     model.eval()
-    hyps = []
-    for utt in tqdm(utterances, desc="evaluate", disable=not progress, leave=False):
-        wave = torch.from_numpy(normalize_waveform(load_audio(utt.path).waveform)).unsqueeze(0)
-        hyps.append(ctc_greedy_decode(model(wave).logits[0])[0])
-    return hyps
+    logits = []
+    with torch.no_grad():
+        for utt in tqdm(utterances, desc="evaluate", disable=not progress, leave=False):
+            wave = torch.from_numpy(normalize_waveform(load_audio(utt.path).waveform)).unsqueeze(0)
+            logits.append(model(wave).logits[0])
+    return logits
+
+
+def transcribe_utterances(model: PreTrainedModel, utterances: Sequence[Utterance], *,
+                          progress: bool = False) -> list[str]:
+    """Greedy CTC transcripts of ``utterances`` by ``model`` (put in eval mode), one at a time.
+
+    Args:
+        model: a ``*ForCTC`` model (restore train mode yourself).
+        utterances: audio files.
+        progress: show a progress bar.
+    """
+    return [ctc_greedy_decode(out)[0] for out in utterance_logits(model, utterances, progress=progress)]
 
 
 def error_rates(references: Sequence[str], hypotheses: Sequence[str]) -> dict[str, float]:
