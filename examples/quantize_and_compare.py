@@ -4,7 +4,8 @@
 2. Calibrate on shipped LibriSpeech audio; search the StableQuant plan on the shipped
    synthetic dev set (WER; logit KL when the dev set has no transcripts).
 3. WER of float32 vs the StableQuant int8 model (eager int8, which compiled int8 is
-   checked against) on the shipped synthetic test set and real LibriSpeech test-other.
+   checked against) on the shipped synthetic test set and real LibriSpeech test-other,
+   decoded greedily and by beam search with the shipped word 3-gram LM.
 4. Compile int8 with inductor and lower it to an ExecuTorch .pte (XNNPACK); compare
    agreement, size and latency with float, all measured in this run. On AMX-INT8 CPUs
    also with int8 attention (torchao's fused int8 attention kernel).
@@ -25,14 +26,16 @@ import torch
 
 from sq_pt2e.accuracy import transcribe
 from sq_pt2e.asr import paired_bootstrap_delta, wer
-from sq_pt2e.assets import reference_model
+from sq_pt2e.assets import language_model, reference_model
 from sq_pt2e.atomic import atomic_write_text
 from sq_pt2e.backends.inductor import fit_plan_to_cpu
 from sq_pt2e.backends.int8_attention import int8_attention_supported
+from sq_pt2e.beam import BeamSearchDecoder
 from sq_pt2e.graph import group_channels
 from sq_pt2e.baselines import Bits, build_method
 from sq_pt2e.compare import compare_backends
 from sq_pt2e.inputs import fixed_length, load_source
+from sq_pt2e.lm import NgramLM
 from sq_pt2e.models import load_model
 from sq_pt2e.stablequant import Evaluator, SearchConfig, run_search
 
@@ -79,21 +82,30 @@ def main(argv: list[str] | None = None) -> int:
         variants["StableQuant + int8 attention (AMX)"] = dataclasses.replace(fitted, attention="int8")
     calibration_waves = [u.wave for u in calibration]
     float_forward = build_method("float32", model, [], statistics)
-    lines = ["| evaluation set | utterances | model | WER % | difference to float [95% CI] |",
-             "|---|---:|---|---:|---:|"]
+    beam = BeamSearchDecoder(NgramLM.load(language_model()))
+    lines = ["| evaluation set | utterances | model | WER % | difference to float [95% CI] | WER % with LM | "
+             "difference with LM |", "|---|---:|---|---:|---:|---:|---:|"]
     accuracy: dict[str, dict[str, object]] = {}
     for name, utts in eval_sets.items():
         refs = [u.text for u in utts]
-        float_texts, _ = transcribe(float_forward, utts)
-        accuracy[name] = {"utterances": len(utts), "float32": wer(refs, float_texts)}
-        lines.append(f"| {name} | {len(utts)} | float32 | {accuracy[name]['float32']:.2f} | |")
+        float_texts, float_logits = transcribe(float_forward, utts)
+        float_lm_texts = [beam(x) for x in float_logits]
+        accuracy[name] = {"utterances": len(utts), "float32": wer(refs, float_texts),
+                          "float32 with LM": wer(refs, float_lm_texts)}
+        lines.append(f"| {name} | {len(utts)} | float32 | {accuracy[name]['float32']:.2f} | | "
+                     f"{accuracy[name]['float32 with LM']:.2f} | |")
         for label, variant_plan in variants.items():
             forward = build_method("stablequant", model, calibration_waves, statistics, plan=variant_plan)
-            texts, _ = transcribe(forward, utts)
+            texts, logits = transcribe(forward, utts)
+            lm_texts = [beam(x) for x in logits]
             delta = paired_bootstrap_delta(refs, float_texts, texts)
+            lm_delta = paired_bootstrap_delta(refs, float_lm_texts, lm_texts)
             accuracy[name][label] = {"wer": wer(refs, texts), "delta": delta.delta, "low": delta.low,
-                                     "high": delta.high}
-            lines.append(f"| {name} | {len(utts)} | {label} | {wer(refs, texts):.2f} | {delta} |")
+                                     "high": delta.high, "wer with LM": wer(refs, lm_texts),
+                                     "delta with LM": lm_delta.delta, "low with LM": lm_delta.low,
+                                     "high with LM": lm_delta.high}
+            lines.append(f"| {name} | {len(utts)} | {label} | {wer(refs, texts):.2f} | {delta} | "
+                         f"{wer(refs, lm_texts):.2f} | {lm_delta} |")
     print("\n" + "\n".join(lines))
 
     samples = int(args.seconds * 16000)

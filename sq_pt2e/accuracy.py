@@ -157,6 +157,7 @@ class AccuracyTable:
 
     @classmethod
     def from_json(cls, text: str) -> AccuracyTable:
+        """Read a table written by :meth:`to_json` (see :meth:`from_dict`)."""
         return cls.from_dict(json.loads(text))
 
     def updated_with(self, newer: AccuracyTable) -> AccuracyTable:

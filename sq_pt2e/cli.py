@@ -539,6 +539,8 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 
 
 def _search_summary(report: object, criterion: str) -> str:
+    from sq_pt2e.report import reconstruction_trials
+
     def fmt(score: object) -> str:
         return fmt_dict(score.as_dict())
 
@@ -578,16 +580,9 @@ def _search_summary(report: object, criterion: str) -> str:
         lines.append("smoothing strength: " + ", ".join(f"alpha {a}: {fmt_dict(t)}"
                                                          for a, t in report.smoothing_trials.items())
                      + f"; chose {report.config['smooth_alpha']:g}")
-    reconstructions = (
-        ("weight reconstruction", report.refit_layers, report.refit_trial, report.refit_kept, "no better on dev"),
-        ("weight reconstruction with GPTQ rounding", report.rounding_trial.get("layers", []), report.rounding_trial,
-         report.rounding_kept, "no better on dev than the plain refit"),
-    )
-    for label, layers, trial, kept, lost in reconstructions:
-        if layers:
-            lines.append(f"{label} of {len(layers)} layer(s) in {trial['seconds']:.1f} s: "
-                         f"{fmt_dict(trial['before'])} -> {fmt_dict(trial['after'])}, "
-                         + ("kept" if kept else f"not kept ({lost})"))
+    for trial in reconstruction_trials(report.to_dict()):
+        lines.append(f"{trial.label} of {len(trial.layers)} layer(s) in {trial.seconds:.1f} s: "
+                     f"{fmt_dict(trial.before)} -> {fmt_dict(trial.after)}, {trial.outcome}")
     return "\n".join(lines)
 
 

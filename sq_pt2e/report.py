@@ -23,7 +23,8 @@ from sq_pt2e.atomic import atomic_write_text
 from sq_pt2e.observers import AbsHistogram
 from sq_pt2e.plan import LayerPlan, QuantPlan
 
-__all__ = ["LayerRow", "activation_sqnr_db", "clipped_share", "layer_rows", "write_report"]
+__all__ = ["LayerRow", "ReconstructionTrial", "activation_sqnr_db", "clipped_share", "layer_rows",
+           "reconstruction_trials", "write_report"]
 
 _MAX_HISTOGRAMS = 8
 
@@ -212,20 +213,38 @@ def _search_section(search: dict[str, Any]) -> list[str]:
     if search.get("smoothing_trials"):
         trials = ", ".join(f"{alpha}: KL {t['kl']:.3g}" for alpha, t in search["smoothing_trials"].items())
         lines.append(f"- smoothing strength: searched at each alpha ({trials}); chose {config.get('smooth_alpha')}")
-    reconstructions = (
+    for trial in reconstruction_trials(search):
+        lines.append(f"- {trial.label}: {len(trial.layers)} layer(s) {trial.what} in {trial.seconds:.1f} s, dev "
+                     f"logit KL {trial.before.get('kl', float('nan')):.3g} -> "
+                     f"{trial.after.get('kl', float('nan')):.3g}: {trial.outcome}")
+    return lines + [""]
+
+
+@dataclass(frozen=True)
+class ReconstructionTrial:
+    """One weight-reconstruction trial of a search (plain refit, or refit with GPTQ rounding)."""
+
+    label: str
+    what: str
+    layers: list[str]
+    seconds: float
+    before: dict[str, Any]  # dev score without it
+    after: dict[str, Any]  # dev score with it
+    outcome: str  # "kept" or "not kept (why)"
+
+
+def reconstruction_trials(search: dict[str, Any]) -> list[ReconstructionTrial]:
+    """The weight-reconstruction trials a search ran, from its report's JSON dict (``SearchReport.to_dict()``)."""
+    rounding = search.get("rounding_trial", {})
+    candidates = (
         ("weight reconstruction", "refit to their int8 inputs", search.get("refit_layers", []),
          search.get("refit_trial", {}), search.get("refit_kept"), "no better on dev"),
         ("weight reconstruction with GPTQ rounding", "refit and rounded to their weight grid",
-         search.get("rounding_trial", {}).get("layers", []), search.get("rounding_trial", {}),
-         search.get("rounding_kept"), "no better on dev than the plain refit"),
+         rounding.get("layers", []), rounding, search.get("rounding_kept"), "no better on dev than the plain refit"),
     )
-    for label, what, layers, trial, kept, lost in reconstructions:
-        if layers:
-            before, after = trial.get("before", {}), trial.get("after", {})
-            lines.append(f"- {label}: {len(layers)} layer(s) {what} in {trial.get('seconds', 0.0):.1f} s, dev logit "
-                         f"KL {before.get('kl', float('nan')):.3g} -> {after.get('kl', float('nan')):.3g}: "
-                         + ("kept" if kept else f"not kept ({lost})"))
-    return lines + [""]
+    return [ReconstructionTrial(label, what, list(layers), trial.get("seconds", 0.0), trial.get("before", {}),
+                                trial.get("after", {}), "kept" if kept else f"not kept ({lost})")
+            for label, what, layers, trial, kept, lost in candidates if layers]
 
 
 def _option(percentile: float | None) -> str:

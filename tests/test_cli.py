@@ -52,11 +52,14 @@ def test_console_script_runs_in_a_subprocess() -> None:
     assert "Failed to load" not in done.stderr and "Enum subclass" not in done.stderr, done.stderr
 
 
-def test_quantize_verb_writes_a_plan_that_loads(tmp_path) -> None:
+def test_quantize_verb_writes_a_plan_that_loads(tmp_path, capsys) -> None:
     from sq_pt2e.plan import QuantPlan
+    from sq_pt2e.report import reconstruction_trials
 
     code = main(["quantize", "--model", "tiny-hubert", "--max-calibration", "4", "--output-dir", str(tmp_path)])
     assert code == EXIT_OK
+    (refit, *_) = reconstruction_trials(json.loads((tmp_path / "search_report.json").read_text()))
+    assert f"weight reconstruction of {len(refit.layers)} layer(s) in {refit.seconds:.1f} s" in capsys.readouterr().out
     plan = QuantPlan.load(tmp_path / "plan.json")
     assert plan.layers and all(layer.act_range is not None for layer in plan.layers if not layer.skip)
     assert not plan.needs_calibration()

@@ -23,6 +23,8 @@ def test_quantize_and_compare_runs_and_writes_results(tmp_path) -> None:
     assert code == 0
     results = json.loads((tmp_path / "results.json").read_text())
     assert set(results["accuracy"]) == {"synthetic-test", "test-other"}
+    assert all(0 <= row["float32 with LM"] for row in results["accuracy"].values())
+    assert "wer with LM" in results["accuracy"]["synthetic-test"]["StableQuant W8A8"]
     from sq_pt2e.backends.int8_attention import int8_attention_supported
 
     variants = [row["variant"] for row in results["backends"]["rows"]]
@@ -41,7 +43,7 @@ def test_train_reference_model_help_lists_its_verbs(capsys) -> None:
     except SystemExit as exc:
         assert exc.code == 0
     out = capsys.readouterr().out
-    assert all(verb in out for verb in ("corpus", "train", "export"))
+    assert all(verb in out for verb in ("corpus", "train", "export", "card", "lm"))
 
 
 def test_quantize_hf_checkpoint_writes_a_program_that_loads_and_matches(tmp_path, capsys) -> None:
