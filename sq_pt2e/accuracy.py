@@ -255,17 +255,31 @@ def build_accuracy_table(
     bit_widths: Sequence[Bits] = (Bits(8, 8),),
     methods: Sequence[str] = ("max", "percentile-99.99", "mse", "entropy", "cnn0-2-float", "stablequant"),
     search: SearchConfig | None = None,
+    decoders: dict[str, Callable[[torch.Tensor], str]] | None = None,
     progress: Callable[[str], None] = print,
 ) -> AccuracyTable:
-    """Evaluate ``methods`` x ``bit_widths`` on every evaluation set (all need transcripts)."""
+    """Evaluate ``methods`` x ``bit_widths`` on every evaluation set (all need transcripts).
+
+    Transcripts are greedy; each of ``decoders`` (``{label: logits -> transcript}``, e.g. a
+    :class:`sq_pt2e.beam.BeamSearchDecoder`) also decodes the same logits, scored as the
+    evaluation set ``"{name}, {label}"``.
+    """
     start = time.perf_counter()
     waves = [u.wave for u in calibration]
     statistics = collect_statistics(model, waves)
     float_forward = build_method("float32", model, waves, statistics)
-    reference = {name: transcribe(float_forward, utts) for name, utts in eval_sets.items()}
-    references = {n: [u.text for u in utts] for n, utts in eval_sets.items()}
-    table = AccuracyTable(model_name, {n: wer(references[n], reference[n][0]) for n in eval_sets},
-                          {n: len(u) for n, u in eval_sets.items()}, references=references)
+    decoded_sets = {name: {name: None} | {f"{name}, {label}": d for label, d in (decoders or {}).items()}
+                    for name in eval_sets}
+
+    def decode_all(forward: Forward, name: str) -> dict[str, tuple[list[str], list[torch.Tensor]]]:
+        texts, logits = transcribe(forward, eval_sets[name])
+        return {scored: (texts if decode is None else [decode(x) for x in logits], logits)
+                for scored, decode in decoded_sets[name].items()}
+
+    reference = {scored: result for name in eval_sets for scored, result in decode_all(float_forward, name).items()}
+    references = {scored: [u.text for u in eval_sets[name]] for name in eval_sets for scored in decoded_sets[name]}
+    table = AccuracyTable(model_name, {n: wer(references[n], reference[n][0]) for n in references},
+                          {n: len(references[n]) for n in references}, references=references)
     dev_references = [u.text for u in dev]
     evaluator = Evaluator(model, [u.wave for u in dev], dev_references if all(dev_references) else None)
     calibrations: CalibrationCache = {}  # one calibration pass per smoothing setting
@@ -300,15 +314,15 @@ def build_accuracy_table(
                        if report.rounding_trial else {})}
             forward = build_method("stablequant" if plan is not None else method, model, waves, method_statistics,
                                    bits, plan=plan)
-            for name, utts in eval_sets.items():
-                refs = references[name]
-                float_texts, float_logits = reference[name]
-                texts, logits = transcribe(forward, utts)
-                delta = paired_bootstrap_delta(refs, float_texts, texts)
-                cosine = min(logit_agreement(f, q).cosine for f, q in zip(float_logits, logits, strict=True))
-                agree = wer_against_float(float_texts, texts)
-                table.cells.append(AccuracyCell(method, str(bits), name, wer(refs, texts), delta.delta, delta.low,
-                                                delta.high, agree, cosine, transcripts=texts))
+            for name in eval_sets:
+                for scored, (texts, logits) in decode_all(forward, name).items():
+                    refs = references[scored]
+                    float_texts, float_logits = reference[scored]
+                    delta = paired_bootstrap_delta(refs, float_texts, texts)
+                    cosine = min(logit_agreement(f, q).cosine for f, q in zip(float_logits, logits, strict=True))
+                    agree = wer_against_float(float_texts, texts)
+                    table.cells.append(AccuracyCell(method, str(bits), scored, wer(refs, texts), delta.delta,
+                                                    delta.low, delta.high, agree, cosine, transcripts=texts))
     _mark_best(table)
     table.comparisons = _cell_comparisons(table.cells, references)
     table.seconds = time.perf_counter() - start

@@ -41,13 +41,13 @@ def _add_threads_argument(parser: argparse.ArgumentParser) -> None:
                         help="intra-op threads (default: torch's; use 1 per run when several runs share a machine)")
 
 
-def _add_decoder_arguments(parser: argparse.ArgumentParser) -> None:
+def _add_decoder_arguments(parser: argparse.ArgumentParser, also: str = "") -> None:
     from sq_pt2e.beam import DEFAULT_LM_WEIGHT, DEFAULT_WORD_SCORE
 
     parser.add_argument("--lm", default=None, metavar="ARPA",
                         help="decode by beam search over the words of this word n-gram language model (ARPA, "
                              "plain or .gz); 'shipped': the LJ Speech 3-gram the reference models were measured "
-                             "with (default: greedy CTC decoding)")
+                             "with (default: greedy CTC decoding)" + (f"; {also}" if also else ""))
     parser.add_argument("--lm-weight", type=float, default=DEFAULT_LM_WEIGHT, help="with --lm: the LM's weight")
     parser.add_argument("--word-score", type=float, default=DEFAULT_WORD_SCORE,
                         help="with --lm: score added per word")
@@ -346,6 +346,7 @@ def _cmd_accuracy(args: argparse.Namespace) -> int:
     table = build_accuracy_table(
         model, args.model, calibration, dev, eval_sets, bit_widths=[Bits.parse(b) for b in args.bits],
         methods=args.methods, search=SearchConfig(gamma=args.gamma, kl_share=args.kl_share),
+        decoders={} if args.lm is None else {f"LM {args.lm}": _decoder(args)},
         progress=lambda line: print(line, file=sys.stderr, flush=True),
     )
     if args.update is not None:
@@ -707,6 +708,8 @@ def _build_parser() -> argparse.ArgumentParser:
     accuracy.add_argument("--output-dir", type=Path, default=None,
                           help="write accuracy.json and accuracy.md here (default: with --update, that file's folder; "
                                "else only print the table)")
+    _add_decoder_arguments(accuracy, also="each evaluation set is also scored as 'NAME, LM ARPA', decoded from the "
+                                          "same logits")
     accuracy.set_defaults(run=_cmd_accuracy)
 
     export = verbs.add_parser(

@@ -138,3 +138,20 @@ def test_each_method_runs_only_where_it_has_a_cell() -> None:
     assert method_applies("stablequant-mixed", Bits(4, 8)) and not method_applies("stablequant-mixed", Bits(8, 8))
     assert method_applies("max", Bits(6, 6)) and method_applies("dynamic-int8", Bits(8, 8))
     assert not method_applies("dynamic-int8", Bits(4, 8))
+
+
+def test_a_decoder_scores_the_same_logits_as_one_more_evaluation_set() -> None:
+    from sq_pt2e.beam import BeamSearchDecoder
+    from sq_pt2e.lm import NgramLM
+
+    clean = load_source(None, shipped="test-clean")[:2]
+    lm = NgramLM.from_sentences([u.text for u in clean])
+    table = build_accuracy_table(
+        build_model("tiny-wav2vec2", seed=0), "tiny-wav2vec2", load_source(None, limit=2), clean[:1],
+        {"test-clean": clean}, methods=("max",), decoders={"LM": BeamSearchDecoder(lm)}, progress=lambda _line: None)
+    assert set(table.float_wer) == {"test-clean", "test-clean, LM"} and table.utterances["test-clean, LM"] == 2
+    assert table.references["test-clean, LM"] == table.references["test-clean"]
+    greedy, beam = (next(c for c in table.cells if c.eval_set == name) for name in ("test-clean", "test-clean, LM"))
+    assert greedy.logit_cosine == beam.logit_cosine  # one forward pass, two decodings
+    assert all(set(text.split()) <= set(lm.words()) for text in beam.transcripts)
+    assert "### test-clean, LM (2 utterances" in table.to_markdown()

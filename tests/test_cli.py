@@ -221,16 +221,19 @@ def test_accuracy_verb_passes_its_sensitivity_thresholds_to_the_search(monkeypat
 
     seen = {}
 
-    def capture(*args, search, **kwargs):
-        seen["search"] = search
+    def capture(*args, search, decoders, **kwargs):
+        seen["search"], seen["decoders"] = search, decoders
         raise ValueError("captured")
 
     monkeypatch.setattr(sq_pt2e.accuracy, "build_accuracy_table", capture)
     dev = str(asset_path("synthetic", "dev.tsv"))
-    code = main(["accuracy", "--model", "tiny-hubert", "--dev", dev, "--eval", f"dev={dev}", "--max-dev", "2",
-                 "--max-eval", "2", "--max-calibration", "2", "--gamma", "0.5", "--kl-share", "0.1"])
-    assert code == EXIT_FAILED
-    assert seen["search"].gamma == 0.5 and seen["search"].kl_share == 0.1
+    args = ["accuracy", "--model", "tiny-hubert", "--dev", dev, "--eval", f"dev={dev}", "--max-dev", "2",
+            "--max-eval", "2", "--max-calibration", "2", "--gamma", "0.5", "--kl-share", "0.1"]
+    assert main(args) == EXIT_FAILED
+    assert seen["search"].gamma == 0.5 and seen["search"].kl_share == 0.1 and seen["decoders"] == {}
+    assert main([*args, "--lm", "shipped", "--lm-weight", "0.5"]) == EXIT_FAILED
+    (label, decoder), = seen["decoders"].items()
+    assert label == "LM shipped" and "lm_weight=0.5 " in decoder.identity
 
 
 def test_accuracy_update_writes_the_merged_table_back_to_its_folder(monkeypatch, tmp_path) -> None:
