@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import math
+import threading
 from collections.abc import Sequence
 
 import numpy as np
@@ -61,6 +62,8 @@ def _flashlight_lm(lm: NgramLM, words: Sequence[str]) -> object:
 class BeamSearchDecoder:
     """Logits -> transcript by lexicon-constrained CTC beam search with an n-gram LM.
 
+    Calls from several threads are safe; they decode one at a time.
+
     Args:
         lm: the word language model; its vocabulary is the lexicon.
         lm_weight: weight of the LM's natural-log probability against the acoustic score.
@@ -105,6 +108,9 @@ class BeamSearchDecoder:
                                         unk_score=-math.inf, sil_score=0.0, log_add=False,
                                         criterion_type=CriterionType.CTC)
         self._decoder = LexiconDecoder(options, trie, self._lm, delimiter, BLANK_ID, -1, [], False)
+        # the search and the LM's state table serve one utterance at a time (flashlight-text 0.0.7
+        # keeps the GIL while decoding; the lock keeps that true if a release stops doing so)
+        self._lock = threading.Lock()
 
     @functools.cached_property
     def identity(self) -> str:
@@ -129,5 +135,6 @@ class BeamSearchDecoder:
         end = torch.full((1, self.vocab_size), -1e4)
         end[0, self._delimiter] = 0.0
         emissions = torch.cat([torch.log_softmax(scores, dim=-1), end]).contiguous()
-        best = self._decoder.decode(emissions.data_ptr(), emissions.shape[0], emissions.shape[1])[0]
+        with self._lock:
+            best = self._decoder.decode(emissions.data_ptr(), emissions.shape[0], emissions.shape[1])[0]
         return " ".join(self.words[i] for i in best.words if i >= 0)

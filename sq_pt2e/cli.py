@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING
 from sq_pt2e.errors import SqPt2eError
 
 if TYPE_CHECKING:
+    from sq_pt2e.beam import BeamSearchDecoder
     from sq_pt2e.plan import QuantPlan
 
 __all__ = ["load_plan_for_model", "main", "search_inputs"]
@@ -54,7 +55,7 @@ def _add_decoder_arguments(parser: argparse.ArgumentParser, also: str = "") -> N
     parser.add_argument("--beam-size", type=int, default=100, help="with --lm: hypotheses kept per frame")
 
 
-def _decoder(args: argparse.Namespace) -> object:
+def _decoder(args: argparse.Namespace) -> BeamSearchDecoder | None:
     """The ``--lm`` beam search decoder, or None for greedy decoding."""
     if args.lm is None:
         return None

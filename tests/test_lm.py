@@ -125,3 +125,14 @@ def test_the_shipped_language_model_loads_and_spells_with_the_reference_vocabula
     assert lm.order == 3 and len(lm.words()) > 10_000
     decoder = BeamSearchDecoder(lm)
     assert len(decoder.words) == len(lm.words())
+
+
+def test_decoding_from_several_threads_gives_each_utterance_its_own_transcript() -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    decoder = BeamSearchDecoder(NgramLM.from_sentences(SENTENCES, order=3))
+    utterances = [_spelled_logits([f for c in "|".join(s.split()) for f in (c, "<pad>")]) for s in SENTENCES] * 4
+    expected = [decoder(x) for x in utterances]
+    assert expected[:len(SENTENCES)] == SENTENCES
+    with ThreadPoolExecutor(4) as pool:
+        assert list(pool.map(decoder, utterances)) == expected
