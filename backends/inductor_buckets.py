@@ -60,7 +60,7 @@ import torch
 from torch import nn
 from torch.fx import GraphModule
 
-from sq_pt2e.asr import ctc_greedy_decode
+from sq_pt2e.asr import greedy_transcript
 from sq_pt2e.atomic import atomic_save_tensor, atomic_write_text
 from sq_pt2e.audio import MIN_SAMPLES, SAMPLE_RATE
 from sq_pt2e.backends.inductor import (
@@ -459,7 +459,7 @@ class BucketedInt8Model:
 
     def transcribe(self, wave: torch.Tensor) -> str:
         """Greedy CTC transcript of a normalised 16 kHz waveform of any length."""
-        return ctc_greedy_decode(self(wave)[0])[0]
+        return greedy_transcript(self(wave)[0])
 
     def _run_padded(self, samples: torch.Tensor) -> torch.Tensor:
         n = samples.numel()

@@ -22,7 +22,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from sq_pt2e.asr import ctc_greedy_decode, logit_agreement, paired_bootstrap_delta, wer
+from sq_pt2e.asr import greedy_transcript, logit_agreement, paired_bootstrap_delta, wer
 from sq_pt2e.baselines import BASELINES, Bits, build_method
 from sq_pt2e.inputs import LoadedUtterance
 from sq_pt2e.stablequant import CalibrationCache, Evaluator, SearchConfig, collect_statistics, run_search
@@ -69,12 +69,13 @@ def transcribe(forward: Forward, utterances: Iterable[LoadedUtterance], *, keep_
     """
     from sq_pt2e.errors import NumericsError
 
+    decode = decode or greedy_transcript
     texts, logits = [], []
     with torch.no_grad():
         for utt in utterances:
             out = forward(utt.wave)[0]
             try:
-                texts.append(ctc_greedy_decode(out)[0] if decode is None else decode(out))
+                texts.append(decode(out))
             except NumericsError as exc:
                 raise NumericsError(f"{utt.path}: {exc}") from exc
             if keep_logits:

@@ -23,6 +23,7 @@ __all__ = [
     "BootstrapDelta",
     "cer",
     "ctc_greedy_decode",
+    "greedy_transcript",
     "logit_agreement",
     "normalize_transcript",
     "paired_bootstrap_delta",
@@ -90,6 +91,11 @@ def ctc_greedy_decode(logits: torch.Tensor | np.ndarray, vocab: Sequence[str] = 
         words = "".join(tokens).replace(WORD_DELIMITER, " ")
         texts.append(" ".join(words.split()))
     return texts
+
+
+def greedy_transcript(logits: torch.Tensor | np.ndarray) -> str:
+    """Greedy CTC transcript of one utterance's ``(frames, vocab)`` logits (the default decoder)."""
+    return ctc_greedy_decode(logits)[0]
 
 
 def normalize_transcript(text: str) -> str:

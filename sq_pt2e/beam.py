@@ -95,7 +95,7 @@ class BeamSearchDecoder:
         self.vocab_size, self._delimiter = len(vocab), delimiter
         self._settings = (f"beam search lm_weight={lm_weight!r} word_score={word_score!r} beam_size={beam_size} "
                           f"beam_threshold={beam_threshold!r} vocab={list(vocab)}")
-        self._lm_model = lm
+        self._ngram = lm
         self._lm = _flashlight_lm(lm, self.words)  # the decoder holds it, but Python must keep it alive too
         trie = Trie(len(vocab), delimiter)
         start = self._lm.start(False)
@@ -115,7 +115,7 @@ class BeamSearchDecoder:
     @functools.cached_property
     def identity(self) -> str:
         """The settings and the LM's digest: what the transcripts depend on besides the logits."""
-        return f"{self._settings} lm={self._lm_model.digest()}"
+        return f"{self._settings} lm={self._ngram.digest()}"
 
     def __call__(self, logits: torch.Tensor | np.ndarray) -> str:
         """The best transcript of one utterance's ``(frames, vocab)`` logits (upper case, single spaces).

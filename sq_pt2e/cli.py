@@ -442,6 +442,7 @@ def _transcribe_inductor(args: argparse.Namespace, model: object, plan: object) 
     """Transcribe with compiled int8 (inductor), one compile per length bucket."""
     import torch
 
+    from sq_pt2e.asr import greedy_transcript
     from sq_pt2e.audio import load_audio, normalize_waveform
     from sq_pt2e.backends.inductor_buckets import BucketedInt8Model
     from sq_pt2e.errors import AudioError
@@ -452,12 +453,12 @@ def _transcribe_inductor(args: argparse.Namespace, model: object, plan: object) 
                                buckets=args.buckets, threads=args.threads, cache_dir=args.cache_dir,
                                cache_max_bytes=int(args.cache_max_gb * 2**30),
                                overlap_seconds=1.0 if args.overlap_seconds is None else args.overlap_seconds)
-    decoder = _decoder(args)
+    decode = _decoder(args) or greedy_transcript
     rows = []
     for path in dict.fromkeys(args.audio):
         try:
             wave = torch.from_numpy(normalize_waveform(load_audio(path).waveform))
-            rows.append((path, runner.transcribe(wave) if decoder is None else decoder(runner(wave)[0]), None))
+            rows.append((path, decode(runner(wave)[0]), None))
         except AudioError as exc:
             if args.on_error == "raise":
                 raise

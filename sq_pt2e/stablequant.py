@@ -63,6 +63,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from sq_pt2e.asr import greedy_transcript
 from sq_pt2e.atomic import atomic_write_text
 from sq_pt2e.errors import SearchStateError
 from sq_pt2e.layer_cost import layer_flops
@@ -497,7 +498,7 @@ class Evaluator:
         self.model = model
         self.waves = list(waves)
         self.references = list(references) if references is not None else None
-        self.decode = decode or _greedy_decode
+        self.decode = decode or greedy_transcript
         self.evaluations = 0
         self.cached = 0
         self.seconds = 0.0
@@ -575,12 +576,6 @@ class Evaluator:
         for j, layers in enumerate(candidates):
             yield j, score_utterances(self.model, self.waves, self.float_log_probs, self.references, self.decode,
                                       layers).score()
-
-
-def _greedy_decode(logits: torch.Tensor) -> str:
-    from sq_pt2e.asr import ctc_greedy_decode
-
-    return ctc_greedy_decode(logits)[0]
 
 
 def layer_groups(modules: Sequence[QuantizableModule], granularity: str) -> dict[str, list[str]]:

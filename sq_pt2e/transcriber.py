@@ -42,7 +42,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from sq_pt2e.asr import ctc_greedy_decode
+from sq_pt2e.asr import greedy_transcript
 from sq_pt2e.audio import MIN_SAMPLES, SAMPLE_RATE, normalize_waveform, stream_audio, validate_waveform
 from sq_pt2e.beam import BeamSearchDecoder
 from sq_pt2e.data import OnError, SkippedFile, check_on_error, log_skipped
@@ -187,8 +187,7 @@ class Transcriber:
             AudioError: the file or waveform cannot be used (named in the message).
             NumericsError: the model produced NaN/Inf logits.
         """
-        logits = self.stitched_logits(audio)
-        return ctc_greedy_decode(logits)[0] if self.decoder is None else self.decoder(logits)
+        return (self.decoder or greedy_transcript)(self.stitched_logits(audio))
 
     def stitched_logits(self, audio: Audio) -> torch.Tensor:
         """``(frames, vocab)`` logits of a file or raw waveform, from overlapping chunk windows.

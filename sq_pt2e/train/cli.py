@@ -230,8 +230,8 @@ def _ship(args: argparse.Namespace) -> int:
 
 def _evaluate_sets(folder: Path, corpus: Path) -> tuple[dict[str, dict[str, float]], dict[str, dict[str, float]]]:
     """Error rates of the checkpoint in ``folder`` per evaluation set: greedy, and beam search with the shipped LM."""
-    from sq_pt2e.asr import ctc_greedy_decode
-    from sq_pt2e.assets import language_model, librispeech_manifest, synthetic_manifest, synthetic_voices
+    from sq_pt2e.asr import greedy_transcript
+    from sq_pt2e.assets import language_model, librispeech_manifest, synthetic_manifest
     from sq_pt2e.beam import BeamSearchDecoder
     from sq_pt2e.lm import NgramLM
     from sq_pt2e.models.checkpoint import load_checkpoint
@@ -246,25 +246,31 @@ def _evaluate_sets(folder: Path, corpus: Path) -> tuple[dict[str, dict[str, floa
         if (corpus / f"{split}.tsv").exists():
             sets[name] = read_split(corpus, split)
     sets["LibriSpeech test-other (shipped 60)"] = librispeech_manifest("test-other")
-    decoders = {"greedy": lambda logits: ctc_greedy_decode(logits)[0],
-                "lm": BeamSearchDecoder(NgramLM.load(language_model()))}
+    decoders = {"greedy": greedy_transcript, "lm": BeamSearchDecoder(NgramLM.load(language_model()))}
     results: dict[str, dict[str, dict[str, float]]] = {decoding: {} for decoding in decoders}
-    voices = synthetic_voices()
     for name, utts in sets.items():
         logits = utterance_logits(model, utts, progress=True)
-        refs = [u.text for u in utts]
         for decoding, decode in decoders.items():
             hyps = [decode(x) for x in logits]
-            results[decoding][name] = error_rates(refs, hyps)
+            results[decoding][name] = error_rates([u.text for u in utts], hyps)
             if name == shipped:
-                by_voice: dict[str, tuple[list[str], list[str]]] = {}
-                for utt, hyp in zip(utts, hyps, strict=True):
-                    voice_refs, voice_hyps = by_voice.setdefault(voices.get(utt.id, "unknown voice"), ([], []))
-                    voice_refs.append(utt.text)
-                    voice_hyps.append(hyp)
-                for voice, (voice_refs, voice_hyps) in sorted(by_voice.items()):
-                    results[decoding][f"synthetic test, shipped: {voice}"] = error_rates(voice_refs, voice_hyps)
+                results[decoding] |= _per_voice(utts, hyps)
     return results["greedy"], results["lm"]
+
+
+def _per_voice(utts: list[Utterance], hyps: list[str]) -> dict[str, dict[str, float]]:
+    """Error rates per voice of the shipped synthetic test utterances, as ``"synthetic test, shipped: VOICE"``."""
+    from sq_pt2e.assets import synthetic_voices
+    from sq_pt2e.train.trainer import error_rates
+
+    voices = synthetic_voices()
+    by_voice: dict[str, tuple[list[str], list[str]]] = {}
+    for utt, hyp in zip(utts, hyps, strict=True):
+        refs, voice_hyps = by_voice.setdefault(voices.get(utt.id, "unknown voice"), ([], []))
+        refs.append(utt.text)
+        voice_hyps.append(hyp)
+    return {f"synthetic test, shipped: {voice}": error_rates(refs, voice_hyps)
+            for voice, (refs, voice_hyps) in sorted(by_voice.items())}
 
 
 def _export(args: argparse.Namespace) -> int:
@@ -330,9 +336,9 @@ def _lm(args: argparse.Namespace) -> int:
     sentences = (args.sentences or asset_path("text", "ljspeech_sentences.txt")).read_text(encoding="utf-8")
     held_out = {normalize_transcript(u.text) for u in read_split(args.corpus, "real-test")}
     train = split_sentences(sentences.splitlines(), CorpusSpec(seed=args.seed), held_out)["train"]
-    evaluated = [u.text for split in ("dev", "test", "real-test") for u in read_split(args.corpus, split)]
+    evaluated = [u.text for split in ("dev", "test") for u in read_split(args.corpus, split)]
     evaluated += [u.text for split in ("dev", "test") for u in synthetic_manifest(split)]
-    leaked = {normalize_transcript(text) for text in evaluated} & set(train)
+    leaked = ({normalize_transcript(text) for text in evaluated} | held_out) & set(train)
     if leaked:
         print(f"{len(leaked)} evaluation sentence(s) would be in the LM, e.g. {sorted(leaked)[0]!r}: "
               "is --seed the corpus's?")

@@ -38,7 +38,7 @@ import numpy as np
 import torch
 from transformers import PreTrainedModel
 
-from sq_pt2e.asr import cer, ctc_greedy_decode, wer
+from sq_pt2e.asr import cer, greedy_transcript, wer
 from sq_pt2e.atomic import atomic_write_text
 from sq_pt2e.data import Utterance
 from sq_pt2e.errors import ModelError
@@ -350,10 +350,9 @@ def utterance_logits(model: PreTrainedModel, utterances: Sequence[Utterance], *,
 
     model.eval()
     logits = []
-    with torch.no_grad():
-        for utt in tqdm(utterances, desc="evaluate", disable=not progress, leave=False):
-            wave = torch.from_numpy(normalize_waveform(load_audio(utt.path).waveform)).unsqueeze(0)
-            logits.append(model(wave).logits[0])
+    for utt in tqdm(utterances, desc="evaluate", disable=not progress, leave=False):
+        wave = torch.from_numpy(normalize_waveform(load_audio(utt.path).waveform)).unsqueeze(0)
+        logits.append(model(wave).logits[0])
     return logits
 
 
@@ -366,7 +365,7 @@ def transcribe_utterances(model: PreTrainedModel, utterances: Sequence[Utterance
         utterances: audio files.
         progress: show a progress bar.
     """
-    return [ctc_greedy_decode(out)[0] for out in utterance_logits(model, utterances, progress=progress)]
+    return [greedy_transcript(out) for out in utterance_logits(model, utterances, progress=progress)]
 
 
 def error_rates(references: Sequence[str], hypotheses: Sequence[str]) -> dict[str, float]:
