@@ -49,6 +49,7 @@ import copy
 import hashlib
 import operator
 import os
+import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -76,6 +77,10 @@ __all__ = [
 DEFAULT_RIDGE = 1e-3
 DEFAULT_GPTQ_DAMP = 0.01
 REFIT_FORMAT = "sq-pt2e-refit/1"
+# The stages whose outputs reconstruct_layers replays: the CNN feature encoder, the positional conv
+# (each replayed alone), and the Transformer blocks (a chain).
+_SINGLE_STAGE = re.compile(r"^(.*feature_extractor|.*pos_conv_embed)\.")
+_BLOCK_STAGE = re.compile(r"^(.*\.encoder\.layers\.\d+)\.")
 
 
 def hash_tensor(digest: hashlib._Hash, tensor: torch.Tensor, label: str = "") -> None:
@@ -142,24 +147,86 @@ class _Stop(Exception):
     """Raised by a hook to end a forward pass once the watched input is seen."""
 
 
-def _input_of(run: nn.Module, module: nn.Module, wave: torch.Tensor) -> torch.Tensor:
-    """The (last hook-transformed) input of ``module`` in one forward of ``run``; stops the forward there."""
+Replay = Sequence[tuple[nn.Module, torch.Tensor]]
+
+
+def _captured(run: nn.Module, module: nn.Module, wave: torch.Tensor, *, output: bool = False,
+              replay: Replay = ()) -> torch.Tensor:
+    """The (last hook-transformed) input of ``module``, or its output, in one forward of ``run``;
+    stops the forward there. ``replay``: ``(submodule, output)`` pairs, each submodule returning
+    that output instead of computing it."""
     seen: list[torch.Tensor] = []
 
-    def hook(_module: nn.Module, args: tuple[torch.Tensor, ...]) -> None:
-        seen.append(args[0].detach())
+    def hook(_module: nn.Module, args: tuple[torch.Tensor, ...], out: torch.Tensor | None = None) -> None:
+        seen.append((out if output else args[0]).detach())
         raise _Stop
 
-    handle = module.register_forward_pre_hook(hook)
+    handle = module.register_forward_hook(hook) if output else module.register_forward_pre_hook(hook)
+    for submodule, recorded in replay:
+        submodule.forward = lambda *args, recorded=recorded, **kwargs: recorded.clone()
     try:
         run(wave if wave.ndim == 2 else wave.unsqueeze(0))
     except _Stop:
         pass
     finally:
         handle.remove()
+        for submodule, _ in replay:
+            del submodule.forward
     if not seen:
         raise PlanError("a layer to refit was never called on the calibration audio")
     return seen[0]
+
+
+class _StageReplay:
+    """The recorded outputs of the model's stages no refit can change any more, to replay.
+
+    The stages are the CNN feature encoder, the positional conv and each Transformer block.
+    Layers are refit in network order, so once the fit reaches a layer after a stage, the
+    stage's output on each calibration wave is fixed: it is recorded once, in the float
+    reference and in the simulated model, and the later fits replay it instead of running the
+    model up to there again (the cost of the fit falls from quadratic to linear in the depth;
+    the refits are the same to the bit). Of the blocks only the latest one's outputs are kept:
+    the blocks before it return its output too, which it then replaces.
+
+    ``models``: the float reference and the model the simulation runs (the same submodules).
+    """
+
+    def __init__(self, order: Sequence[str], waves: Sequence[torch.Tensor],
+                 models: tuple[nn.Module, nn.Module]) -> None:
+        self.order, self.waves, self.models = list(order), waves, models
+        self.last_layer: dict[str, int] = {}  # stage -> network position of its last layer
+        self.blocks: list[str] = []
+        for position, name in enumerate(self.order):
+            if match := _SINGLE_STAGE.match(name) or _BLOCK_STAGE.match(name):
+                self.last_layer[match.group(1)] = position
+                if match.re is _BLOCK_STAGE and match.group(1) not in self.blocks:
+                    self.blocks.append(match.group(1))
+        self.recorded: dict[str, list[list[torch.Tensor]]] = {}  # stage -> [float outputs, simulated outputs]
+        self.passed: set[str] = set()  # the stages recorded so far, also those since dropped
+
+    def advance(self, name: str, runs: tuple[nn.Module, nn.Module]) -> None:
+        """Record (running ``runs``, the two models' waveform -> logits modules) the outputs of the
+        stages that end before layer ``name`` and are not recorded yet."""
+        position = self.order.index(name)
+        for stage, last in self.last_layer.items():
+            if last >= position or stage in self.passed:
+                continue
+            self.passed.add(stage)
+            self.recorded[stage] = [
+                [_captured(run, model.get_submodule(stage), wave, output=True, replay=self.replay(role, index))
+                 for index, wave in enumerate(self.waves)]
+                for role, (run, model) in enumerate(zip(runs, self.models))]
+            if stage in self.blocks:
+                for older in self.blocks[:self.blocks.index(stage)]:
+                    self.recorded.pop(older, None)
+
+    def replay(self, role: int, index: int) -> Replay:
+        """The ``(submodule, output)`` pairs of wave ``index`` in the reference (role 0) or the simulated model (1)."""
+        pairs = []
+        for stage, outputs in self.recorded.items():
+            replaced = self.blocks[:self.blocks.index(stage) + 1] if stage in self.blocks else [stage]
+            pairs += [(self.models[role].get_submodule(s), outputs[role][index]) for s in replaced]
+        return pairs
 
 
 def _columns(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -254,6 +321,7 @@ def reconstruct_layers(
     refits: dict[str, RefitWeights] = {}
     if clip_target:  # the reference clips every quantized input to its grid, without rounding
         _clip_inputs(float_modules, layers)
+    stages = _StageReplay(order, waves, (reference, wrapper))
     for name in sorted(set(names), key=order.index):
         module = modules[name]
         _check_refittable(name, module)
@@ -264,10 +332,12 @@ def reconstruct_layers(
         features = module.weight[0].numel() + 1
         gram = torch.zeros(features, features, dtype=torch.float64)
         cross = torch.zeros(features, features, dtype=torch.float64)
-        with fake_quantized(model, current) as quantized:
-            for wave in waves:
-                target = _columns(module, _input_of(reference, float_modules[name], wave))
-                seen = _columns(module, _input_of(quantized, module, wave))
+        with fake_quantized(model, current) as simulated:
+            stages.advance(name, (reference, simulated))
+            for index, wave in enumerate(waves):
+                target = _columns(module, _captured(reference, float_modules[name], wave,
+                                                    replay=stages.replay(0, index)))
+                seen = _columns(module, _captured(simulated, module, wave, replay=stages.replay(1, index)))
                 gram += seen @ seen.T
                 cross += target @ seen.T
         weight = module.weight.detach().double().reshape(module.weight.shape[0], -1)

@@ -14,7 +14,7 @@ from sq_pt2e.models import build_model
 from sq_pt2e.pipeline import quantize_model
 from sq_pt2e.observers import max_weight_scales, weight_scales
 from sq_pt2e.plan import LayerPlan, QuantPlan, refit_file
-from sq_pt2e.reconstruct import _columns, reconstruct_layers, round_to_grid
+from sq_pt2e.reconstruct import _columns, _StageReplay, reconstruct_layers, round_to_grid
 from sq_pt2e.smoothing import scaled_weight
 from sq_pt2e.simulate import collect_statistics, fake_quantized, plan_layer_quants, quantizable_modules
 from sq_pt2e.stablequant import Evaluator, Score, SearchConfig, search_plan, search_statistics
@@ -159,6 +159,29 @@ def test_refit_leaves_the_model_unchanged_and_rejects_unknown_layers() -> None:
         reconstruct_layers(model, quants, ["wav2vec2.nope"], calibration)
     with pytest.raises(PlanError, match="calibration audio"):
         reconstruct_layers(model, quants, [CONV.format(1)], [])
+
+
+@pytest.mark.parametrize("arch", ["tiny-wav2vec2", "tiny-hubert"])
+def test_replaying_fixed_stages_gives_the_same_refits_and_skips_the_cnn(arch: str, monkeypatch) -> None:
+    # Past the CNN encoder, the positional conv and each block, their outputs are replayed, not
+    # recomputed: the refits must be exactly those of running the whole model for every layer.
+    model, _, calibration = _refit_setup(arch)
+    quants = plan_layer_quants(model, uniform_plan("mse", Bits(4, 8)), collect_statistics(model, calibration))
+    names = [n for n in quants if "conv_layers.0." not in n and "pos_conv" not in n]
+    assert "conv_layers.1." in names[0] and any(".encoder.layers.1." in n for n in names) and names[-1] == "lm_head"
+    calls = []
+    last_conv = [n for n in names if "conv_layers." in n][-1]
+    handle = {m.name: m.module for m in quantizable_modules(model)}[last_conv].register_forward_hook(
+        lambda *_: calls.append(1))
+    replayed = reconstruct_layers(model, quants, names, calibration, round_weights=True)
+    handle.remove()
+    # The last CNN conv runs once per wave in each model: when the encoder's outputs are recorded.
+    assert len(calls) == 2 * len(calibration), len(calls)
+    monkeypatch.setattr(_StageReplay, "advance", lambda self, name, runs: None)
+    recomputed = reconstruct_layers(model, quants, names, calibration, round_weights=True)
+    for name in names:
+        assert torch.equal(replayed[name].weight, recomputed[name].weight), name
+        assert torch.equal(replayed[name].bias, recomputed[name].bias), name
 
 
 class _RefitObjective:
