@@ -49,7 +49,6 @@ import copy
 import hashlib
 import operator
 import os
-import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -63,6 +62,7 @@ from sq_pt2e.errors import PlanError, QuantizationError
 from sq_pt2e.graph import named_layers
 from sq_pt2e.observers import grid_bounds, weight_scales
 from sq_pt2e.passes.rewrite_utils import drop_unused_attributes
+from sq_pt2e.replay import Stage, latest_stages, model_stages, replaying
 
 __all__ = [
     "RefitWeights",
@@ -77,10 +77,6 @@ __all__ = [
 DEFAULT_RIDGE = 1e-3
 DEFAULT_GPTQ_DAMP = 0.01
 REFIT_FORMAT = "sq-pt2e-refit/1"
-# The stages whose outputs reconstruct_layers replays: the CNN feature encoder, the positional conv
-# (each replayed alone), and the Transformer blocks (a chain).
-_SINGLE_STAGE = re.compile(r"^(.*feature_extractor|.*pos_conv_embed)\.")
-_BLOCK_STAGE = re.compile(r"^(.*\.encoder\.layers\.\d+)\.")
 
 
 def hash_tensor(digest: hashlib._Hash, tensor: torch.Tensor, label: str = "") -> None:
@@ -147,14 +143,10 @@ class _Stop(Exception):
     """Raised by a hook to end a forward pass once the watched input is seen."""
 
 
-Replay = Sequence[tuple[nn.Module, torch.Tensor]]
-
-
 def _captured(run: nn.Module, module: nn.Module, wave: torch.Tensor, *, output: bool = False,
-              replay: Replay = ()) -> torch.Tensor:
+              replay: Iterable[tuple[Stage, torch.Tensor]] = ()) -> torch.Tensor:
     """The (last hook-transformed) input of ``module``, or its output, in one forward of ``run``;
-    stops the forward there. ``replay``: ``(submodule, output)`` pairs, each submodule returning
-    that output instead of computing it."""
+    stops the forward there. ``replay``: recorded stage outputs (:func:`sq_pt2e.replay.replaying`)."""
     seen: list[torch.Tensor] = []
 
     def hook(_module: nn.Module, args: tuple[torch.Tensor, ...], out: torch.Tensor | None = None) -> None:
@@ -162,71 +154,58 @@ def _captured(run: nn.Module, module: nn.Module, wave: torch.Tensor, *, output: 
         raise _Stop
 
     handle = module.register_forward_hook(hook) if output else module.register_forward_pre_hook(hook)
-    for submodule, recorded in replay:
-        submodule.forward = lambda *args, recorded=recorded, **kwargs: recorded.clone()
     try:
-        run(wave if wave.ndim == 2 else wave.unsqueeze(0))
+        with replaying(run, replay):
+            run(wave if wave.ndim == 2 else wave.unsqueeze(0))
     except _Stop:
         pass
     finally:
         handle.remove()
-        for submodule, _ in replay:
-            del submodule.forward
     if not seen:
         raise PlanError("a layer to refit was never called on the calibration audio")
     return seen[0]
 
 
-class _StageReplay:
-    """The recorded outputs of the model's stages no refit can change any more, to replay.
+class _StageRecords:
+    """Stage outputs of the float reference and the simulated model on each calibration wave, to replay.
 
-    The stages are the CNN feature encoder, the positional conv and each Transformer block.
-    Layers are refit in network order, so once the fit reaches a layer after a stage, the
-    stage's output on each calibration wave is fixed: it is recorded once, in the float
-    reference and in the simulated model, and the later fits replay it instead of running the
-    model up to there again (the cost of the fit falls from quadratic to linear in the depth;
-    the refits are the same to the bit). Of the blocks only the latest one's outputs are kept:
-    the blocks before it return its output too, which it then replaces.
+    Layers are refit in network order, so once the fit reaches a layer after a stage
+    (:mod:`sq_pt2e.replay`), the stage's output is fixed: it is recorded once in both models and
+    the later fits replay it instead of running the model up to there again (the cost of the fit
+    falls from quadratic to linear in the depth; the refits are the same to the bit).
 
     ``models``: the float reference and the model the simulation runs (the same submodules).
     """
 
     def __init__(self, order: Sequence[str], waves: Sequence[torch.Tensor],
                  models: tuple[nn.Module, nn.Module]) -> None:
-        self.order, self.waves, self.models = list(order), waves, models
-        self.last_layer: dict[str, int] = {}  # stage -> network position of its last layer
-        self.blocks: list[str] = []
-        for position, name in enumerate(self.order):
-            if match := _SINGLE_STAGE.match(name) or _BLOCK_STAGE.match(name):
-                self.last_layer[match.group(1)] = position
-                if match.re is _BLOCK_STAGE and match.group(1) not in self.blocks:
-                    self.blocks.append(match.group(1))
+        self.stages, self.waves, self.models = model_stages(order), waves, models
         self.recorded: dict[str, list[list[torch.Tensor]]] = {}  # stage -> [float outputs, simulated outputs]
-        self.passed: set[str] = set()  # the stages recorded so far, also those since dropped
+        self.replay: list[Stage] = []
 
-    def advance(self, name: str, runs: tuple[nn.Module, nn.Module]) -> None:
-        """Record (running ``runs``, the two models' waveform -> logits modules) the outputs of the
-        stages that end before layer ``name`` and are not recorded yet."""
-        position = self.order.index(name)
-        for stage, last in self.last_layer.items():
-            if last >= position or stage in self.passed:
-                continue
-            self.passed.add(stage)
-            self.recorded[stage] = [
-                [_captured(run, model.get_submodule(stage), wave, output=True, replay=self.replay(role, index))
-                 for index, wave in enumerate(self.waves)]
-                for role, (run, model) in enumerate(zip(runs, self.models))]
-            if stage in self.blocks:
-                for older in self.blocks[:self.blocks.index(stage)]:
-                    self.recorded.pop(older, None)
+    def advance(self, position: int, runs: tuple[nn.Module, nn.Module]) -> None:
+        """Prepare the replay for the layer at network ``position``; ``runs``: the two models'
+        waveform -> logits modules, to record what is missing."""
+        self.replay = latest_stages(self.stages, position)
+        for stage in self.replay:
+            self._record(stage, runs)
+        self.recorded = {s.name: self.recorded[s.name] for s in self.replay}  # the others are behind
 
-    def replay(self, role: int, index: int) -> Replay:
-        """The ``(submodule, output)`` pairs of wave ``index`` in the reference (role 0) or the simulated model (1)."""
-        pairs = []
-        for stage, outputs in self.recorded.items():
-            replaced = self.blocks[:self.blocks.index(stage) + 1] if stage in self.blocks else [stage]
-            pairs += [(self.models[role].get_submodule(s), outputs[role][index]) for s in replaced]
-        return pairs
+    def _record(self, stage: Stage, runs: tuple[nn.Module, nn.Module]) -> None:
+        if stage.name in self.recorded:
+            return
+        before = latest_stages(self.stages, stage.last)
+        for earlier in before:
+            self._record(earlier, runs)
+        self.recorded[stage.name] = [
+            [_captured(run, model.get_submodule(stage.name), wave, output=True,
+                       replay=[(s, self.recorded[s.name][role][index]) for s in before])
+             for index, wave in enumerate(self.waves)]
+            for role, (run, model) in enumerate(zip(runs, self.models))]
+
+    def pairs(self, role: int, index: int) -> list[tuple[Stage, torch.Tensor]]:
+        """What to replay for wave ``index`` in the reference (role 0) or the simulated model (1)."""
+        return [(s, self.recorded[s.name][role][index]) for s in self.replay]
 
 
 def _columns(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -321,7 +300,7 @@ def reconstruct_layers(
     refits: dict[str, RefitWeights] = {}
     if clip_target:  # the reference clips every quantized input to its grid, without rounding
         _clip_inputs(float_modules, layers)
-    stages = _StageReplay(order, waves, (reference, wrapper))
+    stages = _StageRecords(order, waves, (reference, wrapper))
     for name in sorted(set(names), key=order.index):
         module = modules[name]
         _check_refittable(name, module)
@@ -333,11 +312,10 @@ def reconstruct_layers(
         gram = torch.zeros(features, features, dtype=torch.float64)
         cross = torch.zeros(features, features, dtype=torch.float64)
         with fake_quantized(model, current) as simulated:
-            stages.advance(name, (reference, simulated))
+            stages.advance(order.index(name), (reference, simulated))
             for index, wave in enumerate(waves):
-                target = _columns(module, _captured(reference, float_modules[name], wave,
-                                                    replay=stages.replay(0, index)))
-                seen = _columns(module, _captured(simulated, module, wave, replay=stages.replay(1, index)))
+                target = _columns(module, _captured(reference, float_modules[name], wave, replay=stages.pairs(0, index)))
+                seen = _columns(module, _captured(simulated, module, wave, replay=stages.pairs(1, index)))
                 gram += seen @ seen.T
                 cross += target @ seen.T
         weight = module.weight.detach().double().reshape(module.weight.shape[0], -1)

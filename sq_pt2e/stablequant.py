@@ -72,6 +72,7 @@ from sq_pt2e.observers import AbsHistogram, act_floor, range_max, range_mse, ran
 from sq_pt2e.passes.fold_weight_norm import fold_weight_norm
 from sq_pt2e.plan import LayerPlan, OpKind, QuantPlan
 from sq_pt2e.reconstruct import RefitWeights, hash_tensor, reconstruct_layers
+from sq_pt2e.replay import StageCache
 from sq_pt2e.simulate import LayerQuant, QuantizableModule, collect_statistics, fake_quantized, quantizable_modules
 
 __all__ = [
@@ -89,6 +90,7 @@ __all__ = [
     "collect_statistics",
     "float_log_probs",
     "layer_groups",
+    "layer_key",
     "score_utterances",
     "FIRST_CONV",
     "search_input_scales",
@@ -353,6 +355,7 @@ def score_utterances(
     references: Sequence[str] | None,
     decode: Callable[[torch.Tensor], str],
     layers: Candidate | None,
+    stage_cache: StageCache | None = None,
 ) -> UtteranceScores:
     """Score one candidate on some dev utterances: the work unit of every evaluator.
 
@@ -364,6 +367,7 @@ def score_utterances(
         references: transcripts of ``waves`` (None: KL only).
         decode: logits ``(frames, vocab)`` -> text.
         layers: the candidate (None or empty: the float model).
+        stage_cache: recorded stage outputs of ``model`` on ``waves`` to replay, and to record into.
 
     Returns:
         Per-utterance KL and, with transcripts, word errors.
@@ -372,8 +376,10 @@ def score_utterances(
 
     hyps, kls = [], []
     with fake_quantized(model, layers or {}) as run:
-        for wave, ref_lp in zip(waves, reference_log_probs, strict=True):
-            logits = run(wave)[0]
+        outputs = (stage_cache.forward_all(run, layers or {}, waves) if stage_cache is not None
+                   else map(run, waves))
+        for output, ref_lp in zip(outputs, reference_log_probs, strict=True):
+            logits = output[0]
             log_probs = torch.log_softmax(logits.double(), -1)
             kls.append(float((ref_lp.exp() * (ref_lp - log_probs)).sum(-1).mean()))
             if references is not None:
@@ -384,20 +390,23 @@ def score_utterances(
     return UtteranceScores(tuple(kls), errors)
 
 
-def candidate_key(layers: Candidate | None) -> str:
-    """A stable hash of a candidate: the same layers, ranges and bits give the same key.
+def layer_key(name: str, quant: LayerQuant) -> str:
+    """A layer's part of :func:`candidate_key`: equal only when the layer simulates identically.
 
-    Ranges enter as exact hexadecimal floats, so two candidates share a key only when
-    they simulate identically.
+    Ranges enter as exact hexadecimal floats.
     """
+    payload = ([name, float(quant.act_range).hex(), quant.act_bits, quant.weight_bits, quant.weight_calibration]
+               + ([float(quant.act_floor).hex()] if quant.act_floor is not None else [])
+               + ([[float(v).hex() for v in quant.input_scale]] if quant.input_scale is not None else [])
+               + ([quant.refit.digest, quant.refit.source] if quant.refit is not None else [])
+               + ([["outliers", float(quant.outlier_range).hex()]] if quant.outlier_range is not None else []))
+    return json.dumps(payload, separators=(",", ":"))
+
+
+def candidate_key(layers: Candidate | None) -> str:
+    """A stable hash of a candidate: the same layers, ranges and bits give the same key."""
     items = sorted((layers or {}).items())
-    payload = [[name, float(q.act_range).hex(), q.act_bits, q.weight_bits, q.weight_calibration]
-               + ([float(q.act_floor).hex()] if q.act_floor is not None else [])
-               + ([[float(v).hex() for v in q.input_scale]] if q.input_scale is not None else [])
-               + ([q.refit.digest, q.refit.source] if q.refit is not None else [])
-               + ([["outliers", float(q.outlier_range).hex()]] if q.outlier_range is not None else [])
-               for name, q in items]
-    return hashlib.sha256(json.dumps(payload, separators=(",", ":")).encode()).hexdigest()
+    return hashlib.sha256(("[" + ",".join(layer_key(n, q) for n, q in items) + "]").encode()).hexdigest()
 
 
 _CACHE_FORMAT = "sq-pt2e-score-cache/1"
@@ -503,6 +512,8 @@ class Evaluator:
         self.cached = 0
         self.seconds = 0.0
         self._memo: dict[str, Score] = {}
+        # Candidates differ in a few groups: the stages before the first differing one are replayed.
+        self.stage_cache = StageCache([m.name for m in quantizable_modules(to_ctc_logits(model))], layer_key)
         self.float_score = self._prepare()
         self.cache = ScoreCache(cache, self.fingerprint()) if cache is not None else None
 
@@ -510,7 +521,7 @@ class Evaluator:
         """Compute the float reference; returns the float model's score."""
         self.float_log_probs = float_log_probs(self.model, self.waves)
         return score_utterances(self.model, self.waves, self.float_log_probs, self.references, self.decode,
-                                None).score()
+                                None, self.stage_cache).score()
 
     def fingerprint(self) -> str:
         """A hash of everything a score depends on besides the candidate."""
@@ -575,7 +586,7 @@ class Evaluator:
         """Simulate candidates; yields ``(index, score)`` in any order (here: in order)."""
         for j, layers in enumerate(candidates):
             yield j, score_utterances(self.model, self.waves, self.float_log_probs, self.references, self.decode,
-                                      layers).score()
+                                      layers, self.stage_cache).score()
 
 
 def layer_groups(modules: Sequence[QuantizableModule], granularity: str) -> dict[str, list[str]]:

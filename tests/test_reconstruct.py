@@ -14,7 +14,7 @@ from sq_pt2e.models import build_model
 from sq_pt2e.pipeline import quantize_model
 from sq_pt2e.observers import max_weight_scales, weight_scales
 from sq_pt2e.plan import LayerPlan, QuantPlan, refit_file
-from sq_pt2e.reconstruct import _columns, _StageReplay, reconstruct_layers, round_to_grid
+from sq_pt2e.reconstruct import _columns, _StageRecords, reconstruct_layers, round_to_grid
 from sq_pt2e.smoothing import scaled_weight
 from sq_pt2e.simulate import collect_statistics, fake_quantized, plan_layer_quants, quantizable_modules
 from sq_pt2e.stablequant import Evaluator, Score, SearchConfig, search_plan, search_statistics
@@ -177,7 +177,7 @@ def test_replaying_fixed_stages_gives_the_same_refits_and_skips_the_cnn(arch: st
     handle.remove()
     # The last CNN conv runs once per wave in each model: when the encoder's outputs are recorded.
     assert len(calls) == 2 * len(calibration), len(calls)
-    monkeypatch.setattr(_StageReplay, "advance", lambda self, name, runs: None)
+    monkeypatch.setattr(_StageRecords, "advance", lambda self, position, runs: None)
     recomputed = reconstruct_layers(model, quants, names, calibration, round_weights=True)
     for name in names:
         assert torch.equal(replayed[name].weight, recomputed[name].weight), name
