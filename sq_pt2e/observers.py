@@ -18,7 +18,10 @@ convolutions. :func:`act_qparams` is the one place both grids are computed.
 
 from __future__ import annotations
 
+import hashlib
 import math
+import threading
+from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal
@@ -514,17 +517,30 @@ def max_weight_scales(weight: torch.Tensor, qmax: int, eps: float = 2**-12, *, l
     return torch.clamp(flat / qmax, min=eps)
 
 
+# mse_weight_scales by weight content: the search and the weight reconstruction simulate the same
+# weights many times (ref-hubert W4A8: 5,652 calls, 61 of 272 s of the search before this memo).
+_MSE_SCALES: OrderedDict[tuple[object, ...], torch.Tensor] = OrderedDict()
+_MSE_SCALES_ENTRIES = 4096
+_MSE_SCALES_LOCK = threading.Lock()
+
+
 def mse_weight_scales(weight: torch.Tensor, qmax: int, *, grid: int = 100, max_shrink: float = 0.8,
                       eps: float = 2**-12, layer: str = "") -> torch.Tensor:
     """Per-output-channel scales minimising the squared weight quantization error.
 
     Grid search over clip factors ``1, 1 - 1/grid, ...`` down to ``1 - max_shrink`` of
-    ``max|w|`` per channel, as GPTQ's ``find_params(mse=True)`` does.
+    ``max|w|`` per channel, as GPTQ's ``find_params(mse=True)`` does. Results are remembered
+    by the weight's content (a SHA-256 of its bytes), so the same weight is searched once.
 
     Raises:
         QuantizationError: NaN/Inf or empty weights (see :func:`check_weight`).
     """
-    flat = weight.detach().reshape(weight.shape[0], -1).to(torch.float32)
+    flat = weight.detach().reshape(weight.shape[0], -1).to(torch.float32).contiguous()
+    key = (hashlib.sha256(flat.numpy()).hexdigest(), tuple(flat.shape), qmax, grid, max_shrink, eps)
+    with _MSE_SCALES_LOCK:
+        if key in _MSE_SCALES:
+            _MSE_SCALES.move_to_end(key)
+            return _MSE_SCALES[key].clone()
     best_scale = max_weight_scales(weight, qmax, eps, layer=layer)
     best_error = torch.full_like(best_scale, float("inf"))
     base = best_scale.clone()
@@ -535,6 +551,10 @@ def mse_weight_scales(weight: torch.Tensor, qmax: int, *, grid: int = 100, max_s
         better = error < best_error
         best_error = torch.where(better, error, best_error)
         best_scale = torch.where(better, scale, best_scale)
+    with _MSE_SCALES_LOCK:
+        _MSE_SCALES[key] = best_scale.clone()
+        while len(_MSE_SCALES) > _MSE_SCALES_ENTRIES:
+            _MSE_SCALES.popitem(last=False)
     return best_scale
 
 

@@ -325,6 +325,18 @@ def test_mse_weight_scales_never_have_more_error_than_max_scales() -> None:
     assert error(mse)[0] < error(plain)[0]
 
 
+def test_mse_weight_scales_are_remembered_by_content_not_by_tensor() -> None:
+    weight = torch.randn(6, 10, generator=torch.Generator().manual_seed(8))
+    first = mse_weight_scales(weight, 7)
+    first.mul_(2)  # the caller's copy: the memo must not change with it
+    again = mse_weight_scales(weight.clone(), 7)
+    assert torch.equal(again, first / 2)
+    changed = weight.clone()
+    changed[2] *= 3  # another weight: another search, channel 2's scale triples
+    torch.testing.assert_close(mse_weight_scales(changed, 7)[2], 3 * again[2])
+    assert not torch.equal(mse_weight_scales(weight, 3), again)  # another grid
+
+
 def test_per_channel_mse_observer_gives_zero_points_0_and_raises_before_calibration() -> None:
     observer = PerChannelMseWeightObserver(quant_min=-7, quant_max=7)
     with pytest.raises(QuantizationError, match="saw no weight"):
