@@ -314,7 +314,8 @@ def reconstruct_layers(
         with fake_quantized(model, current) as simulated:
             stages.advance(order.index(name), (reference, simulated))
             for index, wave in enumerate(waves):
-                target = _columns(module, _captured(reference, float_modules[name], wave, replay=stages.pairs(0, index)))
+                target = _columns(module, _captured(reference, float_modules[name], wave,
+                                                    replay=stages.pairs(0, index)))
                 seen = _columns(module, _captured(simulated, module, wave, replay=stages.pairs(1, index)))
                 gram += seen @ seen.T
                 cross += target @ seen.T

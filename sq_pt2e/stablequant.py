@@ -476,7 +476,9 @@ class Evaluator:
     scores the same batches as (candidate x dev shard) tasks on Ray or a process
     pool and merges per-utterance results into identical scores. Scores are
     remembered by :func:`candidate_key` (and stored in ``cache`` when given), so no
-    candidate is simulated twice.
+    candidate is simulated twice. ``stage_cache`` (:class:`sq_pt2e.replay.StageCache`; None
+    turns it off) keeps the stage outputs of the candidates scored, so a candidate replays
+    the part of the model before its first change (the scores are the same to the bit).
 
     Args:
         model: the float model (weight norm is folded in place, as simulation needs).
@@ -512,8 +514,8 @@ class Evaluator:
         self.cached = 0
         self.seconds = 0.0
         self._memo: dict[str, Score] = {}
-        # Candidates differ in a few groups: the stages before the first differing one are replayed.
-        self.stage_cache = StageCache([m.name for m in quantizable_modules(to_ctc_logits(model))], layer_key)
+        layer_order = [m.name for m in quantizable_modules(to_ctc_logits(model))]
+        self.stage_cache: StageCache | None = StageCache(layer_order, layer_key)
         self.float_score = self._prepare()
         self.cache = ScoreCache(cache, self.fingerprint()) if cache is not None else None
 
