@@ -30,6 +30,7 @@ import numpy as np
 import torch
 from torchao.quantization.pt2e.observer import UniformQuantizationObserverBase
 
+from sq_pt2e.digest import hash_tensor
 from sq_pt2e.errors import QuantizationError
 
 __all__ = [
@@ -535,8 +536,10 @@ def mse_weight_scales(weight: torch.Tensor, qmax: int, *, grid: int = 100, max_s
     Raises:
         QuantizationError: NaN/Inf or empty weights (see :func:`check_weight`).
     """
-    flat = weight.detach().reshape(weight.shape[0], -1).to(torch.float32).contiguous()
-    key = (hashlib.sha256(flat.numpy()).hexdigest(), tuple(flat.shape), qmax, grid, max_shrink, eps)
+    flat = weight.detach().reshape(weight.shape[0], -1).to(torch.float32)
+    content = hashlib.sha256()
+    hash_tensor(content, flat)
+    key = (content.hexdigest(), qmax, grid, max_shrink, eps)
     with _MSE_SCALES_LOCK:
         if key in _MSE_SCALES:
             _MSE_SCALES.move_to_end(key)

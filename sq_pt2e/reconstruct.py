@@ -46,7 +46,6 @@ float model, so both compute with the same weights.
 from __future__ import annotations
 
 import copy
-import hashlib
 import operator
 import os
 from collections.abc import Iterable, Mapping, Sequence
@@ -58,6 +57,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.fx import GraphModule, Node
 
+from sq_pt2e.digest import tensor_digest
 from sq_pt2e.errors import PlanError, QuantizationError
 from sq_pt2e.graph import named_layers
 from sq_pt2e.observers import grid_bounds, weight_scales
@@ -67,31 +67,14 @@ from sq_pt2e.replay import Stage, latest_stages, model_stages, replaying
 __all__ = [
     "RefitWeights",
     "apply_refit_weights",
-    "hash_tensor",
     "load_refits",
     "reconstruct_layers",
     "save_refits",
-    "tensor_digest",
 ]
 
 DEFAULT_RIDGE = 1e-3
 DEFAULT_GPTQ_DAMP = 0.01
 REFIT_FORMAT = "sq-pt2e-refit/1"
-
-
-def hash_tensor(digest: hashlib._Hash, tensor: torch.Tensor, label: str = "") -> None:
-    """Feed ``label``, ``tensor``'s dtype and shape, then its bytes into ``digest``."""
-    flat = tensor.detach().cpu().contiguous().reshape(-1)
-    digest.update(f"{label}{flat.dtype}:{tuple(tensor.shape)};".encode())
-    digest.update(flat.view(torch.uint8).numpy().tobytes())
-
-
-def tensor_digest(*tensors: torch.Tensor) -> str:
-    """A short hex digest of the tensors' dtypes, shapes and bytes."""
-    digest = hashlib.sha256()
-    for tensor in tensors:
-        hash_tensor(digest, tensor)
-    return digest.hexdigest()[:16]
 
 
 @dataclass(frozen=True, eq=False)

@@ -65,13 +65,14 @@ from torch import nn
 
 from sq_pt2e.asr import greedy_transcript
 from sq_pt2e.atomic import atomic_write_text
+from sq_pt2e.digest import hash_tensor
 from sq_pt2e.errors import SearchStateError
 from sq_pt2e.layer_cost import layer_flops
 from sq_pt2e.models.build import to_ctc_logits
 from sq_pt2e.observers import AbsHistogram, act_floor, range_max, range_mse, range_percentile
 from sq_pt2e.passes.fold_weight_norm import fold_weight_norm
 from sq_pt2e.plan import LayerPlan, OpKind, QuantPlan
-from sq_pt2e.reconstruct import RefitWeights, hash_tensor, reconstruct_layers
+from sq_pt2e.reconstruct import RefitWeights, reconstruct_layers
 from sq_pt2e.replay import StageCache
 from sq_pt2e.simulate import LayerQuant, QuantizableModule, collect_statistics, fake_quantized, quantizable_modules
 
