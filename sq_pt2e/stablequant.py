@@ -73,7 +73,7 @@ from sq_pt2e.observers import AbsHistogram, act_floor, range_max, range_mse, ran
 from sq_pt2e.passes.fold_weight_norm import fold_weight_norm
 from sq_pt2e.plan import LayerPlan, OpKind, QuantPlan
 from sq_pt2e.reconstruct import RefitWeights, reconstruct_layers
-from sq_pt2e.replay import StageCache
+from sq_pt2e.replay import DEFAULT_CACHE_BYTES, StageCache
 from sq_pt2e.simulate import LayerQuant, QuantizableModule, collect_statistics, fake_quantized, quantizable_modules
 
 __all__ = [
@@ -92,6 +92,7 @@ __all__ = [
     "float_log_probs",
     "layer_groups",
     "layer_key",
+    "new_stage_cache",
     "score_utterances",
     "FIRST_CONV",
     "search_input_scales",
@@ -391,6 +392,11 @@ def score_utterances(
     return UtteranceScores(tuple(kls), errors)
 
 
+def new_stage_cache(model: nn.Module, max_bytes: int = DEFAULT_CACHE_BYTES) -> StageCache:
+    """An empty :class:`~sq_pt2e.replay.StageCache` for scoring candidates of ``model``."""
+    return StageCache([m.name for m in quantizable_modules(to_ctc_logits(model))], layer_key, max_bytes=max_bytes)
+
+
 def layer_key(name: str, quant: LayerQuant) -> str:
     """A layer's part of :func:`candidate_key`: equal only when the layer simulates identically.
 
@@ -515,10 +521,13 @@ class Evaluator:
         self.cached = 0
         self.seconds = 0.0
         self._memo: dict[str, Score] = {}
-        layer_order = [m.name for m in quantizable_modules(to_ctc_logits(model))]
-        self.stage_cache: StageCache | None = StageCache(layer_order, layer_key)
+        self.stage_cache = self._new_stage_cache()
         self.float_score = self._prepare()
         self.cache = ScoreCache(cache, self.fingerprint()) if cache is not None else None
+
+    def _new_stage_cache(self) -> StageCache | None:
+        """The stage cache of the candidates this process scores (None: they run whole)."""
+        return new_stage_cache(self.model)
 
     def _prepare(self) -> Score:
         """Compute the float reference; returns the float model's score."""

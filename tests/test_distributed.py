@@ -127,6 +127,24 @@ def test_scores_do_not_depend_on_the_sharding(planted_model, statistics) -> None
         assert sharded(candidate) == single(candidate)
 
 
+def test_workers_replay_stages_per_shard_with_the_same_scores(planted_model, statistics) -> None:
+    from sq_pt2e.distributed import search as distributed_search
+
+    full = {name: LayerQuant(hist.max_abs, 8, 8) for name, hist in statistics.items()}
+    late = list(full)[-1]  # candidates differing only in the head share every stage before it
+    candidates = [full] + [{**full, late: LayerQuant(full[late].act_range / k, 8, 8)} for k in (2, 4)]
+    recomputing = Evaluator(planted_model, _waves(2, 3))
+    recomputing.stage_cache = None
+    sharded = DistributedEvaluator(planted_model, _waves(2, 3), runner=SerialRunner(threads=1), shards=2)
+    assert sharded.stage_cache is None  # the driver runs no candidate
+    assert sharded.score_many(candidates) == recomputing.score_many(candidates)
+    caches = [distributed_search._SHARD_STAGE_CACHES[sharded._shard_key(s)] for s in range(2)]
+    assert all(cache.replayed > 0 for cache in caches)
+    # Another evaluator's shards take the worker's room.
+    DistributedEvaluator(planted_model, _waves(2, 3), runner=SerialRunner(threads=1), shards=1)
+    assert len(distributed_search._SHARD_STAGE_CACHES) == 1
+
+
 def test_shard_bounds_cover_every_item_in_order_by_length() -> None:
     assert shard_bounds([10, 10, 10, 10], 2) == [(0, 2), (2, 4)]
     assert shard_bounds([30, 10, 10, 10], 2) == [(0, 1), (1, 4)]

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import uuid
+from collections import OrderedDict
 from collections.abc import Callable, Iterator, Sequence
 
 import torch
@@ -10,23 +12,51 @@ from torch import nn
 
 from sq_pt2e.distributed.runners import Runner, raise_failures, shard_bounds, shippable_model
 from sq_pt2e.observers import AbsHistogram
-from sq_pt2e.stablequant import Candidate, Evaluator, Score, UtteranceScores, float_log_probs, score_utterances
+from sq_pt2e.replay import DEFAULT_CACHE_BYTES, StageCache
+from sq_pt2e.stablequant import (
+    Candidate,
+    Evaluator,
+    Score,
+    UtteranceScores,
+    float_log_probs,
+    new_stage_cache,
+    score_utterances,
+)
 
 __all__ = ["DistributedEvaluator", "collect_statistics_distributed"]
 
 
+# This worker process's stage caches, one per dev shard it has scored (the most recently used last).
+_SHARD_STAGE_CACHES: OrderedDict[str, StageCache] = OrderedDict()
+
+
+def _shard_stage_cache(model: nn.Module, shard_key: str, shards: int) -> StageCache:
+    """The worker's stage cache of one dev shard, kept across tasks. A worker keeps at most ``shards``
+    caches (those of other evaluators go first), each ``1 / shards`` of the default budget."""
+    cache = _SHARD_STAGE_CACHES.pop(shard_key, None)
+    if cache is None:
+        cache = new_stage_cache(model, DEFAULT_CACHE_BYTES // shards)
+    _SHARD_STAGE_CACHES[shard_key] = cache
+    while len(_SHARD_STAGE_CACHES) > shards:
+        _SHARD_STAGE_CACHES.popitem(last=False)
+    return cache
+
+
 def _float_task(model: nn.Module, shard: tuple[list[torch.Tensor], list[str] | None],
-                decode: Callable[[torch.Tensor], str]) -> tuple[list[torch.Tensor], UtteranceScores]:
+                decode: Callable[[torch.Tensor], str], shard_key: str,
+                shards: int) -> tuple[list[torch.Tensor], UtteranceScores]:
     waves, references = shard
     log_probs = float_log_probs(model, waves)
-    return log_probs, score_utterances(model, waves, log_probs, references, decode, None)
+    stage_cache = _shard_stage_cache(model, shard_key, shards)
+    return log_probs, score_utterances(model, waves, log_probs, references, decode, None, stage_cache)
 
 
 def _score_task(model: nn.Module, shard: tuple[list[torch.Tensor], list[str] | None],
                 log_probs: list[torch.Tensor], decode: Callable[[torch.Tensor], str],
-                layers: Candidate) -> UtteranceScores:
+                layers: Candidate, shard_key: str, shards: int) -> UtteranceScores:
     waves, references = shard
-    return score_utterances(model, waves, log_probs, references, decode, layers)
+    stage_cache = _shard_stage_cache(model, shard_key, shards)
+    return score_utterances(model, waves, log_probs, references, decode, layers, stage_cache)
 
 
 class DistributedEvaluator(Evaluator):
@@ -36,6 +66,8 @@ class DistributedEvaluator(Evaluator):
     model's log-probabilities are computed per shard by tasks and shipped once too.
     Each task returns per-utterance results; they are concatenated in utterance order,
     so scores equal the single-process ones exactly (given the same threads per task).
+    Each worker process keeps a stage cache per dev shard it scores (so a candidate
+    replays what an earlier one on that worker and shard recorded); replays do not change scores.
 
     Args:
         model: the float model.
@@ -56,14 +88,22 @@ class DistributedEvaluator(Evaluator):
                  shards: int | None = None, cache: str | os.PathLike[str] | None = None) -> None:
         self.runner = runner
         self.bounds = shard_bounds([int(w.shape[-1]) for w in waves], shards or runner.workers) if waves else []
+        self._instance = uuid.uuid4().hex  # names this evaluator's shard stage caches in the workers
         super().__init__(model, waves, references, decode, cache=cache)
+
+    def _new_stage_cache(self) -> StageCache | None:
+        return None  # the workers keep theirs (one per shard)
+
+    def _shard_key(self, shard: int) -> str:
+        return f"{self._instance}:{shard}"
 
     def _prepare(self) -> Score:
         refs = self.references
         self._model_ref = self.runner.share(shippable_model(self.model))
         self._shard_refs = [self.runner.share((self.waves[a:b], refs[a:b] if refs is not None else None))
                             for a, b in self.bounds]
-        calls = [(self._model_ref, shard, self.decode) for shard in self._shard_refs]
+        calls = [(self._model_ref, shard, self.decode, self._shard_key(s), len(self.bounds))
+                 for s, shard in enumerate(self._shard_refs)]
         parts: dict[int, tuple[list[torch.Tensor], UtteranceScores]] = {}
         for index, result in raise_failures(self.runner.run(_float_task, calls),
                                             lambda i: f"float evaluation of dev shard {self.bounds[i]}"):
@@ -74,8 +114,8 @@ class DistributedEvaluator(Evaluator):
 
     def _score_uncached(self, candidates: Sequence[Candidate]) -> Iterator[tuple[int, Score]]:
         shards = len(self.bounds)
-        calls = ((self._model_ref, self._shard_refs[s], self._log_prob_refs[s], self.decode, layers)
-                 for layers in candidates for s in range(shards))
+        calls = ((self._model_ref, self._shard_refs[s], self._log_prob_refs[s], self.decode, layers,
+                  self._shard_key(s), shards) for layers in candidates for s in range(shards))
         parts: dict[int, dict[int, UtteranceScores]] = {}
         results = raise_failures(self.runner.run(_score_task, calls),
                                  lambda i: f"candidate {i // shards} on dev shard {self.bounds[i % shards]}")
