@@ -13,6 +13,7 @@ from sq_pt2e.train.corpus import (
     ACCENTS,
     FLITE_SPLIT_VOICES,
     SPLIT_VARIANTS,
+    SPLITS,
     CorpusSpec,
     Voice,
     build_corpus,
@@ -24,7 +25,6 @@ needs_espeak = pytest.mark.skipif(shutil.which("espeak-ng") is None, reason="esp
 needs_flite = pytest.mark.skipif(shutil.which("flite") is None, reason="flite binary not installed")
 
 SENTENCES = [f"Sentence {chr(65 + i % 26)}{chr(65 + i // 26)} is here." for i in range(60)] + ["Dup it.", "dup it", "x"]
-SPLITS = ("train", "dev", "test")
 
 
 def test_voice_variants_are_disjoint_between_splits() -> None:
@@ -111,6 +111,15 @@ def test_corpus_is_deterministic_disjoint_and_holds_out_real_sentences(tmp_path)
     everything = set().union(*texts.values())
     assert "REAL THREE IS HERE" not in everything  # held-out real clip: in no synthetic split
     assert not ({"REAL ONE IS HERE", "REAL TWO IS HERE"} & (texts["dev"] | texts["test"]))
+    # The evaluation splits alone are the same to the sample (the voices drawn for train still drawn).
+    alone = build_corpus(tmp_path / "eval", sentences, spec, real_clips=real, progress=False, engines=["espeak-ng"],
+                         splits=("dev", "test"))
+    assert not (tmp_path / "eval" / "train").exists() and "train" not in alone
+    for split in ("dev", "test"):
+        utts = read_manifest(alone[split])
+        assert [(u.id, u.text) for u in utts] == [(u.id, u.text) for u in first[split]]
+        for a, b in zip(utts, first[split]):
+            np.testing.assert_array_equal(sf.read(a.path)[0], sf.read(b.path)[0])
     voices = {split: _voices(tmp_path / "a", split) for split in SPLITS}
     assert voices["train"] <= set(SPLIT_VARIANTS["train"]) and voices["test"] <= set(SPLIT_VARIANTS["test"])
     assert not (voices["train"] & voices["test"]) and not (voices["train"] & voices["dev"])

@@ -58,6 +58,9 @@ def _parser() -> argparse.ArgumentParser:
     corpus.add_argument("--seed", type=int, default=0)
     corpus.add_argument("--engines", default=None,
                         help="comma-separated subset of espeak-ng,flite,festival (default: those installed)")
+    corpus.add_argument("--splits", nargs="+", choices=["train", "dev", "test"], default=["train", "dev", "test"],
+                        help="splits to render: 'dev test' renders the evaluation splits alone (seconds), the same "
+                             "to the sample as in the whole corpus")
     run = verbs.add_parser("train", help="train or resume a reference model")
     run.add_argument("--model", choices=sorted(REFERENCE_MODELS), required=True)
     run.add_argument("--corpus", type=Path, default=Path("corpus"))
@@ -138,7 +141,8 @@ def _corpus(args: argparse.Namespace) -> int:
         print(f"no real clips at {args.real_clips}: the corpus is synthetic only")
     spec = CorpusSpec(train_sentences=args.train_sentences, seed=args.seed)
     engines = args.engines.split(",") if args.engines else None
-    built = build_corpus(args.out, sentences, spec, real_clips=real, workers=args.workers, engines=engines)
+    built = build_corpus(args.out, sentences, spec, real_clips=real, workers=args.workers, engines=engines,
+                         splits=args.splits)
     for split, path in built.items():
         print(split, path)
     return 0

@@ -45,6 +45,7 @@ __all__ = [
     "ENGINES",
     "FLITE_SPLIT_VOICES",
     "SAMPLE_RATE",
+    "SPLITS",
     "SPLIT_VARIANTS",
     "CorpusSpec",
     "Voice",
@@ -75,6 +76,7 @@ SPLIT_VARIANTS: dict[str, tuple[str, ...]] = {
     "test": ("m4", "f3", "klatt3", "david", "linda", "victor"),
 }
 # flite voices per split (disjoint); festival (kal_diphone) is used for training only
+SPLITS = ("train", "dev", "test")  # the synthetic splits, in the order their random choices are drawn
 FLITE_SPLIT_VOICES: dict[str, tuple[str, ...]] = {"train": ("awb", "rms", "kal16"), "dev": ("kal",), "test": ("slt",)}
 _FEMALE = {"slt"}
 # mean F0 (Hz) of flite / festival voices: the female test voice speaks in the upper range; the
@@ -331,7 +333,7 @@ def _interleave(parts: list[list[Utterance]], seed: int) -> list[Utterance]:
 
 def build_corpus(out_dir: str | os.PathLike[str], sentences: Sequence[str], spec: CorpusSpec = CorpusSpec(), *,
                  real_clips: Sequence[Utterance] = (), workers: int = 2, progress: bool = True,
-                 engines: Sequence[str] | None = None) -> dict[str, Path]:
+                 engines: Sequence[str] | None = None, splits: Sequence[str] = SPLITS) -> dict[str, Path]:
     """Render the corpus into ``out_dir``.
 
     Args:
@@ -344,15 +346,22 @@ def build_corpus(out_dir: str | os.PathLike[str], sentences: Sequence[str], spec
         progress: show progress bars.
         engines: engines to render (default: espeak-ng plus whichever of flite and
             festival are installed).
+        splits: the synthetic splits to render, e.g. ``("dev", "test")`` for the evaluation
+            splits alone (in seconds): they are the same to the sample as in the whole corpus.
 
     Returns:
-        ``{split: manifest path}`` for ``train``, ``dev``, ``test`` and, with real clips,
+        ``{split: manifest path}`` for the rendered ``splits`` and, with real clips,
         ``real-train`` and ``real-test``.
 
     Raises:
         SqPt2eError: espeak-ng (or a requested engine) is not installed.
+        ValueError: an unknown split.
     """
     from tqdm import tqdm
+
+    unknown = sorted(set(splits) - set(SPLITS))
+    if unknown:
+        raise ValueError(f"unknown corpus split(s) {unknown} (known: {', '.join(SPLITS)})")
 
     _require("espeak-ng")
     if engines is None:
@@ -365,15 +374,18 @@ def build_corpus(out_dir: str | os.PathLike[str], sentences: Sequence[str], spec
     real_test = list(real_clips)[-spec.real_test_clips :] if real_clips and spec.real_test_clips else []
     held_out = {normalize_transcript(u.text) for u in real_test}
     all_real = {normalize_transcript(u.text) for u in real_clips}
-    splits = split_sentences(sentences, spec, held_out)
-    parts: dict[str, dict[str, list[_Job]]] = {"espeak-ng": _espeak_jobs(out, splits, spec)}
+    texts = split_sentences(sentences, spec, held_out)
+    # Every split's jobs are drawn (the random streams run through them in order), only ``splits`` rendered.
+    parts: dict[str, dict[str, list[_Job]]] = {"espeak-ng": _espeak_jobs(out, texts, spec)}
     for engine in engines:
         if engine != "espeak-ng":
-            parts[engine] = _other_engine_jobs(out, splits, spec, engine)
+            parts[engine] = _other_engine_jobs(out, texts, spec, engine)
     manifests: dict[str, Path] = {}
-    per_split: dict[str, list[list[Utterance]]] = {"train": [], "dev": [], "test": []}
+    per_split: dict[str, list[list[Utterance]]] = {split: [] for split in splits}
     for engine, engine_jobs in parts.items():
         for split, jobs in engine_jobs.items():
+            if split not in per_split:
+                continue
             if split != "train":  # a sentence spoken by a real training clip is no test of anything
                 jobs = [job for job in jobs if job[1] not in all_real]
             for job in jobs[:1]:
