@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import ast
 import functools
+import gc
 import json
 import os
 from collections.abc import Iterator, Sequence
@@ -140,9 +141,12 @@ def test_workers_replay_stages_per_shard_with_the_same_scores(planted_model, sta
     assert sharded.score_many(candidates) == recomputing.score_many(candidates)
     caches = [distributed_search._SHARD_STAGE_CACHES[sharded._shard_key(s)] for s in range(2)]
     assert all(cache.replayed > 0 for cache in caches)
-    # Another evaluator's shards take the worker's room.
-    DistributedEvaluator(planted_model, _waves(2, 3), runner=SerialRunner(threads=1), shards=1)
-    assert len(distributed_search._SHARD_STAGE_CACHES) == 1
+    # Another evaluator's shards take the worker's room; an evaluator's caches in this process go with it.
+    other = DistributedEvaluator(planted_model, _waves(2, 3), runner=SerialRunner(threads=1), shards=1)
+    assert list(distributed_search._SHARD_STAGE_CACHES) == [other._shard_key(0)]
+    del other
+    gc.collect()
+    assert not distributed_search._SHARD_STAGE_CACHES
 
 
 def test_shard_bounds_cover_every_item_in_order_by_length() -> None:

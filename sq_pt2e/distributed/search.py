@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import uuid
+import weakref
 from collections import OrderedDict
 from collections.abc import Callable, Iterator, Sequence
 
@@ -40,6 +41,11 @@ def _shard_stage_cache(model: nn.Module, shard_key: str, shards: int) -> StageCa
     while len(_SHARD_STAGE_CACHES) > shards:
         _SHARD_STAGE_CACHES.popitem(last=False)
     return cache
+
+
+def _drop_shard_stage_caches(instance: str) -> None:
+    for key in [k for k in _SHARD_STAGE_CACHES if k.startswith(f"{instance}:")]:
+        del _SHARD_STAGE_CACHES[key]
 
 
 def _float_task(model: nn.Module, shard: tuple[list[torch.Tensor], list[str] | None],
@@ -89,6 +95,8 @@ class DistributedEvaluator(Evaluator):
         self.runner = runner
         self.bounds = shard_bounds([int(w.shape[-1]) for w in waves], shards or runner.workers) if waves else []
         self._instance = uuid.uuid4().hex  # names this evaluator's shard stage caches in the workers
+        # Where tasks run in this process (SerialRunner), its caches go with the evaluator.
+        weakref.finalize(self, _drop_shard_stage_caches, self._instance)
         super().__init__(model, waves, references, decode, cache=cache)
 
     def _new_stage_cache(self) -> StageCache | None:
