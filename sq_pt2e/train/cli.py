@@ -42,6 +42,7 @@ def training_utterances(corpus: Path, real_repeat: int = 3) -> list[Utterance]:
 
 
 def _parser() -> argparse.ArgumentParser:
+    from sq_pt2e.train.corpus import SPLITS
     from sq_pt2e.train.trainer import REFERENCE_MODELS
 
     parser = argparse.ArgumentParser(prog="python -m sq_pt2e.train", description=__doc__,
@@ -58,7 +59,7 @@ def _parser() -> argparse.ArgumentParser:
     corpus.add_argument("--seed", type=int, default=0)
     corpus.add_argument("--engines", default=None,
                         help="comma-separated subset of espeak-ng,flite,festival (default: those installed)")
-    corpus.add_argument("--splits", nargs="+", choices=["train", "dev", "test"], default=["train", "dev", "test"],
+    corpus.add_argument("--splits", nargs="+", choices=SPLITS, default=list(SPLITS),
                         help="splits to render: 'dev test' renders the evaluation splits alone (seconds), the same "
                              "to the sample as in the whole corpus")
     run = verbs.add_parser("train", help="train or resume a reference model")

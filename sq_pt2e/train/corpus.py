@@ -69,6 +69,7 @@ _TRAIN_VARIANTS = (
     "michel", "miguel", "Mike", "Mr", "Nguyen", "pablo", "pedro", "quincy", "rob", "robert", "shelby", "travis",
     "norbert", "sandro", "zac", "anika", "grandpa", "grandma",
 )  # fmt: skip
+SPLITS = ("train", "dev", "test")  # the synthetic splits, in the order their random choices are drawn
 # espeak-ng voice variants per split (disjoint)
 SPLIT_VARIANTS: dict[str, tuple[str, ...]] = {
     "train": _TRAIN_VARIANTS,
@@ -76,7 +77,6 @@ SPLIT_VARIANTS: dict[str, tuple[str, ...]] = {
     "test": ("m4", "f3", "klatt3", "david", "linda", "victor"),
 }
 # flite voices per split (disjoint); festival (kal_diphone) is used for training only
-SPLITS = ("train", "dev", "test")  # the synthetic splits, in the order their random choices are drawn
 FLITE_SPLIT_VOICES: dict[str, tuple[str, ...]] = {"train": ("awb", "rms", "kal16"), "dev": ("kal",), "test": ("slt",)}
 _FEMALE = {"slt"}
 # mean F0 (Hz) of flite / festival voices: the female test voice speaks in the upper range; the
@@ -269,7 +269,7 @@ def _espeak_jobs(out: Path, splits: dict[str, list[str]], spec: CorpusSpec) -> d
     """The espeak-ng part (folders ``train/``, ``dev/``, ``test/``)."""
     rng = random.Random(spec.seed + 1)
     jobs: dict[str, list[_Job]] = {}
-    for split in ("train", "dev", "test"):
+    for split in SPLITS:
         texts = splits[split][: spec.train_sentences] if split == "train" else splits[split]
         jobs[split] = []
         for index, text in enumerate(texts):
