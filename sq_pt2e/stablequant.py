@@ -185,6 +185,10 @@ class SearchConfig:
             range fine enough for their inputs' bulk clips the loud frames, one that covers those
             is too coarse for the rest.
         split_ops: op kinds an outlier split may apply to.
+        split_scope: which groups an outlier split is tried for: the ``"sensitive"`` ones, or
+            ``"all"`` groups whose layers are all of ``split_ops`` kinds. A split also makes the
+            main grid finer, so it can pay where no clip does: where the rounding error of a dense
+            input dominates, not its outliers.
         split_gain: a split is kept only when it lowers the dev logit KL by at least this share
             of the KL with the group's own choice (it costs compute: small gains do not pay).
         split_max_flops: the most all outlier splits together may add, as a share of the searched
@@ -231,6 +235,7 @@ class SearchConfig:
     float_share: float = 0.0
     split_percentiles: tuple[float, ...] = DEFAULT_SPLIT_PERCENTILES
     split_ops: tuple[OpKind, ...] = ("conv1d",)
+    split_scope: Literal["sensitive", "all"] = "sensitive"
     split_gain: float = 0.1
     split_max_flops: float = 1.0
     refit_ops: tuple[OpKind, ...] = ("conv1d",)
@@ -261,6 +266,8 @@ class SearchConfig:
         if self.act_scheme not in ("symmetric", "affine") or self.start not in ("mse", "max"):
             raise ValueError(f"act_scheme={self.act_scheme!r} (expected symmetric or affine), start={self.start!r} "
                              "(expected mse or max)")
+        if self.split_scope not in ("sensitive", "all"):
+            raise ValueError(f"split_scope={self.split_scope!r} (expected sensitive or all)")
         for pattern in self.keep_float:
             try:
                 re.compile(pattern)
@@ -979,7 +986,8 @@ def search_plan(
         if pass_number > 1 and changes == 0:
             break
     op_of = {m.name: m.op for m in modules}
-    splittable = [g for g in report.sensitive_groups if config.split_percentiles  # a group splits whole, or not
+    scope = report.sensitive_groups if config.split_scope == "sensitive" else list(groups)
+    splittable = [g for g in scope if config.split_percentiles  # a group splits whole, or not
                   and all(op_of[n] in config.split_ops for n in groups[g])]
     if splittable:
         flops = layer_flops(model, [m.name for m in modules])
