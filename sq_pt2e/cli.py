@@ -193,14 +193,15 @@ def add_search_arguments(parser: argparse.ArgumentParser) -> None:
                              f"{SearchConfig.float_share}: every searched layer int8)")
     parser.add_argument("--split-percentiles", type=float, nargs="*",
                         default=list(SearchConfig.split_percentiles),
-                        help="outlier split: for each sensitive group, try each of these percentiles as the range of "
-                             "its CNN convs' inputs, with what lies above computed by a second int8 conv (same "
-                             "weights, twice the multiply-adds); kept when it lowers the dev KL by --split-gain "
-                             f"(default {' '.join(f'{p:g}' for p in SearchConfig.split_percentiles)}; "
+                        help="outlier split: for each group of CNN convs (--split-scope), try each of these "
+                             "percentiles as the range of its inputs, with what lies above computed by a second int8 "
+                             "conv (same weights, twice the multiply-adds); kept when it lowers the dev KL by "
+                             f"--split-gain (default {' '.join(f'{p:g}' for p in SearchConfig.split_percentiles)}; "
                              "no values: off)")
-    parser.add_argument("--split-scope", choices=("sensitive", "all"), default=SearchConfig.split_scope,
-                        help="which groups the outlier split is tried for: the sensitive ones, or every group of "
-                             f"CNN convs (a split also makes the main grid finer; default {SearchConfig.split_scope})")
+    parser.add_argument("--split-scope", choices=("all", "sensitive"), default=SearchConfig.split_scope,
+                        help="which groups the outlier split is tried for: every group of CNN convs, or the "
+                             "sensitive ones (a split also makes the main grid finer where rounding, not outliers, "
+                             f"costs most; default {SearchConfig.split_scope})")
     parser.add_argument("--split-gain", type=float, default=SearchConfig.split_gain,
                         help="with --split-percentiles: the share of the dev logit KL a split must save to be kept "
                              f"(default {SearchConfig.split_gain})")
@@ -261,7 +262,8 @@ def search_inputs(args: argparse.Namespace) -> tuple[object, object, object]:
                           smooth_alphas=tuple(args.smooth_alpha),
                           passes=args.passes, promote_weight_bits=args.promote_bits, promote_share=args.promote_share,
                           float_share=args.float_share, split_percentiles=tuple(args.split_percentiles),
-                          split_scope=args.split_scope, split_gain=args.split_gain, split_max_flops=args.split_max_flops,
+                          split_scope=args.split_scope, split_gain=args.split_gain,
+                          split_max_flops=args.split_max_flops,
                           refit_ops=() if args.no_refit else SearchConfig.refit_ops)
     return model, sets, config
 

@@ -209,7 +209,8 @@ def _search_section(search: dict[str, Any]) -> list[str]:
         lines.append(f"- outlier split: {split}: the inputs above that percentile computed by a second int8 layer, "
                      f"adding {search.get('split_flops_share', 0.0):.0%} of the searched layers' FLOPs "
                      f"(tried at p{', p'.join(f'{p:g}' for p in config.get('split_percentiles', []))} for each "
-                     f"sensitive group, at most {config.get('split_max_flops', 1.0):.0%} added)")
+                     f"{'sensitive ' if config.get('split_scope') == 'sensitive' else ''}group of CNN convs, at most "
+                     f"{config.get('split_max_flops', 1.0):.0%} added)")
     if search.get("smoothing_trials"):
         trials = ", ".join(f"{alpha}: KL {t['kl']:.3g}" for alpha, t in search["smoothing_trials"].items())
         lines.append(f"- smoothing strength: searched at each alpha ({trials}); chose {config.get('smooth_alpha')}")

@@ -16,7 +16,7 @@ from sq_pt2e.pipeline import quantize_model
 from sq_pt2e.plan import LayerPlan, QuantPlan
 from sq_pt2e.simulate import collect_statistics, fake_quantized, plan_layer_quants, quantizable_modules
 from sq_pt2e.layer_cost import layer_flops
-from sq_pt2e.stablequant import Evaluator, SearchConfig, search_plan
+from sq_pt2e.stablequant import JOINT, Evaluator, SearchConfig, SearchReport, search_plan
 from sq_pt2e.testing import channel_outlier_model, compiled_plan_report, example_waves
 
 CONV = "wav2vec2.feature_extractor.conv_layers.{}.conv"
@@ -85,13 +85,18 @@ def test_split_layers_compile_to_int8_kernels_that_match_eager(single_thread) ->
     assert report.cosine >= 0.999
 
 
+def _split_tried(report: SearchReport) -> set[str]:
+    """The groups an outlier split was tried for, alone or together with others."""
+    return {group for label in report.split_trials for group in label.split(JOINT)}
+
+
 def test_search_splits_the_layer_whose_outliers_matter() -> None:
     torch.set_num_threads(1)
     model = channel_outlier_model()
     calibration = example_waves(3, 4, 8000)
     statistics = collect_statistics(model, calibration)
     evaluator = Evaluator(model, example_waves(4, 3, 8000))
-    config = SearchConfig(smooth_alpha=0.0, refit_ops=(), passes=1)
+    config = SearchConfig(smooth_alpha=0.0, refit_ops=(), passes=1, split_scope="sensitive")
     plan, report = search_plan(model, statistics, evaluator, config)
     assert CONV.format(2) in report.split_groups
     layer = next(layer for layer in plan.layers if layer.name == CONV.format(2))
@@ -111,6 +116,13 @@ def test_search_splits_the_layer_whose_outliers_matter() -> None:
     assert capped_report.split_flops_share == 0.0 and any("not tried" in line for line in lines)
     assert capped.to_json() == search_plan(model, statistics, evaluator,
                                            dataclasses.replace(config, split_percentiles=()))[0].to_json()
+    # split_scope: every group of CNN convs is tried, not only the sensitive ones
+    _, every = search_plan(model, statistics, evaluator, dataclasses.replace(config, split_scope="all"))
+    convs = {g for g in every.sensitivity if ".conv_layers." in g}
+    assert _split_tried(report) == convs & set(report.sensitive_groups) != convs
+    assert _split_tried(every) == convs and every.split_groups
+    with pytest.raises(ValueError, match="split_scope"):
+        SearchConfig(split_scope="convs")
     with pytest.raises(ValueError, match="split_percentiles"):
         SearchConfig(split_percentiles=(100.0,))
     with pytest.raises(ValueError, match="split_max_flops"):
