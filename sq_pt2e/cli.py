@@ -537,6 +537,11 @@ def _cmd_eval(args: argparse.Namespace) -> int:
             row |= {"int8_wer": wer(refs, int8_texts), "int8_cer": cer(refs, int8_texts), "delta": delta.delta,
                     "low": delta.low, "high": delta.high}
             line += f" {row['int8_wer']:.2f} | {row['int8_cer']:.2f} | {delta} |"
+        row["transcripts"] = [{"id": u.id, "reference": ref, "float32": text} for u, ref, text
+                              in zip(utts, refs, float_texts, strict=True)]
+        if int8_forward is not None:
+            for entry, text in zip(row["transcripts"], int8_texts, strict=True):
+                entry["int8"] = text
         results[name] = row
         lines.append(line)
     decoding = "greedy CTC" if decode is None else f"beam search with the word LM {args.lm}"
@@ -789,7 +794,8 @@ def _build_parser() -> argparse.ArgumentParser:
                           help="skip: leave out (and list) unreadable files instead of stopping")
     _add_decoder_arguments(evaluate)
     _add_threads_argument(evaluate)
-    evaluate.add_argument("--output-dir", type=Path, default=None)
+    evaluate.add_argument("--output-dir", type=Path, default=None,
+                          help="write eval.json here: WER / CER per set and every utterance's transcripts")
     evaluate.set_defaults(run=_cmd_eval)
 
     from sq_pt2e.distributed.cli import add_cli_verbs

@@ -103,6 +103,10 @@ def test_transcribe_and_export_verbs(tmp_path, capsys) -> None:
     assert main(["transcribe", "--model", "tiny-hubert", audio, "--plan", str(tmp_path / "plan.json"), "--json"]) == 0
     (row,) = json_module.loads(capsys.readouterr().out)
     assert row["file"] == audio and isinstance(row["text"], str)
+    assert main(["eval", "--model", "tiny-hubert", "--eval", "synthetic-test", "--max-eval", "1", "--plan",
+                 str(tmp_path / "plan.json"), "--output-dir", str(tmp_path / "eval")]) == 0
+    (entry,) = json_module.loads((tmp_path / "eval" / "eval.json").read_text())["synthetic-test"]["transcripts"]
+    assert isinstance(entry["int8"], str)
     pte = tmp_path / "m.pte"
     assert main(["export", "--model", "tiny-hubert", "--plan", str(tmp_path / "plan.json"), "--seconds", "1",
                  "--max-calibration", "2", "--threads", "1", "--output", str(pte)]) == 0
@@ -156,6 +160,8 @@ def test_eval_verb_reports_float_wer_per_shipped_set(tmp_path, capsys) -> None:
     results = json_module.loads((tmp_path / "eval.json").read_text())
     assert set(results) == {"synthetic-test", "test-clean"}
     assert all(r["utterances"] == 2 and r["float_wer"] >= 0 for r in results.values())
+    first = results["synthetic-test"]["transcripts"][0]  # per utterance, to compare runs with
+    assert set(first) == {"id", "reference", "float32"} and first["reference"]
     assert main(["eval", "--model", "tiny-wav2vec2", "--eval", "nonsense"]) == EXIT_FAILED
 
 
