@@ -177,8 +177,8 @@ class SearchConfig:
             sensitive groups no clip percentile helped are also scored together, as one candidate
             (``"a + b"``): their int8 errors can offset each other, so that floating one of them
             alone makes the output worse (ref-wav2vec2, CNN convs 1-3).
-        split_percentiles: main-grid percentiles tried for an outlier split of each sensitive
-            group (empty: off). The group's layers of ``split_ops`` kinds get the p-th percentile
+        split_percentiles: main-grid percentiles tried for an outlier split of each group in
+            ``split_scope`` (empty: off). The group's layers of ``split_ops`` kinds get the p-th percentile
             of their input as range, and what lies beyond it a second grid and a second int8
             layer with the same weights (``LayerPlan.outlier_range``). It costs that layer's
             multiply-adds twice. On ref-wav2vec2 W8A8 (a hand-made split of the CNN convs 1-3 at
