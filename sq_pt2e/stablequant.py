@@ -1244,10 +1244,10 @@ def _to_plan(
                              if k != "percentile"}
         if group in report.split_groups:
             p = report.split_groups[group]
+            kind = "sensitive group" if group in report.sensitive_groups else "group"
             layer = LayerPlan(m.name, op=m.op, calibration="percentile", clip_percentile=p,
-                              reason=f"{'sensitive ' * (group in report.sensitive_groups)}group {group}: outlier "
-                                     f"split at percentile {p:g} (the inputs above "
-                                     "it computed by a second int8 layer with the same weights)")
+                              reason=f"{kind} {group}: outlier split at percentile {p:g} (the inputs above it "
+                                     "computed by a second int8 layer with the same weights)")
         elif group in report.kept_mse:
             evidence |= {f"mse_{k}": v for k, v in report.kept_mse[group].items()}
             layer = LayerPlan(m.name, op=m.op, calibration="mse",
