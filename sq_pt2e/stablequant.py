@@ -50,6 +50,7 @@ Our reading of the paper (arXiv 2504.14915), each choice configurable in
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
 import os
@@ -988,13 +989,17 @@ def search_plan(
                                                     else f"p={choice}"))
         if pass_number > 1 and changes == 0:
             break
+    @functools.cache
+    def searched_flops() -> dict[str, int]:
+        """Each searched layer's FLOPs (1 s of audio): the split budget and the float fallback weigh by them."""
+        return layer_flops(model, [m.name for m in modules])
+
     op_of = {m.name: m.op for m in modules}
     scope = report.sensitive_groups if config.split_scope == "sensitive" else list(groups)
     splittable = [g for g in scope if config.split_percentiles  # a group splits whole, or not
                   and all(op_of[n] in config.split_ops for n in groups[g])]
     if splittable:
-        flops = layer_flops(model, [m.name for m in modules])
-        _SplitStep(groups, evaluator, hist, quant, flops, config, report, progress_bar, say).run(
+        _SplitStep(groups, evaluator, hist, quant, searched_flops(), config, report, progress_bar, say).run(
             splittable, chosen, outliers)
     promoted: set[str] = set()
     if config.promote_weight_bits is not None:
@@ -1017,7 +1022,7 @@ def search_plan(
         # weigh each group's int8 error as the final plan will have it: after weight reconstruction
         provisional = reconstruct_layers(model, without(set()), refit_names, calibration or []) if refit_names else {}
         report.float_groups, report.float_trials, report.kept_float_share = _upgrade_groups(
-            evaluator, fallback_groups, layer_flops(model, [m.name for m in modules]),
+            evaluator, fallback_groups, searched_flops(),
             lambda floated: without(floated, provisional), config.float_share, "flops", "float fallback",
             progress_bar)
         say(f"float fallback: {len(report.float_groups)} group(s) kept float "
