@@ -123,3 +123,16 @@ def test_corpus_is_deterministic_disjoint_and_holds_out_real_sentences(tmp_path)
     voices = {split: _voices(tmp_path / "a", split) for split in SPLITS}
     assert voices["train"] <= set(SPLIT_VARIANTS["train"]) and voices["test"] <= set(SPLIT_VARIANTS["test"])
     assert not (voices["train"] & voices["test"]) and not (voices["train"] & voices["dev"])
+
+
+def test_corpus_verb_refuses_missing_real_clips_instead_of_changing_the_splits(tmp_path, monkeypatch) -> None:
+    from sq_pt2e.train.cli import main
+
+    monkeypatch.chdir(tmp_path)  # the default path is relative to the working directory: not found here
+    with pytest.raises(SystemExit, match="no real clips at .*--no-real-clips"):
+        main(["corpus", "--out", str(tmp_path / "corpus")])
+    with pytest.raises(SystemExit, match="no real clips at .*missing.tsv"):
+        main(["corpus", "--out", str(tmp_path / "corpus"), "--real-clips", str(tmp_path / "missing.tsv")])
+    assert not (tmp_path / "corpus").exists()
+    with pytest.raises(SystemExit):  # argparse: not both
+        main(["corpus", "--no-real-clips", "--real-clips", "x.tsv"])

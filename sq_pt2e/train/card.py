@@ -148,9 +148,13 @@ transcribe real speech in general (see the LibriSpeech row).
 
 ## Reproduce or continue
 
-    python -m sq_pt2e.train corpus --out corpus        # needs espeak-ng (flite, festival optional)
+    python -m sq_pt2e.train corpus --out corpus --real-clips LJ.tsv   # needs espeak-ng (flite, festival optional)
     python -m sq_pt2e.train train --model {name} --minutes 600   # resumes runs/{name}/state.pt, else these weights
     python -m sq_pt2e.train export --model {name}      # copies runs/{name}/best here, evaluates, rewrites this card
+
+`LJ.tsv` is a manifest of the 385 real LJ Speech 1.1 clips the models were trained with
+(LJ001-0001 to LJ002-0200 without LJ002-0115); their sentences stay out of dev and test, so
+`--no-real-clips` gives other splits than the ones measured here.
 
 Without `runs/{name}/state.pt`, training resumes from the weights in this folder with a
 fresh optimizer at the step recorded in `train_state.json` (short re-warm-up).

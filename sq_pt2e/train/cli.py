@@ -52,8 +52,13 @@ def _parser() -> argparse.ArgumentParser:
     corpus.add_argument("--out", type=Path, default=Path("corpus"))
     corpus.add_argument("--sentences", type=Path, default=None,
                         help="one sentence per line (default: the shipped LJ Speech sentences)")
-    corpus.add_argument("--real-clips", type=Path, default=Path(_DEFAULT_LJSPEECH),
-                        help="transcripts.tsv of the real LJ Speech clips (skipped when missing)")
+    real_clips = corpus.add_mutually_exclusive_group()
+    real_clips.add_argument("--real-clips", type=Path, default=Path(_DEFAULT_LJSPEECH),
+                            help="transcripts.tsv of the real LJ Speech clips (default: %(default)s, relative to the "
+                                 "working directory); their sentences stay out of dev and test, so the splits depend "
+                                 "on them")
+    real_clips.add_argument("--no-real-clips", action="store_true",
+                            help="a synthetic-only corpus (its sentence splits differ from the shipped models')")
     corpus.add_argument("--train-sentences", type=int, default=8000)
     corpus.add_argument("--workers", type=int, default=2)
     corpus.add_argument("--seed", type=int, default=0)
@@ -137,9 +142,15 @@ def _corpus(args: argparse.Namespace) -> int:
 
     sentences_path = args.sentences or asset_path("text", "ljspeech_sentences.txt")
     sentences = sentences_path.read_text(encoding="utf-8").splitlines()
-    real = read_manifest(args.real_clips) if args.real_clips and args.real_clips.exists() else []
-    if not real:
-        print(f"no real clips at {args.real_clips}: the corpus is synthetic only")
+    if args.no_real_clips:
+        real = []
+    elif not args.real_clips.exists():
+        raise SystemExit(f"no real clips at {args.real_clips.resolve()}: the shipped models' "
+                         "corpus was built with the real LJ Speech clips, whose sentences stay out of dev and test, so "
+                         "without them every split differs. Pass --real-clips PATH, or --no-real-clips for a "
+                         "synthetic-only corpus")
+    else:
+        real = read_manifest(args.real_clips)
     spec = CorpusSpec(train_sentences=args.train_sentences, seed=args.seed)
     engines = args.engines.split(",") if args.engines else None
     built = build_corpus(args.out, sentences, spec, real_clips=real, workers=args.workers, engines=engines,
