@@ -214,6 +214,10 @@ def add_search_arguments(parser: argparse.ArgumentParser) -> None:
                              "least squares to their int8 inputs; at 6 weight bits or fewer the search also tries "
                              "every conv and Linear layer refit and GPTQ-rounded; each kept when it lowers the dev "
                              "score)")
+    parser.add_argument("--target", choices=("x86_inductor", "xnnpack"), default=SearchConfig.target,
+                        help="the backend candidates are scored for: xnnpack (an ExecuTorch .pte) also rounds every "
+                             "int8 layer's output to int8, as XNNPACK's kernels do; a plan scored for one target can "
+                             f"be worse on the other (default {SearchConfig.target})")
     _add_sensitivity_arguments(parser)
     parser.add_argument("--percentiles", type=float, nargs="+", default=list(DEFAULT_PERCENTILES),
                         help="clip percentiles tried for sensitive groups, in order")
@@ -262,7 +266,7 @@ def search_inputs(args: argparse.Namespace) -> tuple[object, object, object]:
                           smooth_alphas=tuple(args.smooth_alpha),
                           passes=args.passes, promote_weight_bits=args.promote_bits, promote_share=args.promote_share,
                           float_share=args.float_share, split_percentiles=tuple(args.split_percentiles),
-                          split_scope=args.split_scope, split_gain=args.split_gain,
+                          split_scope=args.split_scope, split_gain=args.split_gain, target=args.target,
                           split_max_flops=args.split_max_flops,
                           refit_ops=() if args.no_refit else SearchConfig.refit_ops)
     return model, sets, config

@@ -28,7 +28,7 @@ from typing import Literal
 
 import numpy as np
 import torch
-from torchao.quantization.pt2e.observer import UniformQuantizationObserverBase
+from torchao.quantization.pt2e.observer import HistogramObserver, UniformQuantizationObserverBase
 
 from sq_pt2e.digest import hash_tensor
 from sq_pt2e.errors import QuantizationError
@@ -37,6 +37,7 @@ __all__ = [
     "ACCUMULATOR_BITS",
     "AbsHistogram",
     "AbsHistogramObserver",
+    "FlooredHistogramObserver",
     "act_floor",
     "act_qparams",
     "grid_bounds",
@@ -354,6 +355,19 @@ def range_for(hist: AbsHistogram, method: RangeMethod, qmax: int, percentile: fl
                f"max |x| = {hist.max_abs:.3g} is too small for a float grid: the layer's activations vanish")
         raise QuantizationError(f"calibrated activation range is {value}{where} ({why})")
     return value
+
+
+class FlooredHistogramObserver(HistogramObserver):
+    """``HistogramObserver`` of ``max(x, floor)``: for an output whose values below ``floor`` all
+    mean the same to the next op (a GELU), so its grid spends no levels on them."""
+
+    def __init__(self, floor: float, **kwargs: object) -> None:
+        super().__init__(**kwargs)
+        self.floor = floor
+
+    def forward(self, x_orig: torch.Tensor) -> torch.Tensor:
+        super().forward(x_orig.detach().clamp(min=self.floor))
+        return x_orig
 
 
 class AbsHistogramObserver(UniformQuantizationObserverBase):

@@ -259,6 +259,9 @@ class QuantPlan:
         attention: ``"float"`` (default) or ``"int8"``: quantize the attention matmuls too
             (q, k, v and the attention probabilities, 8-bit), for inductor's int8 attention
             kernel on AMX CPUs (:mod:`sq_pt2e.backends.int8_attention`).
+        scored_for: the backend whose int8 arithmetic the search scored the plan on
+            (``SearchConfig.target``: ``"x86_inductor"`` or ``"xnnpack"``; ``""``: not searched, or
+            searched before this was recorded). The plan runs on either; it may be worse on the other.
         schema_version: format version; plans of another version are rejected.
         refits: ``{layer: RefitWeights}``, the reconstructed weights the layers' ``refit``
             digests name (not part of the JSON: :meth:`save` writes them to
@@ -270,6 +273,7 @@ class QuantPlan:
     op_defaults: tuple[LayerPlan, ...] = ()
     model: str = ""
     attention: Literal["float", "int8"] = "float"
+    scored_for: Literal["", "x86_inductor", "xnnpack"] = ""
     schema_version: int = SCHEMA_VERSION
     refits: Mapping[str, Any] = field(default_factory=dict, compare=False, repr=False)
 
@@ -282,6 +286,8 @@ class QuantPlan:
             raise PlanError(f"the default layer plan must be named '*', got {self.default.name!r}")
         if self.attention not in ATTENTION_MODES:
             raise PlanError(f"attention={self.attention!r} (expected one of {ATTENTION_MODES})")
+        if self.scored_for not in ("", "x86_inductor", "xnnpack"):
+            raise PlanError(f"scored_for={self.scored_for!r} (expected x86_inductor, xnnpack or empty)")
         names = [layer.name for layer in self.layers]
         duplicates = sorted({n for n in names if names.count(n) > 1})
         if duplicates:
@@ -414,6 +420,7 @@ class QuantPlan:
             "default": self.default.to_dict(),
             "op_defaults": [d.to_dict() for d in self.op_defaults],
             "layers": [layer.to_dict() for layer in self.layers],
+            **({"scored_for": self.scored_for} if self.scored_for else {}),
         }
 
     def to_json(self) -> str:
@@ -431,7 +438,8 @@ class QuantPlan:
             hint = "; it was written by a newer sq-pt2e: upgrade to read it" if newer else ""
             msg = f"{source}: schema_version={version!r} is not supported (this sq-pt2e reads {SCHEMA_VERSION}{hint})"
             raise PlanError(msg)
-        unknown = sorted(set(data) - {"schema_version", "model", "attention", "default", "op_defaults", "layers"})
+        unknown = sorted(set(data) - {"schema_version", "model", "attention", "default", "op_defaults", "layers",
+                                   "scored_for"})
         if unknown:
             raise PlanError(f"{source}: unknown top-level field(s) {unknown}")
         for key in ("op_defaults", "layers"):
@@ -452,6 +460,7 @@ class QuantPlan:
             layers=tuple(LayerPlan.from_dict(d, where=source) for d in data.get("layers", [])),
             model=str(data.get("model", "")),
             attention=data.get("attention", "float"),
+            scored_for=data.get("scored_for", ""),
             schema_version=version,
         )
 

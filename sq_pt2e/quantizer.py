@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal
@@ -29,8 +30,14 @@ from torchao.quantization.pt2e.quantizer.quantizer import Q_ANNOTATION_KEY, Edge
 
 from sq_pt2e.annotators import ANNOTATORS, SUPPORTED_PATTERNS, LayerQSpecs, annotate_attention, is_annotated
 from sq_pt2e.errors import QuantizationError
-from sq_pt2e.graph import QuantizableLayer, find_quantizable_layers, layer_name
-from sq_pt2e.observers import AbsHistogramObserver, PerChannelMseWeightObserver, grid_bounds, outlier_floor
+from sq_pt2e.graph import GELU_FLOOR, QuantizableLayer, feeds_only_gelu, find_quantizable_layers, layer_name
+from sq_pt2e.observers import (
+    AbsHistogramObserver,
+    FlooredHistogramObserver,
+    PerChannelMseWeightObserver,
+    grid_bounds,
+    outlier_floor,
+)
 from sq_pt2e.plan import LayerPlan, QuantPlan
 
 if TYPE_CHECKING:
@@ -42,8 +49,9 @@ __all__ = ["LayerStatus", "StableQuantQuantizer", "Target", "act_qspec", "output
 Target = Literal["x86_inductor", "xnnpack"]
 # Storage of the activation grid's 2q + 1 levels: oneDNN's x86 int8 kernels take uint8
 # inputs {0..2q} (symmetric: zero point q), XNNPACK takes int8 {-q..q} (symmetric: zero
-# point 0); affine grids shift the zero point. The same grid either way
-# (observers.act_qparams), so one plan serves both backends.
+# point 0); affine grids shift the zero point. The same input grid either way
+# (observers.act_qparams), so one plan runs on both backends; but XNNPACK also rounds each
+# int8 layer's output to int8, so a plan scored for one (QuantPlan.scored_for) can be worse on the other.
 _ACT_DTYPE: dict[str, torch.dtype] = {"x86_inductor": torch.uint8, "xnnpack": torch.int8}
 
 
@@ -83,25 +91,29 @@ def weight_qspec(bits: int, calibration: str = "max") -> QuantizationSpec:
 
 
 @functools.lru_cache(maxsize=None)
-def output_qspec() -> QuantizationSpec:
-    """Per-tensor affine int8 output spec (XNNPACK's int8 kernels also emit int8)."""
+def output_qspec(floor: float | None = None) -> QuantizationSpec:
+    """Per-tensor affine int8 output spec (XNNPACK's int8 kernels also emit int8); with ``floor``
+    the grid covers only values above it (:class:`~sq_pt2e.observers.FlooredHistogramObserver`)."""
+    observer = (HistogramObserver.with_args(eps=2**-12) if floor is None
+                else FlooredHistogramObserver.with_args(floor=floor, eps=2**-12))
     return QuantizationSpec(
         dtype=torch.int8,
         quant_min=-128,
         quant_max=127,
         qscheme=torch.per_tensor_affine,
-        observer_or_fake_quant_ctr=HistogramObserver.with_args(eps=2**-12),
+        observer_or_fake_quant_ctr=observer,
     )
 
 
-def _specs_from_plan(layer: LayerPlan, target: Target) -> LayerQSpecs:
+def _specs_from_plan(layer: LayerPlan, target: Target, output_floor: float | None = None) -> LayerQSpecs:
+    """The layer's specs; ``output_floor``: the lowest output value that matters (xnnpack)."""
     if layer.skip:
         return LayerQSpecs(None, None)
     return LayerQSpecs(
         act_qspec(layer.act_bits, layer.calibration, layer.clip_percentile, layer.act_range, target,
                   layer.act_scheme, layer.act_floor),
         weight_qspec(layer.weight_bits, layer.weight_calibration),
-        output_qspec() if target == "xnnpack" else None,
+        output_qspec(output_floor) if target == "xnnpack" else None,
     )
 
 
@@ -143,7 +155,9 @@ class StableQuantQuantizer(Quantizer):
             left unannotated, for another quantizer (e.g. in ``ComposableQuantizer``).
         target: ``"x86_inductor"`` (uint8 activation storage for oneDNN) or ``"xnnpack"``
             (int8 storage for ExecuTorch); the input grid is the same. XNNPACK's int8
-            kernels also emit int8, so for it layer outputs get an int8 observer too.
+            kernels also emit int8, so for it layer outputs get an int8 observer too (one that
+            ignores values below ``graph.GELU_FLOOR`` for outputs that feed only a GELU). A plan
+            scored for the other target (``QuantPlan.scored_for``) gets a warning.
 
     Raises:
         PlanError: (in ``annotate``) the plan names a layer the graph does not have.
@@ -166,6 +180,11 @@ class StableQuantQuantizer(Quantizer):
         if self.plan.attention == "int8" and target != "x86_inductor":
             raise QuantizationError(f"the plan's attention='int8' is for the x86_inductor target (inductor's int8 "
                                     f"attention kernel), not {target!r}: set attention='float'")
+        if self.plan.scored_for and self.plan.scored_for != target:
+            warnings.warn(f"the plan was scored for {self.plan.scored_for}, not {target}: "
+                          f"{'XNNPACK rounds every int8 layer output to int8 too, ' if target == 'xnnpack' else ''}"
+                          f"so it may lose more accuracy here; for {target} search with --target {target} "
+                          f"(SearchConfig(target={target!r}))", stacklevel=2)
         self.module_filter = module_filter
         self.layer_status: tuple[LayerStatus, ...] = ()
         self.search_report: SearchReport | None = None
@@ -194,15 +213,17 @@ class StableQuantQuantizer(Quantizer):
             dev: ``(1, samples)`` waveforms the candidates are scored on.
             references: transcripts of ``dev`` (``None``: search on logit KL).
             config: search settings (default ``SearchConfig()``: logit-KL criterion, smoothing).
-            target: backend of the returned quantizer.
+            target: backend of the returned quantizer, and the one candidates are scored for
+                (``SearchConfig.target``).
             model_name: recorded in the plan.
 
         Example:
             >>> quantizer = StableQuantQuantizer.search(model, calib_waves, dev_waves, dev_texts)
             >>> prepared = prepare_pt2e(export_speech_model(model, wave).module(), quantizer)
         """
-        from sq_pt2e.stablequant import Evaluator, run_search
+        from sq_pt2e.stablequant import Evaluator, SearchConfig, run_search
 
+        config = dataclasses.replace(config or SearchConfig(), target=target)
         plan, report, _ = run_search(model, calibration, Evaluator(model, dev, references), config,
                                      model_name=model_name)
         quantizer = cls(plan, target=target)
@@ -251,7 +272,8 @@ class StableQuantQuantizer(Quantizer):
             layer_plan = self._plan_for(by_node[node] if owner is None else by_name[owner])
             if layer_plan is not None and owner is not None:
                 layer_plan = _outlier_plan(layer_plan)
-            return None if layer_plan is None else _specs_from_plan(layer_plan, self.target)
+            floor = GELU_FLOOR if feeds_only_gelu(node) else None
+            return None if layer_plan is None else _specs_from_plan(layer_plan, self.target, floor)
 
         for pattern in SUPPORTED_PATTERNS:
             ANNOTATORS[pattern](model, specs_for)

@@ -44,6 +44,7 @@ __all__ = [
     "QuantizableModule",
     "collect_statistics",
     "fake_quantized",
+    "layer_product",
     "merge_statistics",
     "plan_layer_quants",
     "quantizable_modules",
@@ -118,6 +119,9 @@ def merge_statistics(shards: Sequence[dict[str, AbsHistogram]]) -> dict[str, Abs
     return {name: merge_histograms([s[name] for s in shards]) for name in names}
 
 
+Grid = tuple[float, int, int, int]  # scale, zero point, quant_min, quant_max
+
+
 @dataclass(frozen=True)
 class LayerQuant:
     """A resolved layer decision for simulation: the activation grid and bit widths.
@@ -126,6 +130,9 @@ class LayerQuant:
     ``input_scale`` the per-channel factors of :mod:`sq_pt2e.smoothing` (None: none);
     ``refit`` the layer's reconstructed weight and bias (:mod:`sq_pt2e.reconstruct`; None: its own);
     ``outlier_range`` the second grid of an outlier split (``LayerPlan.outlier_range``; None: clip).
+    ``output_grid`` (and ``outlier_output_grid``, of a split's second layer) the int8 grid of
+    the layer's output, for targets whose int8 kernels emit int8 (XNNPACK; None: float output,
+    as on x86; :mod:`sq_pt2e.output_grids` calibrates them).
     """
 
     act_range: float
@@ -136,6 +143,8 @@ class LayerQuant:
     input_scale: tuple[float, ...] | None = None
     refit: RefitWeights | None = None
     outlier_range: float | None = None
+    output_grid: Grid | None = None
+    outlier_output_grid: Grid | None = None
 
     @classmethod
     def from_plan(cls, layer: LayerPlan, act_range: float, act_floor: float | None = None,
@@ -155,9 +164,6 @@ def _fake_quant_weight(weight: torch.Tensor, bits: int, calibration: str, layer:
     return torch.fake_quantize_per_channel_affine(weight.detach(), scales.float(), zero, 0, -qmax, qmax)
 
 
-Grid = tuple[float, int, int, int]  # scale, zero point, quant_min, quant_max
-
-
 def _input_grids(quant: LayerQuant) -> tuple[Grid, tuple[tuple[float, float], Grid] | None]:
     """The layer's input grid and, with an outlier split, the interval it covers and the outlier grid."""
     grid = act_qparams(quant.act_range, quant.act_bits, quant.act_floor)
@@ -167,15 +173,52 @@ def _input_grids(quant: LayerQuant) -> tuple[Grid, tuple[tuple[float, float], Gr
     return grid, (bounds, outlier_qparams(quant.outlier_range, quant.act_bits, quant.act_floor is not None))
 
 
+def _input_parts(grid: Grid, outliers: tuple[tuple[float, float], Grid] | None, inverse: torch.Tensor | None,
+                 x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The layer's (smoothed) input on its grid and, if split, its outliers on theirs."""
+    x = x if inverse is None else x * inverse
+    quantized = torch.fake_quantize_per_tensor_affine(x, *grid)
+    if outliers is None:
+        return quantized, None
+    (low, high), outlier_grid = outliers
+    return quantized, torch.fake_quantize_per_tensor_affine(x - x.clamp(low, high), *outlier_grid)
+
+
 def _quantize_input(grid: Grid, outliers: tuple[tuple[float, float], Grid] | None, inverse: torch.Tensor | None,
                     _module: nn.Module, args: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
-    """Forward pre-hook: the layer's (smoothed) input on its grid, plus its outliers on theirs if split."""
-    x = args[0] if inverse is None else args[0] * inverse
-    quantized = torch.fake_quantize_per_tensor_affine(x, *grid)
-    if outliers is not None:
-        (low, high), outlier_grid = outliers
-        quantized = quantized + torch.fake_quantize_per_tensor_affine(x - x.clamp(low, high), *outlier_grid)
-    return (quantized, *args[1:])
+    """Forward pre-hook: the layer's input on its grid(s); a split's two parts summed (one product)."""
+    quantized, outliers_part = _input_parts(grid, outliers, inverse, args[0])
+    return (quantized if outliers_part is None else quantized + outliers_part, *args[1:])
+
+
+def layer_product(module: nn.Module, x: torch.Tensor, weight: torch.Tensor,
+                  bias: torch.Tensor | None) -> torch.Tensor:
+    """``module``'s conv1d / linear (its stride, padding, groups) of ``x`` with ``weight`` and ``bias``."""
+    if isinstance(module, nn.Conv1d):
+        return module._conv_forward(x, weight, bias)
+    return nn.functional.linear(x, weight, bias)
+
+
+class _Int8Output:
+    """Hooks of a layer whose int8 kernel emits int8 (XNNPACK): the output on its grid; with a
+    split, each of the two layers' outputs on its own grid before they are added, as in the graph."""
+
+    def __init__(self, quant: LayerQuant, inverse: torch.Tensor | None) -> None:
+        self.grids, self.inverse = _input_grids(quant), inverse
+        self.output_grid, self.outlier_output_grid = quant.output_grid, quant.outlier_output_grid
+        self.outliers: torch.Tensor | None = None
+
+    def before(self, _module: nn.Module, args: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
+        quantized, self.outliers = _input_parts(*self.grids, self.inverse, args[0])
+        return (quantized, *args[1:])
+
+    def after(self, module: nn.Module, _args: object, output: torch.Tensor) -> torch.Tensor:
+        quantized = torch.fake_quantize_per_tensor_affine(output, *self.output_grid)
+        if self.outliers is not None:
+            product = layer_product(module, self.outliers, module.weight, None)
+            quantized = quantized + torch.fake_quantize_per_tensor_affine(product, *self.outlier_output_grid)
+            self.outliers = None
+        return quantized
 
 
 @contextlib.contextmanager
@@ -208,8 +251,12 @@ def fake_quantized(model: nn.Module, layers: dict[str, LayerQuant]) -> Iterator[
                 weight = scaled_weight(weight, quant.input_scale, layer=name)
                 inverse = inverse_input_scale(quant.input_scale, weight.ndim)
             module.weight.data = _fake_quant_weight(weight, quant.weight_bits, quant.weight_calibration, name)
-            handles.append(module.register_forward_pre_hook(functools.partial(_quantize_input, *_input_grids(quant),
-                                                                              inverse)))
+            if quant.output_grid is None:
+                handles.append(module.register_forward_pre_hook(
+                    functools.partial(_quantize_input, *_input_grids(quant), inverse)))
+            else:
+                hooks = _Int8Output(quant, inverse)
+                handles += [module.register_forward_pre_hook(hooks.before), module.register_forward_hook(hooks.after)]
 
         yield wrapper
     finally:
