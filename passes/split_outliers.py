@@ -27,7 +27,7 @@ from torch.fx import GraphModule, Node
 
 from sq_pt2e.graph import named_layers
 
-__all__ = ["OUTLIER_OF", "OUTLIER_SUFFIX", "outlier_owner", "split_outliers"]
+__all__ = ["OUTLIER_OF", "OUTLIER_SUFFIX", "outlier_owner", "split_outliers", "split_sum"]
 
 OUTLIER_OF = "sq_outlier_of"
 OUTLIER_SUFFIX = ".outliers"
@@ -37,6 +37,15 @@ aten = torch.ops.aten
 def outlier_owner(node: Node) -> str | None:
     """The layer whose outliers ``node`` computes (None: ``node`` is not an outlier layer)."""
     return node.meta.get(OUTLIER_OF)
+
+
+def split_sum(node: Node) -> Node:
+    """The node that adds a split layer's two outputs, for either of them; ``node`` itself otherwise."""
+    users = list(node.users)
+    if len(users) == 1 and users[0].target == aten.add.Tensor and any(
+            isinstance(a, Node) and outlier_owner(a) is not None for a in users[0].args):
+        return users[0]
+    return node
 
 
 def _copy_meta(new: Node, like: Node, *, name: str | None = None) -> None:

@@ -62,7 +62,9 @@ class OutputGridCalibrator:
     """Adds XNNPACK's output grids to candidates, observing each distinct layer setting once.
 
     As in the quantizer, the output of a layer that feeds only a GELU is observed above
-    ``GELU_FLOOR``, unless the layer is split (then its two outputs feed an add).
+    ``GELU_FLOOR``; of a split layer, both of its outputs. That is exact where the outlier part
+    is zero; in the loud frames where it is not, the main part's values below the floor are
+    lost before the two are added (the search's scores include this).
 
     Args:
         model: the float model (weight norm is folded in place, as simulation needs).
@@ -94,9 +96,9 @@ class OutputGridCalibrator:
         """One float calibration pass with the candidate's refit weights in place, as in the prepared graph."""
         observers = {}
         for name, quant in missing.items():
+            floor = GELU_FLOOR if name in self.gelu_fed else None
             split = quant.outlier_range is not None
-            floor = GELU_FLOOR if name in self.gelu_fed and not split else None
-            observers[name] = (_output_observer(floor), _output_observer(None) if split else None)
+            observers[name] = (_output_observer(floor), _output_observer(floor) if split else None)
         saved = {}
         try:
             for name, quant in candidate.items():

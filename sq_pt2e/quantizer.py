@@ -156,7 +156,8 @@ class StableQuantQuantizer(Quantizer):
         target: ``"x86_inductor"`` (uint8 activation storage for oneDNN) or ``"xnnpack"``
             (int8 storage for ExecuTorch); the input grid is the same. XNNPACK's int8
             kernels also emit int8, so for it layer outputs get an int8 observer too (one that
-            ignores values below ``graph.GELU_FLOOR`` for outputs that feed only a GELU). A plan
+            ignores values below ``graph.GELU_FLOOR`` for outputs that feed only a GELU, and for
+            both outputs of a split layer whose sum does). A plan
             scored for the other target (``QuantPlan.scored_for``) gets a warning.
 
     Raises:
@@ -260,7 +261,7 @@ class StableQuantQuantizer(Quantizer):
     def annotate(self, model: GraphModule) -> GraphModule:
         """Annotate every planned layer (and the outlier layers of split ones); skipped layers are
         claimed and kept float."""
-        from sq_pt2e.passes.split_outliers import outlier_owner
+        from sq_pt2e.passes.split_outliers import outlier_owner, split_sum
 
         layers = _plan_layers(model)
         self.plan.check_names([layer.name for layer in layers])
@@ -272,7 +273,7 @@ class StableQuantQuantizer(Quantizer):
             layer_plan = self._plan_for(by_node[node] if owner is None else by_name[owner])
             if layer_plan is not None and owner is not None:
                 layer_plan = _outlier_plan(layer_plan)
-            floor = GELU_FLOOR if feeds_only_gelu(node) else None
+            floor = GELU_FLOOR if feeds_only_gelu(split_sum(node)) else None
             return None if layer_plan is None else _specs_from_plan(layer_plan, self.target, floor)
 
         for pattern in SUPPORTED_PATTERNS:
