@@ -21,6 +21,7 @@ from torch import nn
 from sq_pt2e.models.build import to_ctc_logits
 from sq_pt2e.observers import AbsHistogram
 from sq_pt2e.plan import LayerPlan, QuantPlan
+from sq_pt2e.quantizer import Target
 from sq_pt2e.simulate import fake_quantized, plan_layer_quants, quantizable_modules
 
 __all__ = ["BASELINES", "Baseline", "Bits", "build_method", "uniform_plan", "with_bits"]
@@ -129,6 +130,7 @@ def build_method(
     bits: Bits = Bits(),
     *,
     plan: QuantPlan | None = None,
+    target: Target = "x86_inductor",
 ) -> Forward:
     """A waveform -> logits callable of ``model`` quantized by method ``name``.
 
@@ -141,6 +143,9 @@ def build_method(
         plan: the plan of ``"stablequant"``. A plan with int8 attention runs as the eager
             ``convert_pt2e`` graph (the simulation models conv/linear inputs only), calibrated
             on ``calibration``.
+        target: the backend whose arithmetic ``"stablequant"`` simulates: with ``"xnnpack"`` every
+            int8 layer's output is on its int8 grid too, observed on ``calibration``
+            (:mod:`sq_pt2e.output_grids`), as in the ExecuTorch program.
     """
     if name == "stablequant":
         if plan is None:
@@ -150,8 +155,15 @@ def build_method(
                 raise ValueError("a plan with int8 attention needs calibration audio (for q, k and v)")
             from sq_pt2e.quantizer import StableQuantQuantizer
 
-            return _converted_pt2e(model, calibration, StableQuantQuantizer(plan))
-        return _Simulated(model, plan_layer_quants(model, plan, statistics))
+            return _converted_pt2e(model, calibration, StableQuantQuantizer(plan, target=target))
+        quants = plan_layer_quants(model, plan, statistics)
+        if target == "xnnpack":
+            if not calibration:
+                raise ValueError("target='xnnpack' needs calibration audio (for the int8 output grids)")
+            from sq_pt2e.output_grids import OutputGridCalibrator
+
+            quants = OutputGridCalibrator(model, calibration)(quants)
+        return _Simulated(model, quants)
     if name not in BASELINES:
         raise KeyError(f"unknown method {name!r} (known: stablequant, {', '.join(BASELINES)})")
     if not BASELINES[name].any_bits and bits != Bits(8, 8):

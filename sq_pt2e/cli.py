@@ -522,9 +522,10 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     if args.plan is not None:
         plan = load_plan_for_model(args.plan, args.model)
         needs_statistics = plan.needs_calibration()
-        waves = calibration_waves(args.calibration, 32) if needs_statistics or plan.attention == "int8" else []
+        needs_audio = needs_statistics or plan.attention == "int8" or args.target == "xnnpack"
+        waves = calibration_waves(args.calibration, 32) if needs_audio else []
         statistics = collect_statistics(model, waves, input_scales=plan.input_scales()) if needs_statistics else {}
-        int8_forward = build_method("stablequant", model, waves, statistics, plan=plan)
+        int8_forward = build_method("stablequant", model, waves, statistics, plan=plan, target=args.target)
     lines = ["| set | utterances | float32 WER | float32 CER |" + (" int8 WER | int8 CER | difference [95% CI] |"
                                                                    if int8_forward else ""),
              "|---|---:|---:|---:|" + ("---:|---:|---:|" if int8_forward else "")]
@@ -792,7 +793,11 @@ def _build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--eval", nargs="+", default=["synthetic-test", "test-other", "test-clean"],
                           metavar="NAME[=SOURCE]", help="shipped set names or NAME=FOLDER_OR_MANIFEST")
     evaluate.add_argument("--plan", default=None, help="plan.json: also evaluate the int8 model")
-    evaluate.add_argument("--calibration", default=None, help="calibration audio for plans without fixed ranges")
+    evaluate.add_argument("--target", choices=("x86_inductor", "xnnpack"), default="x86_inductor",
+                          help="the int8 arithmetic to evaluate: inductor's, or an ExecuTorch .pte's (XNNPACK: "
+                               "every int8 layer's output rounded to int8 too, grids observed on --calibration)")
+    evaluate.add_argument("--calibration", default=None,
+                          help="calibration audio for plans without fixed ranges (and --target xnnpack)")
     evaluate.add_argument("--max-eval", type=int, default=None)
     evaluate.add_argument("--on-error", choices=["raise", "skip"], default="raise",
                           help="skip: leave out (and list) unreadable files instead of stopping")

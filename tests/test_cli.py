@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 from sq_pt2e.backends.inductor import load_aot_package
@@ -73,10 +74,12 @@ def test_quantize_verb_passes_its_search_options_to_the_search(tmp_path, monkeyp
     threads: list[int] = []
     monkeypatch.setattr(torch, "set_num_threads", threads.append)
     code = main(["quantize", "--model", "tiny-hubert", "--max-calibration", "4", "--passes", "1", "--smooth-alpha",
-                 "0", "--kl-share", "0.1", "--threads", "1", "--output-dir", str(tmp_path)])
+                 "0", "--kl-share", "0.1", "--threads", "1", "--target", "xnnpack", "--output-dir", str(tmp_path)])
     assert code == EXIT_OK
     config = json.loads((tmp_path / "search_report.json").read_text())["config"]
     assert config["passes"] == 1 and config["smooth_alpha"] == 0.0 and config["kl_share"] == 0.1
+    assert config["target"] == "xnnpack"
+    assert json.loads((tmp_path / "plan.json").read_text())["scored_for"] == "xnnpack"
     assert threads == [1]
 
 
@@ -107,9 +110,13 @@ def test_transcribe_and_export_verbs(tmp_path, capsys) -> None:
                  str(tmp_path / "plan.json"), "--output-dir", str(tmp_path / "eval")]) == 0
     (entry,) = json_module.loads((tmp_path / "eval" / "eval.json").read_text())["synthetic-test"]["transcripts"]
     assert isinstance(entry["int8"], str)
+    assert main(["eval", "--model", "tiny-hubert", "--eval", "synthetic-test", "--max-eval", "1", "--plan",
+                 str(tmp_path / "plan.json"), "--target", "xnnpack", "--output-dir", str(tmp_path / "eval-pte")]) == 0
+    assert (tmp_path / "eval-pte" / "eval.json").exists()
     pte = tmp_path / "m.pte"
-    assert main(["export", "--model", "tiny-hubert", "--plan", str(tmp_path / "plan.json"), "--seconds", "1",
-                 "--max-calibration", "2", "--threads", "1", "--output", str(pte)]) == 0
+    with pytest.warns(UserWarning, match="scored for x86_inductor, not xnnpack"):
+        assert main(["export", "--model", "tiny-hubert", "--plan", str(tmp_path / "plan.json"), "--seconds", "1",
+                     "--max-calibration", "2", "--threads", "1", "--output", str(pte)]) == 0
     assert pte.stat().st_size > 10_000 and "exactly 16000 samples" in capsys.readouterr().out
     assert main(["export", "--model", "tiny-hubert", "--plan", str(tmp_path / "plan.json"), "--seconds", "1",
                  "--dynamic", "--max-calibration", "2", "--threads", "1", "--output", str(pte)]) == 0
