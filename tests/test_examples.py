@@ -6,6 +6,8 @@ import importlib.util
 import json
 from pathlib import Path
 
+from sq_pt2e.plan import QuantPlan
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -19,21 +21,26 @@ def _load(name: str):
 def test_quantize_and_compare_runs_and_writes_results(tmp_path) -> None:
     demo = _load("quantize_and_compare")
     code = demo.main(["--model", "tiny-wav2vec2", "--calibration", "2", "--dev", "2", "--test", "2", "--seconds", "1",
-                      "--runs", "1", "--threads", "1", "--no-executorch", "--output-dir", str(tmp_path)])
+                      "--runs", "1", "--threads", "1", "--output-dir", str(tmp_path)])
     assert code == 0
     results = json.loads((tmp_path / "results.json").read_text())
     assert set(results["accuracy"]) == {"synthetic-test", "test-other"}
     assert all(0 <= row["float32 with LM"] for row in results["accuracy"].values())
     assert "wer with LM" in results["accuracy"]["synthetic-test"]["StableQuant W8A8"]
+    assert "wer with LM" in results["accuracy"]["synthetic-test"]["StableQuant W8A8 .pte (XNNPACK)"]
+    assert {t: r["config"]["target"] for t, r in results["search"].items()} == {"x86_inductor": "x86_inductor",
+                                                                               "xnnpack": "xnnpack"}
     from sq_pt2e.backends.int8_attention import int8_attention_supported
 
     variants = [row["variant"] for row in results["backends"]["rows"]]
     amx = ["int8 inductor, int8 attention"] if int8_attention_supported() else []
-    assert variants == ["float32 eager", "int8 eager (q/dq reference)", "int8 inductor", *amx]
+    assert variants == ["float32 eager", "int8 eager (q/dq reference)", "int8 inductor", *amx,
+                        "int8 ExecuTorch .pte (XNNPACK)"]
     if amx:
         assert "StableQuant + int8 attention (AMX)" in results["accuracy"]["synthetic-test"]
-        assert results["backends"]["rows"][-1]["notes"].startswith("2 fused int8 attention kernels")
-    assert (tmp_path / "plan.json").exists()
+        assert results["backends"]["rows"][-2]["notes"].startswith("2 fused int8 attention kernels")
+    assert QuantPlan.load(tmp_path / "plan.json").scored_for == "x86_inductor"
+    assert QuantPlan.load(tmp_path / "plan-xnnpack.json").scored_for == "xnnpack"
 
 
 def test_train_reference_model_help_lists_its_verbs(capsys) -> None:
