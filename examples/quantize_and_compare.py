@@ -2,11 +2,11 @@
 
 1. Load the shipped reference model (or any architecture / checkpoint with --model).
 2. Calibrate on shipped LibriSpeech audio; search the StableQuant plan on the shipped
-   synthetic dev set (logit KL against float), once for inductor and once for the .pte,
-   whose XNNPACK kernels also round every int8 layer's output to int8.
+   synthetic dev set (WER; logit KL when the dev set has no transcripts).
 3. WER of float32 vs the StableQuant int8 model (eager int8, which compiled int8 is
-   checked against; and the .pte's arithmetic) on the shipped synthetic test set and real
-   LibriSpeech test-other, decoded greedily and by beam search with the shipped word 3-gram LM.
+   checked against; and in the .pte's arithmetic, where every int8 layer's output is int8
+   too) on the shipped synthetic test set and real LibriSpeech test-other, decoded
+   greedily and by beam search with the shipped word 3-gram LM.
 4. Compile int8 with inductor and lower it to an ExecuTorch .pte (XNNPACK); compare
    agreement, size and latency with float, all measured in this run. On AMX-INT8 CPUs
    also with int8 attention (torchao's fused int8 attention kernel).
@@ -66,20 +66,13 @@ def main(argv: list[str] | None = None) -> int:
     eval_sets = {name: load_source(None, shipped=name, limit=args.test) for name in ("synthetic-test", "test-other")}
 
     print(f"model: {args.model}\nsearching the StableQuant {bits} plan on {len(dev)} synthetic dev utterances ...")
-    calibration_waves = [u.wave for u in calibration]
-    evaluator = Evaluator(model, [u.wave for u in dev], [u.text for u in dev])
-    searched = {}  # target -> (plan, report); the .pte gets a plan scored with XNNPACK's int8 layer outputs
-    calibrations: dict = {}
-    for target in ("x86_inductor",) if args.no_executorch else ("x86_inductor", "xnnpack"):
-        config = SearchConfig(weight_bits=bits.weight, act_bits=bits.act, target=target)
-        found, report, calibrated = run_search(model, calibration_waves, evaluator, config, model_name=args.model,
-                                               cache=calibrations)
-        searched[target] = (found, report, calibrated)
-        print(f"  for {target}: {report.evaluations} evaluations in {report.seconds:.0f} s; sensitive groups: "
-              f"{report.sensitive_groups or 'none'}; clip percentiles: {report.chosen_percentiles or '-'}; "
-              f"outlier splits: {len(report.split_groups)}")
-    plan, report, calibrated = searched["x86_inductor"]
+    config = SearchConfig(weight_bits=bits.weight, act_bits=bits.act)
+    plan, report, calibrated = run_search(model, [u.wave for u in calibration],
+                                          Evaluator(model, [u.wave for u in dev], [u.text for u in dev]), config,
+                                          model_name=args.model)
     statistics = calibrated.statistics
+    print(f"  {report.evaluations} evaluations in {report.seconds:.0f} s; sensitive groups: "
+          f"{report.sensitive_groups or 'none'}; clip percentiles: {report.chosen_percentiles or '-'}")
 
     variants = {f"StableQuant {bits}": (plan, "x86_inductor")}
     fitted, changed = fit_plan_to_cpu(plan, group_channels=group_channels(model))
@@ -88,8 +81,9 @@ def main(argv: list[str] | None = None) -> int:
     int8_attention = int8_attention_supported() and bits.act == 8  # the fused kernel is 8-bit, AMX only
     if int8_attention:
         variants["StableQuant + int8 attention (AMX)"] = (dataclasses.replace(fitted, attention="int8"), "x86_inductor")
-    if "xnnpack" in searched:  # the .pte's arithmetic: int8 layer outputs too
-        variants[f"StableQuant {bits} .pte (XNNPACK)"] = (searched["xnnpack"][0], "xnnpack")
+    if not args.no_executorch:  # the .pte's arithmetic: XNNPACK rounds every int8 layer's output to int8 too
+        variants[f"StableQuant {bits} as a .pte (XNNPACK)"] = (plan, "xnnpack")
+    calibration_waves = [u.wave for u in calibration]
     float_forward = build_method("float32", model, [], statistics)
     beam = BeamSearchDecoder(NgramLM.load(language_model()))
     lines = ["| evaluation set | utterances | model | WER % | difference to float [95% CI] | WER % with LM | "
@@ -122,16 +116,13 @@ def main(argv: list[str] | None = None) -> int:
     evaluation = [fixed_length(u.wave, samples) for u in eval_sets["test-other"][:4]]
     result = compare_backends(model, [fixed_length(u.wave, samples) for u in calibration[:8]], evaluation, plan=plan,
                               threads=args.threads, runs=args.runs, executorch=not args.no_executorch,
-                              int8_attention=int8_attention,
-                              pte_plan=searched["xnnpack"][0] if "xnnpack" in searched else None)
+                              int8_attention=int8_attention)
     print("\n" + result.to_markdown())
     if args.output_dir is not None:
         plan.save(args.output_dir / "plan.json")
-        if "xnnpack" in searched:
-            searched["xnnpack"][0].save(args.output_dir / "plan-xnnpack.json")
         atomic_write_text(args.output_dir / "results.json", json.dumps(
             {"model": args.model, "bits": str(bits), "accuracy": accuracy, "backends": result.to_dict(),
-             "search": {target: r.to_dict() for target, (_, r, _) in searched.items()}}, indent=2, default=float) + "\n")
+             "search": report.to_dict()}, indent=2, default=float) + "\n")
     return 0
 
 

@@ -131,14 +131,11 @@ def compare_backends(
     runs: int = 10,
     executorch: bool = True,
     int8_attention: bool = False,
-    pte_plan: QuantPlan | None = None,
     progress: Callable[[str], None] = print,
 ) -> Comparison:
     """Quantize ``model`` with ``plan`` and compare float eager, int8 inductor and int8 .pte.
 
     All waveforms must have the same length (the exported programs are fixed-length).
-    ``pte_plan`` is the plan of the .pte (default ``plan``; e.g. one searched with
-    ``SearchConfig(target="xnnpack")``).
     ``int8_attention`` adds a row for inductor with int8 attention too (AMX-INT8 CPUs only:
     :func:`sq_pt2e.backends.int8_attention.int8_attention_supported`).
     """
@@ -187,7 +184,7 @@ def compare_backends(
         rows.append(inductor_row("int8 inductor, int8 attention", attention.converted, x86_bytes))
     if executorch:
         progress("lowering int8 to ExecuTorch/XNNPACK ...")
-        xnn = quantize_model(model, example, calibration, plan=pte_plan or plan, target="xnnpack")
+        xnn = quantize_model(model, example, calibration, plan=plan, target="xnnpack")
         data, report = lower_to_xnnpack(xnn.converted, example)
         runner = PteRunner(data, int(example.shape[-1]), threads=threads)
         report = check_pte(runner, xnn.converted(example), example, report)

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal
@@ -50,8 +49,8 @@ Target = Literal["x86_inductor", "xnnpack"]
 # Storage of the activation grid's 2q + 1 levels: oneDNN's x86 int8 kernels take uint8
 # inputs {0..2q} (symmetric: zero point q), XNNPACK takes int8 {-q..q} (symmetric: zero
 # point 0); affine grids shift the zero point. The same input grid either way
-# (observers.act_qparams), so one plan runs on both backends; but XNNPACK also rounds each
-# int8 layer's output to int8, so a plan scored for one (QuantPlan.scored_for) can be worse on the other.
+# (observers.act_qparams), so one plan runs on both backends; XNNPACK also rounds each int8
+# layer's output to int8 (output_qspec), which a search can score (SearchConfig.target).
 _ACT_DTYPE: dict[str, torch.dtype] = {"x86_inductor": torch.uint8, "xnnpack": torch.int8}
 
 
@@ -157,8 +156,7 @@ class StableQuantQuantizer(Quantizer):
             (int8 storage for ExecuTorch); the input grid is the same. XNNPACK's int8
             kernels also emit int8, so for it layer outputs get an int8 observer too (one that
             ignores values below ``graph.GELU_FLOOR`` for outputs that feed only a GELU, and for
-            both outputs of a split layer whose sum does). A plan
-            scored for the other target (``QuantPlan.scored_for``) gets a warning.
+            both outputs of a split layer whose sum does).
 
     Raises:
         PlanError: (in ``annotate``) the plan names a layer the graph does not have.
@@ -181,11 +179,6 @@ class StableQuantQuantizer(Quantizer):
         if self.plan.attention == "int8" and target != "x86_inductor":
             raise QuantizationError(f"the plan's attention='int8' is for the x86_inductor target (inductor's int8 "
                                     f"attention kernel), not {target!r}: set attention='float'")
-        if self.plan.scored_for and self.plan.scored_for != target:
-            warnings.warn(f"the plan was scored for {self.plan.scored_for}, not {target}: "
-                          f"{'XNNPACK rounds every int8 layer output to int8 too, ' if target == 'xnnpack' else ''}"
-                          f"so it may lose more accuracy here; for {target} search with --target {target} "
-                          f"(SearchConfig(target={target!r}))", stacklevel=2)
         self.module_filter = module_filter
         self.layer_status: tuple[LayerStatus, ...] = ()
         self.search_report: SearchReport | None = None

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import warnings
 
 import pytest
 import torch
@@ -15,7 +14,6 @@ from sq_pt2e.models.build import to_ctc_logits
 from sq_pt2e.output_grids import OutputGridCalibrator
 from sq_pt2e.pipeline import quantize_model
 from sq_pt2e.plan import LayerPlan, QuantPlan
-from sq_pt2e.quantizer import StableQuantQuantizer
 from sq_pt2e.reconstruct import RefitWeights, source_digest
 from sq_pt2e.simulate import collect_statistics, fake_quantized, plan_layer_quants, quantizable_modules
 from sq_pt2e.stablequant import Evaluator, Score, SearchConfig, run_search, search_plan, search_statistics
@@ -124,15 +122,9 @@ def test_xnnpack_search_score_is_the_kl_of_its_xnnpack_program(single_thread) ->
     assert sum(kls) / len(kls) == pytest.approx(report.final_score.kl, rel=0.02)
 
 
-def test_plans_record_the_target_they_were_scored_for_and_warn_on_the_other() -> None:
-    plan = QuantPlan(scored_for="x86_inductor")
+def test_plans_record_the_target_they_were_scored_for() -> None:
+    plan = QuantPlan(scored_for="xnnpack")
     assert QuantPlan.from_dict(plan.to_dict()) == plan
     assert "scored_for" not in QuantPlan().to_dict()  # plans searched before keep their bytes
-    with pytest.warns(UserWarning, match="scored for x86_inductor, not xnnpack: XNNPACK rounds"):
-        StableQuantQuantizer(plan, target="xnnpack")
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")
-        StableQuantQuantizer(plan)
-        StableQuantQuantizer(QuantPlan(), target="xnnpack")
     with pytest.raises(PlanError, match="scored_for='arm'"):
         QuantPlan(scored_for="arm")
