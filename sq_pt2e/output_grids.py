@@ -4,7 +4,7 @@ XNNPACK's int8 convolutions and fully connected layers emit int8, so the ``xnnpa
 quantizes every int8 layer's output too (``quantizer.output_qspec``: a histogram observer,
 affine int8), and with an outlier split each of the two layers' outputs before they are
 added. Those outputs are observed in float during calibration (as every PT2E observer is), so
-they depend on the candidate only through a split's clamp interval and reconstructed weights.
+they depend on a candidate only through a split's clamp interval and reconstructed weights.
 :class:`OutputGridCalibrator` observes them with the same observer on the same calibration
 audio and adds them to candidates (``LayerQuant.output_grid``), once per distinct layer setting.
 """
@@ -43,12 +43,13 @@ def _grid(observer: torch.nn.Module) -> Grid:
     return float(scale), int(zero_point), int(observer.quant_min), int(observer.quant_max)
 
 
-def _key(name: str, quant: LayerQuant) -> _Key:
-    """What a layer's float outputs depend on: its split interval (in smoothed units) and its refit."""
+def _key(name: str, quant: LayerQuant, refits: tuple[tuple[str, str], ...]) -> _Key:
+    """What a layer's float outputs depend on: its split interval (in smoothed units) and the
+    candidate's reconstructed weights (its own and those before it)."""
     split = None
     if quant.outlier_range is not None:
         split = (grid_bounds(quant.act_range, quant.act_bits, quant.act_floor), quant.input_scale)
-    return name, split, quant.refit.digest if quant.refit is not None else None
+    return name, split, refits
 
 
 def gelu_fed_layers(model: nn.Module, example: torch.Tensor) -> set[str]:
@@ -82,17 +83,19 @@ class OutputGridCalibrator:
 
     def __call__(self, candidate: dict[str, LayerQuant]) -> dict[str, LayerQuant]:
         """``candidate`` with every layer's output grid (and a split's second output grid) set."""
-        missing = {name: quant for name, quant in candidate.items() if _key(name, quant) not in self.grids}
+        refits = tuple(sorted((name, q.refit.digest) for name, q in candidate.items() if q.refit is not None))
+        missing = {name: quant for name, quant in candidate.items() if _key(name, quant, refits) not in self.grids}
         if missing:
-            self._observe(candidate, missing)
+            self._observe(candidate, missing, refits)
         out = {}
         for name, quant in candidate.items():
-            main, outliers = self.grids[_key(name, quant)]
+            main, outliers = self.grids[_key(name, quant, refits)]
             out[name] = dataclasses.replace(quant, output_grid=main, outlier_output_grid=outliers)
         return out
 
     @torch.no_grad()
-    def _observe(self, candidate: dict[str, LayerQuant], missing: dict[str, LayerQuant]) -> None:
+    def _observe(self, candidate: dict[str, LayerQuant], missing: dict[str, LayerQuant],
+                 refits: tuple[tuple[str, str], ...]) -> None:
         """One float calibration pass with the candidate's refit weights in place, as in the prepared graph."""
         observers = {}
         for name, quant in missing.items():
@@ -117,7 +120,7 @@ class OutputGridCalibrator:
         self.passes += 1
         for name, quant in missing.items():
             main, outliers = observers[name]
-            self.grids[_key(name, quant)] = (_grid(main), _grid(outliers) if outliers is not None else None)
+            self.grids[_key(name, quant, refits)] = (_grid(main), _grid(outliers) if outliers is not None else None)
 
     @staticmethod
     def _watcher(module: nn.Module, quant: LayerQuant, main: nn.Module,
