@@ -312,6 +312,11 @@ def write_report(
              f"{len(quantized)} layer(s) quantized, {len(rows) - len(quantized)} kept in float; bit widths: "
              + ", ".join(f"{b} x{sum(r.bits == b for r in rows)}" for b in dict.fromkeys(r.bits for r in rows)) + ".",
              ""]
+    if plan.scored_for:
+        arithmetic = {"x86_inductor": "inductor's (oneDNN: int8 in, float out)",
+                      "xnnpack": "the ExecuTorch .pte's (XNNPACK: every int8 layer's output int8 too)"}
+        lines += [f"The search scored this plan in {arithmetic[plan.scored_for]} arithmetic "
+                  f"(`scored_for: {plan.scored_for}`).", ""]
     if plan.attention == "int8":
         lines += ["Attention is quantized too (q, k, v and the probabilities, uint8): inductor runs it as one fused "
                   "int8 attention kernel on AMX-INT8 CPUs. The search scored float attention; measure its WER with "

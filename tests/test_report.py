@@ -132,7 +132,9 @@ def test_report_without_statistics_or_search_still_lists_every_layer(tmp_path) -
     assert all(name in text for name in (CONV, FC, "lm_head")) and "No calibration statistics" in text
     assert "Attention is quantized" not in text
     (report,) = write_report(tmp_path, dataclasses.replace(_plan(), attention="int8"))
-    assert "Attention is quantized too" in report.read_text()
+    assert "Attention is quantized too" in report.read_text() and "scored this plan" not in report.read_text()
+    (report,) = write_report(tmp_path, dataclasses.replace(_plan(), scored_for="xnnpack"))
+    assert "scored this plan in the ExecuTorch .pte's" in report.read_text()
 
 
 def test_report_names_a_missing_input(tmp_path) -> None:
