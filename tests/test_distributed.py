@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import ast
+import dataclasses
 import functools
 import gc
 import json
@@ -116,6 +117,18 @@ def test_distributed_search_gives_the_single_process_plan_byte_for_byte(
     assert plan.to_json() == reference[0].to_json()
     assert report.sensitivity == reference[1].sensitivity
     assert report.final_score == reference[1].final_score
+
+
+def test_distributed_search_for_xnnpack_gives_the_single_process_plan(pool: ProcessPoolRunner, planted_model,
+                                                                     statistics) -> None:
+    """Candidates carry their output grids to the workers (``SearchConfig.target="xnnpack"``)."""
+    config, calibration = dataclasses.replace(KL, target="xnnpack"), _waves(1, 4)
+    single = search_plan(planted_model, statistics, Evaluator(planted_model, _waves(2, 3)), config,
+                         calibration=calibration)
+    evaluator = DistributedEvaluator(planted_model, _waves(2, 3), runner=pool, shards=2)
+    plan, report = search_plan(planted_model, statistics, evaluator, config, calibration=calibration)
+    assert plan.scored_for == "xnnpack" and plan.to_json() == single[0].to_json()
+    assert report.final_score == single[1].final_score
 
 
 def test_scores_do_not_depend_on_the_sharding(planted_model, statistics) -> None:
