@@ -937,8 +937,8 @@ def search_plan(
                          "layer(s), but no input_scales were given: calibrate with search_statistics(model, waves, "
                          "config) and pass both, or set smooth_alpha=0")
     scales = input_scales or {}
-    # Off for XNNPACK: a .pte computes a conv whose bias a refit added unlike the eager graph does
-    # (.pte vs eager int8 cosine 0.997 on tiny-wav2vec2, 1.0000 without the refit bias).
+    # Off for XNNPACK: the refit gives the CNN convs a bias, and a .pte computes a CNN conv with a bias
+    # unlike the eager graph does (.pte vs eager int8 cosine 0.973-0.998 on tiny-wav2vec2, 1.0000 without).
     refit_ops = config.refit_ops if config.target == "x86_inductor" else ()
     refit_names = [m.name for m in modules if m.op in refit_ops]
     rounds = bool(refit_ops) and config.weight_bits <= config.round_max_bits
