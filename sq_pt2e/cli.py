@@ -152,6 +152,7 @@ def _add_sensitivity_arguments(parser: argparse.ArgumentParser) -> None:
 
 def add_search_arguments(parser: argparse.ArgumentParser) -> None:
     """The audio and ``SearchConfig`` arguments of a search verb (read by :func:`search_inputs`)."""
+    from sq_pt2e.plan import TARGETS
     from sq_pt2e.stablequant import DEFAULT_PERCENTILES, SearchConfig
 
     parser.add_argument("--calibration", default=None,
@@ -214,7 +215,7 @@ def add_search_arguments(parser: argparse.ArgumentParser) -> None:
                              "least squares to their int8 inputs; at 6 weight bits or fewer the search also tries "
                              "every conv and Linear layer refit and GPTQ-rounded; each kept when it lowers the dev "
                              "score)")
-    parser.add_argument("--target", choices=("x86_inductor", "xnnpack"), default=SearchConfig.target,
+    parser.add_argument("--target", choices=TARGETS, default=SearchConfig.target,
                         help="the backend candidates are scored for: xnnpack (an ExecuTorch .pte) also rounds every "
                              "int8 layer's output to int8, as XNNPACK's kernels do; a plan scored for one target can "
                              f"be worse on the other (default {SearchConfig.target})")
@@ -606,6 +607,7 @@ def _search_summary(report: object, criterion: str) -> str:
 
 def _build_parser() -> argparse.ArgumentParser:
     from sq_pt2e.bench import VARIANTS
+    from sq_pt2e.plan import TARGETS
 
     parser = argparse.ArgumentParser(
         prog="sq-pt2e",
@@ -793,7 +795,7 @@ def _build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--eval", nargs="+", default=["synthetic-test", "test-other", "test-clean"],
                           metavar="NAME[=SOURCE]", help="shipped set names or NAME=FOLDER_OR_MANIFEST")
     evaluate.add_argument("--plan", default=None, help="plan.json: also evaluate the int8 model")
-    evaluate.add_argument("--target", choices=("x86_inductor", "xnnpack"), default="x86_inductor",
+    evaluate.add_argument("--target", choices=TARGETS, default=TARGETS[0],
                           help="the int8 arithmetic to evaluate: inductor's, or an ExecuTorch .pte's (XNNPACK: "
                                "every int8 layer's output rounded to int8 too, grids observed on --calibration)")
     evaluate.add_argument("--calibration", default=None,

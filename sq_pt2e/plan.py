@@ -28,6 +28,8 @@ from sq_pt2e.errors import PlanError
 __all__ = [
     "ATTENTION_MODES",
     "SCHEMA_VERSION",
+    "TARGETS",
+    "Target",
     "OpKind",
     "Calibration",
     "LayerPlan",
@@ -49,6 +51,9 @@ _WEIGHT_CALIBRATIONS: tuple[str, ...] = get_args(WeightCalibration)
 _ACT_SCHEMES: tuple[str, ...] = get_args(ActScheme)
 DEFAULT_NAME = "*"
 ATTENTION_MODES: tuple[str, ...] = ("float", "int8")
+# The backends a plan is quantized for: oneDNN through inductor (x86), XNNPACK in an ExecuTorch .pte.
+Target = Literal["x86_inductor", "xnnpack"]
+TARGETS: tuple[Target, ...] = ("x86_inductor", "xnnpack")
 
 
 @dataclass(frozen=True)
@@ -273,7 +278,7 @@ class QuantPlan:
     op_defaults: tuple[LayerPlan, ...] = ()
     model: str = ""
     attention: Literal["float", "int8"] = "float"
-    scored_for: Literal["", "x86_inductor", "xnnpack"] = ""
+    scored_for: Target | Literal[""] = ""
     schema_version: int = SCHEMA_VERSION
     refits: Mapping[str, Any] = field(default_factory=dict, compare=False, repr=False)
 
@@ -286,8 +291,8 @@ class QuantPlan:
             raise PlanError(f"the default layer plan must be named '*', got {self.default.name!r}")
         if self.attention not in ATTENTION_MODES:
             raise PlanError(f"attention={self.attention!r} (expected one of {ATTENTION_MODES})")
-        if self.scored_for not in ("", "x86_inductor", "xnnpack"):
-            raise PlanError(f"scored_for={self.scored_for!r} (expected x86_inductor, xnnpack or empty)")
+        if self.scored_for not in ("", *TARGETS):
+            raise PlanError(f"scored_for={self.scored_for!r} (expected one of {TARGETS} or empty)")
         names = [layer.name for layer in self.layers]
         duplicates = sorted({n for n in names if names.count(n) > 1})
         if duplicates:

@@ -19,7 +19,7 @@ import dataclasses
 import functools
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING
 
 import torch
 from torch.fx import GraphModule, Node
@@ -37,7 +37,7 @@ from sq_pt2e.observers import (
     grid_bounds,
     outlier_floor,
 )
-from sq_pt2e.plan import LayerPlan, QuantPlan
+from sq_pt2e.plan import LayerPlan, QuantPlan, Target
 
 if TYPE_CHECKING:
     from sq_pt2e.stablequant import SearchConfig, SearchReport
@@ -45,7 +45,6 @@ if TYPE_CHECKING:
 __all__ = ["LayerStatus", "StableQuantQuantizer", "Target", "act_qspec", "output_qspec", "weight_qspec"]
 
 
-Target = Literal["x86_inductor", "xnnpack"]
 # Storage of the activation grid's 2q + 1 levels: oneDNN's x86 int8 kernels take uint8
 # inputs {0..2q} (symmetric: zero point q), XNNPACK takes int8 {-q..q} (symmetric: zero
 # point 0); affine grids shift the zero point. The same input grid either way

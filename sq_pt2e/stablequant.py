@@ -74,7 +74,7 @@ from sq_pt2e.models.build import to_ctc_logits
 from sq_pt2e.observers import AbsHistogram, act_floor, range_max, range_mse, range_percentile
 from sq_pt2e.output_grids import OutputGridCalibrator
 from sq_pt2e.passes.fold_weight_norm import fold_weight_norm
-from sq_pt2e.plan import LayerPlan, OpKind, QuantPlan
+from sq_pt2e.plan import TARGETS, LayerPlan, OpKind, QuantPlan, Target
 from sq_pt2e.reconstruct import RefitWeights, reconstruct_layers
 from sq_pt2e.replay import DEFAULT_CACHE_BYTES, StageCache
 from sq_pt2e.simulate import LayerQuant, QuantizableModule, collect_statistics, fake_quantized, quantizable_modules
@@ -254,7 +254,7 @@ class SearchConfig:
     refit_ops: tuple[OpKind, ...] = ("conv1d",)
     round_ops: tuple[OpKind, ...] = ("conv1d", "linear")
     round_max_bits: int = 6
-    target: Literal["x86_inductor", "xnnpack"] = "x86_inductor"
+    target: Target = "x86_inductor"
 
     @property
     def resolved_weight_calibration(self) -> Literal["max", "mse"]:
@@ -280,8 +280,8 @@ class SearchConfig:
         if self.act_scheme not in ("symmetric", "affine") or self.start not in ("mse", "max"):
             raise ValueError(f"act_scheme={self.act_scheme!r} (expected symmetric or affine), start={self.start!r} "
                              "(expected mse or max)")
-        if self.target not in ("x86_inductor", "xnnpack"):
-            raise ValueError(f"target={self.target!r} (expected x86_inductor or xnnpack)")
+        if self.target not in TARGETS:
+            raise ValueError(f"target={self.target!r} (expected one of {TARGETS})")
         if self.split_scope not in ("sensitive", "all"):
             raise ValueError(f"split_scope={self.split_scope!r} (expected all or sensitive)")
         for pattern in self.keep_float:
