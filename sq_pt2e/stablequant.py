@@ -826,6 +826,8 @@ def run_search(model: nn.Module, calibration: Sequence[torch.Tensor], evaluator:
     alphas = list(dict.fromkeys(config.smooth_alphas))
     if len(alphas) < 2 or not smoothed_layers(model, dataclasses.replace(config, smooth_alpha=1.0)):
         alphas = alphas[:1] if alphas else [config.smooth_alpha]
+    # XNNPACK's output grids do not depend on the smoothing: one calibrator serves every alpha
+    output_grids = OutputGridCalibrator(model, calibration) if config.target == "xnnpack" else None
     results = []
     for alpha in alphas:
         at = dataclasses.replace(config, smooth_alpha=alpha)
@@ -836,7 +838,8 @@ def run_search(model: nn.Module, calibration: Sequence[torch.Tensor], evaluator:
         if len(alphas) > 1:
             say(f"smoothing alpha {alpha:g}:")
         plan, report = search_plan(model, statistics, evaluator, at, model_name=model_name, progress=progress,
-                                   progress_bar=progress_bar, input_scales=scales, calibration=calibration)
+                                   progress_bar=progress_bar, input_scales=scales, calibration=calibration,
+                                   output_grids=output_grids)
         results.append((plan, report, SearchCalibration(statistics, scales, alpha)))
     best = min(range(len(results)), key=lambda i: results[i][1].final_score.key(config.criterion))
     plan, report, calibrated = results[best]
@@ -883,6 +886,7 @@ def search_plan(
     progress_bar: bool | None = None,
     input_scales: dict[str, tuple[float, ...]] | None = None,
     calibration: Sequence[torch.Tensor] | None = None,
+    output_grids: OutputGridCalibrator | None = None,
 ) -> tuple[QuantPlan, SearchReport]:
     """Run StableQuant steps 1-3 and return the plan with its report.
 
@@ -905,7 +909,10 @@ def search_plan(
             (:func:`search_statistics`); every candidate and the plan carry them. Required
             (``{}`` allowed) when ``config`` smooths any layer.
         calibration: the calibration waveforms, for the weight reconstruction of the
-            ``config.refit_ops`` layers; required when there are such layers.
+            ``config.refit_ops`` layers and the output grids of ``config.target="xnnpack"``;
+            required when there are such layers or that target.
+        output_grids: with ``config.target="xnnpack"``, the output grids to reuse (searches of
+            the same model on the same calibration audio share one); default a new one.
 
     Returns:
         ``(plan, report)``; the plan has a fixed range for every quantized layer.
@@ -950,7 +957,7 @@ def search_plan(
         if calibration is None:
             raise ValueError("target='xnnpack' calibrates the int8 output grids of XNNPACK's layers: pass "
                              "calibration=waves")
-        evaluator = _WithOutputGrids(evaluator, OutputGridCalibrator(model, calibration))
+        evaluator = _WithOutputGrids(evaluator, output_grids or OutputGridCalibrator(model, calibration))
     unknown = sorted(set(scales) - set(hist))
     if unknown:
         raise ValueError(f"input_scales for layers that are not searched: {unknown[:3]}")
