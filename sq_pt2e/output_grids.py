@@ -24,7 +24,7 @@ from sq_pt2e.models.build import to_ctc_logits
 from sq_pt2e.observers import grid_bounds
 from sq_pt2e.passes.fold_weight_norm import fold_weight_norm
 from sq_pt2e.quantizer import output_qspec
-from sq_pt2e.simulate import Grid, LayerQuant, layer_product, quantizable_modules
+from sq_pt2e.simulate import Grid, LayerQuant, layer_product, quantizable_modules, refit_weights_in_place
 from sq_pt2e.smoothing import inverse_input_scale, scaled_weight
 
 __all__ = ["OutputGridCalibrator", "gelu_fed_layers"]
@@ -102,21 +102,10 @@ class OutputGridCalibrator:
             floor = GELU_FLOOR if name in self.gelu_fed else None
             split = quant.outlier_range is not None
             observers[name] = (_output_observer(floor), _output_observer(floor) if split else None)
-        saved = {}
-        try:
-            for name, quant in candidate.items():
-                if quant.refit is not None:
-                    module = self.modules[name]
-                    saved[name] = (module.weight.data, module.bias)
-                    module.weight.data = quant.refit.weight
-                    module.bias = nn.Parameter(quant.refit.bias.clone(), requires_grad=False)
+        with refit_weights_in_place(self.modules, candidate):
             watchers = {self.modules[name]: self._watcher(self.modules[name], quant, *observers[name])
                         for name, quant in missing.items()}
             watch_layer_inputs(self.wrapper, watchers, self.waves)
-        finally:
-            for name, (weight, bias) in saved.items():
-                self.modules[name].weight.data = weight
-                self.modules[name].bias = bias
         self.passes += 1
         for name, quant in missing.items():
             main, outliers = observers[name]

@@ -48,6 +48,7 @@ __all__ = [
     "merge_statistics",
     "plan_layer_quants",
     "quantizable_modules",
+    "refit_weights_in_place",
 ]
 
 
@@ -235,36 +236,51 @@ def fake_quantized(model: nn.Module, layers: dict[str, LayerQuant]) -> Iterator[
     unknown = sorted(set(layers) - set(modules))
     if unknown:
         raise PlanError(f"layers not in the model: {unknown[:5]}")
-    saved, saved_bias, handles = {}, {}, []
+    saved, handles = {}, []
+    with refit_weights_in_place(modules, layers):
+        try:
+            for name, quant in layers.items():
+                module = modules[name]
+                saved[name] = weight = module.weight.data
+                inverse = None
+                if quant.input_scale is not None:
+                    weight = scaled_weight(weight, quant.input_scale, layer=name)
+                    inverse = inverse_input_scale(quant.input_scale, weight.ndim)
+                module.weight.data = _fake_quant_weight(weight, quant.weight_bits, quant.weight_calibration, name)
+                if quant.output_grid is None:
+                    handles.append(module.register_forward_pre_hook(
+                        functools.partial(_quantize_input, *_input_grids(quant), inverse)))
+                else:
+                    hooks = _Int8Output(quant, inverse)
+                    handles += [module.register_forward_pre_hook(hooks.before),
+                                module.register_forward_hook(hooks.after)]
+
+            yield wrapper
+        finally:
+            for handle in handles:
+                handle.remove()
+            for name, weight in saved.items():
+                modules[name].weight.data = weight
+
+
+@contextlib.contextmanager
+def refit_weights_in_place(modules: dict[str, nn.Module], layers: dict[str, LayerQuant]) -> Iterator[None]:
+    """Temporarily give each named module with a refit (``LayerQuant.refit``) its reconstructed weight
+    and bias, checked against the float weights they replace; restored on exit, also on error."""
+    saved = {}
     try:
         for name, quant in layers.items():
+            if quant.refit is None:
+                continue
             module = modules[name]
-            saved[name] = module.weight.data
-            weight = module.weight.data
-            if quant.refit is not None:
-                quant.refit.check_source(weight, module.bias, layer=name)
-                saved_bias[name] = module.bias
-                weight = quant.refit.weight
-                module.bias = nn.Parameter(quant.refit.bias.clone(), requires_grad=False)
-            inverse = None
-            if quant.input_scale is not None:
-                weight = scaled_weight(weight, quant.input_scale, layer=name)
-                inverse = inverse_input_scale(quant.input_scale, weight.ndim)
-            module.weight.data = _fake_quant_weight(weight, quant.weight_bits, quant.weight_calibration, name)
-            if quant.output_grid is None:
-                handles.append(module.register_forward_pre_hook(
-                    functools.partial(_quantize_input, *_input_grids(quant), inverse)))
-            else:
-                hooks = _Int8Output(quant, inverse)
-                handles += [module.register_forward_pre_hook(hooks.before), module.register_forward_hook(hooks.after)]
-
-        yield wrapper
+            quant.refit.check_source(module.weight.data, module.bias, layer=name)
+            saved[name] = (module.weight.data, module.bias)
+            module.weight.data = quant.refit.weight
+            module.bias = nn.Parameter(quant.refit.bias.clone(), requires_grad=False)
+        yield
     finally:
-        for handle in handles:
-            handle.remove()
-        for name, weight in saved.items():
+        for name, (weight, bias) in saved.items():
             modules[name].weight.data = weight
-        for name, bias in saved_bias.items():
             modules[name].bias = bias
 
 
