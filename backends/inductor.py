@@ -37,11 +37,13 @@ from torch.fx import GraphModule
 from sq_pt2e.errors import BackendError, Int8NotUsedError, NumericsMismatchError
 from sq_pt2e.backends.int8_attention import (
     attention_kernel_calls,
+    fused_int8_attention_supported,
     int8_attention_patterns,
     int8_attention_supported,
     quantized_attention_count,
 )
 from sq_pt2e.hardware import CpuInfo, cpu_info
+from sq_pt2e.passes.attention_as_int_mm import AttentionAsIntMmPass
 from sq_pt2e.passes.conv1d_as_conv2d import QuantizedConv1dAsConv2dPass
 from sq_pt2e.passes.conv1d_as_gemm import QuantizedConv1dAsGemmPass
 from sq_pt2e.passes.verify_quantization import summarize_quantized_graph
@@ -78,12 +80,12 @@ def fit_plan_to_cpu(plan: QuantPlan, cpu: CpuInfo | None = None, *,
     ``group_channels`` (layer name -> input channels per group, e.g. from
     :func:`sq_pt2e.graph.group_channels`) with :data:`AMX_UNSAFE_GROUP_CHANNELS` channels
     per group are kept float. Each change is recorded in the layer's reason. Without
-    AMX-INT8, int8 attention (``plan.attention``) falls back to float, with a warning.
+    VNNI or AMX-INT8, int8 attention (``plan.attention``) falls back to float, with a warning.
     """
     cpu = cpu or cpu_info()
     fitted = plan
     if plan.attention == "int8" and not int8_attention_supported(cpu):
-        warnings.warn(f"int8 attention needs an AMX-INT8 CPU ({cpu.summary()}): attention stays float",
+        warnings.warn(f"int8 attention needs a CPU with VNNI or AMX-INT8 ({cpu.summary()}): attention stays float",
                       stacklevel=2)
         fitted = dataclasses.replace(plan, attention="float")
     if cpu.has_amx_int8:
@@ -189,14 +191,15 @@ def compile_inductor(
             way; the float GEMM differs from the float conv by summation order only.
 
     Int8 attention (a plan with ``attention="int8"``) compiles to torchao's fused int8
-    attention kernel (:mod:`sq_pt2e.backends.int8_attention`); its calls are counted too.
+    attention kernel on AMX CPUs, and to int8 GEMMs on other CPUs with VNNI
+    (:mod:`sq_pt2e.backends.int8_attention`); the attention blocks on int8 kernels are counted too.
 
     Raises:
         Int8NotUsedError: fewer int8 kernels in the generated code than int8 layers (or
-            fused int8 attention kernels than quantized attention blocks).
+            attention blocks on int8 kernels than quantized attention blocks).
         NumericsMismatchError: compiled output disagrees with eager int8.
         BackendError: inductor failed to compile, or the graph has int8 attention and this
-            CPU has no AMX-INT8.
+            CPU has neither VNNI nor AMX-INT8.
     """
     import torch._inductor.config as inductor_config
     from torch._inductor.utils import run_and_get_code
@@ -204,16 +207,17 @@ def compile_inductor(
     if threads is not None:
         torch.set_num_threads(threads)
     attention = quantized_attention_count(converted)
+    if attention and not int8_attention_supported():
+        raise BackendError(f"the graph has {attention} int8 attention blocks, but int8 attention needs a CPU with "
+                           f"VNNI or AMX-INT8 ({cpu_info().summary()}): quantize with the plan's attention='float'")
+    fused_attention = bool(attention) and fused_int8_attention_supported()
     patches: dict[str, object] = {"freezing": True}
     if attention:
-        if not int8_attention_supported():
-            raise BackendError(f"the graph has {attention} int8 attention blocks, but int8 attention needs an AMX-INT8 "
-                               f"CPU ({cpu_info().summary()}): quantize with the plan's attention='float'")
         patches["post_grad_custom_pre_pass"] = int8_attention_patterns()
     inputs = example if isinstance(example, tuple) else (example,)
     with torch.no_grad():
         eager = converted(*inputs)
-    graph = _backend_graph(converted, conv_as_gemm)
+    graph = _backend_graph(converted, conv_as_gemm, attention_as_int_mm=not fused_attention)
     start = time.perf_counter()
     try:
         with inductor_config.patch(patches), torch.no_grad():
@@ -285,9 +289,11 @@ def load_aot_package(package_path: str | os.PathLike[str]) -> Callable[..., torc
     return torch._inductor.aoti_load_package(str(package_path))
 
 
-def _backend_graph(converted: GraphModule, conv_as_gemm: bool) -> GraphModule:
+def _backend_graph(converted: GraphModule, conv_as_gemm: bool, *, attention_as_int_mm: bool = False) -> GraphModule:
     """A copy of ``converted`` with the rewrites the x86 int8 kernels need (see :func:`compile_inductor`)."""
     graph = copy.deepcopy(converted)
+    if attention_as_int_mm:
+        AttentionAsIntMmPass()(graph)
     if conv_as_gemm:
         QuantizedConv1dAsGemmPass()(graph)
         WaveformConvAsGemmPass()(graph)
@@ -300,7 +306,7 @@ def _verified_report(converted: GraphModule, eager: torch.Tensor, output: torch.
     """The report of a compile whose generated ``sources`` call int8 kernels matching ``kernel``.
 
     Raises:
-        Int8NotUsedError: fewer int8 kernels (or fused int8 attention kernels) than int8 layers (blocks).
+        Int8NotUsedError: fewer int8 kernels (or int8 attention blocks) than int8 layers (blocks).
         NumericsMismatchError: ``output`` disagrees with the eager int8 output.
     """
     expected = len(summarize_quantized_graph(converted).int8_layers)
@@ -322,8 +328,8 @@ def _verified_report(converted: GraphModule, eager: torch.Tensor, output: torch.
         int8_attention_in_graph=attention,
     )
     if report.int8_attention_kernels < attention:
-        msg = (f"inductor fused {report.int8_attention_kernels} of {attention} int8 attention blocks into the int8 "
-               "attention kernel (the rest would run as float q/dq reference math)")
+        msg = (f"inductor ran {report.int8_attention_kernels} of {attention} int8 attention blocks on int8 kernels "
+               "(the rest would run as float q/dq reference math)")
         raise Int8NotUsedError(msg)
     if report.int8_kernel_count < expected:
         msg = (

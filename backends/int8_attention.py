@@ -1,18 +1,22 @@
-"""Int8 attention under inductor: torchao's fused quantized attention kernel (AMX CPUs).
+"""Int8 attention under inductor: torchao's fused kernel on AMX CPUs, int8 GEMMs on VNNI CPUs.
 
 With ``QuantPlan.attention == "int8"`` the quantizer writes attention as two matmuls
 (:class:`~sq_pt2e.passes.sdpa_as_matmuls.SdpaAsMatmulsPass`) and quantizes ``q``, ``k``,
 ``v`` and the attention probabilities to uint8. Inductor then sees
-``dq -> matmul -> softmax -> q/dq -> matmul -> q``, which torchao's pattern
-(``torchao.prototype.inductor.fx_passes.qsdpa_fusion``) replaces by one fused kernel,
-``torchao::qscaled_dot_product``: a C++ template built on AMX tiles. Without AMX the op
-has no CPU kernel, so int8 attention is offered on AMX-INT8 CPUs only.
+``dq -> matmul -> softmax -> q/dq -> matmul -> q``. On AMX-INT8 CPUs torchao's pattern
+(``torchao.prototype.inductor.fx_passes.qsdpa_fusion``) replaces it by one fused kernel,
+``torchao::qscaled_dot_product``: a C++ template built on AMX tiles (without AMX the op has
+no fast CPU kernel). On other CPUs with VNNI the two matmuls run as int8 GEMMs
+(:class:`~sq_pt2e.passes.attention_as_int_mm.AttentionAsIntMmPass`), the softmax between
+them in float. Without VNNI, oneDNN's u8*s8 pairs could saturate int16 (as W8A8 layers
+would), so attention stays float there.
 
 torch 2.13's joint-graph pass rewrites ``softmax(x * s)`` into
-``where(all(isfinite(x * s)), (x - amax(x)) * s, x * s - amax(x * s))``, and torchao's
-pattern, written for the stable branch alone, then matches nothing. The scores of a
-dequantized int8 ``q @ k^T`` are finite, so there the stable branch is exact:
-:class:`Int8AttentionPatterns` keeps it before matching.
+``where(all(isfinite(x * s)), (x - amax(x)) * s, x * s - amax(x * s))``: torchao's
+pattern, written for the stable branch alone, then matches nothing, and the global ``all``
+makes inductor's fused softmax kernel about ten times slower (26 instead of ~3 ms per
+HuBERT-large layer at 10 s). The scores of an int8 ``q @ k^T`` are finite, so there the
+stable branch is exact: :class:`Int8AttentionPatterns` keeps it before matching.
 """
 
 from __future__ import annotations
@@ -29,17 +33,24 @@ from sq_pt2e.hardware import CpuInfo, cpu_info
 from sq_pt2e.passes.rewrite_utils import DEQUANTIZE_PER_TENSOR
 from sq_pt2e.passes.sdpa_as_matmuls import attention_matmuls
 
-__all__ = ["Int8AttentionPatterns", "attention_kernel_calls", "int8_attention_patterns", "int8_attention_supported",
-           "quantized_attention_count"]
+__all__ = ["Int8AttentionPatterns", "attention_kernel_calls", "fused_int8_attention_supported",
+           "int8_attention_patterns", "int8_attention_supported", "quantized_attention_count"]
 
 aten = torch.ops.aten
 _KERNEL_DEFINITION = re.compile(r"(\w+) = async_compile\.cpp_pybinding\((.*?)'''\)", re.DOTALL)
 _ATTENTION_SIGNATURE = "kernel(const uint8_t* query, const uint8_t* key, const uint8_t* value"
+_INT8_BMM_CALL = re.compile(r"= torch\.ops\.sq_pt2e\.int8_bmm\.default\(")
+
+
+def fused_int8_attention_supported(cpu: CpuInfo | None = None) -> bool:
+    """Whether this CPU runs torchao's fused int8 attention kernel (it needs AMX-INT8 tiles)."""
+    return (cpu or cpu_info()).has_amx_int8 and torch.cpu._is_amx_tile_supported()
 
 
 def int8_attention_supported(cpu: CpuInfo | None = None) -> bool:
-    """Whether this CPU runs torchao's int8 attention kernel (it needs AMX-INT8 tiles)."""
-    return (cpu or cpu_info()).has_amx_int8 and torch.cpu._is_amx_tile_supported()
+    """Whether this CPU runs int8 attention exactly: the fused kernel (AMX) or int8 GEMMs with VNNI."""
+    cpu = cpu or cpu_info()
+    return fused_int8_attention_supported(cpu) or cpu.has_vnni
 
 
 def quantized_attention_count(graph_module: GraphModule) -> int:
@@ -49,20 +60,28 @@ def quantized_attention_count(graph_module: GraphModule) -> int:
 
 
 def attention_kernel_calls(sources: list[str]) -> int:
-    """Calls of the fused int8 attention kernel in inductor's generated code."""
-    calls = 0
+    """Attention blocks that inductor's generated code runs on int8 kernels.
+
+    A block is one call of the fused kernel (AMX), or two calls of
+    :func:`~sq_pt2e.passes.attention_as_int_mm.int8_bmm` (its two matmuls, other CPUs).
+    """
+    calls = bmm_calls = 0
     for source in sources:
         for name, body in _KERNEL_DEFINITION.findall(source):
             if _ATTENTION_SIGNATURE in body:
                 calls += len(re.findall(rf"(?<![\w.]){re.escape(name)}\(", source))
-    return calls
+        bmm_calls += len(_INT8_BMM_CALL.findall(source))
+    return calls + bmm_calls // 2
 
 
 def _reads_dequantized_matmul(node: Node) -> bool:
-    """Whether ``node`` is ``(bmm(dq(a), dq(b)) viewed) * c``, the scores of int8 attention."""
+    """Whether ``node`` is the scores of int8 attention: ``(bmm(dq(a), dq(b)) viewed) * c``, or the
+    scaled int32 products of :func:`~sq_pt2e.passes.attention_as_int_mm.int8_bmm` with their zero-point sums."""
     while node.target in (aten.mul.Tensor, aten.div.Tensor, aten.reshape.default, aten.view.default,
-                          aten.expand.default):
+                          aten.expand.default, aten.sub.Tensor, torch.ops.prims.convert_element_type.default):
         node = node.args[0]
+    if node.target == torch.ops.sq_pt2e.int8_bmm.default:
+        return True
     if node.target != aten.bmm.default:
         return False
     for operand in node.args:

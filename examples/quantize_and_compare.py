@@ -8,8 +8,8 @@
    too) on the shipped synthetic test set and real LibriSpeech test-other, decoded
    greedily and by beam search with the shipped word 3-gram LM.
 4. Compile int8 with inductor and lower it to an ExecuTorch .pte (XNNPACK); compare
-   agreement, size and latency with float, all measured in this run. On AMX-INT8 CPUs
-   also with int8 attention (torchao's fused int8 attention kernel).
+   agreement, size and latency with float, all measured in this run. On CPUs with VNNI
+   or AMX-INT8 also with int8 attention (int8 GEMMs, or torchao's fused kernel on AMX).
 
 Usage:
     python examples/quantize_and_compare.py
@@ -78,9 +78,9 @@ def main(argv: list[str] | None = None) -> int:
     fitted, changed = fit_plan_to_cpu(plan, group_channels=group_channels(model))
     if changed:  # what inductor really runs on this CPU (no VNNI: 7-bit weights; AMX: small-group convs float)
         variants["StableQuant as compiled on this CPU"] = (fitted, "x86_inductor")
-    int8_attention = int8_attention_supported() and bits.act == 8  # the fused kernel is 8-bit, AMX only
+    int8_attention = int8_attention_supported() and bits.act == 8  # attention is quantized to 8 bits only
     if int8_attention:
-        variants["StableQuant + int8 attention (AMX)"] = (dataclasses.replace(fitted, attention="int8"), "x86_inductor")
+        variants["StableQuant + int8 attention"] = (dataclasses.replace(fitted, attention="int8"), "x86_inductor")
     if not args.no_executorch:  # the .pte's arithmetic: XNNPACK rounds every int8 layer's output to int8 too
         variants[f"StableQuant {bits} as a .pte (XNNPACK)"] = (plan, "xnnpack")
     calibration_waves = [u.wave for u in calibration]

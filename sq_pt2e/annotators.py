@@ -121,11 +121,13 @@ def annotate_linear(gm: GraphModule, specs_for: SpecsFor) -> list[list[Node]]:
     return _annotate_weighted(gm, specs_for, ("linear",))
 
 
-# The int8 attention kernel takes uint8 q, k, v and probabilities on the full 0..255 grid
-# (it ignores quant_min/quant_max). Probabilities lie in [0, 1]: a fixed 1/255 step with
-# zero point 0 covers them exactly, where a calibrated range would clip rare peaks.
+# The int8 attention kernels take uint8 q, k, v and probabilities on the full 0..255 grid.
+# q, k and v are symmetric (zero point 128, signed int8 once shifted): their products then
+# need no zero-point sums (passes/attention_as_int_mm.py). Probabilities lie in [0, 1]: a
+# fixed 1/255 step with zero point 0 covers them exactly, where a calibrated range would
+# clip rare peaks.
 _ATTENTION_OPERAND = QuantizationSpec(
-    dtype=torch.uint8, quant_min=0, quant_max=255, qscheme=torch.per_tensor_affine,
+    dtype=torch.uint8, qscheme=torch.per_tensor_symmetric,  # no quant_min/max: zero point 128, not 127
     observer_or_fake_quant_ctr=HistogramObserver.with_args(eps=2**-12),
 )
 _ATTENTION_PROBABILITIES = FixedQParamsQuantizationSpec(

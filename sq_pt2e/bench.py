@@ -289,7 +289,7 @@ def _stablequant_int8(model, wave, calib, plan, threads, *, conv_as_gemm: bool =
     start = time.perf_counter()
     if int8_attention:
         if not int8_attention_supported():
-            raise BackendError("int8 attention needs an AMX-INT8 CPU (torchao's fused int8 attention kernel)")
+            raise BackendError("int8 attention needs a CPU with VNNI or AMX-INT8")
         plan = dataclasses.replace(plan or QuantPlan(), attention="int8")
     quantized = quantize_model(copy.deepcopy(model), wave, calib, plan=plan)
     if aoti:
@@ -300,7 +300,7 @@ def _stablequant_int8(model, wave, calib, plan, threads, *, conv_as_gemm: bool =
         compiled = compile_inductor(quantized.converted, wave, threads=threads, conv_as_gemm=conv_as_gemm)
     package = "AOTInductor package (C++ wrapper); " if aoti else ""
     convs = "" if conv_as_gemm else "CNN convs as oneDNN convolutions (no GEMM rewrites); "
-    attention = (f"int8 attention ({compiled.report.int8_attention_kernels} fused kernels); "
+    attention = (f"int8 attention ({compiled.report.int8_attention_kernels} blocks on int8 kernels); "
                  if compiled.report.int8_attention_kernels else "")
     return Built(compiled, graph_constant_bytes(quantized.converted), time.perf_counter() - start,
                  compiled.report.int8_kernel_count,

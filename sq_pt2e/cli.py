@@ -675,8 +675,9 @@ def _build_parser() -> argparse.ArgumentParser:
                           help="input length of the saved int8 program model_int8.pt2 (torch.export; x86/inductor "
                                "target; 0: do not write it)")
     quantize.add_argument("--int8-attention", action="store_true",
-                          help="also quantize the attention matmuls (plan attention='int8'): inductor fuses them "
-                               "into torchao's int8 attention kernel, on AMX-INT8 CPUs only")
+                          help="also quantize the attention matmuls (plan attention='int8'): inductor runs them as "
+                               "int8 GEMMs (VNNI CPUs) or torchao's fused int8 attention kernel (AMX-INT8 CPUs); "
+                               "without VNNI attention stays float")
     _add_threads_argument(quantize)
     quantize.add_argument("--output-dir", type=Path, required=True)
     quantize.set_defaults(run=_cmd_quantize)

@@ -136,8 +136,8 @@ def compare_backends(
     """Quantize ``model`` with ``plan`` and compare float eager, int8 inductor and int8 .pte.
 
     All waveforms must have the same length (the exported programs are fixed-length).
-    ``int8_attention`` adds a row for inductor with int8 attention too (AMX-INT8 CPUs only:
-    :func:`sq_pt2e.backends.int8_attention.int8_attention_supported`).
+    ``int8_attention`` adds a row for inductor with int8 attention too (CPUs with VNNI or
+    AMX-INT8: :func:`sq_pt2e.backends.int8_attention.int8_attention_supported`).
     """
     from sq_pt2e.backends.executorch_xnnpack import PteRunner, check_pte, lower_to_xnnpack
     from sq_pt2e.backends.inductor import compile_inductor
@@ -160,7 +160,8 @@ def compare_backends(
             cosine, agree = _agreement(reference, [compiled(w) for w in evaluation])
         ms = median_latency_ms(compiled, example, runs=runs)
         rep = compiled.report
-        attention = f"{rep.int8_attention_kernels} fused int8 attention kernels; " if rep.int8_attention_kernels else ""
+        attention = (f"{rep.int8_attention_kernels} attention blocks on int8 kernels; "
+                     if rep.int8_attention_kernels else "")
         return ComparisonRow(
             label, ms, base_ms / ms, size, size / float_bytes, cosine, agree,
             rep.int8_kernel_count + rep.int8_attention_kernels,
@@ -179,7 +180,7 @@ def compare_backends(
     progress("compiling int8 with inductor ...")
     rows.append(inductor_row("int8 inductor", x86.converted, x86_bytes))
     if int8_attention:
-        progress("compiling int8 with int8 attention (AMX) ...")
+        progress("compiling int8 with int8 attention ...")
         attention = quantize_model(model, example, calibration, plan=dataclasses.replace(plan, attention="int8"))
         rows.append(inductor_row("int8 inductor, int8 attention", attention.converted, x86_bytes))
     if executorch:

@@ -318,9 +318,9 @@ def write_report(
         lines += [f"The search scored this plan in {arithmetic[plan.scored_for]} arithmetic "
                   f"(`scored_for: {plan.scored_for}`).", ""]
     if plan.attention == "int8":
-        lines += ["Attention is quantized too (q, k, v and the probabilities, uint8): inductor runs it as one fused "
-                  "int8 attention kernel on AMX-INT8 CPUs. The search scored float attention; measure its WER with "
-                  "`sq-pt2e eval --plan`.", ""]
+        lines += ["Attention is quantized too (q, k, v and the probabilities, uint8): inductor runs its matmuls as "
+                  "int8 GEMMs on VNNI CPUs and as one fused int8 attention kernel on AMX-INT8 CPUs. The search "
+                  "scored float attention; measure its WER with `sq-pt2e eval --plan`.", ""]
     for op_default in plan.op_defaults:
         if op_default.skip:
             lines.append(f"Every `{op_default.op}` layer is kept in float: {op_default.reason}.")

@@ -29,12 +29,12 @@ def test_quantize_and_compare_runs_and_writes_results(tmp_path) -> None:
     from sq_pt2e.backends.int8_attention import int8_attention_supported
 
     variants = [row["variant"] for row in results["backends"]["rows"]]
-    amx = ["int8 inductor, int8 attention"] if int8_attention_supported() else []
-    assert variants == ["float32 eager", "int8 eager (q/dq reference)", "int8 inductor", *amx,
+    attention = ["int8 inductor, int8 attention"] if int8_attention_supported() else []
+    assert variants == ["float32 eager", "int8 eager (q/dq reference)", "int8 inductor", *attention,
                         "int8 ExecuTorch .pte (XNNPACK)"]
-    if amx:
-        assert "StableQuant + int8 attention (AMX)" in results["accuracy"]["synthetic-test"]
-        assert results["backends"]["rows"][-2]["notes"].startswith("2 fused int8 attention kernels")
+    if attention:
+        assert "StableQuant + int8 attention" in results["accuracy"]["synthetic-test"]
+        assert results["backends"]["rows"][-2]["notes"].startswith("2 attention blocks on int8 kernels")
     assert (tmp_path / "plan.json").exists()
 
 

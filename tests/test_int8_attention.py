@@ -1,6 +1,8 @@
-"""Int8 attention: the matmul rewrite, its quantization, the plan flag, inductor's fused kernel (AMX)."""
+"""Int8 attention: the matmul rewrite, its quantization, the plan flag, its int8 kernels under inductor."""
 
 from __future__ import annotations
+
+import copy
 
 import pytest
 import torch
@@ -15,6 +17,7 @@ from sq_pt2e.backends.int8_attention import (
 from sq_pt2e.errors import BackendError, PlanError, QuantizationError
 from sq_pt2e.export import export_speech_model
 from sq_pt2e.hardware import CpuInfo
+from sq_pt2e.passes.attention_as_int_mm import AttentionAsIntMmPass, int8_bmm
 from sq_pt2e.passes.sdpa_as_matmuls import SdpaAsMatmulsPass, attention_matmuls
 from sq_pt2e.plan import QuantPlan
 from sq_pt2e.quantizer import StableQuantQuantizer
@@ -25,6 +28,9 @@ pytestmark = pytest.mark.usefixtures("single_thread")
 aten = torch.ops.aten
 INT8_ATTENTION = QuantPlan(attention="int8")
 WITH_VNNI = CpuInfo("Test CPU with VNNI", ("avx2", "avx512f", "avx512_vnni"), 2)
+AVX2_ONLY = CpuInfo("Test CPU with AVX2", ("avx2", "fma"), 2)
+needs_vnni = pytest.mark.skipif(not int8_attention_supported(),
+                                reason="int8 attention needs VNNI (int8 GEMMs) or AMX-INT8 (torchao's fused kernel)")
 
 
 @pytest.mark.parametrize("name", ["tiny_wav2vec2", "tiny_hubert"])
@@ -104,17 +110,72 @@ def test_the_simulation_refuses_int8_attention_and_eval_runs_the_converted_graph
     assert forward(longer).shape[1] > forward(example_wave).shape[1]
 
 
-def test_fit_plan_keeps_attention_float_without_amx() -> None:
-    with pytest.warns(UserWarning, match="AMX-INT8"):
-        fitted, changed = fit_plan_to_cpu(INT8_ATTENTION, WITH_VNNI)
-    assert changed and fitted.attention == "float"
+def test_fit_plan_keeps_attention_float_without_vnni() -> None:
+    with pytest.warns(UserWarning, match="VNNI or AMX-INT8"):
+        fitted, changed = fit_plan_to_cpu(INT8_ATTENTION, AVX2_ONLY)
+    assert fitted.attention == "float"
+    assert fit_plan_to_cpu(INT8_ATTENTION, WITH_VNNI)[0].attention == "int8"
 
 
-def test_compiling_int8_attention_without_amx_is_a_clear_error(monkeypatch) -> None:
+def test_compiling_int8_attention_without_vnni_is_a_clear_error(monkeypatch) -> None:
     tiny = tiny_quantized_model("tiny-wav2vec2", INT8_ATTENTION)
     monkeypatch.setattr(inductor_backend, "int8_attention_supported", lambda: False)
-    with pytest.raises(BackendError, match="2 int8 attention blocks.*AMX-INT8"):
+    with pytest.raises(BackendError, match="2 int8 attention blocks.*VNNI or AMX-INT8"):
         compile_inductor(tiny.quantized.converted, tiny.example)
+
+
+@needs_vnni
+def test_int8_bmm_is_the_exact_integer_product_for_any_strides() -> None:
+    generator = torch.Generator().manual_seed(0)
+    a = torch.randint(-128, 128, (2, 3, 7, 16), dtype=torch.int8, generator=generator)
+    b = torch.randint(-128, 128, (2, 3, 9, 16), dtype=torch.int8, generator=generator).transpose(-1, -2)
+    expected = (a.long() @ b.long()).int()
+    assert torch.equal(int8_bmm(a, b), expected)
+    assert torch.equal(int8_bmm(a, b.contiguous()), expected)
+
+
+def test_int8_bmm_refuses_other_dtypes_and_shapes() -> None:
+    a = torch.zeros(1, 2, 3, 4, dtype=torch.int8)
+    with pytest.raises(ValueError, match="int8 operands.*torch.uint8"):
+        int8_bmm(a, torch.zeros(1, 2, 4, 5, dtype=torch.uint8))
+    with pytest.raises(ValueError, match=r"do not multiply: \(1, 2, 3, 4\) @ \(1, 2, 3, 5\)"):
+        int8_bmm(a, torch.zeros(1, 2, 3, 5, dtype=torch.int8))
+
+
+@needs_vnni
+@pytest.mark.parametrize("zero_points", [(0, 128), (128, 7), (37, 200), (128, 128)])
+def test_attention_as_int_mm_equals_the_dequantized_matmul(zero_points) -> None:
+    class QuantizedMatmul(torch.nn.Module):
+        def forward(self, x, y):
+            qdq = torch.ops.quantized_decomposed
+            a = qdq.dequantize_per_tensor(qdq.quantize_per_tensor(x, 0.02, zero_points[0], 0, 255, torch.uint8),
+                                          0.02, zero_points[0], 0, 255, torch.uint8)
+            b = qdq.dequantize_per_tensor(qdq.quantize_per_tensor(y, 0.03, zero_points[1], 0, 255, torch.uint8),
+                                          0.03, zero_points[1], 0, 255, torch.uint8)
+            return torch.matmul(a, b)
+
+    x, y = torch.rand(1, 2, 5, 8) * 3 - 1, torch.randn(1, 2, 8, 6)
+    graph = torch.export.export(QuantizedMatmul(), (x, y)).module()
+    reference = graph(x, y)
+    assert AttentionAsIntMmPass()(graph).modified
+    assert [n.target for n in graph.graph.nodes].count(torch.ops.sq_pt2e.int8_bmm.default) == 1
+    assert aten.matmul.default not in [n.target for n in graph.graph.nodes]
+    torch.testing.assert_close(graph(x, y), reference, rtol=1e-5, atol=1e-5)
+
+
+@needs_vnni
+def test_attention_as_int_mm_rewrites_both_matmuls_of_each_block() -> None:
+    tiny = tiny_quantized_model("tiny-hubert", INT8_ATTENTION)
+    graph = copy.deepcopy(tiny.quantized.converted)
+    with torch.no_grad():
+        reference = graph(tiny.example)
+        assert AttentionAsIntMmPass()(graph).modified
+        rewritten = graph(tiny.example)
+    assert [n.target for n in graph.graph.nodes].count(torch.ops.sq_pt2e.int8_bmm.default) == 4
+    assert quantized_attention_count(graph) == 0
+    torch.testing.assert_close(rewritten, reference, rtol=1e-5, atol=1e-5)
+    float_graph = tiny_quantized_model("tiny-hubert").quantized.converted
+    assert not AttentionAsIntMmPass()(float_graph).modified
 
 
 def test_attention_kernel_calls_count_call_sites_of_the_fused_kernel() -> None:
@@ -126,10 +187,12 @@ def test_attention_kernel_calls_count_call_sites_of_the_fused_kernel() -> None:
     )
     assert attention_kernel_calls([source]) == 2
     assert attention_kernel_calls([source.replace("uint8_t* query", "float* query")]) == 0
+    bmm = "    buf5 = torch.ops.sq_pt2e.int8_bmm.default(buf3, buf4)\n"
+    assert attention_kernel_calls([bmm * 4 + "    assert_size_stride(buf5, 'torch.ops.sq_pt2e.int8_bmm.default')"]) == 2
 
 
-@pytest.mark.skipif(not int8_attention_supported(), reason="torchao's int8 attention kernel needs an AMX-INT8 CPU")
-def test_int8_attention_compiles_to_the_fused_kernel_and_matches_eager() -> None:
+@needs_vnni
+def test_int8_attention_compiles_to_int8_kernels_and_matches_eager() -> None:
     tiny = tiny_quantized_model("tiny-wav2vec2", INT8_ATTENTION)
     compiled = compile_inductor(tiny.quantized.converted, tiny.example)
     assert compiled.report.int8_attention_in_graph == 2
