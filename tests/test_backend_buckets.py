@@ -117,7 +117,7 @@ def test_pinned_plan_fixes_every_quantized_layer_range() -> None:
 
 
 def test_bucketed_graphs_keep_attention_float() -> None:
-    with pytest.warns(UserWarning, match="attention (stays|float)"):  # no AMX: fit_plan_to_cpu says it first
+    with pytest.warns(UserWarning, match="attention (stays|float)"):  # without VNNI fit_plan_to_cpu says it first
         runner = BucketedInt8Model(build_model("tiny-wav2vec2"), QuantPlan(attention="int8"), CALIBRATION,
                                    buckets=(0.5,), threads=1, overlap_seconds=0.1, cache=False)
     assert runner.plan.attention == "float"
