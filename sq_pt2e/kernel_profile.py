@@ -23,15 +23,16 @@ import torch
 __all__ = ["KINDS", "KernelProfile", "KernelTime", "kind_of", "profile_kernels", "profile_variant"]
 
 KINDS: tuple[tuple[str, re.Pattern[str]], ...] = (
-    ("int8 GEMM / conv (oneDNN)", re.compile(r"^onednn::q|^quantized::")),
+    ("int8 GEMM / conv (oneDNN)", re.compile(r"^onednn::q|^quantized::|^aten::_int_mm$")),
     ("float attention", re.compile(r"scaled_dot_product|_flash_attention|softmax")),
     ("float GEMM / conv", re.compile(r"^aten::(mm|bmm|addmm|linear|matmul|_convolution|mkldnn_convolution)$"
                                      r"|^mkl::|^mkldnn::|^onednn::(?!q)")),
     ("inductor fused kernels (norms, activations, q/dq, copies)", re.compile(r"cpp_fused")),
     ("framework (dispatch, guards, wrappers)", re.compile(r"^## |TorchDynamo|Torch-Compiled|AOTDispatcher|"
+                                                           r"^sq_pt2e::int8_bmm$|"  # its loop; _int_mm does the work
                                                            r"Pregraph|^aten::(empty|view|reshape|as_strided|"
                                                            r"transpose|unsqueeze|squeeze|item|_local_scalar_dense|"
-                                                           r"resize_|to|empty_like|empty_strided|permute|expand)")),
+                                                           r"resize_|to|empty_like|empty_strided|permute|expand|select)")),
 )
 """Kind name and the event-name pattern it claims, tried in order; unmatched events count as "other"."""
 OTHER = "other"

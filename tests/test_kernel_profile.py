@@ -11,6 +11,10 @@ from sq_pt2e.models import build_model
 @pytest.mark.parametrize(("event", "kind"), [
     ("onednn::qlinear_pointwise", "int8 GEMM / conv (oneDNN)"),
     ("onednn::qconv_pointwise", "int8 GEMM / conv (oneDNN)"),
+    ("aten::_int_mm", "int8 GEMM / conv (oneDNN)"),
+    ("sq_pt2e::int8_bmm", "framework (dispatch, guards, wrappers)"),
+    ("graph_0_cpp_fused__softmax__to_copy_amax_int8_bmm_mul_quantize_per_tensor_sub_transpose_view_19",
+     "float attention"),
     ("mkl::_mkl_linear", "float GEMM / conv"),
     ("aten::mkldnn_convolution", "float GEMM / conv"),
     ("aten::addmm", "float GEMM / conv"),
