@@ -70,9 +70,11 @@ def test_int8_attention_quantizes_q_k_v_and_probabilities() -> None:
     tiny = tiny_quantized_model("tiny-hubert", INT8_ATTENTION)
     graph = tiny.quantized.converted
     assert quantized_attention_count(graph) == 2
-    for _, context in attention_matmuls(graph):
+    for scores, context in attention_matmuls(graph):
         probabilities = context.args[0]
         assert probabilities.args[1:3] == (pytest.approx(1 / 255), 0)  # fixed 1/255 grid, zero point 0
+        for operand in (*scores.args, context.args[1]):  # q, k^T, v: symmetric, so no zero-point sums
+            assert operand.args[2:6] == (128, 0, 255, torch.uint8)
     with torch.no_grad():
         int8 = graph(tiny.example)
     assert torch.nn.functional.cosine_similarity(int8.flatten(), tiny.float_logits().flatten(), dim=0) > 0.99
