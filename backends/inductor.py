@@ -217,7 +217,7 @@ def compile_inductor(
     inputs = example if isinstance(example, tuple) else (example,)
     with torch.no_grad():
         eager = converted(*inputs)
-    graph = _backend_graph(converted, conv_as_gemm, attention_as_int_mm=not fused_attention)
+    graph = _backend_graph(converted, conv_as_gemm, attention_as_int_mm=bool(attention) and not fused_attention)
     start = time.perf_counter()
     try:
         with inductor_config.patch(patches), torch.no_grad():
