@@ -134,11 +134,18 @@ class InductorReport:
     max_abs_diff: float
     cpu: str
     int8_attention_kernels: int = 0
+    """Attention blocks the generated code runs on int8 kernels (the name predates the int8-GEMM route)."""
     int8_attention_in_graph: int = 0
 
     @property
     def int8_kernel_count(self) -> int:
         return sum(self.int8_kernels.values())
+
+    @property
+    def attention_note(self) -> str:
+        """``"N attention blocks on int8 kernels; "`` for result notes, or empty without int8 attention."""
+        blocks = self.int8_attention_kernels
+        return f"{blocks} attention blocks on int8 kernels; " if blocks else ""
 
 
 @dataclass

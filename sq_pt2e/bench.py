@@ -300,12 +300,11 @@ def _stablequant_int8(model, wave, calib, plan, threads, *, conv_as_gemm: bool =
         compiled = compile_inductor(quantized.converted, wave, threads=threads, conv_as_gemm=conv_as_gemm)
     package = "AOTInductor package (C++ wrapper); " if aoti else ""
     convs = "" if conv_as_gemm else "CNN convs as oneDNN convolutions (no GEMM rewrites); "
-    attention = (f"int8 attention ({compiled.report.int8_attention_kernels} blocks on int8 kernels); "
-                 if compiled.report.int8_attention_kernels else "")
+    report = compiled.report
     return Built(compiled, graph_constant_bytes(quantized.converted), time.perf_counter() - start,
-                 compiled.report.int8_kernel_count,
-                 f"{package}{convs}{attention}{quantized.bit_widths()}; compiled vs eager int8 cosine "
-                 f"{compiled.report.cosine:.5f}")
+                 report.int8_kernel_count,
+                 f"{package}{convs}{report.attention_note}{quantized.bit_widths()}; compiled vs eager int8 cosine "
+                 f"{report.cosine:.5f}")
 
 
 def _executorch(model, wave, calib, plan, threads, *, int8: bool, friendly: bool = True,

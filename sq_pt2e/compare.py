@@ -160,12 +160,10 @@ def compare_backends(
             cosine, agree = _agreement(reference, [compiled(w) for w in evaluation])
         ms = median_latency_ms(compiled, example, runs=runs)
         rep = compiled.report
-        attention = (f"{rep.int8_attention_kernels} attention blocks on int8 kernels; "
-                     if rep.int8_attention_kernels else "")
         return ComparisonRow(
             label, ms, base_ms / ms, size, size / float_bytes, cosine, agree,
             rep.int8_kernel_count + rep.int8_attention_kernels,
-            f"{attention}{x86.bit_widths()}; compiled vs eager int8 cosine {rep.cosine:.6f}, "
+            f"{rep.attention_note}{x86.bit_widths()}; compiled vs eager int8 cosine {rep.cosine:.6f}, "
             f"compile {rep.compile_seconds:.0f} s",
         )
 
