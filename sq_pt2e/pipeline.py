@@ -24,6 +24,7 @@ from sq_pt2e.errors import QuantizationError
 from sq_pt2e.export import export_speech_model
 from sq_pt2e.framing import LengthRange
 from sq_pt2e.graph import group_channels
+from sq_pt2e.passes.snap_bias_to_int32_grid import snap_biases_to_int32_grid
 from sq_pt2e.passes.verify_quantization import QuantizedGraphSummary, require_int8_layers
 from sq_pt2e.plan import QuantPlan
 from sq_pt2e.quantizer import LayerStatus, StableQuantQuantizer, Target
@@ -80,7 +81,8 @@ def quantize_exported(
         calibration: ``(batch, samples)`` waveforms for the activation observers (tuples
             of arguments for programs with several inputs).
         plan: per-layer decisions (default: W8A8, max calibration everywhere).
-        target: ``"x86_inductor"`` or ``"xnnpack"``.
+        target: ``"x86_inductor"`` or ``"xnnpack"`` (whose graph adds each int8 layer's bias
+            rounded to XNNPACK's int32 grid, as the ``.pte`` does: ``passes.snap_bias_to_int32_grid``).
         fit_to_cpu: for x86, fit the plan to the CPU's int8 kernels (W7A8 without VNNI,
             where 8x8-bit products saturate; small-group grouped convs in float on AMX;
             see ``sq_pt2e.backends.inductor.fit_plan_to_cpu``); the returned ``plan`` records it.
@@ -98,6 +100,8 @@ def quantize_exported(
     prepared = prepare_pt2e(exported.module(), quantizer)
     calibrate(prepared, calibration)
     converted = convert_pt2e(prepared)
+    if target == "xnnpack":
+        snap_biases_to_int32_grid(converted)
     planned = [s.name for s in quantizer.layer_status if s.status == "int8"]
     summary = require_int8_layers(converted, planned)
     return QuantizedModel(converted, quantizer.plan, target, quantizer.layer_status, summary)

@@ -155,7 +155,10 @@ class StableQuantQuantizer(Quantizer):
             (int8 storage for ExecuTorch); the input grid is the same. XNNPACK's int8
             kernels also emit int8, so for it layer outputs get an int8 observer too (one that
             ignores values below ``graph.GELU_FLOOR`` for outputs that feed only a GELU, and for
-            both outputs of a split layer whose sum does).
+            both outputs of a split layer whose sum does). XNNPACK adds biases rounded to an
+            int32 grid; to make the eager ``convert_pt2e`` graph compute what the ``.pte`` does,
+            run ``passes.snap_bias_to_int32_grid.snap_biases_to_int32_grid`` on it
+            (``pipeline.quantize_model`` does).
 
     Raises:
         PlanError: (in ``annotate``) the plan names a layer the graph does not have.

@@ -35,6 +35,7 @@ from sq_pt2e.observers import (
     weight_scales,
 )
 from sq_pt2e.passes.fold_weight_norm import fold_weight_norm
+from sq_pt2e.passes.snap_bias_to_int32_grid import int32_bias_grid, snap_to_int32_grid
 from sq_pt2e.plan import LayerPlan, OpKind, QuantPlan
 from sq_pt2e.reconstruct import RefitWeights
 from sq_pt2e.smoothing import inverse_input_scale, scaled_weight
@@ -158,11 +159,13 @@ class LayerQuant:
         return dataclasses.replace(self, refit=refit)
 
 
-def _fake_quant_weight(weight: torch.Tensor, bits: int, calibration: str, layer: str) -> torch.Tensor:
+def _fake_quant_weight(weight: torch.Tensor, bits: int, calibration: str,
+                       layer: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """``weight`` on its per-channel int grid, and the grid's scales."""
     qmax = 2 ** (bits - 1) - 1
-    scales = weight_scales(weight, qmax, calibration, layer=layer)
+    scales = weight_scales(weight, qmax, calibration, layer=layer).float()
     zero = torch.zeros(scales.shape[0], dtype=torch.int32)
-    return torch.fake_quantize_per_channel_affine(weight.detach(), scales.float(), zero, 0, -qmax, qmax)
+    return torch.fake_quantize_per_channel_affine(weight.detach(), scales, zero, 0, -qmax, qmax), scales
 
 
 def _input_grids(quant: LayerQuant) -> tuple[Grid, tuple[tuple[float, float], Grid] | None]:
@@ -236,7 +239,7 @@ def fake_quantized(model: nn.Module, layers: dict[str, LayerQuant]) -> Iterator[
     unknown = sorted(set(layers) - set(modules))
     if unknown:
         raise PlanError(f"layers not in the model: {unknown[:5]}")
-    saved, handles = {}, []
+    saved, saved_biases, handles = {}, {}, []
     with refit_weights_in_place(modules, layers):
         try:
             for name, quant in layers.items():
@@ -246,14 +249,18 @@ def fake_quantized(model: nn.Module, layers: dict[str, LayerQuant]) -> Iterator[
                 if quant.input_scale is not None:
                     weight = scaled_weight(weight, quant.input_scale, layer=name)
                     inverse = inverse_input_scale(quant.input_scale, weight.ndim)
-                module.weight.data = _fake_quant_weight(weight, quant.weight_bits, quant.weight_calibration, name)
+                module.weight.data, scales = _fake_quant_weight(weight, quant.weight_bits, quant.weight_calibration,
+                                                                name)
                 if quant.output_grid is None:
                     handles.append(module.register_forward_pre_hook(
                         functools.partial(_quantize_input, *_input_grids(quant), inverse)))
-                else:
-                    hooks = _Int8Output(quant, inverse)
-                    handles += [module.register_forward_pre_hook(hooks.before),
-                                module.register_forward_hook(hooks.after)]
+                    continue
+                hooks = _Int8Output(quant, inverse)
+                handles += [module.register_forward_pre_hook(hooks.before), module.register_forward_hook(hooks.after)]
+                if module.bias is not None:  # XNNPACK adds it on the int32 grid (passes.snap_bias_to_int32_grid)
+                    saved_biases[name] = module.bias
+                    step = int32_bias_grid(hooks.grids[0][0], scales)
+                    module.bias = nn.Parameter(snap_to_int32_grid(module.bias, step), requires_grad=False)
 
             yield wrapper
         finally:
@@ -261,6 +268,8 @@ def fake_quantized(model: nn.Module, layers: dict[str, LayerQuant]) -> Iterator[
                 handle.remove()
             for name, weight in saved.items():
                 modules[name].weight.data = weight
+            for name, bias in saved_biases.items():
+                modules[name].bias = bias
 
 
 @contextlib.contextmanager
