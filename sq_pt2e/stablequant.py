@@ -219,11 +219,11 @@ class SearchConfig:
         target: the backend the plan is scored for. ``"x86_inductor"``: oneDNN's int8 kernels
             return float. ``"xnnpack"`` (ExecuTorch): XNNPACK's return int8, so every int8 layer's
             output is rounded to an observed int8 grid too (:mod:`sq_pt2e.output_grids`; needs the
-            calibration audio), and there is no weight reconstruction (``refit_ops`` and
-            ``round_ops`` are ignored). On ref-wav2vec2 W8A8 it found no better ``.pte`` than the
-            plan scored for x86 (dev logit KL in the ``.pte``'s arithmetic 0.0030 against 0.0029),
-            in twice the search time: since outputs feeding a GELU ignore values below -3, the
-            x86 plan loses little there.
+            calibration audio); biases are added on XNNPACK's int32 grid
+            (:mod:`sq_pt2e.passes.snap_bias_to_int32_grid`). Without weight reconstruction, on
+            ref-wav2vec2 W8A8 it found no better ``.pte`` than the plan scored for x86 (dev logit
+            KL in the ``.pte``'s arithmetic 0.0030 against 0.0029), in twice the search time: since
+            outputs feeding a GELU ignore values below -3, the x86 plan loses little there.
     """
 
     gamma: float = 0.25
@@ -944,12 +944,9 @@ def search_plan(
                          "layer(s), but no input_scales were given: calibrate with search_statistics(model, waves, "
                          "config) and pass both, or set smooth_alpha=0")
     scales = input_scales or {}
-    # Off for XNNPACK: the refit gives the CNN convs a bias, and a .pte computes a CNN conv with a bias
-    # unlike the eager graph does (.pte vs eager int8 cosine 0.973-0.998 on tiny-wav2vec2, 1.0000 without).
-    refit_ops = config.refit_ops if config.target == "x86_inductor" else ()
-    refit_names = [m.name for m in modules if m.op in refit_ops]
-    rounds = bool(refit_ops) and config.weight_bits <= config.round_max_bits
-    rounded_names = [m.name for m in modules if m.op in refit_ops + config.round_ops] if rounds else []
+    refit_names = [m.name for m in modules if m.op in config.refit_ops]
+    rounds = bool(config.refit_ops) and config.weight_bits <= config.round_max_bits
+    rounded_names = [m.name for m in modules if m.op in config.refit_ops + config.round_ops] if rounds else []
     if (refit_names or rounded_names) and calibration is None:
         raise ValueError(f"refit_ops={config.refit_ops} refits {len(refit_names or rounded_names)} layer(s), but no "
                          "calibration audio was given: pass calibration=waves, or set refit_ops=()")
