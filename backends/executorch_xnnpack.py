@@ -109,6 +109,7 @@ def lower_to_xnnpack(
     from executorch.kernels import quantized  # noqa: F401  (out variants of q/dq ops left outside XNNPACK)
 
     from sq_pt2e.passes.conv1d_as_window_gemm import QuantizedConv1dAsWindowGemmPass
+    from sq_pt2e.passes.infer_symbolic_reshape_dim import infer_symbolic_reshape_dim
 
     start = time.perf_counter()
     try:
@@ -118,7 +119,8 @@ def lower_to_xnnpack(
             QuantizedConv1dAsWindowGemmPass()(program)
         with torch.no_grad():
             exported = torch.export.export(program, (example,), dynamic_shapes=_dynamic_shapes(lengths))
-            edge = to_edge_transform_and_lower(exported, partitioner=[XnnpackPartitioner()])
+            edge = to_edge_transform_and_lower(exported, transform_passes=[infer_symbolic_reshape_dim],
+                                               partitioner=[XnnpackPartitioner()])
             delegates, portable = _split_report(edge.exported_program().graph_module)
             program = edge.to_executorch()
     except Exception as exc:  # executorch raises many types; keep the cause
