@@ -213,10 +213,7 @@ def compile_inductor(
 
     if threads is not None:
         torch.set_num_threads(threads)
-    attention = quantized_attention_count(converted)
-    if attention and not int8_attention_supported():
-        raise BackendError(f"the graph has {attention} int8 attention blocks, but int8 attention needs a CPU with "
-                           f"VNNI or AMX-INT8 ({cpu_info().summary()}): quantize with the plan's attention='float'")
+    attention = _int8_attention_blocks(converted)
     fused_attention = bool(attention) and fused_int8_attention_supported()
     patches: dict[str, object] = {"freezing": True}
     if attention:
@@ -254,14 +251,20 @@ def compile_aot_package(
     :func:`load_aot_package` loads it in another process in milliseconds instead of compiling
     again. The generated kernels are specific to this CPU's ISA and the thread count.
 
+    Int8 attention runs as int8 GEMMs (:mod:`sq_pt2e.passes.attention_as_int_mm`) on every CPU
+    with VNNI, AMX ones included (torchao's fused AMX kernel is not packaged): the package calls
+    the custom op ``sq_pt2e::int8_bmm`` (registered where this module is imported).
+
     Raises:
         Int8NotUsedError, NumericsMismatchError: as :func:`compile_inductor`.
-        BackendError: AOTInductor failed, or the graph has int8 attention (not packaged).
+        BackendError: AOTInductor failed, or the graph has int8 attention and this CPU has no VNNI.
     """
     if threads is not None:
         torch.set_num_threads(threads)
-    if quantized_attention_count(converted):
-        raise BackendError("ahead-of-time packages keep attention float: quantize with the plan's attention='float'")
+    attention = _int8_attention_blocks(converted)
+    configs: dict[str, object] = {"freezing": True}
+    if attention:
+        configs["post_grad_custom_pre_pass"] = int8_attention_patterns()
     inputs = example if isinstance(example, tuple) else (example,)
     with torch.no_grad():
         eager = converted(*inputs)
@@ -271,11 +274,12 @@ def compile_aot_package(
     start = time.perf_counter()
     try:
         with torch.no_grad():
-            exported = torch.export.export(_backend_graph(converted, conv_as_gemm), inputs)
-            torch._inductor.aoti_compile_and_package(exported, package_path=str(partial),
-                                                     inductor_configs={"freezing": True})
-        with zipfile.ZipFile(partial) as archive:
-            sources = [archive.read(n).decode(errors="replace") for n in archive.namelist() if n.endswith(".cpp")]
+            exported = torch.export.export(_backend_graph(converted, conv_as_gemm, attention_as_int_mm=bool(attention)),
+                                           inputs)
+            torch._inductor.aoti_compile_and_package(exported, package_path=str(partial), inductor_configs=configs)
+        with zipfile.ZipFile(partial) as archive:  # the wrapper's .json lists the custom-op calls
+            sources = [archive.read(n).decode(errors="replace") for n in archive.namelist()
+                       if n.endswith((".cpp", "wrapper.json"))]
         program = load_aot_package(partial)
         with torch.no_grad():
             output = program(*inputs)
@@ -292,8 +296,21 @@ def compile_aot_package(
 
 
 def load_aot_package(package_path: str | os.PathLike[str]) -> Callable[..., torch.Tensor]:
-    """Load a ``.pt2`` package of :func:`compile_aot_package` (call it with the graph's inputs)."""
+    """Load a ``.pt2`` package of :func:`compile_aot_package` (call it with the graph's inputs).
+
+    Packages with int8 attention call ``sq_pt2e::int8_bmm``, registered by this module's import
+    of :mod:`sq_pt2e.passes.attention_as_int_mm`.
+    """
     return torch._inductor.aoti_load_package(str(package_path))
+
+
+def _int8_attention_blocks(converted: GraphModule) -> int:
+    """The graph's quantized attention blocks; raises BackendError if there are some and this CPU cannot run them."""
+    attention = quantized_attention_count(converted)
+    if attention and not int8_attention_supported():
+        raise BackendError(f"the graph has {attention} int8 attention blocks, but int8 attention needs a CPU with "
+                           f"VNNI or AMX-INT8 ({cpu_info().summary()}): quantize with the plan's attention='float'")
+    return attention
 
 
 def _backend_graph(converted: GraphModule, conv_as_gemm: bool, *, attention_as_int_mm: bool = False) -> GraphModule:

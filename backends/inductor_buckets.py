@@ -84,6 +84,7 @@ __all__ = [
     "MaskedCTCLogits",
     "default_cache_dir",
     "pin_activation_ranges",
+    "pin_attention_scales",
     "prune_cache",
     "quantize_program",
 ]
@@ -177,13 +178,43 @@ def pin_activation_ranges(model: nn.Module, plan: QuantPlan, calibration: Sequen
         raise PlanError("the plan has layers without a fixed act_range: pass calibration waveforms")
     else:
         statistics = collect_statistics(model, [w if w.ndim == 2 else w[None] for w in calibration])
-    quants = plan_layer_quants(model, plan, statistics)
+    layer_ranges_only = dataclasses.replace(plan, attention="float", attention_scales=())  # see pin_attention_scales
+    quants = plan_layer_quants(model, layer_ranges_only, statistics)
     layers = tuple(
         dataclasses.replace(resolved[m.name], name=m.name, op=None, act_range=quants[m.name].act_range)
         if m.name in quants else dataclasses.replace(resolved[m.name], name=m.name, op=None)
         for m in modules
     )
     return dataclasses.replace(plan, layers=layers)
+
+
+def pin_attention_scales(model: nn.Module, plan: QuantPlan, calibration: Sequence[torch.Tensor]) -> QuantPlan:
+    """``plan`` with fixed int8 attention scales (``QuantPlan.attention_scales``), so every bucket uses the same.
+
+    A plan with ``attention="int8"`` and no fixed scales gets those the attention observers
+    give on ``calibration`` (each waveform at its own length, unpadded, one dynamic-length
+    program), as they would calibrating a fixed-length graph; other plans are returned as they are.
+
+    Raises:
+        PlanError: int8 attention to calibrate and no calibration waveforms.
+    """
+    from torchao.quantization.pt2e.quantize_pt2e import prepare_pt2e
+
+    from sq_pt2e.annotators import observed_attention_scales
+    from sq_pt2e.errors import PlanError
+    from sq_pt2e.export import export_speech_model
+    from sq_pt2e.pipeline import calibrate
+    from sq_pt2e.quantizer import StableQuantQuantizer
+
+    if plan.attention != "int8" or plan.attention_scales:
+        return plan
+    if not calibration:
+        raise PlanError("the plan quantizes attention without fixed attention_scales: pass calibration waveforms")
+    waves = [w if w.ndim == 2 else w[None] for w in calibration]
+    exported = export_speech_model(model, waves[0], dynamic_time=True)
+    prepared = prepare_pt2e(exported.module(), StableQuantQuantizer(plan))
+    calibrate(prepared, waves)
+    return dataclasses.replace(plan, attention_scales=observed_attention_scales(prepared))
 
 
 def quantize_program(program: nn.Module, plan: QuantPlan, example: tuple[torch.Tensor, ...]) -> GraphModule:
@@ -322,12 +353,8 @@ class BucketedInt8Model:
         self.masked, self.min_cosine = masked, min_cosine
         fitted, _ = fit_plan_to_cpu(plan if plan is not None else QuantPlan(),
                                     group_channels=group_channels(self._model))
-        if fitted.attention == "int8":
-            warnings.warn("bucketed int8 graphs keep attention float: their padding mask is boolean, which the int8 "
-                          "attention rewrite leaves alone, and activation ranges are pinned per conv/linear layer",
-                          stacklevel=2)
-            fitted = dataclasses.replace(fitted, attention="float")
-        self.plan = pin_activation_ranges(self._model, fitted, calibration)
+        pinned = pin_activation_ranges(self._model, fitted, calibration)
+        self.plan = pin_attention_scales(self._model, pinned, calibration)
         self._program = MaskedCTCLogits(self._model).eval() if masked else self._model
         self._fingerprint = _fingerprint(self._model, self.plan, masked)
         self.cache_root: Path | None = None

@@ -39,7 +39,8 @@ __all__ = ["Int8AttentionPatterns", "attention_kernel_calls", "fused_int8_attent
 aten = torch.ops.aten
 _KERNEL_DEFINITION = re.compile(r"(\w+) = async_compile\.cpp_pybinding\((.*?)'''\)", re.DOTALL)
 _ATTENTION_SIGNATURE = "kernel(const uint8_t* query, const uint8_t* key, const uint8_t* value"
-_INT8_BMM_CALL = re.compile(r"= torch\.ops\.sq_pt2e\.int8_bmm\.default\(")
+# a call in inductor's Python wrapper, or an extern node of an AOTInductor package's wrapper.json
+_INT8_BMM_CALL = re.compile(r'= torch\.ops\.sq_pt2e\.int8_bmm\.default\(|"target": "sq_pt2e::int8_bmm"')
 
 
 def fused_int8_attention_supported(cpu: CpuInfo | None = None) -> bool:

@@ -10,7 +10,7 @@ quantization specs, so it stays float and no later annotator touches it.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -23,6 +23,7 @@ from torchao.quantization.pt2e.quantizer import (
 )
 from torchao.quantization.pt2e.quantizer.quantizer import Q_ANNOTATION_KEY
 
+from sq_pt2e.errors import PlanError, QuantizationError
 from sq_pt2e.graph import op_kind
 from sq_pt2e.passes.sdpa_as_matmuls import attention_matmuls
 
@@ -35,6 +36,7 @@ __all__ = [
     "annotate_conv1d",
     "annotate_linear",
     "is_annotated",
+    "observed_attention_scales",
     "register_annotator",
 ]
 
@@ -135,21 +137,48 @@ _ATTENTION_PROBABILITIES = FixedQParamsQuantizationSpec(
 )
 
 
-def annotate_attention(gm: GraphModule) -> list[list[Node]]:
+def _fixed_operand(scale: float) -> FixedQParamsQuantizationSpec:
+    """An attention operand's spec with a fixed scale (``QuantPlan.attention_scales``)."""
+    return FixedQParamsQuantizationSpec(dtype=torch.uint8, scale=float(scale), zero_point=128, quant_min=0,
+                                        quant_max=255, qscheme=torch.per_tensor_affine)
+
+
+def annotate_attention(gm: GraphModule, scales: Sequence[tuple[float, float, float]] = ()) -> list[list[Node]]:
     """Annotate the two matmuls of each attention block for uint8 (x86 int8 attention).
 
-    ``q @ k^T``: both operands calibrated (histogram observer, affine); ``probs @ v``: the
-    probabilities on a fixed 1/255 grid, ``v`` calibrated. The outputs stay float; the
-    output projection's input quantization follows.
+    ``q @ k^T``: both operands calibrated (histogram observer, symmetric); ``probs @ v``: the
+    probabilities on a fixed 1/255 grid, ``v`` calibrated. With ``scales`` (one ``(q, k, v)``
+    per block, in graph order) q, k and v get those fixed scales instead. The outputs stay
+    float; the output projection's input quantization follows.
+
+    Raises:
+        PlanError: ``scales`` given for another number of attention blocks than the graph has.
     """
+    blocks = [pair for pair in attention_matmuls(gm) if not (is_annotated(pair[0]) or is_annotated(pair[1]))]
+    if scales and len(scales) != len(blocks):
+        raise PlanError(f"the plan fixes the scales of {len(scales)} attention blocks (attention_scales), but the "
+                        f"graph has {len(blocks)}: were they pinned on another model?")
     annotated: list[list[Node]] = []
-    for scores, context in attention_matmuls(gm):
-        if is_annotated(scores) or is_annotated(context):
-            continue
+    for index, (scores, context) in enumerate(blocks):
+        q, k, v = (_fixed_operand(s) for s in scales[index]) if scales else (_ATTENTION_OPERAND,) * 3
         scores.meta[Q_ANNOTATION_KEY] = QuantizationAnnotation(
-            input_qspec_map={scores.args[0]: _ATTENTION_OPERAND, scores.args[1]: _ATTENTION_OPERAND}, _annotated=True)
+            input_qspec_map={scores.args[0]: q, scores.args[1]: k}, _annotated=True)
         context.meta[Q_ANNOTATION_KEY] = QuantizationAnnotation(
-            input_qspec_map={context.args[0]: _ATTENTION_PROBABILITIES, context.args[1]: _ATTENTION_OPERAND},
-            _annotated=True)
+            input_qspec_map={context.args[0]: _ATTENTION_PROBABILITIES, context.args[1]: v}, _annotated=True)
         annotated.append([scores, context])
     return annotated
+
+
+def observed_attention_scales(prepared: GraphModule) -> tuple[tuple[float, float, float], ...]:
+    """The ``(q, k, v)`` scales the observers of a calibrated ``prepare_pt2e`` graph give each attention block."""
+    scales = []
+    for scores, context in attention_matmuls(prepared):
+        operands = (scores.args[0], scores.args[1], context.args[1])
+        observers = [getattr(prepared, node.target) for node in operands if node.op == "call_module"]
+        if len(observers) != 3:
+            raise QuantizationError(f"attention block of {scores.name} has no observers on q, k and v: was the "
+                                    "graph prepared with a plan whose attention='int8'?")
+        scales.append(tuple(float(observer.calculate_qparams()[0]) for observer in observers))
+    if not scales:
+        raise QuantizationError("the prepared graph has no attention blocks to read int8 attention scales from")
+    return tuple(scales)  # type: ignore[return-value]

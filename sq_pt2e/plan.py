@@ -264,6 +264,11 @@ class QuantPlan:
         attention: ``"float"`` (default) or ``"int8"``: quantize the attention matmuls too
             (q, k, v and the attention probabilities, 8-bit), for inductor's int8 attention
             kernel on AMX CPUs (:mod:`sq_pt2e.backends.int8_attention`).
+        attention_scales: with ``attention="int8"``, fixed scales of each attention block's
+            ``q``, ``k`` and ``v`` (uint8, zero point 128), block by block in graph order; empty
+            (default): observed on the calibration audio. Compiled buckets of arbitrary-length
+            audio fix them (``backends.inductor_buckets.pin_attention_scales``) so that every
+            bucket quantizes attention alike.
         scored_for: the backend whose int8 arithmetic the search scored the plan on
             (``SearchConfig.target``: ``"x86_inductor"`` or ``"xnnpack"``; ``""``: not searched, or
             searched before this was recorded). The plan runs on either; it may be worse on the other.
@@ -278,6 +283,7 @@ class QuantPlan:
     op_defaults: tuple[LayerPlan, ...] = ()
     model: str = ""
     attention: Literal["float", "int8"] = "float"
+    attention_scales: tuple[tuple[float, float, float], ...] = ()
     scored_for: Target | Literal[""] = ""
     schema_version: int = SCHEMA_VERSION
     refits: Mapping[str, Any] = field(default_factory=dict, compare=False, repr=False)
@@ -291,6 +297,7 @@ class QuantPlan:
             raise PlanError(f"the default layer plan must be named '*', got {self.default.name!r}")
         if self.attention not in ATTENTION_MODES:
             raise PlanError(f"attention={self.attention!r} (expected one of {ATTENTION_MODES})")
+        self._check_attention_scales()
         if self.scored_for not in ("", *TARGETS):
             raise PlanError(f"scored_for={self.scored_for!r} (expected one of {TARGETS} or empty)")
         names = [layer.name for layer in self.layers]
@@ -311,6 +318,13 @@ class QuantPlan:
         if stray:
             raise PlanError(f"reconstructed weights for layer(s) {stray[:3]} that the plan does not name with that "
                             "digest (LayerPlan.refit)")
+
+    def _check_attention_scales(self) -> None:
+        if self.attention_scales and self.attention != "int8":
+            raise PlanError(f"attention_scales are for int8 attention, but attention={self.attention!r}")
+        for block, scales in enumerate(self.attention_scales):
+            if len(scales) != 3 or not all(isinstance(s, (int, float)) and math.isfinite(s) and s > 0 for s in scales):
+                raise PlanError(f"attention_scales[{block}] = {scales!r}: expected three positive scales (q, k, v)")
 
     # ----------------------------------------------------------------- lookup
     def resolve(self, name: str, op: OpKind) -> LayerPlan:
@@ -426,6 +440,7 @@ class QuantPlan:
             "op_defaults": [d.to_dict() for d in self.op_defaults],
             "layers": [layer.to_dict() for layer in self.layers],
             **({"scored_for": self.scored_for} if self.scored_for else {}),
+            **({"attention_scales": [list(s) for s in self.attention_scales]} if self.attention_scales else {}),
         }
 
     def to_json(self) -> str:
@@ -444,7 +459,7 @@ class QuantPlan:
             msg = f"{source}: schema_version={version!r} is not supported (this sq-pt2e reads {SCHEMA_VERSION}{hint})"
             raise PlanError(msg)
         unknown = sorted(set(data) - {"schema_version", "model", "attention", "default", "op_defaults", "layers",
-                                   "scored_for"})
+                                   "scored_for", "attention_scales"})
         if unknown:
             raise PlanError(f"{source}: unknown top-level field(s) {unknown}")
         for key in ("op_defaults", "layers"):
@@ -465,6 +480,7 @@ class QuantPlan:
             layers=tuple(LayerPlan.from_dict(d, where=source) for d in data.get("layers", [])),
             model=str(data.get("model", "")),
             attention=data.get("attention", "float"),
+            attention_scales=_attention_scales(data.get("attention_scales", [])),
             scored_for=data.get("scored_for", ""),
             schema_version=version,
         )
@@ -517,3 +533,10 @@ def w8a8_plan(model: str = "", *, skip: dict[str, str] | None = None) -> QuantPl
     for name, reason in (skip or {}).items():
         plan = plan.with_skipped([name], reason)
     return plan
+
+
+def _attention_scales(data: object) -> tuple[tuple[float, float, float], ...]:
+    """``attention_scales`` from JSON: a list of ``[q, k, v]`` lists (checked by ``QuantPlan``)."""
+    if not isinstance(data, list) or not all(isinstance(block, list) for block in data):
+        raise PlanError(f"'attention_scales' must be a list of [q, k, v] scale lists, got {data!r}")
+    return tuple(tuple(block) for block in data)  # type: ignore[misc]

@@ -273,9 +273,9 @@ class StableQuantQuantizer(Quantizer):
 
         for pattern in SUPPORTED_PATTERNS:
             ANNOTATORS[pattern](model, specs_for)
-        if self.plan.attention == "int8" and not annotate_attention(model):
+        if self.plan.attention == "int8" and not annotate_attention(model, self.plan.attention_scales):
             raise QuantizationError("the plan asks for int8 attention but the graph has no attention "
-                                    "(scaled-dot-product or matmul-softmax-matmul) without dropout or boolean mask")
+                                    "(scaled-dot-product or matmul-softmax-matmul) without dropout")
         self.layer_status = tuple(self._status(layer) for layer in layers)
         return model
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -18,10 +19,12 @@ from sq_pt2e.backends.inductor_buckets import (
     BucketedInt8Model,
     MaskedCTCLogits,
     pin_activation_ranges,
+    pin_attention_scales,
     prune_cache,
     quantize_program,
 )
-from sq_pt2e.errors import AudioError
+from sq_pt2e.backends.int8_attention import int8_attention_supported
+from sq_pt2e.errors import AudioError, PlanError
 from sq_pt2e.framing import frame_count
 from sq_pt2e.models import build_model
 from sq_pt2e.models.build import to_ctc_logits
@@ -33,6 +36,7 @@ from sq_pt2e.testing import example_waves
 pytestmark = pytest.mark.usefixtures("single_thread")
 
 CALIBRATION = example_waves(2, 2, 8000)
+INT8_ATTENTION = QuantPlan(attention="int8")
 
 
 def _float_wrapper(name: str) -> torch.nn.Module:
@@ -116,11 +120,41 @@ def test_pinned_plan_fixes_every_quantized_layer_range() -> None:
     assert pin_activation_ranges(model, pinned, ()) == pinned  # already pinned: no calibration needed
 
 
-def test_bucketed_graphs_keep_attention_float() -> None:
-    with pytest.warns(UserWarning, match="attention (stays|float)"):  # without VNNI fit_plan_to_cpu says it first
-        runner = BucketedInt8Model(build_model("tiny-wav2vec2"), QuantPlan(attention="int8"), CALIBRATION,
-                                   buckets=(0.5,), threads=1, overlap_seconds=0.1, cache=False)
-    assert runner.plan.attention == "float"
+def test_int8_attention_scales_are_pinned_once_for_every_bucket() -> None:
+    model = _float_wrapper("tiny-hubert")
+    pinned = pin_attention_scales(model, pin_activation_ranges(model, INT8_ATTENTION, CALIBRATION), CALIBRATION)
+    assert len(pinned.attention_scales) == 2 and all(s > 0 for block in pinned.attention_scales for s in block)
+    assert QuantPlan.from_dict(pinned.to_dict()) == pinned
+    assert pin_attention_scales(model, pinned, ()) == pinned  # already pinned: no calibration needed
+    assert pin_attention_scales(model, QuantPlan(), ()) == QuantPlan()  # float attention: nothing to pin
+    # Every bucket's graph then quantizes q, k and v with those scales, whatever its example audio.
+    converted = quantize_program(MaskedCTCLogits(model), pinned, (torch.randn(1, 8000), torch.tensor([5000])))
+    scales = {float(n.args[1]) for n in converted.graph.nodes
+              if n.target == torch.ops.quantized_decomposed.quantize_per_tensor.default and n.args[2] == 128}
+    assert scales == {s for block in pinned.attention_scales for s in block}
+    with pytest.raises(PlanError, match="scales of 1 attention blocks.*graph has 2"):
+        quantize_program(model, dataclasses.replace(pinned, attention_scales=pinned.attention_scales[:1]),
+                         (torch.randn(1, 8000),))
+    with pytest.raises(PlanError, match="attention_scales are for int8 attention"):
+        dataclasses.replace(pinned, attention="float")
+
+
+@pytest.mark.skipif(not int8_attention_supported(), reason="int8 attention needs VNNI or AMX-INT8")
+def test_padded_bucket_runs_int8_attention_on_int8_kernels_and_from_its_package(tmp_path: Path) -> None:
+    def bucketed(**kwargs: object) -> BucketedInt8Model:
+        return BucketedInt8Model(build_model("tiny-hubert"), INT8_ATTENTION, CALIBRATION, buckets=(0.5,), threads=1,
+                                 overlap_seconds=0.1, cache_dir=tmp_path, **kwargs)
+
+    runner = bucketed()
+    wave = example_waves(11, 1, 5000)[0]
+    logits = runner(wave)
+    report = runner.reports[8000].inductor
+    assert report.int8_attention_in_graph == report.int8_attention_kernels == 2
+    cosine, _ = compare_outputs(_eager_int8(runner, wave), logits)  # the padding is masked as attention keys
+    assert cosine >= 0.9999
+    again = bucketed(compile_now=(0.5,))
+    assert again.reports[8000].from_cache
+    torch.testing.assert_close(again(wave), logits)
 
 
 # ------------------------------------------------------------------ compiled (one tiny bucket, ~30 s)

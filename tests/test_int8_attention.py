@@ -46,15 +46,24 @@ def test_sdpa_as_matmuls_keeps_the_float_output(name, request, example_wave) -> 
     torch.testing.assert_close(graph(example_wave), reference, rtol=1e-5, atol=1e-5)
 
 
-def test_attention_with_a_boolean_mask_or_dropout_is_left_alone() -> None:
+def test_a_boolean_mask_becomes_additive_and_dropout_is_left_alone() -> None:
     class Attention(torch.nn.Module):
         def forward(self, q, k, v, mask):
-            masked = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask)
-            return masked + torch.nn.functional.scaled_dot_product_attention(q, k, v, dropout_p=0.5)
+            return torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask)
 
-    q = torch.randn(1, 2, 5, 4)
-    graph = torch.export.export(Attention(), (q, q, q, torch.ones(5, 5, dtype=torch.bool))).module()
-    assert not SdpaAsMatmulsPass()(graph).modified
+    class Dropout(torch.nn.Module):
+        def forward(self, q, k, v):
+            return torch.nn.functional.scaled_dot_product_attention(q, k, v, dropout_p=0.5)
+
+    generator = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, 2, 5, 4, generator=generator) for _ in range(3))
+    mask = torch.ones(1, 1, 5, 5, dtype=torch.bool)
+    mask[..., 3:] = False  # the last two frames are padding: no query attends to them
+    graph = torch.export.export(Attention(), (q, k, v, mask)).module()
+    assert SdpaAsMatmulsPass()(graph).modified
+    assert len(attention_matmuls(graph)) == 1
+    torch.testing.assert_close(graph(q, k, v, mask), Attention()(q, k, v, mask), rtol=1e-5, atol=1e-6)
+    assert not SdpaAsMatmulsPass()(torch.export.export(Dropout(), (q, k, v)).module()).modified
 
 
 def test_plan_attention_round_trips_and_is_validated() -> None:
@@ -191,6 +200,8 @@ def test_attention_kernel_calls_count_call_sites_of_the_fused_kernel() -> None:
     assert attention_kernel_calls([source.replace("uint8_t* query", "float* query")]) == 0
     bmm = "    buf5 = torch.ops.sq_pt2e.int8_bmm.default(buf3, buf4)\n"
     assert attention_kernel_calls([bmm * 4 + "    assert_size_stride(buf5, 'torch.ops.sq_pt2e.int8_bmm.default')"]) == 2
+    package_wrapper = '{"nodes": [' + ', '.join(['{"name": "buf64", "node": {"target": "sq_pt2e::int8_bmm"}}'] * 6)
+    assert attention_kernel_calls([package_wrapper]) == 3
 
 
 @needs_vnni
@@ -200,3 +211,16 @@ def test_int8_attention_compiles_to_int8_kernels_and_matches_eager() -> None:
     assert compiled.report.int8_attention_in_graph == 2
     assert compiled.report.int8_attention_kernels == 2
     assert compiled.report.cosine > 0.999
+
+
+@needs_vnni
+def test_int8_attention_is_packaged_ahead_of_time(tmp_path) -> None:
+    """AOTInductor packages run int8 attention as int8 GEMMs (the custom op through AOTI's proxy executor)."""
+    from sq_pt2e.backends.inductor import compile_aot_package, load_aot_package
+
+    tiny = tiny_quantized_model("tiny-hubert", INT8_ATTENTION)
+    compiled = compile_aot_package(tiny.quantized.converted, tiny.example, tmp_path / "int8.pt2")
+    assert compiled.report.int8_attention_in_graph == compiled.report.int8_attention_kernels == 2
+    assert compiled.report.cosine > 0.999
+    with torch.no_grad():
+        torch.testing.assert_close(load_aot_package(tmp_path / "int8.pt2")(tiny.example), compiled.verified_output)
