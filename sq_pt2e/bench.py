@@ -342,6 +342,7 @@ VARIANTS: dict[str, Callable[..., Built]] = {
     "stablequant-int8-inductor-convs": functools.partial(_stablequant_int8, conv_as_gemm=False),
     "stablequant-int8-attention-inductor": functools.partial(_stablequant_int8, int8_attention=True),
     "stablequant-int8-aoti": functools.partial(_stablequant_int8, aoti=True),
+    "stablequant-int8-attention-aoti": functools.partial(_stablequant_int8, int8_attention=True, aoti=True),
     "executorch-fp32": functools.partial(_executorch, int8=False),
     "executorch-int8": functools.partial(_executorch, int8=True),
     "executorch-int8-dynamic": functools.partial(_executorch, int8=True, dynamic=True),
