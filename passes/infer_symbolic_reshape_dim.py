@@ -4,9 +4,10 @@ A program exported for a range of lengths reshapes tensors to shapes that hold t
 frame count, e.g. ``view(x, [1, frames, 12, 64])`` to split the attention heads. XNNPACK's
 partitioner refuses a reshape whose shape holds a symbolic size, although its reshape infers
 one dimension (``-1``) at run time; each refused reshape cuts the graph and runs as an
-ExecuTorch portable kernel. Where exactly one size of a reshape's output is symbolic, this pass
-writes the output's static sizes and ``-1`` for that one (the same size: the others are fixed). It runs on the edge program,
-before partitioning (``to_edge_transform_and_lower(..., transform_passes=[...])``).
+ExecuTorch portable kernel. Where exactly one size of a reshape's output is symbolic, this
+pass writes the output's static sizes and ``-1`` for that one (the same size: the others are
+fixed). It runs on the edge program, before partitioning
+(``to_edge_transform_and_lower(..., transform_passes=[...])``).
 """
 
 from __future__ import annotations

@@ -426,6 +426,10 @@ def _export_aoti(args: argparse.Namespace, model: object, plan: object, samples:
           f"samples ({args.seconds:g} s at 16 kHz), {report.threads} thread(s), {report.cpu}: "
           f"{report.int8_kernel_count} oneDNN int8 kernel calls for {report.int8_layers_in_graph} int8 layers; "
           f"compiled vs eager int8 cosine {report.cosine:.5f}; {quantized.bit_widths()}")
+    if report.int8_attention_in_graph:
+        print(f"{report.int8_attention_kernels} attention blocks on int8 kernels: the package calls the custom op "
+              "sq_pt2e::int8_bmm, so it runs in Python with sq_pt2e imported (load_aot_package), not from the C++ "
+              "loader")
     return EXIT_OK
 
 

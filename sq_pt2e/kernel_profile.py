@@ -32,7 +32,8 @@ KINDS: tuple[tuple[str, re.Pattern[str]], ...] = (
                                                            r"^sq_pt2e::int8_bmm$|"  # its loop; _int_mm does the work
                                                            r"Pregraph|^aten::(empty|view|reshape|as_strided|"
                                                            r"transpose|unsqueeze|squeeze|item|_local_scalar_dense|"
-                                                           r"resize_|to|empty_like|empty_strided|permute|expand|select)")),
+                                                           r"resize_|to|empty_like|empty_strided|permute|expand|"
+                                                           r"select)")),
 )
 """Kind name and the event-name pattern it claims, tried in order; unmatched events count as "other"."""
 OTHER = "other"
