@@ -87,7 +87,7 @@ def fit_plan_to_cpu(plan: QuantPlan, cpu: CpuInfo | None = None, *,
     if plan.attention == "int8" and not int8_attention_supported(cpu):
         warnings.warn(f"int8 attention needs a CPU with VNNI or AMX-INT8 ({cpu.summary()}): attention stays float",
                       stacklevel=2)
-        fitted = dataclasses.replace(plan, attention="float")
+        fitted = plan.with_float_attention()
     if cpu.has_amx_int8:
         fitted = _float_small_groups(fitted, group_channels or {})
     elif not cpu.has_vnni:

@@ -178,8 +178,7 @@ def pin_activation_ranges(model: nn.Module, plan: QuantPlan, calibration: Sequen
         raise PlanError("the plan has layers without a fixed act_range: pass calibration waveforms")
     else:
         statistics = collect_statistics(model, [w if w.ndim == 2 else w[None] for w in calibration])
-    layer_ranges_only = dataclasses.replace(plan, attention="float", attention_scales=())  # see pin_attention_scales
-    quants = plan_layer_quants(model, layer_ranges_only, statistics)
+    quants = plan_layer_quants(model, plan.with_float_attention(), statistics)  # attention: pin_attention_scales
     layers = tuple(
         dataclasses.replace(resolved[m.name], name=m.name, op=None, act_range=quants[m.name].act_range)
         if m.name in quants else dataclasses.replace(resolved[m.name], name=m.name, op=None)

@@ -319,6 +319,10 @@ class QuantPlan:
             raise PlanError(f"reconstructed weights for layer(s) {stray[:3]} that the plan does not name with that "
                             "digest (LayerPlan.refit)")
 
+    def with_float_attention(self) -> QuantPlan:
+        """This plan with attention left in float (and no fixed attention scales)."""
+        return dataclasses.replace(self, attention="float", attention_scales=())
+
     def _check_attention_scales(self) -> None:
         if self.attention_scales and self.attention != "int8":
             raise PlanError(f"attention_scales are for int8 attention, but attention={self.attention!r}")

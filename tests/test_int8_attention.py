@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 
 import pytest
 import torch
@@ -126,6 +127,10 @@ def test_fit_plan_keeps_attention_float_without_vnni() -> None:
         fitted, changed = fit_plan_to_cpu(INT8_ATTENTION, AVX2_ONLY)
     assert fitted.attention == "float"
     assert fit_plan_to_cpu(INT8_ATTENTION, WITH_VNNI)[0].attention == "int8"
+    pinned = dataclasses.replace(INT8_ATTENTION, attention_scales=((0.01, 0.02, 0.03),))
+    with pytest.warns(UserWarning, match="VNNI or AMX-INT8"):
+        fitted, _ = fit_plan_to_cpu(pinned, AVX2_ONLY)
+    assert (fitted.attention, fitted.attention_scales) == ("float", ())  # the fixed scales go with int8 attention
 
 
 def test_compiling_int8_attention_without_vnni_is_a_clear_error(monkeypatch) -> None:
