@@ -263,7 +263,7 @@ class QuantPlan:
         model: free-form identity of the model the plan was made for (architecture).
         attention: ``"float"`` (default) or ``"int8"``: quantize the attention matmuls too
             (q, k, v and the attention probabilities, 8-bit), for inductor's int8 attention
-            kernel on AMX CPUs (:mod:`sq_pt2e.backends.int8_attention`).
+            kernels on CPUs with VNNI or AMX-INT8 (:mod:`sq_pt2e.backends.int8_attention`).
         attention_scales: with ``attention="int8"``, fixed scales of each attention block's
             ``q``, ``k`` and ``v`` (uint8, zero point 128), block by block in graph order; empty
             (default): observed on the calibration audio. Compiled buckets of arbitrary-length
@@ -327,7 +327,9 @@ class QuantPlan:
         if self.attention_scales and self.attention != "int8":
             raise PlanError(f"attention_scales are for int8 attention, but attention={self.attention!r}")
         for block, scales in enumerate(self.attention_scales):
-            if len(scales) != 3 or not all(isinstance(s, (int, float)) and math.isfinite(s) and s > 0 for s in scales):
+            valid = (isinstance(s, (int, float)) and not isinstance(s, bool) and math.isfinite(s) and s > 0
+                     for s in scales)
+            if len(scales) != 3 or not all(valid):
                 raise PlanError(f"attention_scales[{block}] = {scales!r}: expected three positive scales (q, k, v)")
 
     # ----------------------------------------------------------------- lookup

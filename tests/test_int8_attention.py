@@ -74,6 +74,12 @@ def test_plan_attention_round_trips_and_is_validated() -> None:
     assert QuantPlan.from_dict(legacy).attention == "float"
     with pytest.raises(PlanError, match="attention='int4'"):
         QuantPlan(attention="int4")
+    assert "attention_scales" not in INT8_ATTENTION.to_dict()  # plans without fixed scales keep their bytes
+    for bad in (((0.1, 0.2),), ((0.1, 0.2, -0.3),), ((0.1, 0.2, float("nan")),), ((0.1, 0.2, True),)):
+        with pytest.raises(PlanError, match=r"attention_scales\[0\].*three positive scales"):
+            QuantPlan(attention="int8", attention_scales=bad)
+    with pytest.raises(PlanError, match="list of \\[q, k, v\\] scale lists"):
+        QuantPlan.from_dict({**INT8_ATTENTION.to_dict(), "attention_scales": [0.1, 0.2, 0.3]})
 
 
 def test_int8_attention_quantizes_q_k_v_and_probabilities() -> None:
