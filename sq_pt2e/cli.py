@@ -217,7 +217,8 @@ def add_search_arguments(parser: argparse.ArgumentParser) -> None:
                              "score)")
     parser.add_argument("--target", choices=TARGETS, default=SearchConfig.target,
                         help="the backend candidates are scored for: xnnpack (an ExecuTorch .pte) also rounds every "
-                             "int8 layer's output to int8, as XNNPACK's kernels do; a plan scored for one target can "
+                             "int8 layer's output to int8 and its bias to the int32 grid, as XNNPACK's kernels do; a "
+                             "plan scored for one target can "
                              f"be worse on the other (default {SearchConfig.target})")
     _add_sensitivity_arguments(parser)
     parser.add_argument("--percentiles", type=float, nargs="+", default=list(DEFAULT_PERCENTILES),
