@@ -180,6 +180,7 @@ def compile_inductor(
     min_cosine: float = 0.999,
     dynamic: bool = False,
     conv_as_gemm: bool = True,
+    fused_attention: bool = True,
 ) -> CompiledInt8:
     """Compile a ``convert_pt2e`` graph with inductor and verify it.
 
@@ -196,6 +197,8 @@ def compile_inductor(
             (:class:`~sq_pt2e.passes.waveform_conv_as_gemm.WaveformConvAsGemmPass`); the other
             int8 convs always go through the conv2d rewrite. Int8 results are identical either
             way; the float GEMM differs from the float conv by summation order only.
+        fused_attention: on AMX CPUs, run int8 attention as torchao's fused kernel (default);
+            False: as int8 GEMMs, as on other VNNI CPUs and in AOTInductor packages.
 
     Int8 attention (a plan with ``attention="int8"``) compiles to torchao's fused int8
     attention kernel on AMX CPUs, and to int8 GEMMs on other CPUs with VNNI
@@ -214,14 +217,14 @@ def compile_inductor(
     if threads is not None:
         torch.set_num_threads(threads)
     attention = _int8_attention_blocks(converted)
-    fused_attention = bool(attention) and fused_int8_attention_supported()
+    fused = bool(attention) and fused_attention and fused_int8_attention_supported()
     patches: dict[str, object] = {"freezing": True}
     if attention:
         patches["post_grad_custom_pre_pass"] = int8_attention_patterns()
     inputs = example if isinstance(example, tuple) else (example,)
     with torch.no_grad():
         eager = converted(*inputs)
-    graph = _backend_graph(converted, conv_as_gemm, attention_as_int_mm=bool(attention) and not fused_attention)
+    graph = _backend_graph(converted, conv_as_gemm, attention_as_int_mm=bool(attention) and not fused)
     start = time.perf_counter()
     try:
         with inductor_config.patch(patches), torch.no_grad():

@@ -413,7 +413,9 @@ class BucketedInt8Model:
         quantize_seconds = time.perf_counter() - start
         start = time.perf_counter()
         if cache is None:
-            compiled = compile_inductor(converted, example, threads=self.threads, min_cosine=self.min_cosine)
+            # int8 attention as int8 GEMMs, as the cached packages run it (the same numerics either way)
+            compiled = compile_inductor(converted, example, threads=self.threads, min_cosine=self.min_cosine,
+                                        fused_attention=False)
         else:
             compiled = compile_aot_package(converted, example, cache / _PACKAGE, threads=self.threads,
                                            min_cosine=self.min_cosine)

@@ -222,6 +222,9 @@ def test_int8_attention_compiles_to_int8_kernels_and_matches_eager() -> None:
     assert compiled.report.int8_attention_in_graph == 2
     assert compiled.report.int8_attention_kernels == 2
     assert compiled.report.cosine > 0.999
+    # the int8-GEMM route, which AMX CPUs take too when asked (compiled buckets do)
+    as_gemms = compile_inductor(tiny.quantized.converted, tiny.example, fused_attention=False)
+    assert as_gemms.report.int8_attention_kernels == 2 and as_gemms.report.cosine > 0.999
 
 
 @needs_vnni
