@@ -12,28 +12,25 @@ fixed). It runs on the edge program, before partitioning
 
 from __future__ import annotations
 
+from executorch.exir.dialects._ops import ops as exir_ops
 from torch.fx import GraphModule
 from torch.fx.passes.infra.pass_base import PassResult
 
+from sq_pt2e.passes.rewrite_utils import reshape_sizes
+
 __all__ = ["infer_symbolic_reshape_dim"]
-
-
-def _is_view_copy(target: object) -> bool:
-    return getattr(target, "__name__", "") == "aten.view_copy.default" or str(target) == "aten.view_copy.default"
 
 
 def infer_symbolic_reshape_dim(graph_module: GraphModule) -> PassResult:
     """Give each ``view_copy`` with one symbolic output size its static sizes and ``-1`` for that one."""
     changed = 0
     for node in graph_module.graph.nodes:
-        if node.op != "call_function" or not _is_view_copy(node.target) or "val" not in node.meta:
+        if node.op != "call_function" or node.target != exir_ops.edge.aten.view_copy.default:
             continue
-        sizes = list(node.meta["val"].shape)
-        symbolic = [i for i, size in enumerate(sizes) if not isinstance(size, int)]
-        if len(symbolic) != 1 or all(isinstance(size, int) for size in node.args[1]):
+        sizes = reshape_sizes(node.meta["val"].shape)
+        if sizes is None or -1 not in sizes or sizes == list(node.args[1]):
             continue
-        shape = [-1 if i == symbolic[0] else int(size) for i, size in enumerate(sizes)]
-        node.args = (node.args[0], shape, *node.args[2:])
+        node.args = (node.args[0], sizes, *node.args[2:])
         changed += 1
     if changed:
         graph_module.graph.eliminate_dead_code()

@@ -13,17 +13,17 @@ unchanged (its lowering rounds a snapped bias to the same integers).
 
 from __future__ import annotations
 
-import operator
-
 import torch
 from torch.fx import GraphModule, Node
+
+from sq_pt2e.graph import find_quantizable_layers
+from sq_pt2e.passes.rewrite_utils import add_constant, drop_unused_attributes, get_constant
 
 __all__ = ["int32_bias_grid", "snap_biases_to_int32_grid", "snap_to_int32_grid"]
 
 _INT32 = torch.iinfo(torch.int32)
-_LAYERS = (torch.ops.aten.conv1d.default, torch.ops.aten.conv2d.default, torch.ops.aten.linear.default)
 _DQ = torch.ops.quantized_decomposed
-_SCALED = {_DQ.dequantize_per_tensor.default, _DQ.dequantize_per_channel.default}
+_WEIGHT_DQ = (_DQ.dequantize_per_tensor.default, _DQ.dequantize_per_channel.default)
 
 
 def int32_bias_grid(input_scale: float, weight_scales: torch.Tensor | float) -> torch.Tensor:
@@ -39,48 +39,45 @@ def snap_to_int32_grid(bias: torch.Tensor, step: torch.Tensor) -> torch.Tensor:
     return _DQ.dequantize_per_channel(quantized, step, zero, 0, _INT32.min, _INT32.max, torch.int32).to(bias.dtype)
 
 
-def _constant(graph_module: GraphModule, value: object) -> object:
-    """The tensor a ``get_attr`` node names, or ``value`` itself (a scale given as a number)."""
-    if isinstance(value, Node) and value.op == "get_attr":
-        return operator.attrgetter(value.target)(graph_module)
-    return value
+def _scale(graph_module: GraphModule, value: object) -> torch.Tensor | float:
+    """A dequantize node's scale: a number, or the tensor its ``get_attr`` names."""
+    return get_constant(graph_module, str(value.target)) if isinstance(value, Node) else float(value)
 
 
 def _int8_layer_step(graph_module: GraphModule, layer: Node) -> torch.Tensor | None:
     """The int32 bias grid of ``layer`` if it reads a per-tensor int8 input and an int8 weight (else None)."""
     x, weight = layer.args[0], layer.args[1]
     if not (isinstance(x, Node) and x.target == _DQ.dequantize_per_tensor.default
-            and isinstance(weight, Node) and weight.target in _SCALED):
+            and isinstance(weight, Node) and weight.target in _WEIGHT_DQ):
         return None
-    return int32_bias_grid(float(_constant(graph_module, x.args[1])), _constant(graph_module, weight.args[1]))
+    return int32_bias_grid(_scale(graph_module, x.args[1]), _scale(graph_module, weight.args[1]))
 
 
 def snap_biases_to_int32_grid(graph_module: GraphModule) -> list[str]:
     """Round the float bias of every int8 conv / Linear of a converted graph to XNNPACK's int32 grid.
 
-    Each snapped bias becomes a new buffer of ``graph_module`` (the float model's parameters,
-    which the converted graph may share, stay as they are).
+    Each snapped bias becomes a new buffer of ``graph_module``; the float bias it replaces is
+    dropped from it (the float model's parameters stay as they are).
 
     Returns:
         The names of the layer nodes whose bias was snapped.
     """
-    snapped = []
-    for layer in list(graph_module.graph.nodes):
-        if layer.op != "call_function" or layer.target not in _LAYERS or len(layer.args) < 3:
+    snapped, replaced = [], []
+    graph = graph_module.graph
+    for layer in find_quantizable_layers(graph_module):
+        node = layer.node
+        bias = node.args[2] if len(node.args) > 2 else None
+        step = _int8_layer_step(graph_module, node)
+        if not (isinstance(bias, Node) and bias.op == "get_attr") or step is None:
             continue
-        bias = layer.args[2]
-        if not isinstance(bias, Node) or bias.op != "get_attr":
-            continue
-        step = _int8_layer_step(graph_module, layer)
-        if step is None:
-            continue
-        name = f"{layer.name}_bias_int32_grid"
-        graph_module.register_buffer(name, snap_to_int32_grid(_constant(graph_module, bias), step))
-        with graph_module.graph.inserting_before(layer):
-            layer.replace_input_with(bias, graph_module.graph.get_attr(name))
+        value = snap_to_int32_grid(get_constant(graph_module, str(bias.target)), step)
+        with graph.inserting_before(node):
+            node.replace_input_with(bias, graph.get_attr(add_constant(graph_module, f"{node.name}_bias_int32", value)))
         if not bias.users:
-            graph_module.graph.erase_node(bias)
-        snapped.append(layer.name)
-    graph_module.graph.lint()
+            graph.erase_node(bias)
+            replaced.append(str(bias.target))
+        snapped.append(node.name)
+    drop_unused_attributes(graph_module, replaced)
+    graph.lint()
     graph_module.recompile()
     return snapped
