@@ -291,8 +291,10 @@ def _cmd_quantize(args: argparse.Namespace) -> int:
                                           model_name=args.model,
                                           progress=lambda line: print(line, file=sys.stderr, flush=True))
     statistics = calibrated.statistics
-    if args.int8_attention:
-        plan = dataclasses.replace(plan, attention="int8")
+    if args.int8_attention:  # its q/k/v scales fixed from the calibration audio, as the searched layer ranges are
+        from sq_pt2e.backends.inductor_buckets import pin_attention_scales
+
+        plan = pin_attention_scales(model, dataclasses.replace(plan, attention="int8"), [u.wave for u in calibration])
     out = args.output_dir
     written = [plan.save(out / "plan.json"), *([refit_file(out / "plan.json")] if plan.refits else []),
                save_statistics(out / "statistics.npz", statistics),
@@ -682,7 +684,8 @@ def _build_parser() -> argparse.ArgumentParser:
     quantize.add_argument("--int8-attention", action="store_true",
                           help="also quantize the attention matmuls (plan attention='int8'): inductor runs them as "
                                "int8 GEMMs (VNNI CPUs) or torchao's fused int8 attention kernel (AMX-INT8 CPUs); "
-                               "without VNNI attention stays float")
+                               "its q/k/v scales are fixed in the plan from the calibration audio; without VNNI "
+                               "attention stays float")
     _add_threads_argument(quantize)
     quantize.add_argument("--output-dir", type=Path, required=True)
     quantize.set_defaults(run=_cmd_quantize)

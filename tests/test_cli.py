@@ -56,13 +56,15 @@ def test_quantize_verb_writes_a_plan_that_loads(tmp_path, capsys) -> None:
     from sq_pt2e.plan import QuantPlan
     from sq_pt2e.report import reconstruction_trials
 
-    code = main(["quantize", "--model", "tiny-hubert", "--max-calibration", "4", "--output-dir", str(tmp_path)])
+    code = main(["quantize", "--model", "tiny-hubert", "--max-calibration", "4", "--int8-attention",
+                 "--output-dir", str(tmp_path)])
     assert code == EXIT_OK
     (refit, *_) = reconstruction_trials(json.loads((tmp_path / "search_report.json").read_text()))
     assert f"weight reconstruction of {len(refit.layers)} layer(s) in {refit.seconds:.1f} s" in capsys.readouterr().out
     plan = QuantPlan.load(tmp_path / "plan.json")
     assert plan.layers and all(layer.act_range is not None for layer in plan.layers if not layer.skip)
     assert not plan.needs_calibration()
+    assert plan.attention == "int8" and len(plan.attention_scales) == 2  # fixed, as the layer ranges are
     assert [layer.name for layer in plan.layers if layer.skip] == ["hubert.feature_extractor.conv_layers.0.conv"]
     assert (tmp_path / "search_report.json").exists() and (tmp_path / "sensitivity.png").stat().st_size > 1000
 
