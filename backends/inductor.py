@@ -10,7 +10,8 @@ rather than return a model that silently runs in float or computes wrong values.
 
 CPUs without VNNI (AVX2 only) multiply u8*s8 pairs into saturating int16
 (``vpmaddubsw``): W8A8 then differs from the eager int8 model. ``fit_plan_to_cpu``
-narrows such layers to 7-bit weights, which cannot saturate. On AMX-INT8 CPUs, oneDNN's
+narrows such layers to 7-bit weights, which cannot saturate, and int8 attention's ``k``
+and ``v`` to 7-bit grids for the same reason. On AMX-INT8 CPUs, oneDNN's
 int8 grouped convolution computes wrong values with 8 to 28 input channels per group and
 kernels of 8 or more (torch 2.13; measured: compiled vs eager cosine 0.01-0.04, right
 with AMX disabled, with 2-7 or 32-64 channels per group and with kernels of 3-5);
@@ -25,7 +26,6 @@ import dataclasses
 import os
 import re
 import time
-import warnings
 import zipfile
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -37,9 +37,9 @@ from torch.fx import GraphModule
 from sq_pt2e.errors import BackendError, Int8NotUsedError, NumericsMismatchError
 from sq_pt2e.backends.int8_attention import (
     attention_kernel_calls,
+    attention_kv_bits,
     fused_int8_attention_supported,
     int8_attention_patterns,
-    int8_attention_supported,
     quantized_attention_count,
 )
 from sq_pt2e.hardware import CpuInfo, cpu_info
@@ -60,6 +60,7 @@ __all__ = [
     "compile_inductor",
     "fit_plan_to_cpu",
     "load_aot_package",
+    "narrow_attention_kv",
 ]
 
 _INT8_KERNEL = re.compile(r"torch\.ops\.onednn\.(qconv\w*|qlinear\w*)\.")
@@ -76,23 +77,38 @@ def fit_plan_to_cpu(plan: QuantPlan, cpu: CpuInfo | None = None, *,
                     group_channels: Mapping[str, int] | None = None) -> tuple[QuantPlan, bool]:
     """Fit a plan to what this CPU's int8 kernels compute exactly; returns ``(plan, changed)``.
 
-    Without VNNI, W8A8 layers are narrowed to W7A8. With AMX-INT8, the grouped convs of
+    Without VNNI, W8A8 layers are narrowed to W7A8 and int8 attention's ``k`` and ``v`` to
+    7 bits (:func:`narrow_attention_kv`). With AMX-INT8, the grouped convs of
     ``group_channels`` (layer name -> input channels per group, e.g. from
     :func:`sq_pt2e.graph.group_channels`) with :data:`AMX_UNSAFE_GROUP_CHANNELS` channels
-    per group are kept float. Each change is recorded in the layer's reason. Without
-    VNNI or AMX-INT8, int8 attention (``plan.attention``) falls back to float, with a warning.
+    per group are kept float. Each change of a layer is recorded in its reason.
     """
     cpu = cpu or cpu_info()
     fitted = plan
-    if plan.attention == "int8" and not int8_attention_supported(cpu):
-        warnings.warn(f"int8 attention needs a CPU with VNNI or AMX-INT8 ({cpu.summary()}): attention stays float",
-                      stacklevel=2)
-        fitted = plan.with_float_attention()
     if cpu.has_amx_int8:
         fitted = _float_small_groups(fitted, group_channels or {})
     elif not cpu.has_vnni:
-        fitted = _narrow_to_w7(fitted)
+        fitted = narrow_attention_kv(_narrow_to_w7(fitted), cpu.exact_int8_operand_bits)
     return fitted, fitted != plan
+
+
+def narrow_attention_kv(plan: QuantPlan, bits: int) -> QuantPlan:
+    """``plan`` with int8 attention's ``k`` and ``v`` on grids of at most ``bits`` bits.
+
+    Fixed scales (``attention_scales``) of ``k`` and ``v`` are widened so that the narrower
+    grid spans the same range: its step grows by ``127.5 / 63`` from 8 to 7 bits (the
+    symmetric uint8 grid spans 127.5 steps each side, the 7-bit one 63).
+    """
+    if plan.attention != "int8" or plan.attention_kv_bits <= bits:
+        return plan
+    ratio = _half_span(plan.attention_kv_bits) / _half_span(bits)
+    scales = tuple((q, k * ratio, v * ratio) for q, k, v in plan.attention_scales)
+    return dataclasses.replace(plan, attention_kv_bits=bits, attention_scales=scales)
+
+
+def _half_span(bits: int) -> float:
+    """Steps from the zero point to either end of an attention operand's symmetric grid."""
+    return 127.5 if bits == 8 else 2 ** (bits - 1) - 1
 
 
 def _narrow_to_w7(plan: QuantPlan) -> QuantPlan:
@@ -197,19 +213,20 @@ def compile_inductor(
             (:class:`~sq_pt2e.passes.waveform_conv_as_gemm.WaveformConvAsGemmPass`); the other
             int8 convs always go through the conv2d rewrite. Int8 results are identical either
             way; the float GEMM differs from the float conv by summation order only.
-        fused_attention: on AMX CPUs, run int8 attention as torchao's fused kernel (default);
-            False: as int8 GEMMs, as on other VNNI CPUs and in AOTInductor packages.
+        fused_attention: on AMX CPUs, run int8 attention as torchao's fused kernel (default;
+            for 8-bit ``k`` and ``v``); False: as int8 GEMMs, as on other CPUs and in
+            AOTInductor packages.
 
     Int8 attention (a plan with ``attention="int8"``) compiles to torchao's fused int8
-    attention kernel on AMX CPUs, and to int8 GEMMs on other CPUs with VNNI
+    attention kernel on AMX CPUs, and to int8 GEMMs on other CPUs
     (:mod:`sq_pt2e.backends.int8_attention`); the attention blocks on int8 kernels are counted too.
 
     Raises:
         Int8NotUsedError: fewer int8 kernels in the generated code than int8 layers (or
             attention blocks on int8 kernels than quantized attention blocks).
         NumericsMismatchError: compiled output disagrees with eager int8.
-        BackendError: inductor failed to compile, or the graph has int8 attention and this
-            CPU has neither VNNI nor AMX-INT8.
+        BackendError: inductor failed to compile, or the graph has int8 attention whose ``k``
+            or ``v`` grid is wider than this CPU multiplies exactly (8 bits without VNNI).
     """
     import torch._inductor.config as inductor_config
     from torch._inductor.utils import run_and_get_code
@@ -217,7 +234,8 @@ def compile_inductor(
     if threads is not None:
         torch.set_num_threads(threads)
     attention = _int8_attention_blocks(converted)
-    fused = bool(attention) and fused_attention and fused_int8_attention_supported()
+    fused = bool(attention) and fused_attention and fused_int8_attention_supported() and attention_kv_bits(
+        converted) == 8
     patches: dict[str, object] = {"freezing": True}
     if attention:
         patches["post_grad_custom_pre_pass"] = int8_attention_patterns()
@@ -254,13 +272,14 @@ def compile_aot_package(
     :func:`load_aot_package` loads it in another process in milliseconds instead of compiling
     again. The generated kernels are specific to this CPU's ISA and the thread count.
 
-    Int8 attention runs as int8 GEMMs (:mod:`sq_pt2e.passes.attention_as_int_mm`) on every CPU
-    with VNNI, AMX ones included (torchao's fused AMX kernel is not packaged): the package calls
-    the custom op ``sq_pt2e::int8_bmm`` (registered where this module is imported).
+    Int8 attention runs as int8 GEMMs (:mod:`sq_pt2e.passes.attention_as_int_mm`) on every CPU,
+    AMX ones included (torchao's fused AMX kernel is not packaged): the package calls the custom
+    op ``sq_pt2e::int8_bmm`` (registered where this module is imported).
 
     Raises:
         Int8NotUsedError, NumericsMismatchError: as :func:`compile_inductor`.
-        BackendError: AOTInductor failed, or the graph has int8 attention and this CPU has no VNNI.
+        BackendError: AOTInductor failed, or the graph's int8 attention has ``k`` or ``v``
+            grids wider than this CPU multiplies exactly.
     """
     if threads is not None:
         torch.set_num_threads(threads)
@@ -308,11 +327,14 @@ def load_aot_package(package_path: str | os.PathLike[str]) -> Callable[..., torc
 
 
 def _int8_attention_blocks(converted: GraphModule) -> int:
-    """The graph's quantized attention blocks; raises BackendError if there are some and this CPU cannot run them."""
+    """The graph's quantized attention blocks; raises BackendError if this CPU would not multiply them exactly."""
     attention = quantized_attention_count(converted)
-    if attention and not int8_attention_supported():
-        raise BackendError(f"the graph has {attention} int8 attention blocks, but int8 attention needs a CPU with "
-                           f"VNNI or AMX-INT8 ({cpu_info().summary()}): quantize with the plan's attention='float'")
+    bits, cpu = attention_kv_bits(converted), cpu_info()
+    if attention and bits > cpu.exact_int8_operand_bits:
+        raise BackendError(
+            f"the graph's {attention} int8 attention blocks have {bits}-bit k or v, but this CPU has no VNNI "
+            f"({cpu.summary()}): its int8 GEMMs would saturate int16 sums; quantize with a plan fitted to the CPU "
+            f"(fit_plan_to_cpu: attention_kv_bits={cpu.exact_int8_operand_bits}) or attention='float'")
     return attention
 
 

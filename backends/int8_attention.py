@@ -1,4 +1,4 @@
-"""Int8 attention under inductor: torchao's fused kernel on AMX CPUs, int8 GEMMs on VNNI CPUs.
+"""Int8 attention under inductor: torchao's fused kernel on AMX CPUs, int8 GEMMs on other CPUs.
 
 With ``QuantPlan.attention == "int8"`` the quantizer writes attention as two matmuls
 (:class:`~sq_pt2e.passes.sdpa_as_matmuls.SdpaAsMatmulsPass`) and quantizes ``q``, ``k``,
@@ -6,10 +6,12 @@ With ``QuantPlan.attention == "int8"`` the quantizer writes attention as two mat
 ``dq -> matmul -> softmax -> q/dq -> matmul -> q``. On AMX-INT8 CPUs torchao's pattern
 (``torchao.prototype.inductor.fx_passes.qsdpa_fusion``) replaces it by one fused kernel,
 ``torchao::qscaled_dot_product``: a C++ template built on AMX tiles (without AMX the op has
-no fast CPU kernel). On other CPUs with VNNI the two matmuls run as int8 GEMMs
+no fast CPU kernel). On other CPUs the two matmuls run as int8 GEMMs
 (:class:`~sq_pt2e.passes.attention_as_int_mm.AttentionAsIntMmPass`), the softmax between
-them in float. Without VNNI, oneDNN's u8*s8 pairs could saturate int16 (as W8A8 layers
-would), so attention stays float there.
+them in float. Without VNNI, oneDNN sums pairs of u8*s8 products in a saturating int16, as
+for W8A8 layers: there ``k`` and ``v`` (the GEMMs' second operands) take 7-bit grids
+(``QuantPlan.attention_kv_bits``, set by ``backends.inductor.fit_plan_to_cpu``), whose
+products cannot saturate, and :func:`attention_kv_bits` lets the compiler refuse wider ones.
 
 torch 2.13's joint-graph pass rewrites ``softmax(x * s)`` into
 ``where(all(isfinite(x * s)), (x - amax(x)) * s, x * s - amax(x * s))``: torchao's
@@ -31,10 +33,11 @@ from torch.fx import Graph, GraphModule, Node
 
 from sq_pt2e.hardware import CpuInfo, cpu_info
 from sq_pt2e.passes.rewrite_utils import DEQUANTIZE_PER_TENSOR
+from sq_pt2e.passes.attention_as_int_mm import int8_attention_operand
 from sq_pt2e.passes.sdpa_as_matmuls import attention_matmuls
 
-__all__ = ["Int8AttentionPatterns", "attention_kernel_calls", "fused_int8_attention_supported",
-           "int8_attention_patterns", "int8_attention_supported", "quantized_attention_count"]
+__all__ = ["Int8AttentionPatterns", "attention_kernel_calls", "attention_kv_bits", "fused_int8_attention_supported",
+           "int8_attention_patterns", "quantized_attention_count"]
 
 aten = torch.ops.aten
 _KERNEL_DEFINITION = re.compile(r"(\w+) = async_compile\.cpp_pybinding\((.*?)'''\)", re.DOTALL)
@@ -48,16 +51,22 @@ def fused_int8_attention_supported(cpu: CpuInfo | None = None) -> bool:
     return (cpu or cpu_info()).has_amx_int8 and torch.cpu._is_amx_tile_supported()
 
 
-def int8_attention_supported(cpu: CpuInfo | None = None) -> bool:
-    """Whether this CPU runs int8 attention exactly: the fused kernel (AMX) or int8 GEMMs with VNNI."""
-    cpu = cpu or cpu_info()
-    return fused_int8_attention_supported(cpu) or cpu.has_vnni
-
-
 def quantized_attention_count(graph_module: GraphModule) -> int:
     """Attention blocks of a converted graph whose ``q @ k^T`` reads dequantized int8 ``q`` and ``k``."""
     return sum(1 for scores, _ in attention_matmuls(graph_module)
                if all(isinstance(a, Node) and a.target in DEQUANTIZE_PER_TENSOR for a in scores.args[:2]))
+
+
+def attention_kv_bits(graph_module: GraphModule) -> int:
+    """Bits of the widest ``k`` / ``v`` grid (the second operands of the attention matmuls) of a
+    converted graph's quantized attention blocks, as signed int8 grids; 0 without such blocks."""
+    widest = 0
+    for matmul in (m for pair in attention_matmuls(graph_module) for m in pair):
+        operand = int8_attention_operand(matmul.args[1])
+        if operand is not None:
+            low, high = operand[3]
+            widest = max(widest, (max(-low, high + 1) - 1).bit_length() + 1)
+    return widest
 
 
 def attention_kernel_calls(sources: list[str]) -> int:

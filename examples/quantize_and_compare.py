@@ -8,8 +8,8 @@
    too) on the shipped synthetic test set and real LibriSpeech test-other, decoded
    greedily and by beam search with the shipped word 3-gram LM.
 4. Compile int8 with inductor and lower it to an ExecuTorch .pte (XNNPACK); compare
-   agreement, size and latency with float, all measured in this run. On CPUs with VNNI
-   or AMX-INT8 also with int8 attention (int8 GEMMs, or torchao's fused kernel on AMX).
+   agreement, size and latency with float, all measured in this run; also with int8
+   attention (int8 GEMMs, or torchao's fused kernel on AMX; 7-bit k and v without VNNI).
 
 Usage:
     python examples/quantize_and_compare.py
@@ -30,7 +30,6 @@ from sq_pt2e.asr import paired_bootstrap_delta, wer
 from sq_pt2e.assets import language_model, reference_model
 from sq_pt2e.atomic import atomic_write_text
 from sq_pt2e.backends.inductor import fit_plan_to_cpu
-from sq_pt2e.backends.int8_attention import int8_attention_supported
 from sq_pt2e.beam import BeamSearchDecoder
 from sq_pt2e.graph import group_channels
 from sq_pt2e.baselines import Bits, build_method
@@ -78,9 +77,11 @@ def main(argv: list[str] | None = None) -> int:
     fitted, changed = fit_plan_to_cpu(plan, group_channels=group_channels(model))
     if changed:  # what inductor really runs on this CPU (no VNNI: 7-bit weights; AMX: small-group convs float)
         variants["StableQuant as compiled on this CPU"] = (fitted, "x86_inductor")
-    int8_attention = int8_attention_supported() and bits.act == 8  # attention is quantized to 8 bits only
+    int8_attention = bits.act == 8  # attention is quantized to 8 bits only
     if int8_attention:
-        variants["StableQuant + int8 attention"] = (dataclasses.replace(fitted, attention="int8"), "x86_inductor")
+        with_attention, _ = fit_plan_to_cpu(dataclasses.replace(plan, attention="int8"),
+                                            group_channels=group_channels(model))
+        variants["StableQuant + int8 attention"] = (with_attention, "x86_inductor")
     if not args.no_executorch:  # the .pte's arithmetic: XNNPACK rounds every int8 layer's output to int8 too
         variants[f"StableQuant {bits} as a .pte (XNNPACK)"] = (plan, "xnnpack")
     calibration_waves = [u.wave for u in calibration]

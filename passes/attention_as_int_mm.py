@@ -8,12 +8,14 @@ holds ``matmul(dq(A), dq(B))`` twice per attention block. Inductor would run tho
 ``dq(A) @ dq(B) = sa * sb * (A' @ B' - zb' * rowsum(A') - za' * colsum(B' - zb'))``
 
 where ``A' = A - 128`` is the uint8 tensor shifted to signed int8 (zero point
-``za' = za - 128``; inductor fuses the shift into the kernel that quantizes) and ``A' @ B'``
-is :func:`int8_bmm`, one ``torch._int_mm`` (oneDNN, int8 x int8 with int32 sums) per batch
-and head. This project's quantizer makes ``q``, ``k`` and ``v`` symmetric (zero point 128,
-so ``za' = 0``): only the probabilities' zero point (0, so ``za' = -128``) leaves a sum,
-``128 * colsum(V')``, a few values per head. The sums and the scaling are aten ops that
-inductor fuses with the softmax around them. Integer products are exact, so the result
+``za' = za - 128``; inductor fuses the shift into the kernel that quantizes; an int8
+operand is quantized by aten ops, which inductor fuses likewise) and ``A' @ B'`` is
+:func:`int8_bmm`, one ``torch._int_mm`` (oneDNN, int8 x int8 with int32 sums) per batch
+and head. This project's quantizer makes ``q``, ``k`` and ``v`` symmetric (zero point
+128, or int8 on ``-63..63`` for 7-bit ``k`` and ``v``, so ``za' = 0``): only the
+probabilities' zero point (0, so ``za' = -128``) leaves a sum, ``128 * colsum(V')``, a few
+values per head. The sums and the scaling are aten ops that inductor fuses with the
+softmax around them. Integer products are exact, so the result
 equals the dequantized float matmul up to float rounding.
 
 Runs on the output of ``convert_pt2e``, before ``torch.compile`` (or in eager).
@@ -21,12 +23,14 @@ Runs on the output of ``convert_pt2e``, before ``torch.compile`` (or in eager).
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch.fx import GraphModule, Node
 
 from sq_pt2e.passes.rewrite_utils import DEQUANTIZE_PER_TENSOR, QUANTIZE_PER_TENSOR, NodeRewritePass, Rewrite
 
-__all__ = ["AttentionAsIntMmPass", "int8_bmm"]
+__all__ = ["AttentionAsIntMmPass", "int8_attention_operand", "int8_bmm"]
 
 aten = torch.ops.aten
 
@@ -58,15 +62,16 @@ def _check_bmm_operands(a: torch.Tensor, b: torch.Tensor) -> None:
 
 
 class AttentionAsIntMmPass(NodeRewritePass):
-    """Rewrite 4-D ``matmul(dq(q(x)), dq(q(y)))`` (uint8, per tensor) as :func:`int8_bmm` plus zero-point sums."""
+    """Rewrite 4-D ``matmul(dq(q(x)), dq(q(y)))`` (uint8 or int8, per tensor) as :func:`int8_bmm` plus
+    zero-point sums."""
 
     def rewrite(self, graph_module: GraphModule, node: Node) -> Rewrite | None:
         if node.op != "call_function" or node.target != aten.matmul.default or node.meta["val"].dim() != 4:
             return None
-        operands = [_uint8_source(arg) for arg in node.args[:2]]
+        operands = [int8_attention_operand(arg) for arg in node.args[:2]]
         if None in operands:
             return None
-        (qa, a_scale, a_zero), (qb, b_scale, b_zero) = operands  # type: ignore[misc]
+        (qa, a_scale, a_zero, _), (qb, b_scale, b_zero, _) = operands  # type: ignore[misc]
         graph = graph_module.graph
         new: list[Node] = []
 
@@ -74,11 +79,8 @@ class AttentionAsIntMmPass(NodeRewritePass):
             new.append(graph.call_function(target, args, kwargs))  # type: ignore[arg-type]
             return new[-1]
 
-        a_zero, b_zero = a_zero - 128, b_zero - 128  # the zero points on the int8 grids
         with graph.inserting_before(node):
-            # x - 128 as int8 is x with its top bit flipped: an xor and a reinterpretation, which inductor
-            # vectorizes (a detour through int16 made the softmax kernel feeding it about 5x slower)
-            a, b = (call(aten.view.dtype, call(aten.bitwise_xor.Scalar, q, 128), torch.int8) for q in (qa, qb))
+            a, b = (_as_int8(q, call) for q in (qa, qb))
             total = call(torch.ops.sq_pt2e.int8_bmm.default, a, b)
             if b_zero:
                 rows = call(aten.sum.dim_IntList, a, [-1], True, dtype=torch.int32)
@@ -91,14 +93,32 @@ class AttentionAsIntMmPass(NodeRewritePass):
         return Rewrite(out, also_tag=tuple(new[:-1]))
 
 
-def _uint8_source(node: object) -> tuple[Node, float, int] | None:
-    """``(uint8 node, scale, zero point)`` of ``dq(q(x))`` on a uint8 per-tensor grid with scalar parameters."""
+def _as_int8(quantize: Node, call: Callable[..., Node]) -> Node:
+    """The int8 operand of a quantize op: uint8 shifted by -128 (zero point too), int8 recomputed."""
+    if quantize.args[5] == torch.int8:
+        # written out as quantize_per_tensor computes it, because torch 2.13's inductor would fuse the
+        # quantize op into the qlinear before it and there give the int8 output a uint8 buffer and
+        # clamp it to -128..127 instead of the operand's narrower grid (k and v on 7 bits)
+        x, scale, zero, low, high = quantize.args[:5]
+        scaled = call(aten.round.default, call(aten.mul.Tensor, x, 1.0 / scale))  # type: ignore[operator]
+        shifted = call(aten.add.Tensor, scaled, zero) if zero else scaled
+        return call(aten._to_copy.default, call(aten.clamp.default, shifted, low, high), dtype=torch.int8)
+    # x - 128 as int8 is x with its top bit flipped: an xor and a reinterpretation, which inductor
+    # vectorizes (a detour through int16 made the softmax kernel feeding it about 5x slower)
+    return call(aten.view.dtype, call(aten.bitwise_xor.Scalar, quantize, 128), torch.int8)
+
+
+def int8_attention_operand(node: object) -> tuple[Node, float, int, tuple[int, int]] | None:
+    """``(quantize node, scale, zero point, (low, high))`` of ``dq(q(x))`` on a per-tensor grid with
+    scalar parameters, the zero point and the range as on the int8 grid the GEMM multiplies
+    (a uint8 grid shifted by -128)."""
     if not (isinstance(node, Node) and node.target == DEQUANTIZE_PER_TENSOR[0]):
         return None
     quantize = node.args[0]
     if not (isinstance(quantize, Node) and quantize.target == QUANTIZE_PER_TENSOR[0]):
         return None
     scale, zero, low, high, dtype = quantize.args[1:6]
-    if (low, high, dtype) != (0, 255, torch.uint8) or node.args[1:6] != quantize.args[1:6]:
+    if node.args[1:6] != quantize.args[1:6] or dtype not in (torch.uint8, torch.int8):
         return None
-    return quantize, float(scale), int(zero)  # type: ignore[return-value,arg-type]
+    shift = 128 if dtype == torch.uint8 else 0
+    return quantize, float(scale), int(zero) - shift, (int(low) - shift, int(high) - shift)  # type: ignore[arg-type]

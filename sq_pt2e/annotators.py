@@ -123,33 +123,52 @@ def annotate_linear(gm: GraphModule, specs_for: SpecsFor) -> list[list[Node]]:
     return _annotate_weighted(gm, specs_for, ("linear",))
 
 
-# The int8 attention kernels take uint8 q, k, v and probabilities on the full 0..255 grid.
+# The int8 attention kernels take uint8 q, k, v and probabilities on the 0..255 grid.
 # q, k and v are symmetric (zero point 128, signed int8 once shifted): their products then
-# need no zero-point sums (passes/attention_as_int_mm.py). Probabilities lie in [0, 1]: a
-# fixed 1/255 step with zero point 0 covers them exactly, where a calibrated range would
-# clip rare peaks.
-_ATTENTION_OPERAND = QuantizationSpec(
-    dtype=torch.uint8, qscheme=torch.per_tensor_symmetric,  # no quant_min/max: zero point 128, not 127
-    observer_or_fake_quant_ctr=HistogramObserver.with_args(eps=2**-12),
-)
+# need no zero-point sums (passes/attention_as_int_mm.py). k and v, the GEMMs' second
+# operands, may be narrowed to 7 bits, which CPUs without VNNI multiply exactly: then they
+# are int8 on -63..63 (zero point 0; an observer's range must hold 0, so not uint8 65..191).
+# Probabilities lie in [0, 1]: a fixed 1/255 step with zero point 0 covers them exactly,
+# where a calibrated range would clip rare peaks.
 _ATTENTION_PROBABILITIES = FixedQParamsQuantizationSpec(
     dtype=torch.uint8, scale=1.0 / 255, zero_point=0, quant_min=0, quant_max=255, qscheme=torch.per_tensor_affine,
 )
 
 
-def _fixed_operand(scale: float) -> FixedQParamsQuantizationSpec:
+def _operand_grid(bits: int) -> tuple[torch.dtype, int, int, int]:
+    """``(dtype, zero point, quant_min, quant_max)`` of a symmetric attention operand of ``bits`` bits."""
+    if bits == 8:
+        return torch.uint8, 128, 0, 255
+    half = 2 ** (bits - 1) - 1
+    return torch.int8, 0, -half, half
+
+
+def _observed_operand(bits: int) -> QuantizationSpec:
+    """An attention operand's spec, its scale calibrated (histogram observer, symmetric)."""
+    dtype, _, low, high = _operand_grid(bits)
+    # the full uint8 grid goes without quant_min/max: given them, the observer's zero point is 127, not 128
+    grid = {} if bits == 8 else {"quant_min": low, "quant_max": high}
+    observer = HistogramObserver.with_args(eps=2**-12, **grid)
+    return QuantizationSpec(dtype=dtype, qscheme=torch.per_tensor_symmetric, observer_or_fake_quant_ctr=observer,
+                            **grid)
+
+
+def _fixed_operand(scale: float, bits: int) -> FixedQParamsQuantizationSpec:
     """An attention operand's spec with a fixed scale (``QuantPlan.attention_scales``)."""
-    return FixedQParamsQuantizationSpec(dtype=torch.uint8, scale=float(scale), zero_point=128, quant_min=0,
-                                        quant_max=255, qscheme=torch.per_tensor_affine)
+    dtype, zero, low, high = _operand_grid(bits)
+    return FixedQParamsQuantizationSpec(dtype=dtype, scale=float(scale), zero_point=zero, quant_min=low,
+                                        quant_max=high, qscheme=torch.per_tensor_affine)
 
 
-def annotate_attention(gm: GraphModule, scales: Sequence[tuple[float, float, float]] = ()) -> list[list[Node]]:
+def annotate_attention(gm: GraphModule, scales: Sequence[tuple[float, float, float]] = (),
+                       kv_bits: int = 8) -> list[list[Node]]:
     """Annotate the two matmuls of each attention block for uint8 (x86 int8 attention).
 
     ``q @ k^T``: both operands calibrated (histogram observer, symmetric); ``probs @ v``: the
     probabilities on a fixed 1/255 grid, ``v`` calibrated. With ``scales`` (one ``(q, k, v)``
-    per block, in graph order) q, k and v get those fixed scales instead. The outputs stay
-    float; the output projection's input quantization follows.
+    per block, in graph order) q, k and v get those fixed scales instead. ``k`` and ``v`` lie
+    on ``kv_bits``-bit grids (``QuantPlan.attention_kv_bits``). The outputs stay float; the
+    output projection's input quantization follows.
 
     Raises:
         PlanError: ``scales`` given for another number of attention blocks than the graph has.
@@ -160,7 +179,11 @@ def annotate_attention(gm: GraphModule, scales: Sequence[tuple[float, float, flo
                         f"graph has {len(blocks)}: were they pinned on another model?")
     annotated: list[list[Node]] = []
     for index, (scores, context) in enumerate(blocks):
-        q, k, v = (_fixed_operand(s) for s in scales[index]) if scales else (_ATTENTION_OPERAND,) * 3
+        if scales:
+            q_scale, k_scale, v_scale = scales[index]
+            q, k, v = _fixed_operand(q_scale, 8), _fixed_operand(k_scale, kv_bits), _fixed_operand(v_scale, kv_bits)
+        else:
+            q, k, v = _observed_operand(8), _observed_operand(kv_bits), _observed_operand(kv_bits)
         scores.meta[Q_ANNOTATION_KEY] = QuantizationAnnotation(
             input_qspec_map={scores.args[0]: q, scores.args[1]: k}, _annotated=True)
         context.meta[Q_ANNOTATION_KEY] = QuantizationAnnotation(

@@ -683,9 +683,9 @@ def _build_parser() -> argparse.ArgumentParser:
                                "target; 0: do not write it)")
     quantize.add_argument("--int8-attention", action="store_true",
                           help="also quantize the attention matmuls (plan attention='int8'): inductor runs them as "
-                               "int8 GEMMs (VNNI CPUs) or torchao's fused int8 attention kernel (AMX-INT8 CPUs); "
-                               "its q/k/v scales are fixed in the plan from the calibration audio; without VNNI "
-                               "attention stays float")
+                               "int8 GEMMs or torchao's fused int8 attention kernel (AMX-INT8 CPUs); its q/k/v "
+                               "scales are fixed in the plan from the calibration audio; on CPUs without VNNI k "
+                               "and v take 7-bit grids when the plan is used")
     _add_threads_argument(quantize)
     quantize.add_argument("--output-dir", type=Path, required=True)
     quantize.set_defaults(run=_cmd_quantize)

@@ -136,8 +136,8 @@ def compare_backends(
     """Quantize ``model`` with ``plan`` and compare float eager, int8 inductor and int8 .pte.
 
     All waveforms must have the same length (the exported programs are fixed-length).
-    ``int8_attention`` adds a row for inductor with int8 attention too (CPUs with VNNI or
-    AMX-INT8: :func:`sq_pt2e.backends.int8_attention.int8_attention_supported`).
+    ``int8_attention`` adds a row for inductor with int8 attention too (7-bit ``k`` and ``v``
+    on CPUs without VNNI: :func:`sq_pt2e.backends.inductor.fit_plan_to_cpu`).
     """
     from sq_pt2e.backends.executorch_xnnpack import PteRunner, check_pte, lower_to_xnnpack
     from sq_pt2e.backends.inductor import compile_inductor

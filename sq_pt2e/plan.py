@@ -26,6 +26,7 @@ from sq_pt2e.atomic import atomic_write_text
 from sq_pt2e.errors import PlanError
 
 __all__ = [
+    "ATTENTION_KV_BITS",
     "ATTENTION_MODES",
     "SCHEMA_VERSION",
     "TARGETS",
@@ -51,6 +52,7 @@ _WEIGHT_CALIBRATIONS: tuple[str, ...] = get_args(WeightCalibration)
 _ACT_SCHEMES: tuple[str, ...] = get_args(ActScheme)
 DEFAULT_NAME = "*"
 ATTENTION_MODES: tuple[str, ...] = ("float", "int8")
+ATTENTION_KV_BITS: tuple[int, ...] = (7, 8)
 # The backends a plan is quantized for: oneDNN through inductor (x86), XNNPACK in an ExecuTorch .pte.
 Target = Literal["x86_inductor", "xnnpack"]
 TARGETS: tuple[Target, ...] = ("x86_inductor", "xnnpack")
@@ -269,6 +271,10 @@ class QuantPlan:
             (default): observed on the calibration audio. Compiled buckets of arbitrary-length
             audio fix them (``backends.inductor_buckets.pin_attention_scales``) so that every
             bucket quantizes attention alike.
+        attention_kv_bits: with ``attention="int8"``, the grid of ``k`` and ``v``: 8 (default)
+            or 7 (``-63..63``), which CPUs without VNNI multiply exactly
+            (``backends.inductor.fit_plan_to_cpu`` narrows them there); ``q`` and the
+            probabilities keep 8 bits.
         scored_for: the backend whose int8 arithmetic the search scored the plan on
             (``SearchConfig.target``: ``"x86_inductor"`` or ``"xnnpack"``; ``""``: not searched, or
             searched before this was recorded). The plan runs on either; it may be worse on the other.
@@ -284,6 +290,7 @@ class QuantPlan:
     model: str = ""
     attention: Literal["float", "int8"] = "float"
     attention_scales: tuple[tuple[float, float, float], ...] = ()
+    attention_kv_bits: int = 8
     scored_for: Target | Literal[""] = ""
     schema_version: int = SCHEMA_VERSION
     refits: Mapping[str, Any] = field(default_factory=dict, compare=False, repr=False)
@@ -321,11 +328,16 @@ class QuantPlan:
 
     def with_float_attention(self) -> QuantPlan:
         """This plan with attention left in float (and no fixed attention scales)."""
-        return dataclasses.replace(self, attention="float", attention_scales=())
+        return dataclasses.replace(self, attention="float", attention_scales=(), attention_kv_bits=8)
 
     def _check_attention_scales(self) -> None:
         if self.attention_scales and self.attention != "int8":
             raise PlanError(f"attention_scales are for int8 attention, but attention={self.attention!r}")
+        if self.attention_kv_bits not in ATTENTION_KV_BITS or isinstance(self.attention_kv_bits, bool):
+            raise PlanError(f"attention_kv_bits={self.attention_kv_bits!r} (expected one of {ATTENTION_KV_BITS})")
+        if self.attention_kv_bits != 8 and self.attention != "int8":
+            raise PlanError(f"attention_kv_bits={self.attention_kv_bits} is for int8 attention, but "
+                            f"attention={self.attention!r}")
         for block, scales in enumerate(self.attention_scales):
             valid = (isinstance(s, (int, float)) and not isinstance(s, bool) and math.isfinite(s) and s > 0
                      for s in scales)
@@ -447,6 +459,7 @@ class QuantPlan:
             "layers": [layer.to_dict() for layer in self.layers],
             **({"scored_for": self.scored_for} if self.scored_for else {}),
             **({"attention_scales": [list(s) for s in self.attention_scales]} if self.attention_scales else {}),
+            **({"attention_kv_bits": self.attention_kv_bits} if self.attention_kv_bits != 8 else {}),
         }
 
     def to_json(self) -> str:
@@ -465,7 +478,7 @@ class QuantPlan:
             msg = f"{source}: schema_version={version!r} is not supported (this sq-pt2e reads {SCHEMA_VERSION}{hint})"
             raise PlanError(msg)
         unknown = sorted(set(data) - {"schema_version", "model", "attention", "default", "op_defaults", "layers",
-                                   "scored_for", "attention_scales"})
+                                   "scored_for", "attention_scales", "attention_kv_bits"})
         if unknown:
             raise PlanError(f"{source}: unknown top-level field(s) {unknown}")
         for key in ("op_defaults", "layers"):
@@ -487,6 +500,7 @@ class QuantPlan:
             model=str(data.get("model", "")),
             attention=data.get("attention", "float"),
             attention_scales=_attention_scales(data.get("attention_scales", [])),
+            attention_kv_bits=data.get("attention_kv_bits", 8),
             scored_for=data.get("scored_for", ""),
             schema_version=version,
         )

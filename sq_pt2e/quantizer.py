@@ -273,7 +273,8 @@ class StableQuantQuantizer(Quantizer):
 
         for pattern in SUPPORTED_PATTERNS:
             ANNOTATORS[pattern](model, specs_for)
-        if self.plan.attention == "int8" and not annotate_attention(model, self.plan.attention_scales):
+        plan = self.plan
+        if plan.attention == "int8" and not annotate_attention(model, plan.attention_scales, plan.attention_kv_bits):
             raise QuantizationError("the plan asks for int8 attention but the graph has no attention "
                                     "(scaled-dot-product or matmul-softmax-matmul) without dropout")
         self.layer_status = tuple(self._status(layer) for layer in layers)

@@ -23,7 +23,6 @@ from sq_pt2e.backends.inductor_buckets import (
     prune_cache,
     quantize_program,
 )
-from sq_pt2e.backends.int8_attention import int8_attention_supported
 from sq_pt2e.errors import AudioError, PlanError
 from sq_pt2e.framing import frame_count
 from sq_pt2e.models import build_model
@@ -139,7 +138,6 @@ def test_int8_attention_scales_are_pinned_once_for_every_bucket() -> None:
         dataclasses.replace(pinned, attention="float")
 
 
-@pytest.mark.skipif(not int8_attention_supported(), reason="int8 attention needs VNNI or AMX-INT8")
 def test_padded_bucket_runs_int8_attention_on_int8_kernels_and_from_its_package(tmp_path: Path) -> None:
     def bucketed(**kwargs: object) -> BucketedInt8Model:
         return BucketedInt8Model(build_model("tiny-hubert"), INT8_ATTENTION, CALIBRATION, buckets=(0.5,), threads=1,

@@ -15,7 +15,7 @@ from sq_pt2e.backends.inductor import (
     fit_plan_to_cpu,
 )
 from sq_pt2e.errors import NumericsMismatchError
-from sq_pt2e.hardware import CpuInfo
+from sq_pt2e.hardware import CpuInfo, capped_by_onednn
 from sq_pt2e.plan import LayerPlan, QuantPlan
 from sq_pt2e.recipes import default_plan
 from sq_pt2e.testing import TinyQuantized, tiny_quantized_model
@@ -88,6 +88,20 @@ def test_fit_plan_reports_no_change_when_nothing_is_w8a8() -> None:
 @pytest.mark.parametrize(("flags", "vnni"), [(("avx2",), False), (("avx_vnni",), True), (("amx_int8",), True)])
 def test_cpu_info_vnni_flag(flags: tuple[str, ...], vnni: bool) -> None:
     assert CpuInfo("x", flags, 1).has_vnni is vnni
+    assert CpuInfo("x", flags, 1).exact_int8_operand_bits == (8 if vnni else 7)
+
+
+def test_onednn_isa_cap_hides_the_flags_onednn_will_not_use() -> None:
+    amx = CpuInfo("Xeon", ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_bf16", "amx_int8", "amx_tile"), 2)
+    avx2 = capped_by_onednn(amx, "avx2")
+    assert (avx2.flags, avx2.has_vnni, avx2.isa_cap) == (("avx2",), False, "AVX2")
+    assert "oneDNN capped at AVX2" in avx2.summary()
+    vnni = capped_by_onednn(amx, "AVX512_CORE_VNNI")
+    assert vnni.has_vnni and not vnni.has_amx_int8 and "avx512_bf16" not in vnni.flags
+    for unchanged in ("", "ALL", "AVX512_CORE_AMX", "not-an-isa"):
+        assert capped_by_onednn(amx, unchanged) is amx
+    plain = CpuInfo("EPYC", ("avx2",), 2)
+    assert capped_by_onednn(plain, "AVX2") is plain  # nothing hidden: no cap to report
 
 
 # ------------------------------------------------------------------ compare_outputs

@@ -26,15 +26,11 @@ def test_quantize_and_compare_runs_and_writes_results(tmp_path) -> None:
     assert all(0 <= row["float32 with LM"] for row in results["accuracy"].values())
     assert "wer with LM" in results["accuracy"]["synthetic-test"]["StableQuant W8A8"]
     assert "wer with LM" in results["accuracy"]["synthetic-test"]["StableQuant W8A8 as a .pte (XNNPACK)"]
-    from sq_pt2e.backends.int8_attention import int8_attention_supported
-
     variants = [row["variant"] for row in results["backends"]["rows"]]
-    attention = ["int8 inductor, int8 attention"] if int8_attention_supported() else []
-    assert variants == ["float32 eager", "int8 eager (q/dq reference)", "int8 inductor", *attention,
-                        "int8 ExecuTorch .pte (XNNPACK)"]
-    if attention:
-        assert "StableQuant + int8 attention" in results["accuracy"]["synthetic-test"]
-        assert results["backends"]["rows"][-2]["notes"].startswith("2 attention blocks on int8 kernels")
+    assert variants == ["float32 eager", "int8 eager (q/dq reference)", "int8 inductor",
+                        "int8 inductor, int8 attention", "int8 ExecuTorch .pte (XNNPACK)"]
+    assert "StableQuant + int8 attention" in results["accuracy"]["synthetic-test"]
+    assert results["backends"]["rows"][-2]["notes"].startswith("2 attention blocks on int8 kernels")
     assert (tmp_path / "plan.json").exists()
 
 

@@ -10,14 +10,10 @@ import torch
 
 from sq_pt2e.backends import inductor as inductor_backend
 from sq_pt2e.backends.inductor import compile_inductor, fit_plan_to_cpu
-from sq_pt2e.backends.int8_attention import (
-    attention_kernel_calls,
-    int8_attention_supported,
-    quantized_attention_count,
-)
+from sq_pt2e.backends.int8_attention import attention_kernel_calls, attention_kv_bits, quantized_attention_count
 from sq_pt2e.errors import BackendError, PlanError, QuantizationError
 from sq_pt2e.export import export_speech_model
-from sq_pt2e.hardware import CpuInfo
+from sq_pt2e.hardware import CpuInfo, cpu_info
 from sq_pt2e.passes.attention_as_int_mm import AttentionAsIntMmPass, int8_bmm
 from sq_pt2e.passes.sdpa_as_matmuls import SdpaAsMatmulsPass, attention_matmuls
 from sq_pt2e.plan import QuantPlan
@@ -28,10 +24,11 @@ pytestmark = pytest.mark.usefixtures("single_thread")
 
 aten = torch.ops.aten
 INT8_ATTENTION = QuantPlan(attention="int8")
+KV7_ATTENTION = QuantPlan(attention="int8", attention_kv_bits=7)
 WITH_VNNI = CpuInfo("Test CPU with VNNI", ("avx2", "avx512f", "avx512_vnni"), 2)
 AVX2_ONLY = CpuInfo("Test CPU with AVX2", ("avx2", "fma"), 2)
-needs_vnni = pytest.mark.skipif(not int8_attention_supported(),
-                                reason="int8 attention needs VNNI (int8 GEMMs) or AMX-INT8 (torchao's fused kernel)")
+needs_vnni = pytest.mark.skipif(cpu_info().exact_int8_operand_bits < 8,
+                                reason="8-bit second operands of int8 GEMMs saturate int16 sums without VNNI")
 
 
 @pytest.mark.parametrize("name", ["tiny_wav2vec2", "tiny_hubert"])
@@ -82,6 +79,17 @@ def test_plan_attention_round_trips_and_is_validated() -> None:
         QuantPlan.from_dict({**INT8_ATTENTION.to_dict(), "attention_scales": [0.1, 0.2, 0.3]})
 
 
+def test_plan_attention_kv_bits_round_trip_and_are_validated() -> None:
+    assert "attention_kv_bits" not in INT8_ATTENTION.to_dict()
+    assert QuantPlan.from_dict(KV7_ATTENTION.to_dict()) == KV7_ATTENTION
+    for bad in (6, 9, True, "7"):
+        with pytest.raises(PlanError, match="attention_kv_bits="):
+            QuantPlan(attention="int8", attention_kv_bits=bad)
+    with pytest.raises(PlanError, match="attention_kv_bits=7 is for int8 attention"):
+        QuantPlan(attention_kv_bits=7)
+    assert KV7_ATTENTION.with_float_attention() == QuantPlan()
+
+
 def test_int8_attention_quantizes_q_k_v_and_probabilities() -> None:
     tiny = tiny_quantized_model("tiny-hubert", INT8_ATTENTION)
     graph = tiny.quantized.converted
@@ -128,29 +136,40 @@ def test_the_simulation_refuses_int8_attention_and_eval_runs_the_converted_graph
     assert forward(longer).shape[1] > forward(example_wave).shape[1]
 
 
-def test_fit_plan_keeps_attention_float_without_vnni() -> None:
-    with pytest.warns(UserWarning, match="VNNI or AMX-INT8"):
-        fitted, changed = fit_plan_to_cpu(INT8_ATTENTION, AVX2_ONLY)
-    assert fitted.attention == "float"
-    assert fit_plan_to_cpu(INT8_ATTENTION, WITH_VNNI)[0].attention == "int8"
+def test_fit_plan_narrows_k_and_v_to_7_bits_without_vnni() -> None:
+    fitted, changed = fit_plan_to_cpu(INT8_ATTENTION, AVX2_ONLY)
+    assert changed and (fitted.attention, fitted.attention_kv_bits) == ("int8", 7)
+    assert fit_plan_to_cpu(INT8_ATTENTION, WITH_VNNI) == (INT8_ATTENTION, False)
     pinned = dataclasses.replace(INT8_ATTENTION, attention_scales=((0.01, 0.02, 0.03),))
-    with pytest.warns(UserWarning, match="VNNI or AMX-INT8"):
-        fitted, _ = fit_plan_to_cpu(pinned, AVX2_ONLY)
-    assert (fitted.attention, fitted.attention_scales) == ("float", ())  # the fixed scales go with int8 attention
+    (scales,) = fit_plan_to_cpu(pinned, AVX2_ONLY)[0].attention_scales
+    # q keeps its grid; k and v keep their range (127.5 steps each side on 8 bits, 63 on 7)
+    assert scales == pytest.approx((0.01, 0.02 * 127.5 / 63, 0.03 * 127.5 / 63))
+    assert fit_plan_to_cpu(fit_plan_to_cpu(pinned, AVX2_ONLY)[0], AVX2_ONLY)[1] is False  # fitting twice: no change
 
 
-def test_compiling_int8_attention_without_vnni_is_a_clear_error(monkeypatch) -> None:
+def test_7_bit_k_and_v_are_int8_grids_that_q_and_the_probabilities_do_not_share() -> None:
+    graph = tiny_quantized_model("tiny-hubert", KV7_ATTENTION).quantized.converted
+    assert quantized_attention_count(graph) == 2 and attention_kv_bits(graph) == 7
+    for scores, context in attention_matmuls(graph):
+        assert scores.args[0].args[2:6] == (128, 0, 255, torch.uint8)  # q
+        for operand in (scores.args[1], context.args[1]):  # k^T, v
+            assert operand.args[2:6] == (0, -63, 63, torch.int8)
+    assert attention_kv_bits(tiny_quantized_model("tiny-hubert", INT8_ATTENTION).quantized.converted) == 8
+    assert attention_kv_bits(tiny_quantized_model("tiny-hubert").quantized.converted) == 0
+
+
+def test_compiling_8_bit_k_and_v_without_vnni_is_a_clear_error(monkeypatch) -> None:
     tiny = tiny_quantized_model("tiny-wav2vec2", INT8_ATTENTION)
-    monkeypatch.setattr(inductor_backend, "int8_attention_supported", lambda: False)
-    with pytest.raises(BackendError, match="2 int8 attention blocks.*VNNI or AMX-INT8"):
+    monkeypatch.setattr(inductor_backend, "cpu_info", lambda: AVX2_ONLY)
+    with pytest.raises(BackendError, match="2 int8 attention blocks have 8-bit k or v.*attention_kv_bits=7"):
         compile_inductor(tiny.quantized.converted, tiny.example)
 
 
-@needs_vnni
 def test_int8_bmm_is_the_exact_integer_product_for_any_strides() -> None:
     generator = torch.Generator().manual_seed(0)
+    limit = 2 ** (cpu_info().exact_int8_operand_bits - 1)  # b: within what this CPU multiplies exactly
     a = torch.randint(-128, 128, (2, 3, 7, 16), dtype=torch.int8, generator=generator)
-    b = torch.randint(-128, 128, (2, 3, 9, 16), dtype=torch.int8, generator=generator).transpose(-1, -2)
+    b = torch.randint(-limit, limit, (2, 3, 9, 16), dtype=torch.int8, generator=generator).transpose(-1, -2)
     expected = (a.long() @ b.long()).int()
     assert torch.equal(int8_bmm(a, b), expected)
     assert torch.equal(int8_bmm(a, b.contiguous()), expected)
@@ -185,9 +204,27 @@ def test_attention_as_int_mm_equals_the_dequantized_matmul(zero_points) -> None:
     torch.testing.assert_close(graph(x, y), reference, rtol=1e-5, atol=1e-5)
 
 
-@needs_vnni
+def test_attention_as_int_mm_quantizes_int8_operands_without_a_shift() -> None:
+    class QuantizedMatmul(torch.nn.Module):  # uint8 probabilities (zero point 0) times 7-bit int8 v
+        def forward(self, x, y):
+            qdq = torch.ops.quantized_decomposed
+            a = qdq.dequantize_per_tensor(qdq.quantize_per_tensor(x, 1 / 255, 0, 0, 255, torch.uint8),
+                                          1 / 255, 0, 0, 255, torch.uint8)
+            b = qdq.dequantize_per_tensor(qdq.quantize_per_tensor(y, 0.03, 0, -63, 63, torch.int8),
+                                          0.03, 0, -63, 63, torch.int8)
+            return torch.matmul(a, b)
+
+    x, y = torch.rand(1, 2, 5, 8), torch.randn(1, 2, 8, 6)
+    graph = torch.export.export(QuantizedMatmul(), (x, y)).module()
+    reference = graph(x, y)
+    assert AttentionAsIntMmPass()(graph).modified
+    targets = [n.target for n in graph.graph.nodes]
+    assert targets.count(aten.bitwise_xor.Scalar) == 1  # only the uint8 operand is shifted
+    torch.testing.assert_close(graph(x, y), reference, rtol=1e-5, atol=1e-5)
+
+
 def test_attention_as_int_mm_rewrites_both_matmuls_of_each_block() -> None:
-    tiny = tiny_quantized_model("tiny-hubert", INT8_ATTENTION)
+    tiny = tiny_quantized_model("tiny-hubert", INT8_ATTENTION, fit_to_cpu=True)
     graph = copy.deepcopy(tiny.quantized.converted)
     with torch.no_grad():
         reference = graph(tiny.example)
@@ -215,9 +252,8 @@ def test_attention_kernel_calls_count_call_sites_of_the_fused_kernel() -> None:
     assert attention_kernel_calls([package_wrapper]) == 3
 
 
-@needs_vnni
 def test_int8_attention_compiles_to_int8_kernels_and_matches_eager() -> None:
-    tiny = tiny_quantized_model("tiny-wav2vec2", INT8_ATTENTION)
+    tiny = tiny_quantized_model("tiny-wav2vec2", INT8_ATTENTION, fit_to_cpu=True)
     compiled = compile_inductor(tiny.quantized.converted, tiny.example)
     assert compiled.report.int8_attention_in_graph == 2
     assert compiled.report.int8_attention_kernels == 2
@@ -227,14 +263,55 @@ def test_int8_attention_compiles_to_int8_kernels_and_matches_eager() -> None:
     assert as_gemms.report.int8_attention_kernels == 2 and as_gemms.report.cosine > 0.999
 
 
-@needs_vnni
 def test_int8_attention_is_packaged_ahead_of_time(tmp_path) -> None:
     """AOTInductor packages run int8 attention as int8 GEMMs (the custom op through AOTI's proxy executor)."""
     from sq_pt2e.backends.inductor import compile_aot_package, load_aot_package
 
-    tiny = tiny_quantized_model("tiny-hubert", INT8_ATTENTION)
+    tiny = tiny_quantized_model("tiny-hubert", INT8_ATTENTION, fit_to_cpu=True)
     compiled = compile_aot_package(tiny.quantized.converted, tiny.example, tmp_path / "int8.pt2")
     assert compiled.report.int8_attention_in_graph == compiled.report.int8_attention_kernels == 2
     assert compiled.report.cosine > 0.999
     with torch.no_grad():
         torch.testing.assert_close(load_aot_package(tmp_path / "int8.pt2")(tiny.example), compiled.verified_output)
+
+
+_UNDER_AVX2_CAP = """
+import json
+import torch
+from sq_pt2e.backends.inductor import compile_inductor
+from sq_pt2e.hardware import cpu_info
+from sq_pt2e.passes.attention_as_int_mm import int8_bmm
+from sq_pt2e.plan import QuantPlan
+from sq_pt2e.testing import tiny_quantized_model
+
+torch.set_num_threads(1)
+generator = torch.Generator().manual_seed(0)
+a = torch.randint(-128, 128, (1, 2, 64, 64), dtype=torch.int8, generator=generator)
+b = torch.randint(-128, 128, (1, 2, 64, 64), dtype=torch.int8, generator=generator)
+exact = {bits: torch.equal(int8_bmm(a, operand), (a.long() @ operand.long()).int())
+         for bits, operand in ((8, b), (7, b // 2))}
+tiny = tiny_quantized_model("tiny-hubert", QuantPlan(attention="int8"), fit_to_cpu=True)
+report = compile_inductor(tiny.quantized.converted, tiny.example).report
+print(json.dumps({"exact_bits": cpu_info().exact_int8_operand_bits, "exact": exact,
+                  "kv_bits": tiny.quantized.plan.attention_kv_bits, "kernels": report.int8_attention_kernels,
+                  "cosine": report.cosine}))
+"""
+
+
+def test_int8_attention_is_exact_where_onednn_has_no_vnni() -> None:
+    """Under ``ONEDNN_MAX_CPU_ISA=AVX2`` (an AVX2-only CPU as oneDNN sees it), 8-bit second operands
+    saturate the int8 GEMMs; the plan fitted to that CPU has 7-bit k and v, which compile exactly."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "ONEDNN_MAX_CPU_ISA": "AVX2"}
+    done = subprocess.run([sys.executable, "-c", _UNDER_AVX2_CAP], capture_output=True, text=True, timeout=600,
+                          env=env, check=False)
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    assert result["exact_bits"] == 7
+    assert result["exact"] == {"8": False, "7": True}  # the saturation the narrowing avoids
+    assert (result["kv_bits"], result["kernels"]) == (7, 2)
+    assert result["cosine"] > 0.999
