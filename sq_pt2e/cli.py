@@ -529,8 +529,8 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     int8_forward = None
     if args.plan is not None:
         plan = load_plan_for_model(args.plan, args.model)
-        needs_statistics = plan.needs_calibration()
-        needs_audio = needs_statistics or plan.attention == "int8" or args.target == "xnnpack"
+        needs_statistics = plan.with_float_attention().needs_calibration()  # the layers' statistics
+        needs_audio = plan.needs_calibration() or args.target == "xnnpack"
         waves = calibration_waves(args.calibration, 32) if needs_audio else []
         statistics = collect_statistics(model, waves, input_scales=plan.input_scales()) if needs_statistics else {}
         int8_forward = build_method("stablequant", model, waves, statistics, plan=plan, target=args.target)

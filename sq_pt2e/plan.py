@@ -358,10 +358,13 @@ class QuantPlan:
         return dataclasses.replace(self.default, name=name, op=op)
 
     def needs_calibration(self) -> bool:
-        """Whether applying the plan needs calibration audio: some quantized layer has no fixed range.
+        """Whether applying the plan needs calibration audio: some quantized layer has no fixed range,
+        or int8 attention has no fixed scales (``attention_scales``).
 
         A plan without explicit layers relies on its defaults, which calibrate unless they fix a range.
         """
+        if self.attention == "int8" and not self.attention_scales:
+            return True
         if not self.layers:
             return not self.default.skip and self.default.act_range is None
         return any(not layer.skip and layer.act_range is None for layer in self.layers)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from pathlib import Path
@@ -393,3 +394,6 @@ def test_needs_calibration_ignores_skipped_layers_and_reads_defaults() -> None:
     assert QuantPlan(layers=(fixed, LayerPlan("lm_head"))).needs_calibration()
     assert QuantPlan().needs_calibration()
     assert not QuantPlan(default=LayerPlan("*", act_range=1.0)).needs_calibration()
+    ranged = QuantPlan(default=LayerPlan("*", act_range=1.0), attention="int8")
+    assert ranged.needs_calibration()  # attention's q, k, v observers
+    assert not dataclasses.replace(ranged, attention_scales=((0.1, 0.2, 0.3),)).needs_calibration()
