@@ -34,6 +34,7 @@ from pathlib import Path
 import torch
 from torch.fx import GraphModule
 
+from sq_pt2e.annotators import attention_grid_half_span
 from sq_pt2e.errors import BackendError, Int8NotUsedError, NumericsMismatchError
 from sq_pt2e.backends.int8_attention import (
     attention_kernel_calls,
@@ -96,19 +97,14 @@ def narrow_attention_kv(plan: QuantPlan, bits: int) -> QuantPlan:
     """``plan`` with int8 attention's ``k`` and ``v`` on grids of at most ``bits`` bits.
 
     Fixed scales (``attention_scales``) of ``k`` and ``v`` are widened so that the narrower
-    grid spans the same range: its step grows by ``127.5 / 63`` from 8 to 7 bits (the
-    symmetric uint8 grid spans 127.5 steps each side, the 7-bit one 63).
+    grid spans the same range: its step grows by ``127.5 / 63`` from 8 to 7 bits
+    (:func:`~sq_pt2e.annotators.attention_grid_half_span`).
     """
     if plan.attention != "int8" or plan.attention_kv_bits <= bits:
         return plan
-    ratio = _half_span(plan.attention_kv_bits) / _half_span(bits)
+    ratio = attention_grid_half_span(plan.attention_kv_bits) / attention_grid_half_span(bits)
     scales = tuple((q, k * ratio, v * ratio) for q, k, v in plan.attention_scales)
     return dataclasses.replace(plan, attention_kv_bits=bits, attention_scales=scales)
-
-
-def _half_span(bits: int) -> float:
-    """Steps from the zero point to either end of an attention operand's symmetric grid."""
-    return 127.5 if bits == 8 else 2 ** (bits - 1) - 1
 
 
 def _narrow_to_w7(plan: QuantPlan) -> QuantPlan:
@@ -233,9 +229,8 @@ def compile_inductor(
 
     if threads is not None:
         torch.set_num_threads(threads)
-    attention = _int8_attention_blocks(converted)
-    fused = bool(attention) and fused_attention and fused_int8_attention_supported() and attention_kv_bits(
-        converted) == 8
+    attention, kv_bits = _int8_attention_blocks(converted)
+    fused = bool(attention) and fused_attention and fused_int8_attention_supported() and kv_bits == 8
     patches: dict[str, object] = {"freezing": True}
     if attention:
         patches["post_grad_custom_pre_pass"] = int8_attention_patterns()
@@ -283,7 +278,7 @@ def compile_aot_package(
     """
     if threads is not None:
         torch.set_num_threads(threads)
-    attention = _int8_attention_blocks(converted)
+    attention, _ = _int8_attention_blocks(converted)
     configs: dict[str, object] = {"freezing": True}
     if attention:
         configs["post_grad_custom_pre_pass"] = int8_attention_patterns()
@@ -326,8 +321,9 @@ def load_aot_package(package_path: str | os.PathLike[str]) -> Callable[..., torc
     return torch._inductor.aoti_load_package(str(package_path))
 
 
-def _int8_attention_blocks(converted: GraphModule) -> int:
-    """The graph's quantized attention blocks; raises BackendError if this CPU would not multiply them exactly."""
+def _int8_attention_blocks(converted: GraphModule) -> tuple[int, int]:
+    """The graph's quantized attention blocks and the bits of their widest ``k`` / ``v`` grid; raises
+    BackendError if this CPU would not multiply them exactly."""
     attention = quantized_attention_count(converted)
     bits, cpu = attention_kv_bits(converted), cpu_info()
     if attention and bits > cpu.exact_int8_operand_bits:
@@ -335,7 +331,7 @@ def _int8_attention_blocks(converted: GraphModule) -> int:
             f"the graph's {attention} int8 attention blocks have {bits}-bit k or v, but this CPU has no VNNI "
             f"({cpu.summary()}): its int8 GEMMs would saturate int16 sums; quantize with a plan fitted to the CPU "
             f"(fit_plan_to_cpu: attention_kv_bits={cpu.exact_int8_operand_bits}) or attention='float'")
-    return attention
+    return attention, bits
 
 
 def _backend_graph(converted: GraphModule, conv_as_gemm: bool, *, attention_as_int_mm: bool = False) -> GraphModule:

@@ -79,8 +79,7 @@ def main(argv: list[str] | None = None) -> int:
         variants["StableQuant as compiled on this CPU"] = (fitted, "x86_inductor")
     int8_attention = bits.act == 8  # attention is quantized to 8 bits only
     if int8_attention:
-        with_attention, _ = fit_plan_to_cpu(dataclasses.replace(plan, attention="int8"),
-                                            group_channels=group_channels(model))
+        with_attention, _ = fit_plan_to_cpu(dataclasses.replace(fitted, attention="int8"))  # narrows k and v
         variants["StableQuant + int8 attention"] = (with_attention, "x86_inductor")
     if not args.no_executorch:  # the .pte's arithmetic: XNNPACK rounds every int8 layer's output to int8 too
         variants[f"StableQuant {bits} as a .pte (XNNPACK)"] = (plan, "xnnpack")

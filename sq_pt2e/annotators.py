@@ -35,6 +35,7 @@ __all__ = [
     "SUPPORTED_PATTERNS",
     "annotate_conv1d",
     "annotate_linear",
+    "attention_grid_half_span",
     "is_annotated",
     "observed_attention_scales",
     "register_annotator",
@@ -141,6 +142,13 @@ def _operand_grid(bits: int) -> tuple[torch.dtype, int, int, int]:
         return torch.uint8, 128, 0, 255
     half = 2 ** (bits - 1) - 1
     return torch.int8, 0, -half, half
+
+
+def attention_grid_half_span(bits: int) -> float:
+    """Steps from the zero point to either end of a ``bits``-bit attention operand's grid
+    (127.5 on the uint8 grid, 63 on 7 bits): a symmetric observer's scale is the range over it."""
+    _, _, low, high = _operand_grid(bits)
+    return (high - low) / 2
 
 
 def _observed_operand(bits: int) -> QuantizationSpec:

@@ -79,7 +79,8 @@ def cpu_info() -> CpuInfo:
 
 def capped_by_onednn(cpu: CpuInfo, max_isa: str) -> CpuInfo:
     """``cpu`` as oneDNN sees it under ``ONEDNN_MAX_CPU_ISA=max_isa`` (empty or ``ALL``: unchanged)."""
-    hidden = set(_HIDDEN_BY_ONEDNN_ISA_CAP.get(max_isa.strip().upper(), ())) & set(cpu.flags)
+    cap = max_isa.strip().upper()
+    hidden = set(_HIDDEN_BY_ONEDNN_ISA_CAP.get(cap, ())) & set(cpu.flags)
     if not hidden:
         return cpu
-    return CpuInfo(cpu.model, tuple(f for f in cpu.flags if f not in hidden), cpu.logical_cpus, max_isa.strip().upper())
+    return CpuInfo(cpu.model, tuple(f for f in cpu.flags if f not in hidden), cpu.logical_cpus, cap)

@@ -264,10 +264,10 @@ class QuantPlan:
         op_defaults: per-op-kind defaults (e.g. all ``linear`` at 4 bits).
         model: free-form identity of the model the plan was made for (architecture).
         attention: ``"float"`` (default) or ``"int8"``: quantize the attention matmuls too
-            (q, k, v and the attention probabilities, 8-bit), for inductor's int8 attention
-            kernels on CPUs with VNNI or AMX-INT8 (:mod:`sq_pt2e.backends.int8_attention`).
+            (q, k, v and the attention probabilities), for inductor's int8 attention kernels
+            (:mod:`sq_pt2e.backends.int8_attention`).
         attention_scales: with ``attention="int8"``, fixed scales of each attention block's
-            ``q``, ``k`` and ``v`` (uint8, zero point 128), block by block in graph order; empty
+            ``q``, ``k`` and ``v`` (symmetric grids), block by block in graph order; empty
             (default): observed on the calibration audio. Compiled buckets of arbitrary-length
             audio fix them (``backends.inductor_buckets.pin_attention_scales``) so that every
             bucket quantizes attention alike.
@@ -304,7 +304,7 @@ class QuantPlan:
             raise PlanError(f"the default layer plan must be named '*', got {self.default.name!r}")
         if self.attention not in ATTENTION_MODES:
             raise PlanError(f"attention={self.attention!r} (expected one of {ATTENTION_MODES})")
-        self._check_attention_scales()
+        self._check_attention()
         if self.scored_for not in ("", *TARGETS):
             raise PlanError(f"scored_for={self.scored_for!r} (expected one of {TARGETS} or empty)")
         names = [layer.name for layer in self.layers]
@@ -330,7 +330,7 @@ class QuantPlan:
         """This plan with attention left in float (and no fixed attention scales)."""
         return dataclasses.replace(self, attention="float", attention_scales=(), attention_kv_bits=8)
 
-    def _check_attention_scales(self) -> None:
+    def _check_attention(self) -> None:
         if self.attention_scales and self.attention != "int8":
             raise PlanError(f"attention_scales are for int8 attention, but attention={self.attention!r}")
         if self.attention_kv_bits not in ATTENTION_KV_BITS or isinstance(self.attention_kv_bits, bool):
