@@ -35,13 +35,15 @@ _DELEGATE_CALL = "executorch_call_delegate"
 
 @dataclass(frozen=True)
 class LoweringReport:
-    """How the graph was split between XNNPACK and ExecuTorch's portable kernels."""
+    """How the graph was split between XNNPACK and ExecuTorch's portable kernels, and how many
+    Linears store 4-bit packed weights."""
 
     delegate_calls: int
     portable_ops: dict[str, int]
     input_samples: int
     pte_bytes: int
     lower_seconds: float
+    int4_linear_layers: int = 0
     cosine: float | None = None
     max_abs_diff: float | None = None
     notes: tuple[str, ...] = field(default_factory=tuple)
@@ -49,6 +51,13 @@ class LoweringReport:
     @property
     def portable_op_count(self) -> int:
         return sum(self.portable_ops.values())
+
+    def summary(self) -> str:
+        """``N XNNPACK partitions, M portable ops`` and the Linears with 4-bit packed weights, if any."""
+        text = f"{self.delegate_calls} XNNPACK partitions, {self.portable_op_count} portable ops"
+        if self.int4_linear_layers:
+            text += f", {self.int4_linear_layers} Linears with 4-bit packed weights"
+        return text
 
 
 def _split_report(graph_module: GraphModule) -> tuple[int, dict[str, int]]:
@@ -69,11 +78,13 @@ def xnnpack_friendly(model: torch.nn.Module, example: torch.Tensor, lengths: Len
     """A copy of ``model`` as a GraphModule with norms and attention in XNNPACK-delegated ops.
 
     Applies :class:`~sq_pt2e.passes.decompose_norms.DecomposeNormsPass` and
-    :class:`~sq_pt2e.passes.decompose_attention.DecomposeAttentionPass`; numerics are
-    unchanged up to float rounding.
+    :class:`~sq_pt2e.passes.decompose_attention.DecomposeAttentionPass` (numerics unchanged up
+    to float rounding), and marks 4-bit Linear weights for packing
+    (:func:`~sq_pt2e.passes.int4_linear_weights.pack_int4_linear_weights`; exact).
     """
     from sq_pt2e.passes.decompose_attention import DecomposeAttentionPass
     from sq_pt2e.passes.decompose_norms import DecomposeNormsPass
+    from sq_pt2e.passes.int4_linear_weights import pack_int4_linear_weights
     from sq_pt2e.passes.remove_trivial_attention_mask import RemoveTrivialAttentionMaskPass
 
     if isinstance(model, GraphModule):
@@ -83,6 +94,7 @@ def xnnpack_friendly(model: torch.nn.Module, example: torch.Tensor, lengths: Len
             graph = torch.export.export(model, (example,), dynamic_shapes=_dynamic_shapes(lengths)).module()
     for graph_pass in (RemoveTrivialAttentionMaskPass(), DecomposeNormsPass(), DecomposeAttentionPass()):
         graph_pass(graph)
+    pack_int4_linear_weights(graph)
     return graph
 
 
@@ -96,8 +108,8 @@ def lower_to_xnnpack(
             float model.
         example: the ``(batch, samples)`` waveform that fixes the program's input shape
             (with ``lengths``: one of the lengths, to trace with).
-        friendly: first rewrite norms and attention into ops XNNPACK runs
-            (:func:`xnnpack_friendly`), so fewer ops fall back to portable kernels.
+        friendly: first rewrite norms and attention into ops XNNPACK runs, so fewer ops fall
+            back to portable kernels, and pack 4-bit Linear weights (:func:`xnnpack_friendly`).
         lengths: make the program take every length of this range (export the int8 model
             with the same range: ``quantize_model(..., lengths=lengths)``).
 
@@ -110,6 +122,7 @@ def lower_to_xnnpack(
 
     from sq_pt2e.passes.conv1d_as_window_gemm import QuantizedConv1dAsWindowGemmPass
     from sq_pt2e.passes.infer_symbolic_reshape_dim import infer_symbolic_reshape_dim
+    from sq_pt2e.passes.int4_linear_weights import packed_int4_linear_weights
 
     start = time.perf_counter()
     try:
@@ -117,6 +130,7 @@ def lower_to_xnnpack(
         if lengths is not None and isinstance(program, GraphModule):
             program = copy.deepcopy(program) if program is model else program
             QuantizedConv1dAsWindowGemmPass()(program)
+        int4_linears = len(packed_int4_linear_weights(program)) if isinstance(program, GraphModule) else 0
         with torch.no_grad():
             exported = torch.export.export(program, (example,), dynamic_shapes=_dynamic_shapes(lengths))
             edge = to_edge_transform_and_lower(exported, transform_passes=[infer_symbolic_reshape_dim],
@@ -132,6 +146,7 @@ def lower_to_xnnpack(
         input_samples=int(example.shape[-1]) if lengths is None else lengths.max_samples,
         pte_bytes=len(data),
         lower_seconds=time.perf_counter() - start,
+        int4_linear_layers=int4_linears,
     )
     return data, report
 

@@ -44,8 +44,8 @@ def main(argv: list[str] | None = None) -> int:
     runner = PteRunner(path, samples, threads=args.threads)
     with torch.no_grad():
         report = check_pte(runner, quantized.converted(calibration[0]), calibration[0], report)
-    print(f"wrote {path}: {report.pte_bytes / 2**20:.1f} MiB, {report.delegate_calls} XNNPACK partition(s), "
-          f"{report.portable_op_count} portable op(s); .pte vs eager int8 cosine {report.cosine:.5f}")
+    print(f"wrote {path}: {report.pte_bytes / 2**20:.1f} MiB, {report.summary()}; "
+          f".pte vs eager int8 cosine {report.cosine:.5f}")
 
     float_model = to_ctc_logits(model).eval()
     for utt in load_source(None, shipped="test-clean", limit=args.files):

@@ -303,8 +303,16 @@ def _stablequant_int8(model, wave, calib, plan, threads, *, conv_as_gemm: bool =
                  f"{report.cosine:.5f}")
 
 
+def _with_weight_bits(plan: QuantPlan, bits: int) -> QuantPlan:
+    """``plan`` with every layer's (and the defaults') weights at ``bits``."""
+    return dataclasses.replace(
+        plan, default=dataclasses.replace(plan.default, weight_bits=bits),
+        op_defaults=tuple(dataclasses.replace(d, weight_bits=bits) for d in plan.op_defaults),
+        layers=tuple(dataclasses.replace(layer, weight_bits=bits) for layer in plan.layers))
+
+
 def _executorch(model, wave, calib, plan, threads, *, int8: bool, friendly: bool = True,
-                dynamic: bool = False) -> Built:
+                dynamic: bool = False, weight_bits: int | None = None) -> Built:
     from sq_pt2e.backends.executorch_xnnpack import PteRunner, lower_to_xnnpack
     from sq_pt2e.framing import LengthRange, cnn_geometry
     from sq_pt2e.pipeline import quantize_model
@@ -314,6 +322,8 @@ def _executorch(model, wave, calib, plan, threads, *, int8: bool, friendly: bool
     if dynamic:  # any length up to 30 s (or the benchmark's length), timed at the benchmark's length
         lengths = LengthRange.up_to(max(DYNAMIC_MAX_SECONDS * SAMPLE_RATE, wave.shape[-1]), cnn_geometry(model))
         wave, calib = lengths.cut(wave), [lengths.cut(c) for c in calib]
+    if weight_bits is not None:  # 4 bits: XNNPACK stores the Linear weights packed, two a byte
+        plan = _with_weight_bits(plan or QuantPlan(), weight_bits)
     if int8:
         program = quantize_model(copy.deepcopy(model), wave, calib, plan=plan, target="xnnpack",
                                  lengths=lengths).converted
@@ -325,7 +335,7 @@ def _executorch(model, wave, calib, plan, threads, *, int8: bool, friendly: bool
     if lengths is not None:
         lowering += f"; any length up to {lengths.max_samples / SAMPLE_RATE:.1f} s"
     return Built(runner, report.pte_bytes, time.perf_counter() - start, None,
-                 f"{lowering}; {report.delegate_calls} XNNPACK partitions, {report.portable_op_count} portable ops")
+                 f"{lowering}; {report.summary()}")
 
 
 VARIANTS: dict[str, Callable[..., Built]] = {
@@ -342,6 +352,7 @@ VARIANTS: dict[str, Callable[..., Built]] = {
     "executorch-fp32": functools.partial(_executorch, int8=False),
     "executorch-int8": functools.partial(_executorch, int8=True),
     "executorch-int8-dynamic": functools.partial(_executorch, int8=True, dynamic=True),
+    "executorch-w4a8": functools.partial(_executorch, int8=True, weight_bits=4),
     "executorch-fp32-stock": functools.partial(_executorch, int8=False, friendly=False),
     "executorch-int8-stock": functools.partial(_executorch, int8=True, friendly=False),
 }

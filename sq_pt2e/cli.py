@@ -410,8 +410,7 @@ def _cmd_export(args: argparse.Namespace) -> int:
                 f"{lengths.min_samples} to {lengths.max_samples} samples ({lengths.max_samples / 16000:g} s at most; "
                 f"longer audio in chunks)")
     print(f"wrote {path} ({report.pte_bytes / 2**20:.1f} MiB) for inputs of {accepted}: "
-          f"{report.delegate_calls} XNNPACK partition(s), {report.portable_op_count} portable op(s) "
-          f"{report.portable_ops or ''}; .pte vs eager int8 cosine {report.cosine:.5f}")
+          f"{report.summary()} {report.portable_ops or ''}; .pte vs eager int8 cosine {report.cosine:.5f}")
     return EXIT_OK
 
 

@@ -192,7 +192,7 @@ def compare_backends(
         rows.append(ComparisonRow(
             "int8 ExecuTorch .pte (XNNPACK)", pte_ms, base_ms / pte_ms, report.pte_bytes,
             report.pte_bytes / float_bytes, cosine, agree, None,
-            f"{report.delegate_calls} XNNPACK partitions, {report.portable_op_count} portable ops",
+            f"{xnn.bit_widths()}; {report.summary()}",
         ))
     float_layers = [f"{s.name} ({s.reason})" for s in x86.layer_status if s.status == "float"]
     return Comparison(rows, cpu_info().summary(), threads, example.shape[-1] / 16000.0, len(evaluation), float_layers)

@@ -28,7 +28,7 @@ def result():
                          isolate=False,
                          variants=("fp32-eager", "dynamic-int8", "stablequant-int8-inductor",
                                    "stablequant-int8-inductor-convs", "stablequant-int8-aoti", "executorch-int8",
-                                   "executorch-int8-dynamic"),
+                                   "executorch-int8-dynamic", "executorch-w4a8"),
                          gemm_ceiling=True, progress=lambda _line: None)
 
 
@@ -49,8 +49,14 @@ def test_every_requested_variant_has_a_row(result) -> None:
     assert [r.variant for r in result.rows] == ["fp32-eager", "dynamic-int8", "stablequant-int8-inductor",
                                                 "stablequant-int8-inductor-convs", "stablequant-int8-aoti",
                                                 "executorch-int8",
-                                                "executorch-int8-dynamic"], result.skipped
-    assert "any length up to 30.0 s" in result.rows[-1].notes
+                                                "executorch-int8-dynamic", "executorch-w4a8"], result.skipped
+    assert "any length up to 30.0 s" in result.rows[-2].notes
+
+
+def test_w4a8_pte_row_stores_linear_weights_packed(result) -> None:
+    int8, w4 = (next(r for r in result.rows if r.variant == v) for v in ("executorch-int8", "executorch-w4a8"))
+    assert "14 Linears with 4-bit packed weights" in w4.notes  # projection, 2 x 6 Linears, lm_head
+    assert w4.size_bytes < int8.size_bytes
 
 
 def test_ratios_are_relative_to_fp32_eager_of_the_same_run(result) -> None:
