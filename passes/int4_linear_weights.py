@@ -44,6 +44,14 @@ def _linear_weight_dequantize(node: Node) -> Node | None:
     return weight
 
 
+def _zero_points_are_zero(graph_module: GraphModule, weight: Node) -> bool:
+    """XNNPACK's packed 4-bit weights are symmetric: it ignores any other zero point."""
+    zero_points = weight.args[2]
+    if isinstance(zero_points, Node):
+        return not get_constant(graph_module, str(zero_points.target)).any()
+    return not zero_points
+
+
 def packed_int4_linear_weights(graph_module: GraphModule) -> list[str]:
     """The Linear nodes whose weight XNNPACK will store as packed 4-bit values (range -8..7)."""
     return [node.name for node in graph_module.graph.nodes
@@ -54,8 +62,8 @@ def packed_int4_linear_weights(graph_module: GraphModule) -> list[str]:
 def pack_int4_linear_weights(graph_module: GraphModule) -> list[str]:
     """Record the range -8..7 on every int8 Linear weight whose grid lies inside it (4 bits or fewer).
 
-    The weight values must lie in -8..7 too (they do for a ``convert_pt2e`` weight on such a grid;
-    a constant outside it is left alone). Results are unchanged.
+    The weight values must lie in -8..7 too, and the zero points be 0 (both hold for this
+    project's symmetric weight grids; other weights are left alone). Results are unchanged.
 
     Returns:
         The names of the Linear nodes whose weight XNNPACK will pack as 4-bit (including any
@@ -71,7 +79,7 @@ def pack_int4_linear_weights(graph_module: GraphModule) -> list[str]:
         if not (low <= quant_min and quant_max <= high):
             continue
         values = get_constant(graph_module, str(weight.args[0].target))
-        if int(values.min()) < low or int(values.max()) > high:
+        if int(values.min()) < low or int(values.max()) > high or not _zero_points_are_zero(graph_module, weight):
             continue
         weight.update_arg(4, low)
         weight.update_arg(5, high)

@@ -57,17 +57,19 @@ def test_8bit_weights_and_weights_outside_the_int4_range_stay_as_they_are(w4) ->
     mixed = tiny_quantized_model("tiny-wav2vec2", mixed_plan, target="xnnpack", samples=8000).quantized.converted
     last_linear = [n.name for n in mixed.graph.nodes if n.target == _LINEAR][-1]
     assert pack_int4_linear_weights(mixed) == [last_linear]  # a 3-bit grid fits in -8..7 too
-    # a constant that does not fit -8..7 (edited by hand) is left alone
+    # a constant that does not fit -8..7, or a nonzero zero point (edited by hand), is left alone
     graph = w4.quantized.converted
-    weight = next(n for n in graph.graph.nodes if n.target == _DQ_CHANNEL and next(iter(n.users)).target == _LINEAR)
-    values = operator.attrgetter(weight.args[0].target)(graph)
-    saved = values.clone()
-    values[0, 0] = 9
+    weights = [n for n in graph.graph.nodes if n.target == _DQ_CHANNEL and next(iter(n.users)).target == _LINEAR]
+    values = operator.attrgetter(weights[0].args[0].target)(graph)
+    zero_points = operator.attrgetter(weights[1].args[2].target)(graph)
+    saved = values.clone(), zero_points.clone()
+    values[0, 0], zero_points[0] = 9, 1
     try:
         marked = pack_int4_linear_weights(graph)
-        assert len(marked) == 13 and next(iter(weight.users)).name not in marked
+        assert len(marked) == 12 and not {next(iter(w.users)).name for w in weights[:2]} & set(marked)
     finally:
-        values.copy_(saved)
+        values.copy_(saved[0])
+        zero_points.copy_(saved[1])
         for node in graph.graph.nodes:
             if node.target == _DQ_CHANNEL:
                 node.update_arg(4, -7)
