@@ -27,8 +27,9 @@ def test_length_range_accepts_aligned_lengths_and_names_the_bounds() -> None:
         LengthRange.up_to(500, cnn_geometry(build_model("tiny-wav2vec2", seed=0)))
 
 
-@pytest.mark.parametrize("name", ["tiny-wav2vec2", "tiny-hubert"])
-def test_dynamic_length_int8_pte_matches_eager_int8_at_every_length(name: str, single_thread) -> None:
+@pytest.mark.parametrize("name, weight_bits", [("tiny-wav2vec2", 8), ("tiny-hubert", 4)])
+def test_dynamic_length_int8_pte_matches_eager_int8_at_every_length(name: str, weight_bits: int,
+                                                                     single_thread) -> None:
     from sq_pt2e.backends.executorch_xnnpack import PteRunner, lower_to_xnnpack
 
     model = build_model(name, seed=0)
@@ -36,9 +37,11 @@ def test_dynamic_length_int8_pte_matches_eager_int8_at_every_length(name: str, s
     generator = torch.Generator().manual_seed(0)
     example = torch.randn(1, lengths.hop * 40 + lengths.context, generator=generator)
     calibration = [torch.randn(1, lengths.hop * f + lengths.context, generator=generator) for f in (30, 60)]
-    quantized = quantize_model(model, example, calibration, plan=default_plan(), target="xnnpack", lengths=lengths)
+    quantized = quantize_model(model, example, calibration, plan=default_plan(weight_bits=weight_bits),
+                               target="xnnpack", lengths=lengths)
     data, report = lower_to_xnnpack(quantized.converted, example, lengths=lengths)
     assert report.input_samples == lengths.max_samples
+    assert report.int4_linear_layers == (14 if weight_bits == 4 else 0)  # 4-bit Linear weights packed
     assert "aten.view_copy.default" not in report.portable_ops  # symbolic reshapes run in XNNPACK (-1 inferred)
     runner = PteRunner(data, lengths.max_samples, threads=1, lengths=lengths)
     for frames in (3, 77, lengths.max_frames):
