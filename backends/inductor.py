@@ -23,9 +23,11 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import functools
 import os
 import re
 import time
+import warnings
 import zipfile
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -148,6 +150,8 @@ class InductorReport:
     int8_attention_kernels: int = 0
     """Attention blocks the generated code runs on int8 kernels (the name predates the int8-GEMM route)."""
     int8_attention_in_graph: int = 0
+    attention_fallback: str = ""
+    """Why int8 attention runs as int8 GEMMs although the CPU has torchao's fused kernel (empty: it does not)."""
 
     @property
     def int8_kernel_count(self) -> int:
@@ -157,7 +161,10 @@ class InductorReport:
     def attention_note(self) -> str:
         """``"N attention blocks on int8 kernels; "`` for result notes, or empty without int8 attention."""
         blocks = self.int8_attention_kernels
-        return f"{blocks} attention blocks on int8 kernels; " if blocks else ""
+        if not blocks:
+            return ""
+        fallback = f" (int8 GEMMs: {self.attention_fallback})" if self.attention_fallback else ""
+        return f"{blocks} attention blocks on int8 kernels{fallback}; "
 
 
 @dataclass
@@ -216,6 +223,10 @@ def compile_inductor(
     Int8 attention (a plan with ``attention="int8"``) compiles to torchao's fused int8
     attention kernel on AMX CPUs, and to int8 GEMMs on other CPUs
     (:mod:`sq_pt2e.backends.int8_attention`); the attention blocks on int8 kernels are counted too.
+    If the fused route fails to compile, to run or to verify (e.g. a torchao build whose
+    lowering falls back to the op, which has no CPU kernel in its PyPI wheel), the model is
+    compiled again with int8 GEMMs, with a warning and the reason in
+    ``report.attention_fallback``.
 
     Raises:
         Int8NotUsedError: fewer int8 kernels in the generated code than int8 layers (or
@@ -224,20 +235,37 @@ def compile_inductor(
         BackendError: inductor failed to compile, or the graph has int8 attention whose ``k``
             or ``v`` grid is wider than this CPU multiplies exactly (8 bits without VNNI).
     """
-    import torch._inductor.config as inductor_config
-    from torch._inductor.utils import run_and_get_code
-
     if threads is not None:
         torch.set_num_threads(threads)
     attention, kv_bits = _int8_attention_blocks(converted)
     fused = bool(attention) and fused_attention and fused_int8_attention_supported() and kv_bits == 8
-    patches: dict[str, object] = {"freezing": True}
-    if attention:
-        patches["post_grad_custom_pre_pass"] = int8_attention_patterns()
     inputs = example if isinstance(example, tuple) else (example,)
     with torch.no_grad():
         eager = converted(*inputs)
-    graph = _backend_graph(converted, conv_as_gemm, attention_as_int_mm=bool(attention) and not fused)
+    compile_once = functools.partial(_compile_verified, converted, inputs, eager, dynamic=dynamic,
+                                     conv_as_gemm=conv_as_gemm, min_cosine=min_cosine)
+    if not fused:
+        return compile_once(attention_as_int_mm=bool(attention))
+    try:
+        return compile_once(attention_as_int_mm=False)
+    except (BackendError, Int8NotUsedError, NumericsMismatchError) as exc:
+        reason = f"torchao's fused int8 attention kernel failed: {str(exc).split('. ')[0]}"
+        warnings.warn(f"{reason}; running int8 attention as int8 GEMMs instead", stacklevel=2)
+        compiled = compile_once(attention_as_int_mm=True)
+        compiled.report = dataclasses.replace(compiled.report, attention_fallback=reason)
+        return compiled
+
+
+def _compile_verified(converted: GraphModule, inputs: tuple[torch.Tensor, ...], eager: torch.Tensor, *,
+                      attention_as_int_mm: bool, dynamic: bool, conv_as_gemm: bool, min_cosine: float) -> CompiledInt8:
+    """One :func:`compile_inductor` attempt: rewrite, compile, count the int8 kernels, compare with ``eager``."""
+    import torch._inductor.config as inductor_config
+    from torch._inductor.utils import run_and_get_code
+
+    patches: dict[str, object] = {"freezing": True}
+    if quantized_attention_count(converted):
+        patches["post_grad_custom_pre_pass"] = int8_attention_patterns()
+    graph = _backend_graph(converted, conv_as_gemm, attention_as_int_mm=attention_as_int_mm)
     start = time.perf_counter()
     try:
         with inductor_config.patch(patches), torch.no_grad():

@@ -10,7 +10,12 @@ import torch
 
 from sq_pt2e.backends import inductor as inductor_backend
 from sq_pt2e.backends.inductor import compile_inductor, fit_plan_to_cpu
-from sq_pt2e.backends.int8_attention import attention_kernel_calls, attention_kv_bits, quantized_attention_count
+from sq_pt2e.backends.int8_attention import (
+    attention_kernel_calls,
+    attention_kv_bits,
+    fused_int8_attention_supported,
+    quantized_attention_count,
+)
 from sq_pt2e.errors import BackendError, PlanError, QuantizationError
 from sq_pt2e.export import export_speech_model
 from sq_pt2e.hardware import CpuInfo, cpu_info
@@ -261,6 +266,19 @@ def test_int8_attention_compiles_to_int8_kernels_and_matches_eager() -> None:
     # the int8-GEMM route, which AMX CPUs take too when asked (compiled buckets do)
     as_gemms = compile_inductor(tiny.quantized.converted, tiny.example, fused_attention=False)
     assert as_gemms.report.int8_attention_kernels == 2 and as_gemms.report.cosine > 0.999
+
+
+@pytest.mark.skipif(fused_int8_attention_supported() or torch._C._dispatch_has_kernel_for_dispatch_key(
+    "torchao::qscaled_dot_product", "CPU"), reason="the fused route works here: nothing to fall back from")
+def test_a_failing_fused_attention_kernel_falls_back_to_int8_gemms(monkeypatch) -> None:
+    """Without AMX, torchao's lowering calls its op, which has no CPU kernel: compiling falls back, with a warning."""
+    monkeypatch.setattr(inductor_backend, "fused_int8_attention_supported", lambda cpu=None: True)
+    tiny = tiny_quantized_model("tiny-wav2vec2", INT8_ATTENTION, fit_to_cpu=True)
+    with pytest.warns(UserWarning, match="running int8 attention as int8 GEMMs"):
+        compiled = compile_inductor(tiny.quantized.converted, tiny.example)
+    report = compiled.report
+    assert report.int8_attention_kernels == 2 and report.cosine > 0.999
+    assert "qscaled_dot_product" in report.attention_fallback and "(int8 GEMMs: " in report.attention_note
 
 
 def test_int8_attention_is_packaged_ahead_of_time(tmp_path) -> None:
