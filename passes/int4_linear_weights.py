@@ -20,12 +20,18 @@ from torch.fx import GraphModule, Node
 
 from sq_pt2e.passes.rewrite_utils import get_constant
 
-__all__ = ["PACKED_INT4_RANGE", "pack_int4_linear_weights", "packed_int4_linear_weights"]
+__all__ = ["PACKED_INT4_RANGE", "pack_int4_linear_weights", "packed_int4_linear_weights", "packs_as_int4"]
 
 PACKED_INT4_RANGE = (-8, 7)
 """The weight range ExecuTorch's XNNPACK delegate stores as packed 4-bit values."""
 
 _DQ_CHANNEL = torch.ops.quantized_decomposed.dequantize_per_channel.default
+
+
+def packs_as_int4(op: str, weight_bits: int) -> bool:
+    """Whether the ``.pte`` stores a layer's weights packed, two a byte: Linears whose symmetric grid
+    (``2**(bits-1) - 1`` levels each side) fits in -8..7, i.e. 4 bits or fewer."""
+    return op == "linear" and 2 ** (weight_bits - 1) - 1 <= PACKED_INT4_RANGE[1]
 _LINEAR = torch.ops.aten.linear.default
 
 

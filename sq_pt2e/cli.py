@@ -565,6 +565,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 
 def _search_summary(report: object, criterion: str) -> str:
     from sq_pt2e.report import reconstruction_trials
+    from sq_pt2e.stablequant import promoted_share_unit
 
     def fmt(score: object) -> str:
         return fmt_dict(score.as_dict())
@@ -594,7 +595,7 @@ def _search_summary(report: object, criterion: str) -> str:
     ]
     if report.promotion_trials:
         lines.append(f"mixed precision: {', '.join(report.promoted_groups) or 'no group'} promoted "
-                     f"({report.promoted_share:.0%} of the weights)")
+                     f"({report.promoted_share:.0%} of {promoted_share_unit(str(report.config.get('target')))})")
     if report.float_trials:
         lines.append(f"float fallback: {', '.join(report.float_groups) or 'no group'} kept float "
                      f"({report.kept_float_share:.0%} of the FLOPs)")

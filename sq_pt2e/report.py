@@ -171,6 +171,8 @@ def _histogram_layers(rows: list[LayerRow], statistics: dict[str, AbsHistogram])
 
 
 def _search_section(search: dict[str, Any]) -> list[str]:
+    from sq_pt2e.stablequant import promoted_share_unit
+
     def score(value: dict[str, Any] | None) -> str:
         if not value:
             return "n/a"
@@ -198,7 +200,8 @@ def _search_section(search: dict[str, Any]) -> list[str]:
     if search.get("promotion_trials"):
         promoted = ", ".join(f"`{g}`" for g in search.get("promoted_groups", [])) or "no group"
         lines.append(f"- mixed precision: weights of {promoted} at {config.get('promote_weight_bits')} bits "
-                     f"({search.get('promoted_share', 0.0):.0%} of the weights, at most "
+                     f"({search.get('promoted_share', 0.0):.0%} of "
+                     f"{promoted_share_unit(str(config.get('target', 'x86_inductor')))}, at most "
                      f"{config.get('promote_share', 0.0):.0%})")
     if search.get("float_trials"):
         floated = ", ".join(f"`{g}`" for g in search.get("float_groups", [])) or "no group"

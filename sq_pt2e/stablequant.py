@@ -96,6 +96,8 @@ __all__ = [
     "layer_groups",
     "layer_key",
     "new_stage_cache",
+    "promoted_share_unit",
+    "promotion_costs",
     "score_utterances",
     "FIRST_CONV",
     "search_input_scales",
@@ -170,7 +172,8 @@ class SearchConfig:
         promote_weight_bits: mixed precision (None: off). After step 3, each group is scored with
             its weights at these bits and everything else as chosen (one batch); the groups that
             lower the logit KL most per promoted weight get these bits, within ``promote_share``.
-        promote_share: the largest share of the searched layers' weights that may be promoted.
+        promote_share: the largest share of the searched layers' weights that may be promoted
+            (for ``target="xnnpack"``, of the weights the ``.pte`` packs: :func:`promotion_costs`).
         float_share: float fallback (0: off, every searched layer int8). Last, each group is scored
             in float with everything else as chosen (one batch); the groups that lower the logit KL
             most per FLOP stay float, within this share of the searched layers' FLOPs (counted on
@@ -1053,11 +1056,11 @@ def search_plan(
     promoted: set[str] = set()
     if config.promote_weight_bits is not None:
         report.promoted_groups, report.promotion_trials, report.promoted_share = _upgrade_groups(
-            evaluator, groups, {m.name: m.module.weight.numel() for m in modules},
+            evaluator, groups, promotion_costs(modules, config),
             lambda names: quant(chosen, names), config.promote_share, "weights", "mixed precision", progress_bar)
         promoted = {n for g in report.promoted_groups for n in groups[g]}
         say(f"mixed precision: {len(report.promoted_groups)} group(s) at W{config.promote_weight_bits} "
-            f"({report.promoted_share:.0%} of the weights)")
+            f"({report.promoted_share:.0%} of {promoted_share_unit(config.target)})")
 
     def without(floated: set[str], refits: Mapping[str, RefitWeights] | None = None) -> Candidate:
         """The plan as chosen, with the ``floated`` layers left in float and ``refits`` swapped in."""
@@ -1229,6 +1232,30 @@ def _refit_reason(quant: LayerQuant, report: SearchReport) -> str:
 def _with_refits(candidate: Candidate, refits: Mapping[str, RefitWeights]) -> Candidate:
     """``candidate`` with each layer named in ``refits`` computing with those weights."""
     return {n: q.with_refit(refits[n]) if n in refits else q for n, q in candidate.items()}
+
+
+def promoted_share_unit(target: str) -> str:
+    """What ``promote_share`` is a share of on ``target`` (see :func:`promotion_costs`)."""
+    return "the weights the .pte packs" if target == "xnnpack" else "the weights"
+
+
+def promotion_costs(modules: Sequence[QuantizableModule], config: SearchConfig) -> dict[str, int]:
+    """The weights each layer's promotion (mixed precision) counts against ``config.promote_share``.
+
+    Every weight for x86 (the measure of a 4- or 6-bit weight format). For ``target="xnnpack"``
+    only weights the ``.pte`` would store smaller at the lower width: Linears packed at
+    ``weight_bits`` (4 or fewer) and not at ``promote_weight_bits``; promoting any other layer
+    costs no bytes (convolutions are stored in int8 bytes at any width), so it is free.
+    """
+    from sq_pt2e.passes.int4_linear_weights import packs_as_int4
+
+    def cost(m: QuantizableModule) -> int:
+        if config.target == "xnnpack" and not (packs_as_int4(m.op, config.weight_bits)
+                                                and not packs_as_int4(m.op, config.promote_weight_bits or 8)):
+            return 0
+        return m.module.weight.numel()
+
+    return {m.name: cost(m) for m in modules}
 
 
 def _upgrade_groups(evaluator: Evaluator, groups: dict[str, list[str]], cost: dict[str, int],

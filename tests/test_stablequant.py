@@ -3,6 +3,8 @@ and re-apply through PT2E exactly as simulated."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -19,6 +21,8 @@ from sq_pt2e.stablequant import (
     clip_histogram,
     collect_statistics,
     layer_groups,
+    promoted_share_unit,
+    promotion_costs,
     search_plan,
 )
 from sq_pt2e.simulate import quantizable_modules
@@ -257,14 +261,15 @@ SMALL_GROUP = "wav2vec2.feature_extractor.conv_layers.2.conv"
 LARGE_GROUP = "wav2vec2.encoder.layers.0"
 
 
-def _mixed_search(model: torch.nn.Module, share: float):
+def _mixed_search(model: torch.nn.Module, share: float, target: str = "x86_inductor"):
     statistics = collect_statistics(model, _waves(1, 2))
     modules = quantizable_modules(model)
     block = [m.name for m in modules if m.name.startswith(LARGE_GROUP + ".")]
     cost = {SMALL_GROUP: 1.0, **{n: 0.5 / len(block) for n in block}}  # the block gains 0.5 in all
     config = SearchConfig(criterion="kl", kl_share=1.0, smooth_alpha=0.0, refit_ops=(), weight_bits=4,
-                          promote_weight_bits=8, promote_share=share)
-    return search_plan(model, statistics, _WeightBitsObjective(cost), config)
+                          promote_weight_bits=8, promote_share=share, target=target)
+    calibration = _waves(1, 2) if target == "xnnpack" else None  # for the .pte's output grids
+    return search_plan(model, statistics, _WeightBitsObjective(cost), config, calibration=calibration)
 
 
 def test_mixed_precision_promotes_the_best_gain_per_weight_within_the_share(planted_model: torch.nn.Module) -> None:
@@ -281,6 +286,23 @@ def test_mixed_precision_promotes_the_best_gain_per_weight_within_the_share(plan
     assert (promoted.weight_bits, promoted.weight_calibration) == (8, "max") and "mixed precision" in promoted.reason
     other = next(layer for layer in plan.layers if layer.name.startswith(LARGE_GROUP + "."))
     assert (other.weight_bits, other.weight_calibration) == (4, "mse")
+
+
+def test_promotions_for_the_pte_count_only_the_weights_it_packs(planted_model: torch.nn.Module) -> None:
+    """The .pte stores conv weights in int8 bytes at any width: promoting the conv group is free there."""
+    modules = quantizable_modules(planted_model)
+    config = SearchConfig(weight_bits=4, promote_weight_bits=8, target="xnnpack")
+    costs = promotion_costs(modules, config)
+    assert all(costs[m.name] == (m.module.weight.numel() if m.op == "linear" else 0) for m in modules)
+    assert set(promotion_costs(modules, dataclasses.replace(config, weight_bits=6)).values()) == {0}  # 6 bits: int8
+    x86 = promotion_costs(modules, dataclasses.replace(config, target="x86_inductor"))
+    assert all(x86[m.name] == m.module.weight.numel() for m in modules)
+    assert promoted_share_unit("xnnpack") == "the weights the .pte packs"
+    _, x86_report = _mixed_search(planted_model, 0.0)
+    assert x86_report.promoted_groups == []
+    _, pte_report = _mixed_search(planted_model, 0.0, target="xnnpack")
+    assert pte_report.promoted_groups == [SMALL_GROUP] and pte_report.promoted_share == 0.0
+    assert pte_report.promotion_trials[SMALL_GROUP]["weights"] == 0.0
 
 
 def test_a_mixed_plan_through_pt2e_equals_simulation(planted_model: torch.nn.Module) -> None:
