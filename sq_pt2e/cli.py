@@ -186,8 +186,9 @@ def add_search_arguments(parser: argparse.ArgumentParser) -> None:
                         help="mixed precision: give the groups whose weights gain most at this width (e.g. 8) these "
                              "weight bits, within --promote-share of the weights (default: off)")
     parser.add_argument("--promote-share", type=float, default=SearchConfig.promote_share,
-                        help="with --promote-bits: the largest share of the weights promoted "
-                             f"(default {SearchConfig.promote_share})")
+                        help="with --promote-bits: the largest share of the weights promoted; with --target "
+                             "xnnpack, of the Linear weights the .pte packs (4 bits or fewer), promoting any other "
+                             f"layer costs no bytes there and is free (default {SearchConfig.promote_share})")
     parser.add_argument("--float-share", type=float, default=SearchConfig.float_share,
                         help="float fallback: keep in float the groups whose int8 error costs most per FLOP, "
                              "within this share of the searched layers' FLOPs (e.g. 0.3; default "
