@@ -74,6 +74,7 @@ from sq_pt2e.models.build import to_ctc_logits
 from sq_pt2e.observers import AbsHistogram, act_floor, range_max, range_mse, range_percentile
 from sq_pt2e.output_grids import OutputGridCalibrator
 from sq_pt2e.passes.fold_weight_norm import fold_weight_norm
+from sq_pt2e.passes.int4_linear_weights import packs_as_int4
 from sq_pt2e.plan import TARGETS, LayerPlan, OpKind, QuantPlan, Target
 from sq_pt2e.reconstruct import RefitWeights, reconstruct_layers
 from sq_pt2e.replay import DEFAULT_CACHE_BYTES, StageCache
@@ -1247,13 +1248,12 @@ def promotion_costs(modules: Sequence[QuantizableModule], config: SearchConfig) 
     ``weight_bits`` (4 or fewer) and not at ``promote_weight_bits``; promoting any other layer
     costs no bytes (convolutions are stored in int8 bytes at any width), so it is free.
     """
-    from sq_pt2e.passes.int4_linear_weights import packs_as_int4
-
     def cost(m: QuantizableModule) -> int:
-        if config.target == "xnnpack" and not (packs_as_int4(m.op, config.weight_bits)
-                                                and not packs_as_int4(m.op, config.promote_weight_bits or 8)):
-            return 0
-        return m.module.weight.numel()
+        if config.target != "xnnpack":
+            return m.module.weight.numel()
+        promoted_bits = config.promote_weight_bits or 8
+        shrinks = packs_as_int4(m.op, config.weight_bits) and not packs_as_int4(m.op, promoted_bits)
+        return m.module.weight.numel() if shrinks else 0
 
     return {m.name: cost(m) for m in modules}
 
