@@ -11,6 +11,7 @@ import torch
 
 from sq_pt2e.backends.inductor import load_aot_package
 from sq_pt2e.cli import EXIT_FAILED, EXIT_OK, EXIT_USAGE, main
+from sq_pt2e.recipes import default_plan
 
 
 def test_help_exits_zero(capsys) -> None:
@@ -121,6 +122,10 @@ def test_transcribe_and_export_verbs(tmp_path, capsys) -> None:
     assert main(["export", "--model", "tiny-hubert", "--plan", str(tmp_path / "plan.json"), "--seconds", "1",
                  "--dynamic", "--max-calibration", "2", "--threads", "1", "--output", str(pte)]) == 0
     assert "720 to 15760 samples" in capsys.readouterr().out
+    default_plan("tiny-hubert", weight_bits=4).save(tmp_path / "w4.json")
+    assert main(["export", "--model", "tiny-hubert", "--plan", str(tmp_path / "w4.json"), "--seconds", "1",
+                 "--max-calibration", "2", "--threads", "1", "--output", str(pte)]) == 0
+    assert "14 Linears with 4-bit packed weights" in capsys.readouterr().out
     package = tmp_path / "m.pt2"
     assert main(["export", "--model", "tiny-hubert", "--plan", str(tmp_path / "plan.json"), "--seconds", "0.5",
                  "--format", "aoti", "--max-calibration", "2", "--threads", "1", "--output", str(package)]) == 0
