@@ -116,12 +116,7 @@ def _narrow_to_w7(plan: QuantPlan) -> QuantPlan:
         reason = f"{layer.reason}; {SATURATION_REASON}" if layer.reason else SATURATION_REASON
         return dataclasses.replace(layer, weight_bits=7, reason=reason)
 
-    return dataclasses.replace(
-        plan,
-        default=fit(plan.default),
-        op_defaults=tuple(fit(d) for d in plan.op_defaults),
-        layers=tuple(fit(layer) for layer in plan.layers),
-    )
+    return plan.map_layer_plans(fit)
 
 
 def _float_small_groups(plan: QuantPlan, group_channels: Mapping[str, int]) -> QuantPlan:
@@ -242,8 +237,8 @@ def compile_inductor(
     inputs = example if isinstance(example, tuple) else (example,)
     with torch.no_grad():
         eager = converted(*inputs)
-    compile_once = functools.partial(_compile_verified, converted, inputs, eager, dynamic=dynamic,
-                                     conv_as_gemm=conv_as_gemm, min_cosine=min_cosine)
+    compile_once = functools.partial(_compile_verified, converted, inputs, eager, attention=attention,
+                                     dynamic=dynamic, conv_as_gemm=conv_as_gemm, min_cosine=min_cosine)
     if not fused:
         return compile_once(attention_as_int_mm=bool(attention))
     try:
@@ -257,18 +252,17 @@ def compile_inductor(
 
 
 def _compile_verified(converted: GraphModule, inputs: tuple[torch.Tensor, ...], eager: torch.Tensor, *,
-                      attention_as_int_mm: bool, dynamic: bool, conv_as_gemm: bool, min_cosine: float) -> CompiledInt8:
-    """One :func:`compile_inductor` attempt: rewrite, compile, count the int8 kernels, compare with ``eager``."""
+                      attention: int, attention_as_int_mm: bool, dynamic: bool, conv_as_gemm: bool,
+                      min_cosine: float) -> CompiledInt8:
+    """One :func:`compile_inductor` attempt (``attention``: the graph's int8 attention blocks): rewrite,
+    compile, count the int8 kernels, compare with ``eager``."""
     import torch._inductor.config as inductor_config
     from torch._inductor.utils import run_and_get_code
 
-    patches: dict[str, object] = {"freezing": True}
-    if quantized_attention_count(converted):
-        patches["post_grad_custom_pre_pass"] = int8_attention_patterns()
     graph = _backend_graph(converted, conv_as_gemm, attention_as_int_mm=attention_as_int_mm)
     start = time.perf_counter()
     try:
-        with inductor_config.patch(patches), torch.no_grad():
+        with inductor_config.patch(_inductor_configs(attention)), torch.no_grad():
             compiled = torch.compile(graph, dynamic=dynamic)
             output, sources = run_and_get_code(compiled, *inputs)
     except Exception as exc:  # inductor raises many types; keep the cause
@@ -307,9 +301,6 @@ def compile_aot_package(
     if threads is not None:
         torch.set_num_threads(threads)
     attention, _ = _int8_attention_blocks(converted)
-    configs: dict[str, object] = {"freezing": True}
-    if attention:
-        configs["post_grad_custom_pre_pass"] = int8_attention_patterns()
     inputs = example if isinstance(example, tuple) else (example,)
     with torch.no_grad():
         eager = converted(*inputs)
@@ -321,7 +312,8 @@ def compile_aot_package(
         with torch.no_grad():
             exported = torch.export.export(_backend_graph(converted, conv_as_gemm, attention_as_int_mm=bool(attention)),
                                            inputs)
-            torch._inductor.aoti_compile_and_package(exported, package_path=str(partial), inductor_configs=configs)
+            torch._inductor.aoti_compile_and_package(exported, package_path=str(partial),
+                                                     inductor_configs=_inductor_configs(attention))
         with zipfile.ZipFile(partial) as archive:  # the wrapper's .json lists the custom-op calls
             sources = [archive.read(n).decode(errors="replace") for n in archive.namelist()
                        if n.endswith((".cpp", "wrapper.json"))]
@@ -347,6 +339,15 @@ def load_aot_package(package_path: str | os.PathLike[str]) -> Callable[..., torc
     of :mod:`sq_pt2e.passes.attention_as_int_mm`.
     """
     return torch._inductor.aoti_load_package(str(package_path))
+
+
+def _inductor_configs(attention: int) -> dict[str, object]:
+    """Inductor settings for an int8 graph: frozen weights (oneDNN's int8 kernels need them), and with
+    ``attention`` int8 attention blocks the pass that keeps their softmax matchable."""
+    configs: dict[str, object] = {"freezing": True}
+    if attention:
+        configs["post_grad_custom_pre_pass"] = int8_attention_patterns()
+    return configs
 
 
 def _int8_attention_blocks(converted: GraphModule) -> tuple[int, int]:

@@ -26,13 +26,13 @@ PACKED_INT4_RANGE = (-8, 7)
 """The weight range ExecuTorch's XNNPACK delegate stores as packed 4-bit values."""
 
 _DQ_CHANNEL = torch.ops.quantized_decomposed.dequantize_per_channel.default
+_LINEAR = torch.ops.aten.linear.default
 
 
 def packs_as_int4(op: str, weight_bits: int) -> bool:
     """Whether the ``.pte`` stores a layer's weights packed, two a byte: Linears whose symmetric grid
     (``2**(bits-1) - 1`` levels each side) fits in -8..7, i.e. 4 bits or fewer."""
     return op == "linear" and 2 ** (weight_bits - 1) - 1 <= PACKED_INT4_RANGE[1]
-_LINEAR = torch.ops.aten.linear.default
 
 
 def _linear_weight_dequantize(node: Node) -> Node | None:
@@ -48,14 +48,6 @@ def _linear_weight_dequantize(node: Node) -> Node | None:
     if any(user.target != _LINEAR or user.args[1] is not weight for user in weight.users):
         return None
     return weight
-
-
-def _zero_points_are_zero(graph_module: GraphModule, weight: Node) -> bool:
-    """XNNPACK's packed 4-bit weights are symmetric: it ignores any other zero point."""
-    zero_points = weight.args[2]
-    if isinstance(zero_points, Node):
-        return not get_constant(graph_module, str(zero_points.target)).any()
-    return not zero_points
 
 
 def packed_int4_linear_weights(graph_module: GraphModule) -> list[str]:
@@ -75,21 +67,34 @@ def pack_int4_linear_weights(graph_module: GraphModule) -> list[str]:
         The names of the Linear nodes whose weight XNNPACK will pack as 4-bit (including any
         recorded that way before).
     """
-    low, high = PACKED_INT4_RANGE
-    changed = False
+    packed, changed = [], False
     for node in graph_module.graph.nodes:
         weight = _linear_weight_dequantize(node)
-        if weight is None or tuple(weight.args[4:6]) == PACKED_INT4_RANGE:
+        if weight is None:
             continue
-        quant_min, quant_max = (int(bound) for bound in weight.args[4:6])
-        if not (low <= quant_min and quant_max <= high):
-            continue
-        values = get_constant(graph_module, str(weight.args[0].target))
-        if int(values.min()) < low or int(values.max()) > high or not _zero_points_are_zero(graph_module, weight):
-            continue
-        weight.update_arg(4, low)
-        weight.update_arg(5, high)
-        changed = True
+        if tuple(weight.args[4:6]) != PACKED_INT4_RANGE:
+            if not _fits_int4(graph_module, weight):
+                continue
+            weight.update_arg(4, PACKED_INT4_RANGE[0])
+            weight.update_arg(5, PACKED_INT4_RANGE[1])
+            changed = True
+        packed.append(node.name)
     if changed:
         graph_module.recompile()
-    return packed_int4_linear_weights(graph_module)
+    return packed
+
+
+def _fits_int4(graph_module: GraphModule, weight: Node) -> bool:
+    """Whether a weight's grid and values lie in -8..7 and its zero points are 0 (XNNPACK's packed
+    4-bit weights are symmetric: it ignores any other zero point)."""
+    low, high = PACKED_INT4_RANGE
+    quant_min, quant_max = (int(bound) for bound in weight.args[4:6])
+    if not (low <= quant_min and quant_max <= high):
+        return False
+    values = get_constant(graph_module, str(weight.args[0].target))
+    if int(values.min()) < low or int(values.max()) > high:
+        return False
+    zero_points = weight.args[2]
+    if isinstance(zero_points, Node):
+        return not get_constant(graph_module, str(zero_points.target)).any()
+    return not zero_points

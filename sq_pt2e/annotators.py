@@ -170,7 +170,7 @@ def _fixed_operand(scale: float, bits: int) -> FixedQParamsQuantizationSpec:
 
 def annotate_attention(gm: GraphModule, scales: Sequence[tuple[float, float, float]] = (),
                        kv_bits: int = 8) -> list[list[Node]]:
-    """Annotate the two matmuls of each attention block for uint8 (x86 int8 attention).
+    """Annotate the two matmuls of each attention block for x86 int8 attention.
 
     ``q @ k^T``: both operands calibrated (histogram observer, symmetric); ``probs @ v``: the
     probabilities on a fixed 1/255 grid, ``v`` calibrated. With ``scales`` (one ``(q, k, v)``

@@ -201,6 +201,4 @@ def with_bits(plan: QuantPlan, bits: Bits) -> QuantPlan:
     def set_bits(layer: LayerPlan) -> LayerPlan:
         return dataclasses.replace(layer, weight_bits=bits.weight, act_bits=bits.act)
 
-    return dataclasses.replace(plan, default=set_bits(plan.default),
-                               op_defaults=tuple(set_bits(d) for d in plan.op_defaults),
-                               layers=tuple(set_bits(layer) for layer in plan.layers))
+    return plan.map_layer_plans(set_bits)

@@ -47,6 +47,7 @@ import torch
 from torch import nn
 
 from sq_pt2e.atomic import atomic_write_text
+from sq_pt2e.baselines import Bits, with_bits
 from sq_pt2e.compare import graph_constant_bytes, timed_runs_ms
 from sq_pt2e.distributed.runners import shippable_model
 from sq_pt2e.gemm_ceiling import GemmCeiling, feed_forward_shape, measure_gemm_ceiling
@@ -303,16 +304,8 @@ def _stablequant_int8(model, wave, calib, plan, threads, *, conv_as_gemm: bool =
                  f"{report.cosine:.5f}")
 
 
-def _with_weight_bits(plan: QuantPlan, bits: int) -> QuantPlan:
-    """``plan`` with every layer's (and the defaults') weights at ``bits``."""
-    return dataclasses.replace(
-        plan, default=dataclasses.replace(plan.default, weight_bits=bits),
-        op_defaults=tuple(dataclasses.replace(d, weight_bits=bits) for d in plan.op_defaults),
-        layers=tuple(dataclasses.replace(layer, weight_bits=bits) for layer in plan.layers))
-
-
 def _executorch(model, wave, calib, plan, threads, *, int8: bool, friendly: bool = True,
-                dynamic: bool = False, weight_bits: int | None = None) -> Built:
+                dynamic: bool = False, bits: Bits | None = None) -> Built:
     from sq_pt2e.backends.executorch_xnnpack import PteRunner, lower_to_xnnpack
     from sq_pt2e.framing import LengthRange, cnn_geometry
     from sq_pt2e.pipeline import quantize_model
@@ -322,8 +315,8 @@ def _executorch(model, wave, calib, plan, threads, *, int8: bool, friendly: bool
     if dynamic:  # any length up to 30 s (or the benchmark's length), timed at the benchmark's length
         lengths = LengthRange.up_to(max(DYNAMIC_MAX_SECONDS * SAMPLE_RATE, wave.shape[-1]), cnn_geometry(model))
         wave, calib = lengths.cut(wave), [lengths.cut(c) for c in calib]
-    if weight_bits is not None:  # 4 bits: XNNPACK stores the Linear weights packed, two a byte
-        plan = _with_weight_bits(plan or QuantPlan(), weight_bits)
+    if bits is not None:  # 4-bit weights: XNNPACK stores the Linear weights packed, two a byte
+        plan = with_bits(plan or QuantPlan(), bits)
     if int8:
         program = quantize_model(copy.deepcopy(model), wave, calib, plan=plan, target="xnnpack",
                                  lengths=lengths).converted
@@ -352,7 +345,7 @@ VARIANTS: dict[str, Callable[..., Built]] = {
     "executorch-fp32": functools.partial(_executorch, int8=False),
     "executorch-int8": functools.partial(_executorch, int8=True),
     "executorch-int8-dynamic": functools.partial(_executorch, int8=True, dynamic=True),
-    "executorch-w4a8": functools.partial(_executorch, int8=True, weight_bits=4),
+    "executorch-w4a8": functools.partial(_executorch, int8=True, bits=Bits(4, 8)),
     "executorch-fp32-stock": functools.partial(_executorch, int8=False, friendly=False),
     "executorch-int8-stock": functools.partial(_executorch, int8=True, friendly=False),
 }

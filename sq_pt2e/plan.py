@@ -17,7 +17,7 @@ import difflib
 import json
 import math
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, get_args
@@ -438,6 +438,12 @@ class QuantPlan:
         merged = dataclasses.replace(self, layers=kept + tuple(layers), refits={})
         digests = merged.refit_digests()
         return dataclasses.replace(merged, refits={n: r for n, r in self.refits.items() if digests.get(n) == r.digest})
+
+    def map_layer_plans(self, change: Callable[[LayerPlan], LayerPlan]) -> QuantPlan:
+        """Copy with ``change`` applied to the default, every op default and every named layer."""
+        return dataclasses.replace(self, default=change(self.default),
+                                   op_defaults=tuple(change(d) for d in self.op_defaults),
+                                   layers=tuple(change(layer) for layer in self.layers))
 
     def with_skipped(self, names: list[str] | tuple[str, ...], reason: str) -> QuantPlan:
         """Copy with the named layers kept in float, for ``reason``."""
